@@ -1,0 +1,411 @@
+"""The `edgec` command line: messages and progress on stderr, data on stdout.
+
+Exit codes: 0 ok, 2 usage / bad input, 3 unsupported model/op/target,
+4 parity or accuracy check failed, 5 missing optional dependency,
+6 device unreachable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, MissingDependencyError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+_EPILOG = "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
+
+app = typer.Typer(
+    name="edgec",
+    help="Compile trained models for edge targets with Apache TVM and ONNX Runtime.",
+    epilog=_EPILOG,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+zoo_app = typer.Typer(help="Built-in models (zoo:NAME).", no_args_is_help=True)
+targets_app = typer.Typer(help="Targets edgec compiles for.", no_args_is_help=True)
+cache_app = typer.Typer(help="The cache directory (converted models, later tuning databases).", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(targets_app, name="targets")
+app.add_typer(cache_app, name="cache")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(func: F) -> F:
+    """User errors become one line on stderr and their exit code; no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgecError as exc:
+            err.print(f"[bold red]error:[/] {exc.message}")
+            raise typer.Exit(exc.exit_code) from None
+        except FileNotFoundError as exc:  # raised by edgec.data when a corpus package is missing
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(MissingDependencyError.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted:[/] nothing was written")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Progress:
+    """Timestamped progress lines on stderr."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - self.start:7.1f}s[/] {message}")
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _limit_threads() -> None:
+    # torch and TVM each size their pools to the machine; EDGEC_THREADS caps both for shared machines.
+    threads = os.environ.get("EDGEC_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("TVM_NUM_THREADS", threads)
+
+
+@app.command("compile")
+@_user_errors
+def compile_command(
+    model: str = typer.Argument(..., help="HF causal-LM dir, .pt2 file, .onnx file, or zoo:NAME (edgec zoo list)"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="cpu, x86_64, arm64, ... (edgec targets list) or raw TVM JSON"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="tvm or onnx (default tvm)"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (see recipes/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key: key=value or PASS.option=value; repeatable"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default artifacts/<model>-<target>-<backend>)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the fully resolved recipe and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
+) -> None:
+    """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against torch."""
+    from edgec.compiler import compile_model, default_output
+    from edgec.passes import options_for
+    from edgec.recipe import load_recipe
+
+    sets = list(set_)
+    if target is not None:
+        sets.append(f"target={target}")
+    if backend is not None:
+        sets.append(f"backend={backend}")
+    resolved = load_recipe(recipe, sets, options_for)
+    if dry_run:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(resolved.model_dump(), sort_keys=False))
+        return
+    _limit_threads()
+    out_dir = output or default_output(model, resolved.target, resolved.backend)
+    progress = Progress()
+    summary = compile_model(
+        model, resolved, out_dir, force, progress, on_target=lambda t: err.print(f"[cyan]{t.how}[/]")
+    )
+    if as_json:
+        _emit_json(summary)
+        return
+    parity = summary["parity"]
+    status = "ok" if parity["ok"] else ("not run: " + parity["reason"] if parity["ok"] is None else "FAILED")
+    out.print(f"artifact  {summary['artifact']}")
+    out.print(f"target    {summary['target']} / {summary['backend']}")
+    out.print(f"size      {summary['size_bytes'] / 1e6:.2f} MB")
+    out.print(f"passes    {', '.join(p['name'] for p in summary['passes']) or '(none)'}")
+    if parity["ok"] is None:
+        out.print(f"parity    {status}")
+    else:
+        out.print(f"parity    {status} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g})")
+
+
+@app.command("verify")
+@_user_errors
+def verify_command(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the checks as JSON"),
+) -> None:
+    """Re-hash every file against the manifest and re-run the reference inputs where possible."""
+    from edgec.verify import verify_artifact
+
+    report = verify_artifact(artifact)
+    if as_json:
+        _emit_json(report)
+    else:
+        for check in report["checks"]:
+            mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]skipped[/]"}[check["ok"]]
+            out.print(f"{check['name']:<8} {mark}  {check['detail']}")
+    if not report["ok"]:
+        from edgec.errors import EXIT_CHECK_FAILED
+
+        err.print(f"[bold red]error:[/] {artifact} failed verification")
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("run")
+@_user_errors
+def run_command(
+    artifact: Path = typer.Argument(..., help="causal-LM artifact directory"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="tokens to generate (greedy)"),
+    as_json: bool = typer.Option(False, "--json", help="print text, tokens and speed as JSON"),
+) -> None:
+    """Greedy generation in the artifact's own runtime with the tokenizer it carries."""
+    from edgec.generate import generate_from_artifact
+
+    _limit_threads()
+    result = generate_from_artifact(artifact, prompt, max_new_tokens)
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(result["text"])
+    err.print(
+        f"[dim]{result['new_tokens']} tokens, prefill {result['prefill_ms']:.1f} ms, "
+        f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})[/]"
+    )
+
+
+@app.command("inspect")
+@_user_errors
+def inspect_command(
+    target_path: str = typer.Argument(..., metavar="MODEL|DIR", help="a model (as for compile) or an artifact directory"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """Family, architecture, parameters, layers and dtypes of a model; the manifest of an artifact."""
+    from edgec.artifact import MANIFEST, read_manifest
+
+    path = Path(target_path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        if as_json:
+            _emit_json(manifest)
+            return
+        _print_manifest(manifest)
+        return
+    from edgec.model import load_model
+
+    handle = load_model(target_path)
+    data = {
+        "model": handle.name,
+        "family": handle.family,
+        "architecture": handle.architecture,
+        "source": str(handle.source),
+        "sha256": handle.sha256,
+        **handle.info,
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    for key, value in data.items():
+        out.print(f"{key:<24} {value}")
+
+
+def _print_manifest(manifest: dict[str, Any]) -> None:
+    model = manifest["model"]
+    out.print(f"artifact of {model['name']} ({model['architecture']}, {model['family']})")
+    out.print(f"  target   {manifest['target']['name']} ({manifest['target']['arch']}) via {manifest['backend']}")
+    out.print(f"  size     {manifest['size_bytes'] / 1e6:.2f} MB in {len(manifest['files'])} files")
+    out.print(f"  edgec    {manifest['edgec_version']}, built {manifest['created']}")
+    parity = manifest.get("parity", {})
+    out.print(f"  parity   ok={parity.get('ok')} max|diff|={parity.get('max_abs_diff')} tol={parity.get('tolerance')}")
+    if "lm" in manifest:
+        lm = manifest["lm"]
+        out.print(f"  lm       {lm['num_layers']} layers, kv {lm['num_kv_heads']}x{lm['head_dim']}, vocab {lm['vocab_size']}, max context {lm['max_context']}")
+    table = Table(title="passes", show_edge=False)
+    for column in ("pass", "changed", "seconds"):
+        table.add_column(column)
+    for entry in manifest["passes"]:
+        table.add_row(entry["name"], str(entry["changed"]), f"{entry['seconds']:.2f}")
+    if manifest["passes"]:
+        out.print(table)
+    for name, digest in manifest["files"].items():
+        out.print(f"  {digest[:12]}  {name}")
+
+
+@app.command("eval")
+@_user_errors
+def eval_command(
+    model: str = typer.Argument(..., metavar="MODEL|ARTIFACT", help="a model (as for compile) or an artifact directory"),
+    task: str = typer.Option("ppl", "--task", help="evaluation task (ppl: perplexity and bits per byte)"),
+    data: str = typer.Option("held-out", "--data", help="'held-out' (built-in split) or a UTF-8 .txt file"),
+    tokens: int = typer.Option(32768, "--tokens", min=2, help="tokens to score"),
+    window: int = typer.Option(256, "--window", min=8, help="tokens per scored window"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Perplexity of a model (torch) or a compiled artifact (its runtime) on held-out or your text."""
+    from edgec.errors import BadInputError
+    from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn, torch_logits_fn
+
+    if task != "ppl":
+        raise BadInputError(f"--task {task}: unknown task; available: ppl")
+    _limit_threads()
+    progress = Progress()
+    path = Path(model)
+    from edgec.artifact import MANIFEST, open_runtime, read_manifest
+
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        if manifest.get("tokenizer") is None or "lm" not in manifest:
+            raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; eval --task ppl needs one")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path / manifest["tokenizer"]))
+        logits_fn = runtime_logits_fn(open_runtime(path, manifest))
+        window = min(window, int(manifest["lm"]["max_context"]))
+        what = f"{model} ({manifest['backend']} artifact)"
+    else:
+        from edgec.model import load_model
+
+        handle = load_model(model)
+        if handle.module is None or handle.tokenizer is None:
+            raise BadInputError(f"{model}: eval --task ppl needs a causal LM with a tokenizer")
+        tokenizer = handle.tokenizer
+        logits_fn = torch_logits_fn(handle.module)
+        what = f"{model} (torch)"
+    ids, label = evaluation_ids(tokenizer, data, tokens)
+    progress(f"ppl of {what} on {label}: {len(ids)} tokens")
+    result = perplexity(logits_fn, ids, tokenizer, window, label, progress)
+    payload = {"model": model, **result.to_json()}
+    if as_json:
+        _emit_json(payload)
+        return
+    out.print(
+        f"{what}: perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte "
+        f"over {result.tokens} tokens ({result.seconds:.1f} s)"
+    )
+
+
+@app.command("passes")
+def passes_command(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Passes a recipe can name, with their options."""
+    from edgec.passes import REGISTRY
+
+    rows = [
+        {
+            "name": name,
+            "families": list(cls.families),
+            "summary": cls.summary,
+            "options": {k: {"default": f.default, "help": f.description} for k, f in cls.Options.model_fields.items()},
+        }
+        for name, cls in REGISTRY.items()
+    ]
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        out.print(f"[bold]{row['name']}[/] ({', '.join(row['families'])}): {row['summary']}")
+        for option, info in row["options"].items():
+            out.print(f"    {option} = {info['default']!r}  {info['help'] or ''}")
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Built-in models usable as zoo:NAME."""
+    from edgec.zoo import ZOO
+
+    rows = [{"name": f"zoo:{m.name}", "description": m.description, "source": m.source} for m in ZOO.values()]
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        out.print(f"[bold]{row['name']:<18}[/] {row['description']}\n{'':18} {row['source']}")
+
+
+@targets_app.command("list")
+def targets_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Targets and what each resolves to."""
+    from edgec.targets.registry import TARGETS
+
+    rows = [
+        {
+            "name": t.name,
+            "aliases": list(t.aliases),
+            "arch": t.arch,
+            "backends": list(t.backends),
+            "tvm_target": t.tvm_target,
+            "cross_compiler": t.cross_compiler,
+            "description": t.description,
+        }
+        for t in TARGETS
+    ]
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        out.print(f"[bold]{row['name']}[/]{aliases}: {row['description']}; backends {', '.join(row['backends'])}")
+
+
+@app.command("env")
+def env_command(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Versions of every dependency and the cache location, for bug reports."""
+    import platform
+
+    from edgec.artifact import tool_versions
+    from edgec.cache import cache_root
+
+    data = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cache_dir": str(cache_root()),
+        "versions": tool_versions(),
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    out.print(f"platform   {data['platform']} ({data['machine']}, {data['cpu_count']} cpus)")
+    out.print(f"cache      {data['cache_dir']}")
+    for package, version in data["versions"].items():
+        out.print(f"{package:<16} {version}")
+
+
+@cache_app.command("list")
+def cache_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Entries in the cache directory and their sizes."""
+    from edgec.cache import cache_root, list_entries
+
+    rows = [{"kind": e.kind, "key": e.key, "path": str(e.path), "size_bytes": e.size_bytes} for e in list_entries()]
+    if as_json:
+        _emit_json({"cache_dir": str(cache_root()), "entries": rows})
+        return
+    out.print(f"cache: {cache_root()}")
+    for row in rows:
+        out.print(f"  {row['kind']}/{row['key']}  {row['size_bytes'] / 1e6:.1f} MB")
+
+
+@cache_app.command("clean")
+def cache_clean(kind: Optional[str] = typer.Option(None, "--kind", help="only this kind (e.g. models)")) -> None:
+    """Remove cached entries (they are rebuilt on next use)."""
+    from edgec.cache import clean
+
+    removed = clean(kind)
+    err.print(f"removed {len(removed)} entries ({sum(e.size_bytes for e in removed) / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

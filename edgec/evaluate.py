@@ -1,0 +1,123 @@
+"""Perplexity of a causal LM (torch) or of a compiled artifact (in its runtime).
+
+The token stream is cut into non-overlapping windows; each window starts with
+BOS (as the models saw in training) and every token of the stream is predicted
+exactly once. Bits per byte = total NLL in bits / UTF-8 bytes of the scored
+text, which compares across tokenizers; per-token perplexity does not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import BadInputError
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class PerplexityResult:
+    task: str
+    data: str
+    tokens: int
+    bytes: int
+    window: int
+    nll_per_token: float
+    perplexity: float
+    bits_per_byte: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluation_ids(tokenizer: Any, data: str, n_tokens: int) -> tuple[list[int], str]:
+    """Token ids to score: the built-in held-out slice, or the first n_tokens of a text file."""
+    if data == "held-out":
+        from edgec.data import held_out_slice
+
+        return held_out_slice(tokenizer, n_tokens), "built-in held-out slice"
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"--data {data}: no such file; give a UTF-8 .txt file or 'held-out'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"--data {data}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:n_tokens]
+    if len(ids) < 2:
+        raise BadInputError(f"--data {data}: fewer than 2 tokens of text to score")
+    return ids, str(path)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def perplexity(
+    logits_fn: LogitsFn,
+    ids: list[int],
+    tokenizer: Any,
+    window: int,
+    data_label: str,
+    progress: Callable[[str], None] = lambda message: None,
+) -> PerplexityResult:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    start = time.perf_counter()
+    total_nll = 0.0
+    step = window - 1 if bos is not None else window
+    chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+    scored = 0
+    for number, chunk in enumerate(chunks, start=1):
+        tokens = ([bos] if bos is not None else []) + chunk
+        if len(tokens) < 2:
+            continue
+        logits = logits_fn(np.asarray([tokens], dtype=np.int64))[0].astype(np.float64)
+        log_probs = _log_softmax(logits[:-1])
+        targets = np.asarray(tokens[1:])
+        total_nll -= float(log_probs[np.arange(len(targets)), targets].sum())
+        scored += len(targets)
+        if number % 16 == 0:
+            progress(f"ppl: {number}/{len(chunks)} windows")
+    n_bytes = len(tokenizer.decode(ids).encode("utf-8"))
+    nll = total_nll / max(scored, 1)
+    return PerplexityResult(
+        task="ppl",
+        data=data_label,
+        tokens=scored,
+        bytes=n_bytes,
+        window=window,
+        nll_per_token=nll,
+        perplexity=math.exp(nll),
+        bits_per_byte=total_nll / math.log(2) / max(n_bytes, 1),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def torch_logits_fn(module: Any) -> LogitsFn:
+    import torch
+
+    from edgec.lm import CausalLMEntries
+
+    entries = CausalLMEntries(module).eval()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return entries.prefill(torch.from_numpy(ids))[0].numpy()
+
+    return run
+
+
+def runtime_logits_fn(runtime: Any) -> LogitsFn:
+    def run(ids: np.ndarray) -> np.ndarray:
+        return runtime.run("prefill", [ids])[0]
+
+    return run

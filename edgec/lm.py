@@ -1,0 +1,233 @@
+"""Export entries of a decoder-only causal LM with an explicit KV cache.
+
+Before: a Hugging Face ``LlamaForCausalLM`` whose forward hides its cache in
+Python objects (DynamicCache) that neither exporter can carry across calls.
+After: two plain tensor functions an application can drive from any runtime:
+
+    prefill(input_ids[B, S])                      -> logits[B, S, V], k[L, B, KV, S, D], v[...]
+    decode(input_ids[B, 1], past_k[L, B, KV, P, D], past_v) -> logits[B, 1, V], k[L, B, KV, P+1, D], v[...]
+
+The forward is written out here from the model's own submodules rather than
+by calling the HF layer forward, because (a) passes replace submodules
+(``q_proj`` becomes a quantized linear, attention gets calibrated) and the
+entries must pick those replacements up, and (b) the HF mask/cache code is
+what breaks exporters (bool cumsum in TVM, cache objects in torch.export).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM",)
+# RoPE variants whose inverse frequencies are fixed at load time; "dynamic"
+# and "longrope" change them with the sequence length, which a static graph
+# cannot follow.
+STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """What an application must know to allocate the KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+
+
+def lm_shape(model: nn.Module, max_context: int) -> LMShape:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return LMShape(
+        num_layers=int(config.num_hidden_layers),
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab_size=int(config.vocab_size),
+        max_context=max_context,
+    )
+
+
+def rope_type(model: nn.Module) -> str:
+    scaling = getattr(model.config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        return str(scaling.get("rope_type", scaling.get("type", "default")))
+    return "default"
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x * torch.rsqrt(variance + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_probs(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys; a separate function so attention passes can wrap it."""
+    return torch.softmax(scores, dim=-1)
+
+
+class CausalLMEntries(nn.Module):
+    """Prefill and decode entries over the submodules of a Llama-family model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        config = model.config
+        self.num_heads = int(config.num_attention_heads)
+        shape = lm_shape(model, int(config.max_position_embeddings))
+        self.num_kv_heads = shape.num_kv_heads
+        self.head_dim = shape.head_dim
+        rotary = model.model.rotary_emb
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+
+    def _attention(
+        self,
+        layer_index: int,
+        attn: nn.Module,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_k: torch.Tensor | None,
+        past_v: torch.Tensor | None,
+        causal_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, seq, _ = x.shape
+        q = attn.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if past_k is not None and past_v is not None:
+            k = torch.cat((past_k, k), dim=2)
+            v = torch.cat((past_v, v), dim=2)
+        groups = self.num_heads // self.num_kv_heads
+        total = k.shape[2]
+        # GQA: each KV head serves `groups` query heads; expand instead of copying weights.
+        k_full = k[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
+        v_full = v[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
+        k_full = k_full.reshape(batch, self.num_heads, total, self.head_dim)
+        v_full = v_full.reshape(batch, self.num_heads, total, self.head_dim)
+        scores = torch.matmul(q, k_full.transpose(2, 3)) / math.sqrt(self.head_dim)
+        if causal_mask is not None:
+            scores = scores + causal_mask
+        probs = self.attend(layer_index, scores)
+        out = torch.matmul(probs, v_full).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return attn.o_proj(out), k, v
+
+    def attend(self, layer_index: int, scores: torch.Tensor) -> torch.Tensor:
+        """Scores -> probabilities; attention-calibration passes override this per layer."""
+        del layer_index
+        return attention_probs(scores)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        past_k: torch.Tensor | None,
+        past_v: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inner = self.model.model
+        seq = input_ids.shape[1]
+        past = 0 if past_k is None else past_k.shape[3]
+        positions = torch.arange(seq, dtype=torch.int64) + past
+        cos, sin = self._rope(positions)
+        causal_mask: torch.Tensor | None = None
+        if past_k is None:
+            rows = torch.arange(seq, dtype=torch.int64)
+            # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
+            causal_mask = (rows[None, :] > rows[:, None]).float() * -1e9
+        h = inner.embed_tokens(input_ids)
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        for index, layer in enumerate(inner.layers):
+            layer_k = None if past_k is None else past_k[index]
+            layer_v = None if past_v is None else past_v[index]
+            attn_out, k, v = self._attention(
+                index,
+                layer.self_attn,
+                _rms_norm(layer.input_layernorm, h),
+                cos,
+                sin,
+                layer_k,
+                layer_v,
+                causal_mask,
+            )
+            h = h + attn_out
+            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.model.lm_head(_rms_norm(inner.norm, h))
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._run(input_ids, None, None)
+
+    def decode(
+        self, input_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._run(input_ids, past_k, past_v)
+
+
+class PrefillEntry(nn.Module):
+    def __init__(self, entries: CausalLMEntries) -> None:
+        super().__init__()
+        self.entries = entries
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.entries.prefill(input_ids)
+
+
+class DecodeEntry(nn.Module):
+    def __init__(self, entries: CausalLMEntries) -> None:
+        super().__init__()
+        self.entries = entries
+
+    def forward(
+        self, input_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.entries.decode(input_ids, past_k, past_v)
+
+
+PrefillFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+DecodeFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def greedy_generate(
+    step_prefill: PrefillFn,
+    step_decode: DecodeFn,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    max_context: int,
+    eos_token_id: int | None,
+) -> list[int]:
+    """Greedy decoding over any runtime's prefill/decode callables (numpy in, numpy out)."""
+    ids = np.asarray([prompt_ids], dtype=np.int64)
+    logits, k, v = step_prefill(ids)
+    generated: list[int] = []
+    length = len(prompt_ids)
+    while len(generated) < max_new_tokens and length < max_context:
+        token = int(np.argmax(logits[0, -1]))
+        generated.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        logits, k, v = step_decode(np.asarray([[token]], dtype=np.int64), k, v)
+        length += 1
+    return generated
+

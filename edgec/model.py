@@ -1,0 +1,204 @@
+"""Loading what a user hands edgec into a ModelHandle.
+
+MODEL is a Hugging Face causal-LM directory (config.json + *.safetensors), a
+`torch.export` .pt2 file, an .onnx file, or `zoo:NAME`. Every way a model can
+be wrong is checked here, before any work, with a message naming the file.
+Weights are read with safetensors only: edgec never unpickles a model file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgec.errors import BadInputError, UnsupportedError
+from edgec.lm import STATIC_ROPE_TYPES, SUPPORTED_ARCHITECTURES
+
+FAMILY_CAUSAL_LM = "causal-lm"
+FAMILY_EXPORTED = "exported-program"
+FAMILY_ONNX = "onnx-graph"
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model plus what passes and backends need to know about it."""
+
+    name: str
+    family: str
+    architecture: str
+    source: Path
+    sha256: str
+    module: nn.Module | None = None
+    tokenizer: Any | None = None
+    tokenizer_dir: Path | None = None
+    exported: torch.export.ExportedProgram | None = None
+    onnx_path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        return None if self.module is None else getattr(self.module, "config", None)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_safetensors(path: Path) -> None:
+    """A truncated or corrupt file fails here with its name, not deep inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if keys:
+                handle.get_slice(keys[-1])
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadInputError(f"{path} is truncated or corrupt ({exc}); re-save it with save_pretrained") from None
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise BadInputError(
+            f"{path} is truncated or corrupt ({size} bytes, header promises {8 + header_len + end}); "
+            "re-save it with save_pretrained"
+        )
+
+
+def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BadInputError(
+            f"{path} has no config.json; a Hugging Face causal-LM directory needs config.json and *.safetensors"
+        )
+    try:
+        config_data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    architectures = config_data.get("architectures") or []
+    architecture = str(architectures[0]) if architectures else str(config_data.get("model_type", "unknown"))
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedError(
+            f"{path}: architecture '{architecture}' is not supported; edgec loads {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+        hint = (
+            f" ({pickled[0].name} found: edgec does not unpickle weights; re-save with save_pretrained(safe_serialization=True))"
+            if pickled
+            else ""
+        )
+        raise BadInputError(f"{path} has no *.safetensors weights{hint}")
+    for weight in weights:
+        _check_safetensors(weight)
+
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    scaling = getattr(config, "rope_scaling", None)
+    kind = str(scaling.get("rope_type", scaling.get("type"))) if isinstance(scaling, dict) else "default"
+    if kind not in STATIC_ROPE_TYPES:
+        raise UnsupportedError(f"{path}: RoPE type '{kind}' changes with sequence length; supported: {STATIC_ROPE_TYPES}")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tokenizer = None
+    tokenizer_dir = None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer_dir = path
+    params = sum(p.numel() for p in model.parameters())
+    return ModelHandle(
+        name=name or str(path),
+        family=FAMILY_CAUSAL_LM,
+        architecture=architecture,
+        source=path,
+        sha256=sha256_files([config_path, *weights]),
+        module=model,
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir,
+        info={
+            "parameters": params,
+            "layers": int(config.num_hidden_layers),
+            "hidden_size": int(config.hidden_size),
+            "attention_heads": int(config.num_attention_heads),
+            "kv_heads": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+            "vocab_size": int(config.vocab_size),
+            "max_position_embeddings": int(config.max_position_embeddings),
+            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
+            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        },
+    )
+
+
+def load_pt2(path: Path) -> ModelHandle:
+    try:
+        exported = torch.export.load(str(path))
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise BadInputError(f"{path} is not a readable torch.export .pt2 file ({exc}); save it with torch.export.save") from None
+    params = sum(t.numel() for t in exported.state_dict.values())
+    specs = [str(s.arg) for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    return ModelHandle(
+        name=str(path),
+        family=FAMILY_EXPORTED,
+        architecture="ExportedProgram",
+        source=path,
+        sha256=sha256_files([path]),
+        exported=exported,
+        info={"parameters": params, "inputs": specs},
+    )
+
+
+def load_onnx(path: Path) -> ModelHandle:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as exc:
+        raise BadInputError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+    params = sum(int(torch.Size(t.dims).numel()) for t in model.graph.initializer)
+    return ModelHandle(
+        name=str(path),
+        family=FAMILY_ONNX,
+        architecture=f"onnx-opset{model.opset_import[0].version if model.opset_import else '?'}",
+        source=path,
+        sha256=sha256_files([path]),
+        onnx_path=path,
+        info={"parameters": params, "inputs": [i.name for i in model.graph.input]},
+    )
+
+
+def load_model(spec: str) -> ModelHandle:
+    """Resolve MODEL (path or zoo:NAME) into a ModelHandle, or fail with a clear message."""
+    if spec.startswith("zoo:"):
+        from edgec.zoo import zoo_path
+
+        name = spec.removeprefix("zoo:")
+        return load_hf_dir(zoo_path(name), name=spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BadInputError(
+            f"{spec} does not exist; give a Hugging Face model directory, a .pt2 or .onnx file, or zoo:NAME (edgec zoo list)"
+        )
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.suffix == ".pt2":
+        return load_pt2(path)
+    if path.suffix == ".onnx":
+        return load_onnx(path)
+    raise BadInputError(f"{spec}: unknown model format '{path.suffix}'; edgec reads HF directories, .pt2 and .onnx files")

@@ -1,0 +1,189 @@
+"""Recipes: YAML files (plus `--set key=value` overrides) validated into typed objects.
+
+A recipe names the passes to run with their options and per-layer overrides,
+the target and backend, the calibration data and the parity check. Errors name
+the key and the line it is on, so a typo is found without reading a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgec.errors import BadInputError
+
+BACKENDS: tuple[str, ...] = ("tvm", "onnx")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LayerOverride(Strict):
+    """Options for some layers only: `match` is a layer index, a range "2-5", or a glob on module names."""
+
+    match: int | str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PassSpec(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[LayerOverride] = Field(default_factory=list)
+
+
+class CalibrationSpec(Strict):
+    data: str = Field("held-out", description="'held-out' (the built-in corpus split) or a path to a .txt file")
+    samples: int = Field(4, ge=1, description="number of calibration segments")
+    seq_len: int = Field(128, ge=8, description="tokens per calibration segment")
+
+
+class ParitySpec(Strict):
+    rtol: float = Field(1e-3, gt=0, description="max |artifact - torch| allowed, as a fraction of the torch logits' range")
+    prompt_len: int = Field(16, ge=2, description="tokens in the reference prefill input")
+
+
+class Recipe(Strict):
+    target: str = "cpu"
+    backend: Literal["tvm", "onnx"] = "tvm"
+    target_options: dict[str, str] = Field(default_factory=dict)
+    max_context: int | None = Field(None, ge=16, description="longest sequence the artifact accepts; default min(model, 1024)")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    parity: ParitySpec = Field(default_factory=ParitySpec)
+    passes: list[PassSpec] = Field(default_factory=list)
+
+
+# name -> options model; filled by edgec.passes so recipe loading can check pass options.
+OptionsLookup = Callable[[str], type[BaseModel] | None]
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """1-based line of the deepest YAML node along `loc` (a pydantic error location)."""
+    node = root
+    line = None if root is None else root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = None
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    found = (key_node, value_node)
+                    break
+            if found is None:
+                return line
+            line = found[0].start_mark.line + 1
+            node = found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _explain(error: ValidationError, where: str, root: yaml.Node | None, prefix: Sequence[str | int] = ()) -> str:
+    first = error.errors()[0]
+    loc = [*prefix, *first["loc"]]
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    line = _line_of(root, loc) if root is not None else None
+    at = f"{where}:{line}" if line is not None else where
+    if first["type"] == "extra_forbidden":
+        return f"{at}: unknown key '{key}'; check the spelling (edgec compile --dry-run shows every valid key)"
+    return f"{at}: bad value for '{key}': {first['msg']}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_set(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set key=value`: a recipe field (`backend=onnx`, `parity.rtol=1e-4`)
+    or a pass option (`PASS.option=value`, the pass must be in the recipe)."""
+    if "=" not in assignment:
+        raise BadInputError(f"--set {assignment!r}: expected key=value, e.g. --set backend=onnx")
+    key, raw = assignment.split("=", 1)
+    value = _parse_value(raw)
+    parts = key.strip().split(".")
+    if parts[0] == "passes" and len(parts) == 1:
+        names = [n.strip() for n in str(raw).split(",") if n.strip()]
+        data["passes"] = [{"name": n} for n in names]
+        return
+    if parts[0] in Recipe.model_fields:
+        target: dict[str, Any] = data
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise BadInputError(f"--set {key}: '{part}' is not a section")
+        target[parts[-1]] = value
+        return
+    for spec in data.get("passes", []) or []:
+        if isinstance(spec, dict) and spec.get("name") == parts[0]:
+            if len(parts) != 2:
+                raise BadInputError(f"--set {key}: pass options are set as PASS.option=value")
+            spec.setdefault("options", {})[parts[1]] = value
+            return
+    fields = ", ".join(Recipe.model_fields)
+    raise BadInputError(
+        f"--set {key}: '{parts[0]}' is neither a recipe key ({fields}) nor a pass in this recipe; "
+        "add the pass under passes: or with --set passes=NAME"
+    )
+
+
+def load_recipe(
+    path: Path | None,
+    sets: Sequence[str] = (),
+    options_for: OptionsLookup | None = None,
+) -> Recipe:
+    """Read, override and validate a recipe; pass options are validated by their pass's model."""
+    root: yaml.Node | None = None
+    where = "recipe"
+    data: dict[str, Any] = {}
+    if path is not None:
+        where = str(path)
+        if not path.is_file():
+            raise BadInputError(f"recipe {path} does not exist; see recipes/ for ready-made ones")
+        text = path.read_text()
+        try:
+            root = yaml.compose(text)
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise BadInputError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise BadInputError(f"{path}: a recipe is a mapping of keys (target, backend, passes, ...)")
+        data = loaded
+    for assignment in sets:
+        apply_set(data, assignment)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise BadInputError(_explain(exc, where, root)) from None
+    if options_for is not None:
+        for index, spec in enumerate(recipe.passes):
+            options_model = options_for(spec.name)
+            if options_model is None:
+                line = _line_of(root, ["passes", index, "name"]) if root is not None else None
+                at = f"{where}:{line}" if line is not None else where
+                raise BadInputError(f"{at}: unknown pass '{spec.name}'; run `edgec passes` for the list")
+            try:
+                spec.options = options_model.model_validate(spec.options).model_dump()
+            except ValidationError as exc:
+                raise BadInputError(_explain(exc, where, root, ["passes", index, "options"])) from None
+            for o_index, override in enumerate(spec.overrides):
+                merged = {**spec.options, **override.options}
+                try:
+                    options_model.model_validate(merged)
+                except ValidationError as exc:
+                    raise BadInputError(
+                        _explain(exc, where, root, ["passes", index, "overrides", o_index, "options"])
+                    ) from None
+    return recipe

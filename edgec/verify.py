@@ -1,0 +1,46 @@
+"""`edgec verify`: hashes against the manifest, then parity where the artifact runs here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgec.artifact import artifact_runs_here, check_hashes, load_reference, open_runtime, read_manifest
+from edgec.parity import compare, run_reference, unflatten_io
+
+
+def verify_artifact(root: Path) -> dict[str, Any]:
+    manifest = read_manifest(root)
+    checks: list[dict[str, Any]] = []
+    hashes = check_hashes(root, manifest)
+    problems = [f"changed: {n}" for n in hashes.mismatched] + [f"missing: {n}" for n in hashes.missing]
+    problems += [f"not in manifest: {n}" for n in hashes.unexpected]
+    checks.append(
+        {
+            "name": "hashes",
+            "ok": hashes.ok,
+            "detail": f"{len(manifest['files'])} files match their sha256" if hashes.ok else "; ".join(problems),
+        }
+    )
+    runs, why = artifact_runs_here(manifest)
+    if not hashes.ok:
+        checks.append({"name": "parity", "ok": None, "detail": "skipped: files do not match the manifest"})
+    elif not runs:
+        checks.append({"name": "parity", "ok": None, "detail": f"skipped: {why}"})
+    else:
+        reference = unflatten_io(load_reference(root))
+        entries = manifest["reference"]["entries"]
+        output_names = {name: info["outputs"] for name, info in entries.items()}
+        runtime = open_runtime(root, manifest)
+        actual = run_reference(runtime, reference, list(output_names))
+        parity = compare(reference, actual, output_names, float(manifest["reference"]["tolerance"]["rtol"]))
+        checks.append(
+            {
+                "name": "parity",
+                "ok": parity.ok,
+                "detail": f"max |diff| {parity.max_abs_diff:.3g}, tolerance {parity.tolerance:.3g} "
+                f"({', '.join(output_names)} on {manifest['backend']})",
+            }
+        )
+    ok = all(check["ok"] is not False for check in checks)
+    return {"artifact": str(root), "ok": ok, "checks": checks}

@@ -1,0 +1,17 @@
+"""The pass registry: every pass a recipe can name."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from edgec.passes.quantize_weights_int8 import QuantizeWeightsInt8
+from edgec.pipeline import Pass
+
+REGISTRY: dict[str, type[Pass]] = {
+    QuantizeWeightsInt8.name: QuantizeWeightsInt8,
+}
+
+
+def options_for(name: str) -> type[BaseModel] | None:
+    cls = REGISTRY.get(name)
+    return None if cls is None else cls.Options

@@ -1,0 +1,135 @@
+"""ONNX backend: ExportedProgram -> ONNX (torch dynamo exporter) -> ONNX Runtime.
+
+Each entry becomes its own graph (prefill.onnx, decode.onnx) and the large
+initializers of all of them go once into weights.bin as ONNX external data:
+equal tensors share one extent, so the two entries cost one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.targets.export import ExportedEntry
+from edgec.targets.registry import ResolvedTarget
+
+WEIGHTS_FILE = "weights.bin"
+OPSET = 18
+_EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 64
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    from onnx import numpy_helper
+
+    if tensor.HasField("raw_data"):
+        return bytes(tensor.raw_data)
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def share_external_data(models: dict[str, Any], weights_path: Path) -> int:
+    """Move large initializers of every model into one file, storing equal tensors once."""
+    from onnx import TensorProto
+
+    extents: dict[str, tuple[int, int]] = {}
+    offset = 0
+    with open(weights_path, "wb") as handle:
+        for model in models.values():
+            for tensor in model.graph.initializer:
+                raw = _tensor_bytes(tensor)
+                if len(raw) < _EXTERNAL_MIN_BYTES:
+                    continue
+                digest = hashlib.sha256(raw + str(tensor.data_type).encode() + str(list(tensor.dims)).encode()).hexdigest()
+                if digest not in extents:
+                    padding = (-offset) % _ALIGN
+                    handle.write(b"\0" * padding)
+                    offset += padding
+                    handle.write(raw)
+                    extents[digest] = (offset, len(raw))
+                    offset += len(raw)
+                start, length = extents[digest]
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(field)
+                del tensor.external_data[:]
+                tensor.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", weights_path.name), ("offset", str(start)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key = key
+                    entry.value = value
+    return offset
+
+
+def build(
+    entries: list[ExportedEntry],
+    target: ResolvedTarget,
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    models: dict[str, Any] = {}
+    record: dict[str, Any] = {"entries": {}, "weights_file": WEIGHTS_FILE, "opset": OPSET}
+    for entry in entries:
+        start = time.perf_counter()
+        progress(f"onnx: export {entry.name}")
+        program = torch.onnx.export(
+            entry.program,
+            entry.example,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=entry.input_names,
+            output_names=entry.output_names,
+            verbose=False,
+        )
+        proto = program.model_proto
+        # Stack traces in metadata are ~40% of the file and useless on a device.
+        for node in proto.graph.node:
+            del node.metadata_props[:]
+        models[entry.name] = proto
+        record["entries"][entry.name] = {
+            "file": f"{entry.name}.onnx",
+            "inputs": entry.input_names,
+            "outputs": entry.output_names,
+            "seconds": round(time.perf_counter() - start, 2),
+            "ops": sorted({node.op_type for node in proto.graph.node}),
+        }
+    share_external_data(models, out_dir / WEIGHTS_FILE)
+    for name, proto in models.items():
+        onnx.save_model(proto, str(out_dir / f"{name}.onnx"))
+    import onnxruntime
+
+    record["ort_provider"] = target.spec.ort_provider
+    record["ort_version_built_with"] = onnxruntime.__version__
+    return record
+
+
+class ORTRuntime:
+    """Runs an ONNX artifact's entries in ONNX Runtime on this machine."""
+
+    def __init__(self, model_dir: Path, backend_record: dict[str, Any], profile_dir: Path | None = None) -> None:
+        import onnxruntime as ort
+
+        self.sessions: dict[str, Any] = {}
+        for name, info in backend_record["entries"].items():
+            options = ort.SessionOptions()
+            if profile_dir is not None:
+                options.enable_profiling = True
+                options.profile_file_prefix = str(profile_dir / name)
+            self.sessions[name] = ort.InferenceSession(
+                str(model_dir / info["file"]), options, providers=[backend_record.get("ort_provider", "CPUExecutionProvider")]
+            )
+        self.input_names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+
+    @property
+    def entries(self) -> list[str]:
+        return list(self.sessions)
+
+    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        feed = dict(zip(self.input_names[entry], inputs))
+        return list(self.sessions[entry].run(None, feed))

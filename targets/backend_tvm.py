@@ -1,0 +1,133 @@
+"""TVM backend: ExportedProgram -> Relax -> scheduled TIR -> shared library per entry.
+
+Weights are function parameters, not constants baked into the library: both
+entries (prefill, decode) read one params.safetensors, tensors that are equal
+(tied embeddings) are stored once, and later graph passes can keep packed
+low-bit weights packed. Every build goes through edgec's CPU schedule pipeline
+because TVM's default pipeline leaves every loop nest unscheduled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.targets.export import ExportedEntry
+from edgec.targets.registry import ResolvedTarget
+
+PARAMS_FILE = "params.safetensors"
+
+
+def _tvm_target(target: ResolvedTarget) -> Any:
+    import tvm
+
+    return tvm.target.Target(target.tvm_target)
+
+
+def build(
+    entries: list[ExportedEntry],
+    target: ResolvedTarget,
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Compile every entry into out_dir/<entry>.so plus the shared params file."""
+    import tvm
+    from safetensors.numpy import save_file
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from edgec.targets.tvm_schedule import cpu_pipeline, schedule_report, scheduled_module
+
+    tvm_target = _tvm_target(target)
+    stored: dict[str, np.ndarray] = {}
+    by_digest: dict[str, str] = {}
+    record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE, "param_alias": {}}
+    for entry in entries:
+        start = time.perf_counter()
+        progress(f"tvm: import {entry.name}")
+        mod = from_exported_program(entry.program, keep_params_as_input=True)
+        mod, params = relax.frontend.detach_params(mod)
+        func = mod["main"]
+        num_inputs = len(entry.input_names)
+        param_names = [str(var.name) for var in func.params[num_inputs:]]
+        values = params.get("main", [])
+        if len(values) != len(param_names):
+            raise RuntimeError(f"{entry.name}: {len(values)} parameter values for {len(param_names)} parameters")
+        for name, value in zip(param_names, values):
+            array = value.numpy()
+            digest = hashlib.sha256(array.tobytes() + str(array.dtype).encode() + str(array.shape).encode()).hexdigest()
+            if digest in by_digest:
+                record["param_alias"][name] = by_digest[digest]
+            else:
+                by_digest[digest] = name
+                stored[name] = np.ascontiguousarray(array)
+                record["param_alias"][name] = name
+        progress(f"tvm: build {entry.name} for {tvm_target.attrs.get('mtriple', '') or 'host'}")
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+        library = f"{entry.name}.so"
+        if target.spec.cross_compiler is not None:
+            from tvm.support import cc
+
+            executable.export_library(str(out_dir / library), fcompile=cc.cross_compiler(target.spec.cross_compiler))
+        else:
+            executable.export_library(str(out_dir / library))
+        record["entries"][entry.name] = {
+            "library": library,
+            "inputs": entry.input_names,
+            "outputs": entry.output_names,
+            "params": param_names,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled_module(mod, tvm_target)))
+    save_file(stored, str(out_dir / PARAMS_FILE))
+    return record
+
+
+def _count_rules(report: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rule in report.values():
+        counts[rule] = counts.get(rule, 0) + 1
+    return counts
+
+
+class TVMRuntime:
+    """Runs a TVM artifact's entries in the Relax VM on this machine."""
+
+    def __init__(self, model_dir: Path, backend_record: dict[str, Any]) -> None:
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        self._tvm = tvm
+        self.device = tvm.cpu()
+        stored = load_file(str(model_dir / backend_record["params_file"]))
+        alias: dict[str, str] = backend_record["param_alias"]
+        self.vms: dict[str, Any] = {}
+        self.params: dict[str, list[Any]] = {}
+        cache: dict[str, Any] = {}
+        for name, info in backend_record["entries"].items():
+            library = tvm.runtime.load_module(str(model_dir / info["library"]))
+            self.vms[name] = relax.VirtualMachine(library, self.device)
+            tensors = []
+            for param in info["params"]:
+                key = alias[param]
+                if key not in cache:
+                    cache[key] = tvm.runtime.tensor(stored[key], self.device)
+                tensors.append(cache[key])
+            self.params[name] = tensors
+
+    @property
+    def entries(self) -> list[str]:
+        return list(self.vms)
+
+    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+        result = self.vms[entry]["main"](*args, *self.params[entry])
+        if isinstance(result, self._tvm.runtime.Tensor):
+            return [result.numpy()]
+        return [item.numpy() for item in result]

@@ -1,0 +1,77 @@
+"""torch.export of a model's runnable entries, shared by both backends.
+
+Before: a ModelHandle (an HF causal LM after model-level passes, or a .pt2).
+After: named ExportedPrograms with dynamic batch / sequence / past-length
+dimensions, plus the example inputs they were traced with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgec.errors import UnsupportedError
+from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry
+from edgec.model import FAMILY_CAUSAL_LM, FAMILY_EXPORTED, ModelHandle
+
+PREFILL_IO = (["input_ids"], ["logits", "present_k", "present_v"])
+DECODE_IO = (["input_ids", "past_k", "past_v"], ["logits", "present_k", "present_v"])
+
+
+@dataclass
+class ExportedEntry:
+    name: str
+    program: torch.export.ExportedProgram
+    module: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    dynamic_shapes: tuple[dict[int, Any], ...] | None
+    input_names: list[str]
+    output_names: list[str]
+
+
+def export_entries(model: ModelHandle) -> list[ExportedEntry]:
+    if model.family == FAMILY_CAUSAL_LM:
+        return _export_causal_lm(model)
+    if model.family == FAMILY_EXPORTED:
+        assert model.exported is not None
+        program = model.exported
+        names = [str(s.arg.name) for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
+        example = tuple(_example_for(node) for node in program.graph.nodes if node.op == "placeholder" and node.name in names)
+        return [ExportedEntry("main", program, program.module(), example, None, names, outputs)]
+    raise UnsupportedError(f"{model.name}: family {model.family} has no torch entries to export")
+
+
+def _example_for(node: torch.fx.Node) -> torch.Tensor:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        raise UnsupportedError(f"input {node.name} of the .pt2 is not a tensor; edgec lowers tensor inputs only")
+    shape = [int(d) if isinstance(d, int) else 2 for d in value.shape]
+    if value.dtype.is_floating_point:
+        return torch.randn(shape, dtype=value.dtype)
+    return torch.zeros(shape, dtype=value.dtype)
+
+
+def _export_causal_lm(model: ModelHandle) -> list[ExportedEntry]:
+    assert model.module is not None
+    entries = CausalLMEntries(model.module).eval()
+    prefill = PrefillEntry(entries).eval()
+    decode = DecodeEntry(entries).eval()
+    vocab = int(model.module.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    # Batch 2 / length 8: size-1 example dims would be specialised to 1 by torch.export.
+    ids = torch.randint(0, vocab, (2, 8), generator=generator)
+    with torch.no_grad():
+        _, k, v = entries.prefill(ids[:, :7])
+    dynamic = torch.export.Dim.DYNAMIC
+    prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
+    decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, {1: dynamic, 3: dynamic}, {1: dynamic, 3: dynamic})
+    with torch.no_grad():
+        prefill_ep = torch.export.export(prefill, (ids,), dynamic_shapes=prefill_shapes)
+        decode_ep = torch.export.export(decode, (ids[:, 7:8], k, v), dynamic_shapes=decode_shapes)
+    return [
+        ExportedEntry("prefill", prefill_ep, prefill, (ids,), prefill_shapes, *map(list, PREFILL_IO)),
+        ExportedEntry("decode", decode_ep, decode, (ids[:, 7:8], k, v), decode_shapes, *map(list, DECODE_IO)),
+    ]

@@ -1,0 +1,147 @@
+"""Targets as data: an alias resolves to a TVM target, a host, a cross compiler,
+an ONNX Runtime execution provider and a capability table.
+
+Resolution is a ladder (alias -> raw TVM target JSON) that says what it found,
+and every unsupported combination is refused by name before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from edgec.errors import BadInputError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    arch: str  # machine the artifact runs on, as `uname -m` says it
+    tvm_target: dict[str, Any]  # "mcpu": "<host>" is replaced by the detected host CPU
+    cross_compiler: str | None  # None: the host's own compiler
+    ort_provider: str
+    backends: tuple[str, ...]
+    weight_dtypes: tuple[str, ...] = ("float32", "int8")
+    notes: str = ""
+
+
+HOST = "<host>"
+
+TARGETS: tuple[TargetSpec, ...] = (
+    TargetSpec(
+        name="cpu",
+        aliases=("host", "native"),
+        description="this machine's CPU, with its detected mcpu (never LLVM's 'native')",
+        arch=platform.machine(),
+        tvm_target={"kind": "llvm", "mcpu": HOST},
+        cross_compiler=None,
+        ort_provider="CPUExecutionProvider",
+        backends=("tvm", "onnx"),
+    ),
+    TargetSpec(
+        name="x86_64",
+        aliases=("x86-64", "amd64"),
+        description="portable x86-64-v3 (AVX2, FMA) for artifacts that must run on other x86 machines",
+        arch="x86_64",
+        tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
+        cross_compiler=None,
+        ort_provider="CPUExecutionProvider",
+        backends=("tvm", "onnx"),
+    ),
+    TargetSpec(
+        name="arm64",
+        aliases=("aarch64", "armv8"),
+        description="generic 64-bit ARM with NEON (Linux, glibc)",
+        arch="aarch64",
+        tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+        cross_compiler="aarch64-linux-gnu-g++",
+        ort_provider="CPUExecutionProvider",
+        backends=("tvm", "onnx"),
+        notes="cross-compiled here; parity is checked on the device at deploy",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    spec: TargetSpec
+    tvm_target: dict[str, Any]
+    how: str  # one line saying what the request resolved to
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def runs_here(self) -> bool:
+        return self.spec.arch == platform.machine() and self.spec.cross_compiler is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "arch": self.spec.arch,
+            "tvm_target": self.tvm_target,
+            "cross_compiler": self.spec.cross_compiler,
+            "ort_provider": self.spec.ort_provider,
+            "options": self.options,
+        }
+
+
+@lru_cache(maxsize=1)
+def host_mcpu() -> str:
+    import tvm
+
+    detected = tvm.target.Target.from_device(tvm.cpu())
+    return str(detected.attrs.get("mcpu", "generic"))
+
+
+def _by_name(name: str) -> TargetSpec | None:
+    for spec in TARGETS:
+        if name == spec.name or name in spec.aliases:
+            return spec
+    return None
+
+
+def known_names() -> list[str]:
+    return [spec.name for spec in TARGETS]
+
+
+def resolve_target(request: str, backend: str, options: dict[str, str] | None = None) -> ResolvedTarget:
+    """alias -> spec, or a raw TVM target as JSON ('{"kind": "llvm", ...}')."""
+    options = dict(options or {})
+    text = request.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"--target {request!r}: not valid JSON ({exc.msg})") from None
+        base = TARGETS[0]
+        spec = TargetSpec("raw", (), "raw TVM target", base.arch, raw, None, base.ort_provider, ("tvm",))
+        how = "raw TVM target"
+    else:
+        found = _by_name(text.lower())
+        if found is None:
+            raise BadInputError(f"unknown target '{request}'; known: {', '.join(known_names())} (edgec targets list)")
+        spec = found
+        how = f"alias {text}" if text != spec.name else spec.name
+    if backend not in spec.backends:
+        raise UnsupportedError(
+            f"target {spec.name} has no {backend} backend; use --backend {' or '.join(spec.backends)}"
+        )
+    if spec.cross_compiler is not None and backend == "tvm" and shutil.which(spec.cross_compiler) is None:
+        raise UnsupportedError(
+            f"target {spec.name} needs the cross compiler {spec.cross_compiler}; `make demo` installs it "
+            "(Debian g++-aarch64-linux-gnu)"
+        )
+    tvm_target = {k: (host_mcpu() if v == HOST else v) for k, v in spec.tvm_target.items()}
+    for key, value in options.items():
+        tvm_target[key] = value
+    described = ", ".join(f"{k}={v}" for k, v in tvm_target.items())
+    return ResolvedTarget(spec, tvm_target, f"target {how} -> {described}; runs on {spec.arch}; backend {backend}", options)

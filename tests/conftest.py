@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models built in code, and the cache kept out of the user's home."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
+
+
+def make_tiny_llama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama saved as an HF directory (GQA 4/2 heads, tied embeddings)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    make_tiny_llama().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests share one cache (the converted SmolLM2 is 541 MB): the user's, unless CI says otherwise.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
