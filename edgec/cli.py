@@ -22,7 +22,7 @@ from rich.table import Table
 
 from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, MissingDependencyError
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 _EPILOG = "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())

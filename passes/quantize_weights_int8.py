@@ -48,11 +48,19 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.reshape(rows, groups, cols // groups).float() * scale[..., None]).reshape(rows, cols)
 
 
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """Packed weights are Parameters, not buffers: TVM's importer binds buffers as
+    constants (folded into fp32 in the library) but keeps parameters as inputs."""
+    if isinstance(tensor, nn.Parameter):
+        return tensor
+    return nn.Parameter(tensor, requires_grad=False)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale)
+        self.qweight = frozen(q)
+        self.scale = frozen(scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features = q.shape[1]
         self.out_features = q.shape[0]
@@ -64,8 +72,8 @@ class Int8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale)
+        self.qweight = frozen(q)
+        self.scale = frozen(scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.qweight[ids].float()
@@ -108,8 +116,9 @@ class QuantizeWeightsInt8:
             if opts.enabled:
                 embedding = root.get_submodule(embed_name)
                 assert isinstance(embedding, nn.Embedding)
-                embed_q = quantize_rows(embedding.weight, opts.group_size)
-                _set_module(root, embed_name, Int8Embedding(*embed_q))
+                table = Int8Embedding(*quantize_rows(embedding.weight, opts.group_size))
+                embed_q = (table.qweight, table.scale)
+                _set_module(root, embed_name, table)
                 layers.append({"module": embed_name, "group_size": opts.group_size, "shape": list(embed_q[0].shape)})
         linears = [(name, m) for name, m in root.named_modules() if isinstance(m, nn.Linear)]
         for done, (name, linear) in enumerate(linears, start=1):

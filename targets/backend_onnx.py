@@ -86,7 +86,11 @@ def build(
             input_names=entry.input_names,
             output_names=entry.output_names,
             verbose=False,
+            optimize=False,
         )
+        # No onnxscript optimizer: its constant folding counts elements, not bytes, so it
+        # turns Cast(int8 weight) into an fp32 initializer and the artifact grows back.
+        # ONNX Runtime applies its own graph optimizations when the session loads.
         proto = program.model_proto
         # Stack traces in metadata are ~40% of the file and useless on a device.
         for node in proto.graph.node:

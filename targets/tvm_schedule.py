@@ -28,6 +28,7 @@ handled by the predicates that ``split`` adds.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import tvm
@@ -60,8 +61,10 @@ class _RuleDoesNotApply(Exception):
     """The function does not have the shape a rule expects (not an error)."""
 
 
-# A rule mutates the schedule in place or raises ScheduleError / _RuleDoesNotApply.
-_Rule = Callable[[s_tir.Schedule, "CpuScheduleConfig"], None]
+# A rule mutates the schedule in place and returns the name to report, or raises
+# ScheduleError / _RuleDoesNotApply (then the next, simpler rule is tried).
+_Rule = Callable[[s_tir.Schedule, "CpuScheduleConfig"], str]
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,35 +235,20 @@ def _matmul_operands(sch: s_tir.Schedule, info: SBlockInfo) -> None:
         raise _RuleDoesNotApply("operands do not index like a matmul")
 
 
-def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
-    infos = _block_infos(sch)
-    reductions = [info for info in infos if not info.is_injective()]
-    if len(reductions) != 1:
-        raise _RuleDoesNotApply("a matmul kernel has exactly one reduction block")
-    info = reductions[0]
-    _matmul_operands(sch, info)
-    position = infos.index(info)
-    matmul = info.block_rv
-    lanes = cfg.lanes(_output_dtype(sch, matmul))
+@dataclasses.dataclass(frozen=True)
+class _MatmulTile:
+    rows: int
+    vectors: int
+    lanes: int
 
-    # Prologues (a fused transpose or dequantize) are read straight from the source.
-    for prologue in infos[:position]:
-        sch.compute_inline(prologue.block_rv)
-    # Epilogues collapse into one block that is computed per register tile.
-    epilogues = [e.block_rv for e in infos[position + 1 :]]
-    for epilogue in epilogues[:-1]:
-        sch.compute_inline(epilogue)
-    accumulator = sch.cache_write(matmul, 0, "local")
-    if epilogues:
-        sch.compute_inline(accumulator)
-        tail = epilogues[-1]
-    else:
-        tail = accumulator
+    @property
+    def cols(self) -> int:
+        return self.vectors * self.lanes
 
-    *batch, loop_i, loop_j, loop_k = sch.get_loops(matmul)
+
+def _matmul_tile(extent_i: int | None, extent_j: int | None, cfg: CpuScheduleConfig, lanes: int) -> _MatmulTile:
+    """The configured register tile, shrunk to small static extents (head_dim 16...)."""
     rows, vectors = cfg.tile_rows, cfg.tile_vectors
-    extent_i = _static_extent(sch, loop_i)
-    extent_j = _static_extent(sch, loop_j)
     if extent_i is not None:
         rows = max(min(rows, extent_i), 1)
     if extent_j is not None:
@@ -268,13 +256,64 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
             lanes, vectors = max(extent_j, 1), 1
         else:
             vectors = max(min(vectors, extent_j // lanes), 1)
-    tile_i, row = sch.split(loop_i, [None, rows])
-    tile_j, vector, lane = sch.split(loop_j, [None, vectors, lanes])
+    return _MatmulTile(rows=rows, vectors=vectors, lanes=lanes)
+
+
+def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
+    infos = _block_infos(sch)
+    reductions = [info for info in infos if not info.is_injective()]
+    if len(reductions) != 1:
+        raise _RuleDoesNotApply("a matmul kernel has exactly one reduction block")
+    info = reductions[0]
+    _matmul_operands(sch, info)
+    matmul = info.block_rv
+    prologue_names = [i.name for i in infos[: infos.index(info)]]
+    *_, loop_i, loop_j, _ = sch.get_loops(matmul)
+    tile = _matmul_tile(
+        _static_extent(sch, loop_i),
+        _static_extent(sch, loop_j),
+        cfg,
+        cfg.lanes(_output_dtype(sch, matmul)),
+    )
+
+    rule = "matmul"
+    if pad:
+        # Pad rows / columns to whole tiles (symbolic seq len): a tail predicate
+        # inside the k loop would keep the accumulator out of registers.
+        extents = info.dom()
+        padding = [1] * len(extents)
+        for axis, size in ((-3, tile.rows), (-2, tile.cols)):
+            extent = extents[axis]
+            if not isinstance(extent, int) or extent % size != 0:
+                padding[axis] = size
+        if any(p > 1 for p in padding):
+            sch.pad_einsum(matmul, padding)
+            rule = "matmul+pad"
+    elif _static_extent(sch, loop_i) is None or _static_extent(sch, loop_j) is None:
+        rule = "matmul+predicate"
+
+    # Prologues (a fused transpose or dequantize) are read straight from the source.
+    for name in prologue_names:
+        sch.compute_inline(sch.get_sblock(name))
+    # Write-back, un-padding and epilogues collapse into one block computed per tile.
+    chain = [sch.cache_write(matmul, 0, "local")]
+    while True:
+        consumers = sch.get_consumers(chain[-1])
+        if len(consumers) != 1:
+            break
+        chain.append(consumers[0])
+    for block in chain[:-1]:
+        sch.compute_inline(block)
+    tail = chain[-1]
+
+    *batch, loop_i, loop_j, loop_k = sch.get_loops(matmul)
+    tile_i, row = sch.split(loop_i, [None, tile.rows])
+    tile_j, vector, lane = sch.split(loop_j, [None, tile.vectors, tile.lanes])
     sch.reorder(tile_j, tile_i, loop_k, row, vector, lane)
     outer = sch.fuse(*batch, tile_j, tile_i)
 
     sch.reverse_compute_at(tail, outer)
-    _vectorize_inner(sch, tail, lanes)
+    _vectorize_inner(sch, tail, tile.lanes)
     # Annotate before decompose_reduction: once the init is split off, the update
     # block no longer counts as a reduction and vectorize() refuses it.
     sch.unroll(row)
@@ -286,6 +325,25 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
     sch.vectorize(init_lane)
     sch.unroll(init_vector)
     sch.unroll(init_row)
+
+    # What is left at the root besides the tiled nest: the zero-padding copies.
+    for block in sch.get_child_blocks(_root(sch)):
+        if not _is_under(sch, block, outer):
+            _parallel_vectorize(sch, block, cfg.lanes(_output_dtype(sch, block)))
+    return rule
+
+
+def _is_under(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> bool:
+    target = sch.get(loop)
+    return any(sch.get(l).same_as(target) for l in sch.get_loops(block))
+
+
+def _matmul_padded_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
+    return _matmul_rule(sch, cfg, pad=True)
+
+
+def _matmul_predicated_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
+    return _matmul_rule(sch, cfg, pad=False)
 
 
 def _leading_shared_spatial(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], out: SBlockRV) -> int:
@@ -303,7 +361,7 @@ def _leading_shared_spatial(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], ou
     return shared
 
 
-def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) -> None:
+def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) -> str:
     infos = _block_infos(sch)
     feeds_reduction: set[str] = set()
     for info in infos:
@@ -350,6 +408,7 @@ def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) 
             sch.vectorize(sch.get_loops(init)[-1])
         elif _leading_spatial_count(sch, block) == len(sch.get(block).iter_vars):
             _vectorize_inner(sch, block, lanes)
+    return "reduction+rfactor" if factored else "reduction"
 
 
 def _factor_reductions(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], lanes: int) -> list[SBlockRV]:
@@ -384,24 +443,25 @@ def _factor_reductions(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], lanes: 
     return factored
 
 
-def _reduction_rfactor_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
-    _reduction_rule(sch, cfg, rfactor=True)
+def _reduction_rfactor_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
+    return _reduction_rule(sch, cfg, rfactor=True)
 
 
-def _reduction_plain_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
-    _reduction_rule(sch, cfg, rfactor=False)
+def _reduction_plain_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
+    return _reduction_rule(sch, cfg, rfactor=False)
 
 
-def _injective_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
+def _injective_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     infos = _block_infos(sch)
     if not all(info.is_injective() for info in infos):
         raise _RuleDoesNotApply("has a reduction")
     _inline_injective(sch, [info.block_rv for info in infos])
     for block in sch.get_child_blocks(_root(sch)):
         _parallel_vectorize(sch, block, cfg.lanes(_output_dtype(sch, block)))
+    return "injective"
 
 
-def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
+def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     """Make the outer spatial loops of every top-level loop nest parallel, where legal."""
     del cfg  # the fallback needs no target facts
     applied = False
@@ -423,34 +483,42 @@ def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> None:
                 continue
     if not applied:
         raise _RuleDoesNotApply("no loop can be parallel")
+    return "parallel"
 
 
-def _candidate_rules(func: tirx.PrimFunc) -> list[tuple[str, _Rule]]:
+def _candidate_rules(func: tirx.PrimFunc) -> list[_Rule]:
     """Most specific rule first; each is tried on a fresh schedule."""
-    fallback: list[tuple[str, _Rule]] = [("parallel", _parallel_rule)]
     infos = normalize_prim_func(s_tir.Schedule(func))
     if infos is None:
-        return fallback
+        return [_parallel_rule]
     if all(info.is_injective() for info in infos):
-        return [("injective", _injective_rule), *fallback]
-    reduction_rules: list[tuple[str, _Rule]] = [
-        ("reduction+rfactor", _reduction_rfactor_rule),
-        ("reduction", _reduction_plain_rule),
+        return [_injective_rule, _parallel_rule]
+    return [
+        _matmul_padded_rule,
+        _matmul_predicated_rule,
+        _reduction_rfactor_rule,
+        _reduction_plain_rule,
+        _parallel_rule,
     ]
-    return [("matmul", _matmul_rule), *reduction_rules, *fallback]
 
 
 def schedule_prim_func(func: tirx.PrimFunc, config: CpuScheduleConfig) -> tuple[tirx.PrimFunc, str]:
     """Schedule one PrimFunc with the first rule that applies; return it and the rule name."""
-    for name, rule in _candidate_rules(func):
+    for rule in _candidate_rules(func):
         sch = s_tir.Schedule(func)
         try:
-            rule(sch, config)
-        except (ScheduleError, _RuleDoesNotApply):
+            name = rule(sch, config)
+        except (ScheduleError, _RuleDoesNotApply) as err:
+            _LOG.debug("%s does not schedule %s: %s", rule.__name__, _func_name(func), err)
             continue
         scheduled = sch.mod["main"].with_attr(RULE_ATTR, name).with_attr(_SCHEDULED_ATTR, True)
         return scheduled, name
     return func.with_attr(RULE_ATTR, "none"), "none"
+
+
+def _func_name(func: tirx.PrimFunc) -> str:
+    attrs = func.attrs
+    return str(attrs["global_symbol"]) if attrs is not None and "global_symbol" in attrs else "<primfunc>"
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:

@@ -1,0 +1,129 @@
+"""Bad input: one line naming the input and the fix, the documented exit code,
+no traceback, and no artifact directory left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def assert_clean_error(code: int, text: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code, text
+    assert "Traceback" not in text
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:"), text
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+def nothing_left(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    code, text = run_cli("compile", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "nope does not exist", "zoo:NAME")
+    assert nothing_left(tmp_path) == []
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    code, text = run_cli("compile", str(tmp_path / "model"), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "has no config.json")
+    assert nothing_left(tmp_path) == ["model"]
+
+
+def test_truncated_safetensors(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_llama_dir.iterdir():
+        data = item.read_bytes()
+        (broken / item.name).write_bytes(data[: len(data) // 2] if item.suffix == ".safetensors" else data)
+    code, text = run_cli("compile", str(broken), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "model.safetensors is truncated or corrupt")
+    assert nothing_left(tmp_path) == ["broken"]
+
+
+def test_unknown_architecture(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    code, text = run_cli("compile", str(other), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 3, "architecture 'GPT2LMHeadModel' is not supported", "LlamaForCausalLM")
+
+
+def test_unknown_target_lists_known_ones(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    code, text = run_cli("compile", str(tiny_llama_dir), "--target", "z80", "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "unknown target 'z80'", "cpu", "arm64")
+    assert nothing_left(tmp_path) == []
+
+
+def test_recipe_unknown_key_and_wrong_type(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: cpu\nparity:\n  rtoll: 0.1\n")
+    code, text = run_cli("compile", str(tiny_llama_dir), "--recipe", str(recipe), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "r.yaml:3: unknown key 'parity.rtoll'")
+    recipe.write_text("max_context: lots\n")
+    code, text = run_cli("compile", str(tiny_llama_dir), "--recipe", str(recipe), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "r.yaml:1: bad value for 'max_context'")
+    assert nothing_left(tmp_path) == ["r.yaml"]
+
+
+def test_existing_output_needs_force(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, text = run_cli("compile", str(tiny_llama_dir), "-o", str(out))
+    assert_clean_error(code, text, 2, "exists and is not empty", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    code, text = run_cli("compile", str(tiny_llama_dir), "--dry-run", "--set", "passes=quantize-weights-int8", "-o", str(tmp_path / "o"))
+    assert code == 0 and "name: quantize-weights-int8" in text and "group_size: 0" in text and "rtol: 0.001" in text
+    assert nothing_left(tmp_path) == []
+
+
+@pytest.mark.compile
+def test_ctrl_c_during_compile_leaves_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgec.cli", "compile", str(tiny_llama_dir), "-o", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stderr is not None
+    seen = ""
+    deadline = time.time() + 300
+    while "tvm: import prefill" not in seen and time.time() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen += line
+    staged = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=300)
+    assert staged, "the compile was interrupted while writing its staging directory"
+    assert process.returncode == 130, seen + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert nothing_left(tmp_path) == []
