@@ -2,27 +2,38 @@
 
 Before: TVM 0.27's default ``llvm`` Relax pipeline legalizes and fuses operators
 but schedules no PrimFunc, so every kernel is a serial, scalar loop nest (an LLM
-prefill runs ~170x slower than ONNX Runtime).
+prefill runs ~170x slower than ONNX Runtime; one 64x576 @ 576x1536 Linear takes
+~180 ms).
 
 After: ``cpu_pipeline(target)`` is the same pipeline with ``schedule_cpu_funcs``
-inserted right after fusion (and after dataflow reshapes became views). Each
-PrimFunc gets the first rule that applies, tried on a fresh schedule each time:
+inserted right after fusion (and right after dataflow reshapes became views).
+Each PrimFunc gets the first rule that applies, each tried on a fresh schedule;
+a ``ScheduleError`` only moves on to the next, simpler rule:
 
-* ``matmul``: register-tiled ``rows x (vectors * lanes)`` accumulator in a local
-  buffer, innermost axis vectorized, the batch / row-tile / column-tile loops
-  fused and parallel, reduction init hoisted, epilogues (bias, SiLU, ...)
-  computed per tile.
-* ``reduction`` (RMSNorm, softmax, mean): parallel over the leading spatial axes,
-  every block computed per row, inner axes vectorized; ``reduction+rfactor``
-  also vectorizes the reductions themselves through ``lanes`` partial sums.
-* ``injective`` (elementwise, broadcast, transpose): producers inlined, loops
-  fused, the outer part parallel and the inner part vectorized.
-* ``parallel``: the fallback -- only the outer spatial loops made parallel.
-* ``none``: no rule applied (the function stays as TVM legalized it).
+* ``matmul+pad`` / ``matmul`` / ``matmul+predicate``: C[..., i, j] += A[..., i, k]
+  * B[..., k, j], with fused prologues / epilogues (bias, SiLU, multiply).
+  A ``rows x (vectors * lanes)`` register tile (8 x 32 floats on AVX-512)
+  accumulates in a ``local`` buffer, innermost axis vectorized, tile loops
+  unrolled, the batch / column-tile / row-tile loops fused and parallel, the
+  zero-init hoisted out of the k loop (``decompose_reduction``), the epilogue
+  computed per tile. Symbolic rows (sequence length) or columns are padded to
+  whole tiles (``+pad``): a tail predicate inside the k loop keeps the
+  accumulator in memory and costs ~4x.
+* ``reduction+rfactor`` / ``reduction`` (RMSNorm, softmax, mean): parallel over
+  the row axes all blocks share, every block computed per row, elementwise
+  blocks vectorized; ``+rfactor`` also vectorizes static-length reductions
+  through ``lanes`` partial results.
+* ``injective`` (elementwise, broadcast, transpose, slicing): producers inlined,
+  loops fused, the outer part parallel, the inner part vectorized; transposes
+  are tiled ``lanes x lanes`` so their strided reads stay in L1.
+  ``injective-rows``: the innermost axis is symbolic, so only the rows are
+  parallel and the inner loop is left plain for LLVM's loop vectorizer (a
+  TVM-vectorized loop with a tail predicate is scalarized by TVM 0.27).
+* ``parallel``: the fallback -- the outer spatial loops made parallel.
+* ``none``: no rule applied; the function stays as TVM legalized it.
 
 The rule applied is stored in the PrimFunc attribute ``edgec.schedule_rule``
-and read back by ``schedule_report``. Shapes may be symbolic: tails are
-handled by the predicates that ``split`` adds.
+(read back by ``schedule_report``); ``loop_kinds`` lists a PrimFunc's loop kinds.
 """
 
 from __future__ import annotations
@@ -56,15 +67,11 @@ RULE_ATTR = "edgec.schedule_rule"
 # The attribute dlight and MetaSchedule use to mark a function as done.
 _SCHEDULED_ATTR = "tirx.is_scheduled"
 
+_LOG = logging.getLogger(__name__)
+
 
 class _RuleDoesNotApply(Exception):
     """The function does not have the shape a rule expects (not an error)."""
-
-
-# A rule mutates the schedule in place and returns the name to report, or raises
-# ScheduleError / _RuleDoesNotApply (then the next, simpler rule is tried).
-_Rule = Callable[[s_tir.Schedule, "CpuScheduleConfig"], str]
-_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +79,8 @@ class CpuScheduleConfig:
     """Target facts the rules need.
 
     vector_bits: width of one SIMD register (512 for AVX-512, 128 for NEON).
-    tile_rows / tile_vectors: matmul register tile, in rows and in SIMD vectors
-    per row; 8 x 2 fills 16 of the 32 registers AVX-512 and NEON have.
+    tile_rows / tile_vectors: matmul register tile in rows and in SIMD vectors
+    per row; 8 x 2 accumulators use 16 of the 32 registers of AVX-512 and NEON.
     """
 
     vector_bits: int
@@ -84,17 +91,22 @@ class CpuScheduleConfig:
     def from_target(target: Target) -> CpuScheduleConfig:
         bits = int(llvm_get_vector_width(target))
         if bits <= 0:
-            # LLVM could not tell (unknown cpu): every 64-bit target has 128-bit SIMD.
+            # LLVM could not tell (unknown cpu); every 64-bit CPU has 128-bit SIMD.
             bits = 128
-        # x86 without AVX-512 has only 16 vector registers: halve the tile rows.
+        # x86 below AVX-512 has only 16 vector registers: halve the tile rows.
         is_aarch64 = str(target.attrs.get("mtriple", "")).startswith("aarch64")
         rows = 8 if bits >= 512 or is_aarch64 else 4
         return CpuScheduleConfig(vector_bits=bits, tile_rows=rows)
 
     def lanes(self, dtype: str) -> int:
-        """Vector lanes for one element type (bool counts as one byte)."""
+        """SIMD lanes for one element type (bool counts as one byte)."""
         bits = max(tvm.DataType(dtype).bits, 8)
         return max(self.vector_bits // bits, 1)
+
+
+# A rule mutates the schedule in place and returns the name to report, or raises
+# ScheduleError / _RuleDoesNotApply (then the next, simpler rule is tried).
+_Rule = Callable[[s_tir.Schedule, CpuScheduleConfig], str]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -104,9 +116,19 @@ def _root(sch: s_tir.Schedule) -> SBlockRV:
     return sch.get_sblock("root")
 
 
+def _same(sch: s_tir.Schedule, a: SBlockRV | LoopRV, b: SBlockRV | LoopRV) -> bool:
+    return bool(sch.get(a).same_as(sch.get(b)))
+
+
 def _static_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _same_extent(a: int | tirx.Expr, b: int | tirx.Expr) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(tvm_ffi.structural_equal(a, b))
 
 
 def _block_infos(sch: s_tir.Schedule) -> list[SBlockInfo]:
@@ -132,38 +154,12 @@ def _uses(region: TensorRegion, var: tirx.Var) -> bool:
     return any(v.same_as(var) for v in _vars_in(region))
 
 
-def _same_extent(a: int | tirx.PrimExpr, b: int | tirx.PrimExpr) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return bool(tvm_ffi.structural_equal(a, b))
-
-
 def _vector_factor(extent: int, lanes: int) -> int:
-    """Largest power of two <= lanes that divides extent: a split with no tail."""
+    """Largest power of two <= lanes dividing extent: a split with no tail."""
     factor = lanes
     while factor > 1 and extent % factor != 0:
         factor //= 2
     return factor
-
-
-def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> LoopRV | None:
-    """Vectorize the innermost loop of ``block``; return the loop left above it."""
-    loops = sch.get_loops(block)
-    if not loops:
-        return None
-    inner = loops[-1]
-    extent = _static_extent(sch, inner)
-    if extent is not None and extent <= lanes:
-        if extent > 1:
-            sch.vectorize(inner)
-        return None
-    factor = lanes if extent is None else _vector_factor(extent, lanes)
-    if factor == 1:
-        # A prime-ish static extent: accept a predicated tail rather than no SIMD.
-        factor = lanes
-    outer, vec = sch.split(inner, [None, factor])
-    sch.vectorize(vec)
-    return outer
 
 
 def _leading_spatial_count(sch: s_tir.Schedule, block: SBlockRV) -> int:
@@ -175,48 +171,149 @@ def _leading_spatial_count(sch: s_tir.Schedule, block: SBlockRV) -> int:
     return count
 
 
-def _parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
-    """Fuse all loops of an injective block: vectorized inner part, parallel rest."""
+def _fuse(sch: s_tir.Schedule, loops: Sequence[LoopRV]) -> LoopRV:
+    return sch.fuse(*loops) if len(loops) > 1 else loops[0]
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> bool:
+    """Vectorize the innermost loop of ``block`` if its extent is static.
+
+    A symbolic extent is left alone: TVM would need a tail predicate and then
+    scalarizes the "vectorized" loop, while LLVM vectorizes the plain loop.
+    """
     loops = sch.get_loops(block)
     if not loops:
-        return
-    inner_extent = _static_extent(sch, loops[-1])
-    if inner_extent is not None and inner_extent >= 2 and _vector_factor(inner_extent, lanes) > 1:
-        # A static innermost axis (hidden size, head dim) vectorizes with no tail.
+        return False
+    inner = loops[-1]
+    extent = _static_extent(sch, inner)
+    if extent is None or extent < 2:
+        return False
+    factor = _vector_factor(extent, lanes)
+    if factor == 1:
+        return False
+    if extent > factor:
+        inner = sch.split(inner, [None, factor])[1]
+    sch.vectorize(inner)
+    return True
+
+
+def _contiguous_read_axis(sch: s_tir.Schedule, block: SBlockRV) -> int | None:
+    """Iterator that some input has innermost but the output does not (a transpose)."""
+    stmt = sch.get(block)
+    iter_vars = [iv.var for iv in stmt.iter_vars]
+    if len(stmt.writes) != 1:
+        return None
+    write_last = stmt.writes[0].region[-1].min
+    for read in stmt.reads:
+        if len(read.region) < 2:
+            continue
+        last = read.region[-1].min
+        for axis, var in enumerate(iter_vars):
+            if last.same_as(var) and not write_last.same_as(var):
+                return axis
+    return None
+
+
+def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> bool:
+    """Parallel outer loops + vectorized inner loop for one injective block.
+
+    Returns whether a loop was vectorized by TVM (False: rows only, inner loop
+    left to LLVM). Assumes one loop per block iterator (trivial bindings).
+    """
+    loops = sch.get_loops(block)
+    if not loops:
+        return False
+    inner = loops[-1]
+    inner_extent = _static_extent(sch, inner)
+    read_axis = _contiguous_read_axis(sch, block)
+    if read_axis is not None and read_axis >= len(loops) - 1:
+        read_axis = None
+    read_extent = None if read_axis is None else _static_extent(sch, loops[read_axis])
+
+    if read_axis is not None and read_extent is not None and read_extent >= lanes:
+        # Transpose: a lanes x lanes tile keeps the strided input rows in L1.
+        # (With a symbolic output axis the vector runs along the input instead.)
+        src_outer, src_inner = sch.split(loops[read_axis], [None, _vector_factor(read_extent, lanes)])
+        if inner_extent is not None and _vector_factor(inner_extent, lanes) > 1:
+            dst_outer, dst_inner = sch.split(inner, [None, _vector_factor(inner_extent, lanes)])
+            rest = [l for i, l in enumerate(loops[:-1]) if i != read_axis]
+            sch.reorder(*rest, src_outer, dst_outer, src_inner, dst_inner)
+            sch.vectorize(dst_inner)
+            sch.parallel(_fuse(sch, [*rest, src_outer, dst_outer]))
+            return True
+        rest = [l for i, l in enumerate(loops) if i != read_axis]
+        sch.reorder(*rest, src_outer, src_inner)
+        sch.vectorize(src_inner)
+        sch.parallel(_fuse(sch, [*rest, src_outer]))
+        return True
+
+    if inner_extent is not None and _vector_factor(inner_extent, lanes) > 1:
         factor = _vector_factor(inner_extent, lanes)
-        if inner_extent == factor:
-            vec, outer_loops = loops[-1], list(loops[:-1])
+        if inner_extent > factor:
+            rest_inner, vec = sch.split(inner, [None, factor])
+            outer_loops = [*loops[:-1], rest_inner]
         else:
-            rest, vec = sch.split(loops[-1], [None, factor])
-            outer_loops = [*loops[:-1], rest]
+            vec, outer_loops = inner, list(loops[:-1])
         sch.vectorize(vec)
         if outer_loops:
-            sch.parallel(sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0])
-        return
-    # Symbolic innermost axis: vectorize the flattened nest, with a predicated tail.
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    outer, vec = sch.split(fused, [None, lanes])
-    sch.vectorize(vec)
-    sch.parallel(outer)
+            sch.parallel(_fuse(sch, outer_loops))
+        return True
+
+    # Symbolic (or odd) innermost axis: parallel rows, plain inner loop.
+    if len(loops) > 1:
+        sch.parallel(_fuse(sch, loops[:-1]))
+    else:
+        sch.parallel(inner)
+    return False
 
 
-def _inline_injective(sch: s_tir.Schedule, blocks: Sequence[SBlockRV]) -> None:
-    """Inline producers into their consumers where TVM allows it."""
+def _inline_into_consumers(sch: s_tir.Schedule, blocks: Sequence[SBlockRV]) -> None:
+    """Inline non-output producers into their consumers where TVM allows it."""
     outputs = sch.get_output_blocks(_root(sch))
     for block in blocks:
-        if any(sch.get(block).same_as(sch.get(out)) for out in outputs):
+        if any(_same(sch, block, out) for out in outputs):
             continue
         try:
             sch.compute_inline(block)
         except ScheduleError:
-            # Kept as its own loop nest; it gets scheduled on its own.
+            # Kept as its own loop nest; it is scheduled on its own.
             continue
 
 
-# ----------------------------------------------------------------------------- rules
+def _is_under(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> bool:
+    return any(_same(sch, outer, loop) for outer in sch.get_loops(block))
 
 
-def _matmul_operands(sch: s_tir.Schedule, info: SBlockInfo) -> None:
+# ---------------------------------------------------------------------- matmul rule
+
+
+@dataclasses.dataclass(frozen=True)
+class _MatmulTile:
+    rows: int
+    vectors: int
+    lanes: int
+
+    @property
+    def cols(self) -> int:
+        return self.vectors * self.lanes
+
+
+def _matmul_tile(
+    extent_i: int | None, extent_j: int | None, cfg: CpuScheduleConfig, lanes: int
+) -> _MatmulTile:
+    """The configured register tile, shrunk to small static extents (head_dim 16...)."""
+    rows, vectors = cfg.tile_rows, cfg.tile_vectors
+    if extent_i is not None:
+        rows = max(min(rows, extent_i), 1)
+    if extent_j is not None:
+        if extent_j < lanes:
+            lanes, vectors = max(extent_j, 1), 1
+        else:
+            vectors = max(min(vectors, extent_j // lanes), 1)
+    return _MatmulTile(rows=rows, vectors=vectors, lanes=lanes)
+
+
+def _check_matmul(sch: s_tir.Schedule, info: SBlockInfo) -> None:
     """Raise unless ``info`` is C[..., i, j] += A[..., i, k] * B[..., k, j] (any layout)."""
     kinds = info.dom_kind()
     if len(kinds) < 3 or not kinds.endswith("SSR") or "R" in kinds[:-1]:
@@ -235,37 +332,13 @@ def _matmul_operands(sch: s_tir.Schedule, info: SBlockInfo) -> None:
         raise _RuleDoesNotApply("operands do not index like a matmul")
 
 
-@dataclasses.dataclass(frozen=True)
-class _MatmulTile:
-    rows: int
-    vectors: int
-    lanes: int
-
-    @property
-    def cols(self) -> int:
-        return self.vectors * self.lanes
-
-
-def _matmul_tile(extent_i: int | None, extent_j: int | None, cfg: CpuScheduleConfig, lanes: int) -> _MatmulTile:
-    """The configured register tile, shrunk to small static extents (head_dim 16...)."""
-    rows, vectors = cfg.tile_rows, cfg.tile_vectors
-    if extent_i is not None:
-        rows = max(min(rows, extent_i), 1)
-    if extent_j is not None:
-        if extent_j < lanes:
-            lanes, vectors = max(extent_j, 1), 1
-        else:
-            vectors = max(min(vectors, extent_j // lanes), 1)
-    return _MatmulTile(rows=rows, vectors=vectors, lanes=lanes)
-
-
 def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     infos = _block_infos(sch)
     reductions = [info for info in infos if not info.is_injective()]
     if len(reductions) != 1:
         raise _RuleDoesNotApply("a matmul kernel has exactly one reduction block")
     info = reductions[0]
-    _matmul_operands(sch, info)
+    _check_matmul(sch, info)
     matmul = info.block_rv
     prologue_names = [i.name for i in infos[: infos.index(info)]]
     *_, loop_i, loop_j, _ = sch.get_loops(matmul)
@@ -278,15 +351,14 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
 
     rule = "matmul"
     if pad:
-        # Pad rows / columns to whole tiles (symbolic seq len): a tail predicate
-        # inside the k loop would keep the accumulator out of registers.
-        extents = info.dom()
-        padding = [1] * len(extents)
+        padding = [1] * len(info.dom())
         for axis, size in ((-3, tile.rows), (-2, tile.cols)):
-            extent = extents[axis]
+            extent = info.dom()[axis]
             if not isinstance(extent, int) or extent % size != 0:
                 padding[axis] = size
         if any(p > 1 for p in padding):
+            # Copies A (and B) into zero-padded buffers; the un-padding copy of C
+            # becomes the first epilogue below.
             sch.pad_einsum(matmul, padding)
             rule = "matmul+pad"
     elif _static_extent(sch, loop_i) is None or _static_extent(sch, loop_j) is None:
@@ -295,7 +367,7 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     # Prologues (a fused transpose or dequantize) are read straight from the source.
     for name in prologue_names:
         sch.compute_inline(sch.get_sblock(name))
-    # Write-back, un-padding and epilogues collapse into one block computed per tile.
+    # The write-back, un-padding and epilogues collapse into one block per tile.
     chain = [sch.cache_write(matmul, 0, "local")]
     while True:
         consumers = sch.get_consumers(chain[-1])
@@ -309,8 +381,10 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     *batch, loop_i, loop_j, loop_k = sch.get_loops(matmul)
     tile_i, row = sch.split(loop_i, [None, tile.rows])
     tile_j, vector, lane = sch.split(loop_j, [None, tile.vectors, tile.lanes])
+    # Column tiles outside row tiles: one K x cols panel of B is reused by
+    # consecutive row tiles while it is still in L2.
     sch.reorder(tile_j, tile_i, loop_k, row, vector, lane)
-    outer = sch.fuse(*batch, tile_j, tile_i)
+    outer = _fuse(sch, [*batch, tile_j, tile_i])
 
     sch.reverse_compute_at(tail, outer)
     _vectorize_inner(sch, tail, tile.lanes)
@@ -326,16 +400,11 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     sch.unroll(init_vector)
     sch.unroll(init_row)
 
-    # What is left at the root besides the tiled nest: the zero-padding copies.
+    # Left at the root besides the tiled nest: the zero-padding copies.
     for block in sch.get_child_blocks(_root(sch)):
         if not _is_under(sch, block, outer):
-            _parallel_vectorize(sch, block, cfg.lanes(_output_dtype(sch, block)))
+            _schedule_injective_block(sch, block, cfg.lanes(_output_dtype(sch, block)))
     return rule
-
-
-def _is_under(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> bool:
-    target = sch.get(loop)
-    return any(sch.get(l).same_as(target) for l in sch.get_loops(block))
 
 
 def _matmul_padded_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
@@ -346,10 +415,12 @@ def _matmul_predicated_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     return _matmul_rule(sch, cfg, pad=False)
 
 
-def _leading_shared_spatial(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], out: SBlockRV) -> int:
-    """Leading axes every block iterates like the output block does (the row axes)."""
-    out_info = next(i for i in infos if sch.get(i.block_rv).same_as(sch.get(out)))
-    out_dom = out_info.dom()
+# ------------------------------------------------------------------- reduction rule
+
+
+def _shared_row_axes(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], out: SBlockRV) -> int:
+    """Leading axes that every block iterates exactly like the output block."""
+    out_dom = next(i for i in infos if _same(sch, i.block_rv, out)).dom()
     shared = len(out_dom)
     for info in infos:
         count = 0
@@ -361,61 +432,13 @@ def _leading_shared_spatial(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], ou
     return shared
 
 
-def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) -> str:
-    infos = _block_infos(sch)
-    feeds_reduction: set[str] = set()
-    for info in infos:
-        if not info.is_injective():
-            for producer in sch.get_producers(info.block_rv):
-                feeds_reduction.add(sch.get(producer).name_hint)
-    # Inline scalar/elementwise chains, but keep what a reduction re-reads (exp in
-    # softmax) so it is computed once per row, not once per consumer.
-    _inline_injective(
-        sch,
-        [i.block_rv for i in infos if i.is_injective() and i.name not in feeds_reduction],
-    )
-    outputs = sch.get_output_blocks(_root(sch))
-    if len(outputs) != 1:
-        raise _RuleDoesNotApply("reduction rule needs a single output block")
-    out = outputs[0]
-    infos = _block_infos(sch)
-    rows = _leading_shared_spatial(sch, infos, out)
-    if rows == 0:
-        raise _RuleDoesNotApply("no spatial axis shared by all blocks")
-    lanes = cfg.lanes(_output_dtype(sch, out))
+def _factor_reductions(
+    sch: s_tir.Schedule, infos: Sequence[SBlockInfo], lanes: int
+) -> list[SBlockRV]:
+    """Split each static innermost reduction into ``lanes`` partial results.
 
-    factored = _factor_reductions(sch, infos, lanes) if rfactor else []
-
-    out_loops = sch.get_loops(out)
-    row = sch.fuse(*out_loops[:rows]) if rows > 1 else out_loops[0]
-    remaining = out_loops[rows:]
-    if len(remaining) > 1:
-        sch.fuse(*remaining)
-    if remaining:
-        _vectorize_inner(sch, out, lanes)
-    sch.parallel(row)
-
-    # Every other block is computed per row, so intermediates shrink to one row.
-    others = [b for b in sch.get_child_blocks(_root(sch)) if not sch.get(b).same_as(sch.get(out))]
-    for block in reversed(others):
-        sch.compute_at(block, row, preserve_unit_loops=True)
-    for block in others:
-        if any(sch.get(block).same_as(sch.get(f)) for f in factored):
-            lane_loop = sch.get_loops(block)[-1]
-            sch.vectorize(lane_loop)
-            # After vectorize (see _matmul_rule): the zero-fill becomes its own loop.
-            init = sch.decompose_reduction(block, sch.get_loops(block)[-2])
-            sch.vectorize(sch.get_loops(init)[-1])
-        elif _leading_spatial_count(sch, block) == len(sch.get(block).iter_vars):
-            _vectorize_inner(sch, block, lanes)
-    return "reduction+rfactor" if factored else "reduction"
-
-
-def _factor_reductions(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], lanes: int) -> list[SBlockRV]:
-    """Split each innermost reduction into ``lanes`` partial results (one SIMD vector).
-
-    Returns the partial-result blocks; their lane axis is made the last block
-    iterator, so compute_at later rebuilds it as the innermost (vectorizable) loop.
+    Returns the partial-result blocks, with the lane made their last block
+    iterator so that compute_at rebuilds it as the innermost loop.
     """
     factored: list[SBlockRV] = []
     for info in infos:
@@ -424,23 +447,71 @@ def _factor_reductions(sch: s_tir.Schedule, infos: Sequence[SBlockInfo], lanes: 
             continue
         reduce_loop = sch.get_loops(info.block_rv)[-1]
         extent = _static_extent(sch, reduce_loop)
-        # Only tail-free splits: compute_at (TVM 0.27) drops the split predicate of
-        # an rfactor block, which would read past the row (wrong softmax over seq).
+        # Tail-free splits only: compute_at (TVM 0.27) drops the split predicate of
+        # an rfactor block, which then reads past the row (wrong softmax over seq).
         if extent is None or extent % lanes != 0:
             continue
-        _, lane = sch.split(reduce_loop, [None, lanes])
+        lane = sch.split(reduce_loop, [None, lanes])[1]
         rank = len(sch.get(info.block_rv).writes[0].region)
         partial = sch.rfactor(lane, factor_axis=rank)
-        # rfactor makes the lane the first block iterator; move it to the end.
         iter_vars = sch.get(partial).iter_vars
         lane_iter = iter_vars[0]
         if lane_iter.iter_type != tirx.IterVar.DataPar or not _same_extent(
             int(lane_iter.dom.extent), lanes
         ):
             raise _RuleDoesNotApply("unexpected rfactor block layout")
+        # rfactor makes the lane the first block iterator; move it last.
         sch.reorder_block_iter_var(partial, [*range(1, len(iter_vars)), 0])
         factored.append(partial)
     return factored
+
+
+def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) -> str:
+    infos = _block_infos(sch)
+    feeds_reduction: set[str] = set()
+    for info in infos:
+        if not info.is_injective():
+            for producer in sch.get_producers(info.block_rv):
+                feeds_reduction.add(sch.get(producer).name_hint)
+    # Inline elementwise chains, but keep what a reduction re-reads (exp in
+    # softmax) so it is computed once per element, not once per consumer.
+    _inline_into_consumers(
+        sch, [i.block_rv for i in infos if i.is_injective() and i.name not in feeds_reduction]
+    )
+    outputs = sch.get_output_blocks(_root(sch))
+    if len(outputs) != 1:
+        raise _RuleDoesNotApply("reduction rule needs a single output block")
+    out = outputs[0]
+    infos = _block_infos(sch)
+    rows = _shared_row_axes(sch, infos, out)
+    if rows == 0:
+        raise _RuleDoesNotApply("no spatial axis shared by all blocks")
+    lanes = cfg.lanes(_output_dtype(sch, out))
+    factored = _factor_reductions(sch, infos, lanes) if rfactor else []
+
+    out_loops = sch.get_loops(out)
+    row = _fuse(sch, out_loops[:rows])
+    if len(out_loops) > rows + 1:
+        sch.fuse(*out_loops[rows:])
+    if len(out_loops) > rows:
+        _vectorize_inner(sch, out, lanes)
+    sch.parallel(row)
+
+    # Every other block is computed per row: intermediates shrink to one row.
+    others = [b for b in sch.get_child_blocks(_root(sch)) if not _same(sch, b, out)]
+    for block in reversed(others):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    for block in others:
+        if any(_same(sch, block, f) for f in factored):
+            sch.vectorize(sch.get_loops(block)[-1])
+            # After vectorize (see _matmul_rule): the zero-fill becomes its own loop.
+            init = sch.decompose_reduction(block, sch.get_loops(block)[-2])
+            sch.vectorize(sch.get_loops(init)[-1])
+            # lanes partial sums per row: keep them off the heap.
+            sch.set_scope(block, 0, "local")
+        elif _leading_spatial_count(sch, block) == len(sch.get(block).iter_vars):
+            _vectorize_inner(sch, block, lanes)
+    return "reduction+rfactor" if factored else "reduction"
 
 
 def _reduction_rfactor_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
@@ -451,14 +522,19 @@ def _reduction_plain_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     return _reduction_rule(sch, cfg, rfactor=False)
 
 
+# ------------------------------------------------------------ injective / fallback
+
+
 def _injective_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     infos = _block_infos(sch)
     if not all(info.is_injective() for info in infos):
         raise _RuleDoesNotApply("has a reduction")
-    _inline_injective(sch, [info.block_rv for info in infos])
+    _inline_into_consumers(sch, [info.block_rv for info in infos])
+    vectorized = True
     for block in sch.get_child_blocks(_root(sch)):
-        _parallel_vectorize(sch, block, cfg.lanes(_output_dtype(sch, block)))
-    return "injective"
+        lanes = cfg.lanes(_output_dtype(sch, block))
+        vectorized = _schedule_injective_block(sch, block, lanes) and vectorized
+    return "injective" if vectorized else "injective-rows"
 
 
 def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
@@ -471,13 +547,12 @@ def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
         if spatial == 0:
             continue
         try:
-            outer = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
-            sch.parallel(outer)
+            sch.parallel(_fuse(sch, loops[:spatial]))
             applied = True
         except ScheduleError:
-            # Bindings are not one loop per axis, or a sibling block is a reduction.
+            # The bindings are not one loop per axis: try the outermost loop alone.
             try:
-                sch.parallel(loops[0])
+                sch.parallel(sch.get_loops(block)[0])
                 applied = True
             except ScheduleError:
                 continue
@@ -487,7 +562,7 @@ def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
 
 
 def _candidate_rules(func: tirx.PrimFunc) -> list[_Rule]:
-    """Most specific rule first; each is tried on a fresh schedule."""
+    """Most specific rule first."""
     infos = normalize_prim_func(s_tir.Schedule(func))
     if infos is None:
         return [_parallel_rule]
@@ -502,23 +577,20 @@ def _candidate_rules(func: tirx.PrimFunc) -> list[_Rule]:
     ]
 
 
-def schedule_prim_func(func: tirx.PrimFunc, config: CpuScheduleConfig) -> tuple[tirx.PrimFunc, str]:
-    """Schedule one PrimFunc with the first rule that applies; return it and the rule name."""
+def schedule_prim_func(
+    func: tirx.PrimFunc, config: CpuScheduleConfig
+) -> tuple[tirx.PrimFunc, str]:
+    """Schedule one PrimFunc with the first rule that applies; return it and the rule."""
     for rule in _candidate_rules(func):
         sch = s_tir.Schedule(func)
         try:
             name = rule(sch, config)
         except (ScheduleError, _RuleDoesNotApply) as err:
-            _LOG.debug("%s does not schedule %s: %s", rule.__name__, _func_name(func), err)
+            _LOG.debug("%s does not apply: %s", rule.__name__, err)
             continue
-        scheduled = sch.mod["main"].with_attr(RULE_ATTR, name).with_attr(_SCHEDULED_ATTR, True)
-        return scheduled, name
+        scheduled = sch.mod["main"].with_attr(RULE_ATTR, name)
+        return scheduled.with_attr(_SCHEDULED_ATTR, True), name
     return func.with_attr(RULE_ATTR, "none"), "none"
-
-
-def _func_name(func: tirx.PrimFunc) -> str:
-    attrs = func.attrs
-    return str(attrs["global_symbol"]) if attrs is not None and "global_symbol" in attrs else "<primfunc>"
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -529,7 +601,7 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 
 
 def schedule_cpu_funcs(target: Target) -> tvm.transform.Pass:
-    """Module pass: schedule every PrimFunc that is not marked ``tirx.is_scheduled``."""
+    """Module pass: schedule every PrimFunc not marked ``tirx.is_scheduled``."""
     config = CpuScheduleConfig.from_target(target)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecScheduleCpuFuncs")
@@ -537,7 +609,9 @@ def schedule_cpu_funcs(target: Target) -> tvm.transform.Pass:
         updates: dict[tvm.ir.GlobalVar, tirx.PrimFunc] = {}
         for gvar, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-                updates[gvar] = schedule_prim_func(func, config)[0]
+                scheduled, rule = schedule_prim_func(func, config)
+                _LOG.debug("%s: %s", gvar.name_hint, rule)
+                updates[gvar] = scheduled
         for gvar, func in updates.items():
             mod.update_func(gvar, func)
         return mod
@@ -545,16 +619,17 @@ def schedule_cpu_funcs(target: Target) -> tvm.transform.Pass:
     return _schedule
 
 
-def _passes_up_to_schedule(target: Target) -> tuple[list[tvm.transform.Pass], list[tvm.transform.Pass]]:
-    """TVM's default llvm pipeline split right after RewriteDataflowReshape.
+def _split_default_pipeline(
+    target: Target,
+) -> tuple[list[tvm.transform.Pass], list[tvm.transform.Pass]]:
+    """TVM's default llvm pipeline, split right after RewriteDataflowReshape.
 
-    The schedule goes after that pass because it recognizes reshape PrimFuncs by
-    their unscheduled pattern and turns them into views; a scheduled reshape would
-    stay a copy.
+    Scheduling comes after that pass because it spots reshape PrimFuncs by their
+    unscheduled loop pattern and turns them into views; a scheduled reshape
+    would stay a copy.
     """
     lower = cpu_generic.dataflow_lower_passes(target)
-    names = [p.info.name for p in lower]
-    cut = names.index("RewriteDataflowReshape") + 1
+    cut = [p.info.name for p in lower].index("RewriteDataflowReshape") + 1
     head = [
         *cpu_generic.library_dispatch_passes(target),
         *cpu_generic.legalize_passes(target),
@@ -570,7 +645,7 @@ def cpu_pipeline(target: Target) -> tvm.transform.Pass:
 
     Use as ``tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))``.
     """
-    head, tail = _passes_up_to_schedule(target)
+    head, tail = _split_default_pipeline(target)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecCpuPipeline")
     def _pipeline(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
@@ -581,8 +656,8 @@ def cpu_pipeline(target: Target) -> tvm.transform.Pass:
 
 
 def scheduled_module(mod: IRModule, target: Target) -> IRModule:
-    """Run ``cpu_pipeline`` up to and including scheduling (for reports and tests)."""
-    head, _ = _passes_up_to_schedule(target)
+    """``cpu_pipeline`` up to and including scheduling (for reports and tests)."""
+    head, _ = _split_default_pipeline(target)
     with target:
         return tvm.transform.Sequential(head)(mod)
 
@@ -605,7 +680,7 @@ def schedule_report(mod: IRModule) -> dict[str, str]:
 
 
 def loop_kinds(func: tirx.PrimFunc) -> set[str]:
-    """Kinds of the loops in ``func``: subset of serial/parallel/vectorized/unrolled/..."""
+    """Kinds of the loops in ``func``, e.g. {"parallel", "serial", "vectorized"}."""
     kinds: set[str] = set()
 
     def _visit(loop: tirx.For) -> None:
