@@ -24,9 +24,9 @@ from edgec.artifact import (
     tool_versions,
     write_manifest,
 )
-from edgec.errors import CheckFailedError, UnsupportedError
+from edgec.errors import CheckFailedError
 from edgec.lm import lm_shape
-from edgec.model import FAMILY_CAUSAL_LM, FAMILY_ONNX, ModelHandle, load_model
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, load_model
 from edgec.parity import ParityResult, compare, flatten_io, reference_io, run_reference
 from edgec.passes import REGISTRY
 from edgec.pipeline import PassContext, PassManager
@@ -56,10 +56,6 @@ def compile_model(
     started = time.perf_counter()
     progress(f"load {model_spec}")
     model = load_model(model_spec)
-    if model.family == FAMILY_ONNX:
-        raise UnsupportedError(
-            f"{model_spec}: compiling an .onnx input is not supported yet; give the HF directory or a .pt2 export"
-        )
     manager = PassManager(REGISTRY, recipe.passes)
     manager.check(model)
     ctx = PassContext(recipe=recipe, progress=progress)

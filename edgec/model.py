@@ -151,7 +151,7 @@ def load_pt2(path: Path) -> ModelHandle:
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise BadInputError(f"{path} is not a readable torch.export .pt2 file ({exc}); save it with torch.export.save") from None
     params = sum(t.numel() for t in exported.state_dict.values())
-    specs = [str(s.arg) for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    specs = [str(s.arg.name) for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     return ModelHandle(
         name=str(path),
         family=FAMILY_EXPORTED,
@@ -167,8 +167,9 @@ def load_onnx(path: Path) -> ModelHandle:
     import onnx
 
     try:
+        # Checking by path lets the checker find external data next to the file.
+        onnx.checker.check_model(str(path))
         model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as exc:
         raise BadInputError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0]})") from None
     params = sum(int(torch.Size(t.dims).numel()) for t in model.graph.initializer)

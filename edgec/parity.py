@@ -49,12 +49,26 @@ def reference_io(model: ModelHandle, entries: list[ExportedEntry], prompt_len: i
             io["decode.out"] = [t.numpy() for t in by_name["decode"].module(*decode_in)]
         else:
             for entry in entries:
+                if entry.onnx_model is not None:
+                    io[f"{entry.name}.in"] = [t.numpy() for t in entry.example]
+                    io[f"{entry.name}.out"] = _run_onnx_reference(entry)
+                    continue
+                assert entry.module is not None
                 outputs = entry.module(*entry.example)
                 if isinstance(outputs, torch.Tensor):
                     outputs = (outputs,)
                 io[f"{entry.name}.in"] = [t.numpy() for t in entry.example]
                 io[f"{entry.name}.out"] = [t.detach().numpy() for t in outputs]
     return io
+
+
+def _run_onnx_reference(entry: ExportedEntry) -> list[np.ndarray]:
+    """For an .onnx input the reference is ONNX Runtime on the original graph."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(entry.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {name: t.numpy() for name, t in zip(entry.input_names, entry.example)}
+    return list(session.run(entry.output_names, feed))
 
 
 def flatten_io(io: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:

@@ -77,6 +77,12 @@ def build(
     record: dict[str, Any] = {"entries": {}, "weights_file": WEIGHTS_FILE, "opset": OPSET}
     for entry in entries:
         start = time.perf_counter()
+        if entry.onnx_model is not None:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(entry.onnx_model)
+            models[entry.name] = proto
+            record["entries"][entry.name] = _entry_record(entry, proto, start)
+            continue
         progress(f"onnx: export {entry.name}")
         program = torch.onnx.export(
             entry.program,
@@ -96,13 +102,7 @@ def build(
         for node in proto.graph.node:
             del node.metadata_props[:]
         models[entry.name] = proto
-        record["entries"][entry.name] = {
-            "file": f"{entry.name}.onnx",
-            "inputs": entry.input_names,
-            "outputs": entry.output_names,
-            "seconds": round(time.perf_counter() - start, 2),
-            "ops": sorted({node.op_type for node in proto.graph.node}),
-        }
+        record["entries"][entry.name] = _entry_record(entry, proto, start)
     share_external_data(models, out_dir / WEIGHTS_FILE)
     for name, proto in models.items():
         onnx.save_model(proto, str(out_dir / f"{name}.onnx"))
@@ -111,6 +111,16 @@ def build(
     record["ort_provider"] = target.spec.ort_provider
     record["ort_version_built_with"] = onnxruntime.__version__
     return record
+
+
+def _entry_record(entry: ExportedEntry, proto: Any, start: float) -> dict[str, Any]:
+    return {
+        "file": f"{entry.name}.onnx",
+        "inputs": entry.input_names,
+        "outputs": entry.output_names,
+        "seconds": round(time.perf_counter() - start, 2),
+        "ops": sorted({node.op_type for node in proto.graph.node}),
+    }
 
 
 class ORTRuntime:

@@ -50,7 +50,12 @@ def build(
     for entry in entries:
         start = time.perf_counter()
         progress(f"tvm: import {entry.name}")
-        mod = from_exported_program(entry.program, keep_params_as_input=True)
+        if entry.onnx_model is not None:
+            from tvm.relax.frontend.onnx import from_onnx
+
+            mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
+        else:
+            mod = from_exported_program(entry.program, keep_params_as_input=True)
         mod, params = relax.frontend.detach_params(mod)
         func = mod["main"]
         num_inputs = len(entry.input_names)

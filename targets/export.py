@@ -14,7 +14,7 @@ import torch
 
 from edgec.errors import UnsupportedError
 from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry
-from edgec.model import FAMILY_CAUSAL_LM, FAMILY_EXPORTED, ModelHandle
+from edgec.model import FAMILY_CAUSAL_LM, FAMILY_EXPORTED, FAMILY_ONNX, ModelHandle
 
 PREFILL_IO = (["input_ids"], ["logits", "present_k", "present_v"])
 DECODE_IO = (["input_ids", "past_k", "past_v"], ["logits", "present_k", "present_v"])
@@ -22,13 +22,16 @@ DECODE_IO = (["input_ids", "past_k", "past_v"], ["logits", "present_k", "present
 
 @dataclass
 class ExportedEntry:
+    """One runnable entry: a torch program, or (for .onnx inputs) an ONNX graph."""
+
     name: str
-    program: torch.export.ExportedProgram
-    module: torch.nn.Module
+    program: torch.export.ExportedProgram | None
+    module: torch.nn.Module | None
     example: tuple[torch.Tensor, ...]
     dynamic_shapes: tuple[dict[int, Any], ...] | None
     input_names: list[str]
     output_names: list[str]
+    onnx_model: Any | None = None
 
 
 def export_entries(model: ModelHandle) -> list[ExportedEntry]:
@@ -41,7 +44,40 @@ def export_entries(model: ModelHandle) -> list[ExportedEntry]:
         outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
         example = tuple(_example_for(node) for node in program.graph.nodes if node.op == "placeholder" and node.name in names)
         return [ExportedEntry("main", program, program.module(), example, None, names, outputs)]
-    raise UnsupportedError(f"{model.name}: family {model.family} has no torch entries to export")
+    if model.family == FAMILY_ONNX:
+        return [_onnx_entry(model)]
+    raise UnsupportedError(f"{model.name}: family {model.family} has no entries to export")
+
+
+_ONNX_DTYPES: dict[int, torch.dtype] = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16}
+
+
+def _onnx_entry(model: ModelHandle) -> ExportedEntry:
+    """An .onnx input is already a graph: its entry carries the model and example inputs
+    built from its declared input types (symbolic dimensions become 2)."""
+    import onnx
+
+    assert model.onnx_path is not None
+    proto = onnx.load(str(model.onnx_path))
+    initializers = {t.name for t in proto.graph.initializer}
+    example: list[torch.Tensor] = []
+    names: list[str] = []
+    generator = torch.Generator().manual_seed(0)
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise UnsupportedError(f"{model.name}: input {value.name} has ONNX type {tensor_type.elem_type}; edgec feeds float/int/bool inputs")
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tensor_type.shape.dim]
+        if dtype.is_floating_point:
+            example.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            example.append(torch.zeros(shape, dtype=dtype))
+        names.append(value.name)
+    outputs = [o.name for o in proto.graph.output]
+    return ExportedEntry("main", None, None, tuple(example), None, names, outputs, onnx_model=proto)
 
 
 def _example_for(node: torch.fx.Node) -> torch.Tensor:

@@ -585,7 +585,9 @@ def schedule_prim_func(
         sch = s_tir.Schedule(func)
         try:
             name = rule(sch, config)
-        except (ScheduleError, _RuleDoesNotApply) as err:
+        # ScheduleError: a primitive refused; InternalError: a TVM check inside a
+        # primitive failed on an unusual function. Either way: try a simpler rule.
+        except (ScheduleError, tvm.error.InternalError, _RuleDoesNotApply) as err:
             _LOG.debug("%s does not apply: %s", rule.__name__, err)
             continue
         scheduled = sch.mod["main"].with_attr(RULE_ATTR, name)
