@@ -1,0 +1,94 @@
+"""The built-in models end to end: compile (both backends), verify, run (same greedy
+tokens as transformers' generate), and perplexity of the artifact equal to torch's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgec.cli import app
+from edgec.model import load_model
+
+runner = CliRunner()
+PROMPT = "ROMEO: But soft, what light"
+
+
+def invoke_json(*args: str) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+def transformers_tokens(model_spec: str, prompt: str, new_tokens: int) -> list[int]:
+    handle = load_model(model_spec)
+    assert handle.module is not None and handle.tokenizer is not None
+    ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = handle.module.generate(
+            ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=handle.tokenizer.eos_token_id
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def compile_zoo(model: str, backend: str, out: Path) -> dict:
+    args = ["compile", model, "--target", "cpu", "--backend", backend, "-o", str(out)]
+    summary = invoke_json(*args)
+    assert summary["parity"]["ok"] is True, summary
+    assert summary["size_bytes"] > 0 and summary["target"] == "cpu" and summary["backend"] == backend
+    return summary
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    built = {}
+    for backend in ("tvm", "onnx"):
+        built[backend] = root / f"tiny-lm-{backend}"
+        compile_zoo("zoo:tiny-lm", backend, built[backend])
+    return built
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_tiny_lm_compiles_verifies_and_generates_like_transformers(tiny_artifacts: dict[str, Path], backend: str) -> None:
+    out = tiny_artifacts[backend]
+    assert invoke_json("verify", str(out))["ok"] is True
+    result = invoke_json("run", str(out), "--prompt", PROMPT, "--max-new-tokens", "24")
+    assert result["tokens"] == transformers_tokens("zoo:tiny-lm", PROMPT, 24)
+    assert result["text"] and result["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.compile
+def test_artifact_perplexity_equals_torch(tiny_artifacts: dict[str, Path]) -> None:
+    torch_ppl = invoke_json("eval", "zoo:tiny-lm", "--task", "ppl", "--data", "held-out", "--tokens", "2048")
+    metrics = json.loads((Path(__file__).resolve().parents[1] / "edgec/zoo/tiny-lm/metrics.json").read_text())
+    assert 1.0 < torch_ppl["perplexity"] < 0.5 * metrics["vocab_size"]
+    for backend, path in tiny_artifacts.items():
+        ppl = invoke_json("eval", str(path), "--task", "ppl", "--data", "held-out", "--tokens", "2048")
+        assert ppl["tokens"] == torch_ppl["tokens"] == 2048, backend
+        assert abs(ppl["bits_per_byte"] - torch_ppl["bits_per_byte"]) < 1e-4, (backend, ppl, torch_ppl)
+
+
+def test_eval_on_a_user_text_file_and_bad_data(tmp_path: Path) -> None:
+    text = tmp_path / "lines.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 20)
+    result = invoke_json("eval", "zoo:tiny-lm", "--data", str(text), "--tokens", "200")
+    assert result["tokens"] > 50 and result["bits_per_byte"] > 0
+    missing = runner.invoke(app, ["eval", "zoo:tiny-lm", "--data", str(tmp_path / "none.txt")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_smollm2_compiles_with_parity_and_generates_like_transformers(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    out = tmp_path_factory.mktemp("smollm2") / backend
+    compile_zoo("zoo:smollm2-135m", backend, out)
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    result = invoke_json("run", str(out), "--prompt", prompt, "--max-new-tokens", "16")
+    assert result["tokens"] == transformers_tokens("zoo:smollm2-135m", prompt, 16)
