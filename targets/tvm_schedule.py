@@ -201,7 +201,7 @@ def _contiguous_read_axis(sch: s_tir.Schedule, block: SBlockRV) -> int | None:
     """Iterator that some input has innermost but the output does not (a transpose)."""
     stmt = sch.get(block)
     iter_vars = [iv.var for iv in stmt.iter_vars]
-    if len(stmt.writes) != 1:
+    if len(stmt.writes) != 1 or not stmt.writes[0].region:
         return None
     write_last = stmt.writes[0].region[-1].min
     for read in stmt.reads:
@@ -226,7 +226,10 @@ def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int) 
     inner = loops[-1]
     inner_extent = _static_extent(sch, inner)
     read_axis = _contiguous_read_axis(sch, block)
-    if read_axis is not None and read_axis >= len(loops) - 1:
+    # Iterator index == loop index only with one loop per iterator.
+    if read_axis is not None and (
+        read_axis >= len(loops) - 1 or len(loops) != len(sch.get(block).iter_vars)
+    ):
         read_axis = None
     read_extent = None if read_axis is None else _static_extent(sch, loops[read_axis])
 
@@ -236,12 +239,12 @@ def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int) 
         src_outer, src_inner = sch.split(loops[read_axis], [None, _vector_factor(read_extent, lanes)])
         if inner_extent is not None and _vector_factor(inner_extent, lanes) > 1:
             dst_outer, dst_inner = sch.split(inner, [None, _vector_factor(inner_extent, lanes)])
-            rest = [l for i, l in enumerate(loops[:-1]) if i != read_axis]
+            rest = [loop for i, loop in enumerate(loops[:-1]) if i != read_axis]
             sch.reorder(*rest, src_outer, dst_outer, src_inner, dst_inner)
             sch.vectorize(dst_inner)
             sch.parallel(_fuse(sch, [*rest, src_outer, dst_outer]))
             return True
-        rest = [l for i, l in enumerate(loops) if i != read_axis]
+        rest = [loop for i, loop in enumerate(loops) if i != read_axis]
         sch.reorder(*rest, src_outer, src_inner)
         sch.vectorize(src_inner)
         sch.parallel(_fuse(sch, [*rest, src_outer]))
@@ -301,15 +304,24 @@ class _MatmulTile:
 def _matmul_tile(
     extent_i: int | None, extent_j: int | None, cfg: CpuScheduleConfig, lanes: int
 ) -> _MatmulTile:
-    """The configured register tile, shrunk to small static extents (head_dim 16...)."""
+    """The configured register tile, fitted to static extents.
+
+    Small extents (head_dim 16) shrink the tile; otherwise a halved tile that
+    divides the extent beats padding it (padding copies the operand per call).
+    """
     rows, vectors = cfg.tile_rows, cfg.tile_vectors
     if extent_i is not None:
         rows = max(min(rows, extent_i), 1)
+        half = max(rows // 2, 1)
+        if extent_i % rows != 0 and extent_i % half == 0:
+            rows = half
     if extent_j is not None:
         if extent_j < lanes:
             lanes, vectors = max(extent_j, 1), 1
         else:
             vectors = max(min(vectors, extent_j // lanes), 1)
+            if extent_j % (vectors * lanes) != 0 and extent_j % lanes == 0:
+                vectors = 1
     return _MatmulTile(rows=rows, vectors=vectors, lanes=lanes)
 
 
@@ -364,9 +376,9 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     elif _static_extent(sch, loop_i) is None or _static_extent(sch, loop_j) is None:
         rule = "matmul+predicate"
 
-    # Prologues (a fused transpose or dequantize) are read straight from the source.
-    for name in prologue_names:
-        sch.compute_inline(sch.get_sblock(name))
+    # Prologues (a fused transpose or dequantize) are read straight from the source;
+    # one that cannot be inlined stays a loop nest of its own (scheduled below).
+    _inline_into_consumers(sch, [sch.get_sblock(name) for name in prologue_names])
     # The write-back, un-padding and epilogues collapse into one block per tile.
     chain = [sch.cache_write(matmul, 0, "local")]
     while True:
@@ -400,7 +412,7 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     sch.unroll(init_vector)
     sch.unroll(init_row)
 
-    # Left at the root besides the tiled nest: the zero-padding copies.
+    # Left at the root besides the tiled nest: zero-padding copies, kept prologues.
     for block in sch.get_child_blocks(_root(sch)):
         if not _is_under(sch, block, outer):
             _schedule_injective_block(sch, block, cfg.lanes(_output_dtype(sch, block)))
@@ -530,8 +542,11 @@ def _injective_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     if not all(info.is_injective() for info in infos):
         raise _RuleDoesNotApply("has a reduction")
     _inline_into_consumers(sch, [info.block_rv for info in infos])
+    blocks = [b for b in sch.get_child_blocks(_root(sch)) if sch.get_loops(b)]
+    if not blocks:
+        raise _RuleDoesNotApply("scalar function: no loop to schedule")
     vectorized = True
-    for block in sch.get_child_blocks(_root(sch)):
+    for block in blocks:
         lanes = cfg.lanes(_output_dtype(sch, block))
         vectorized = _schedule_injective_block(sch, block, lanes) and vectorized
     return "injective" if vectorized else "injective-rows"
