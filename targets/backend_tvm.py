@@ -46,7 +46,7 @@ def build(
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
     by_digest: dict[str, str] = {}
-    record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE, "param_alias": {}}
+    record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE}
     for entry in entries:
         start = time.perf_counter()
         progress(f"tvm: import {entry.name}")
@@ -57,21 +57,21 @@ def build(
         else:
             mod = from_exported_program(entry.program, keep_params_as_input=True)
         mod, params = relax.frontend.detach_params(mod)
-        func = mod["main"]
         num_inputs = len(entry.input_names)
+        mod, values, layout = _transform_params_once(mod, list(params.get("main", [])), num_inputs)
+        func = mod["main"]
         param_names = [str(var.name) for var in func.params[num_inputs:]]
-        values = params.get("main", [])
         if len(values) != len(param_names):
             raise RuntimeError(f"{entry.name}: {len(values)} parameter values for {len(param_names)} parameters")
+        # Equal tensors (tied embeddings, the same weight in both entries) are stored once.
+        keys: list[str] = []
         for name, value in zip(param_names, values):
             array = value.numpy()
             digest = hashlib.sha256(array.tobytes() + str(array.dtype).encode() + str(array.shape).encode()).hexdigest()
-            if digest in by_digest:
-                record["param_alias"][name] = by_digest[digest]
-            else:
-                by_digest[digest] = name
-                stored[name] = np.ascontiguousarray(array)
-                record["param_alias"][name] = name
+            if digest not in by_digest:
+                by_digest[digest] = f"{entry.name}/{name}"
+                stored[by_digest[digest]] = np.ascontiguousarray(array)
+            keys.append(by_digest[digest])
         progress(f"tvm: build {entry.name} for {tvm_target.attrs.get('mtriple', '') or 'host'}")
         executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
         library = f"{entry.name}.so"
@@ -85,12 +85,39 @@ def build(
             "library": library,
             "inputs": entry.input_names,
             "outputs": entry.output_names,
-            "params": param_names,
+            "params": keys,
+            "weight_layout": layout,
             "seconds": round(time.perf_counter() - start, 2),
         }
         record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled_module(mod, tvm_target)))
     save_file(stored, str(out_dir / PARAMS_FILE))
     return record
+
+
+def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tuple[Any, list[Any], str]:
+    """Run the weight-only part of the graph (transposes of linear weights) once, at
+    compile time, instead of on every call. Lifting is skipped when it would widen
+    the stored weights (dequantizing packed int8 into fp32): packed stays packed."""
+    import tvm
+    from tvm import relax
+
+    lifted = relax.transform.LiftTransformParams()(mod)
+    names = [gv.name_hint for gv in lifted.get_global_vars()]
+    if "main_transform_params" not in names:
+        return mod, values, "as stored"
+    transform = tvm.IRModule({"main_transform_params": lifted["main_transform_params"]})
+    host = tvm.target.Target({"kind": "llvm"})
+    executable = tvm.compile(transform, host)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    transformed = list(vm["main_transform_params"](values))
+    before = sum(v.numpy().nbytes for v in values)
+    after = sum(v.numpy().nbytes for v in transformed)
+    if after > before * 1.01:
+        return mod, values, f"as stored (pre-transforming would grow weights {before} -> {after} bytes)"
+    main_only = tvm.IRModule({"main": lifted["main"]})
+    if len(main_only["main"].params) != num_inputs + len(transformed):
+        raise RuntimeError("LiftTransformParams changed the entry's inputs")
+    return main_only, transformed, "pre-transformed at compile time"
 
 
 def _count_rules(report: dict[str, str]) -> dict[str, int]:
@@ -111,7 +138,6 @@ class TVMRuntime:
         self._tvm = tvm
         self.device = tvm.cpu()
         stored = load_file(str(model_dir / backend_record["params_file"]))
-        alias: dict[str, str] = backend_record["param_alias"]
         self.vms: dict[str, Any] = {}
         self.params: dict[str, list[Any]] = {}
         cache: dict[str, Any] = {}
@@ -119,8 +145,7 @@ class TVMRuntime:
             library = tvm.runtime.load_module(str(model_dir / info["library"]))
             self.vms[name] = relax.VirtualMachine(library, self.device)
             tensors = []
-            for param in info["params"]:
-                key = alias[param]
+            for key in info["params"]:
                 if key not in cache:
                     cache[key] = tvm.runtime.tensor(stored[key], self.device)
                 tensors.append(cache[key])

@@ -93,6 +93,10 @@ def test_runtime_generation_equals_transformers(artifacts: dict, backend: str) -
     # Batch 2 and a longer prompt run through the same entries (dynamic shapes).
     logits, k, _ = runtime.run("prefill", [np.array([prompt * 4, prompt[::-1] * 4], dtype=np.int64)])
     assert logits.shape == (2, 20, 128) and k.shape == (2, 2, 2, 20, 16)
+    # A one-token prompt is a valid prefill (torch.export's 0/1 specialisation must not leak in).
+    one = greedy_generate(prefill, decode, [9], max_new_tokens=3, max_context=64, eos_token_id=None)
+    with torch.no_grad():
+        assert one == make_tiny_llama().generate(torch.tensor([[9]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)[0, 1:].tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

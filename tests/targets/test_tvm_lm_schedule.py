@@ -1,0 +1,44 @@
+"""Every kernel of a real LM build is scheduled: the prefill and decode entries of a
+tiny Llama, after edgec's CPU schedule pass, carry the loop structure each rule promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.targets.export import export_entries
+from edgec.targets.registry import resolve_target
+from edgec.targets.tvm_schedule import loop_kinds, schedule_report, scheduled_module
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.compile
+
+
+@pytest.mark.parametrize("target_name", ["cpu", "arm64"])
+def test_every_kernel_of_prefill_and_decode_is_scheduled(target_name: str) -> None:
+    handle = ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "0" * 64, module=make_tiny_llama())
+    target = tvm.target.Target(resolve_target(target_name, "tvm").tvm_target)
+    for entry in export_entries(handle):
+        mod, _ = relax.frontend.detach_params(from_exported_program(entry.program, keep_params_as_input=True))
+        scheduled = scheduled_module(mod, target)
+        report = schedule_report(scheduled)
+        assert len(report) > 20
+        for name, rule in report.items():
+            kinds = loop_kinds(scheduled[name])
+            assert rule not in ("none", "unscheduled"), (entry.name, name)
+            if rule.startswith("matmul"):
+                # register-tiled: parallel tiles, unrolled micro-kernel, vector lanes
+                assert {"parallel", "vectorized", "unrolled"} <= kinds, (entry.name, name, kinds)
+            elif rule in ("injective", "reduction+rfactor"):
+                assert "vectorized" in kinds, (entry.name, name, kinds)
+            else:
+                # symbolic innermost extents (attention over the key length): parallel rows,
+                # the inner loop left to LLVM's vectorizer
+                assert "parallel" in kinds, (entry.name, name, rule, kinds)
+        projections = [n for n, r in report.items() if r.startswith("matmul")]
+        assert len(projections) >= 4, report  # q/k/v/o and MLP projections, lm_head
