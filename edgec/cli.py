@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -21,6 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, MissingDependencyError
+
+# torch.export internals on torch 2.13 warn about their own deprecated API on every export.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ equal tensors share one extent, so the two entries cost one copy of the weights.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,8 @@ def build(
     import onnx
     import torch
 
+    # The exporter warns once per missing torchvision op; edgec exports no vision ops.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     models: dict[str, Any] = {}
     record: dict[str, Any] = {"entries": {}, "weights_file": WEIGHTS_FILE, "opset": OPSET}
     for entry in entries:
