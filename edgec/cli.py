@@ -93,7 +93,14 @@ def _limit_threads() -> None:
         os.environ.setdefault("TVM_NUM_THREADS", threads)
 
 
-@app.command("compile")
+_COMPILE_EXAMPLES = (
+    "Examples: edgec compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny --json  |  "
+    "edgec compile ./my-llama --backend onnx --recipe recipes/int8-weights.yaml  |  "
+    "edgec compile zoo:tiny-lm --set passes=quantize-weights-int8 --set quantize-weights-int8.group_size=32 --dry-run"
+)
+
+
+@app.command("compile", epilog=_COMPILE_EXAMPLES)
 @_user_errors
 def compile_command(
     model: str = typer.Argument(..., help="HF causal-LM dir, .pt2 file, .onnx file, or zoo:NAME (edgec zoo list)"),

@@ -131,23 +131,41 @@ def held_out_text() -> str:
     return _split_text(HELD_OUT)
 
 
+HELD_OUT_CHUNK_TOKENS = 256
+"""Round-robin chunk size of ``held_out_slice``: one scoring window per document per round."""
+
+
 def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) -> list[int]:
     """Return the default evaluation set: a fixed slice of held-out token ids.
 
-    The slice is the first ``n_tokens`` ids of the whole held-out text tokenized
-    with ``tokenizer`` without special tokens (no BOS/EOS). It is a fixed,
-    deterministic prefix, not a random sample: for a given tokenizer it is the
-    same ids every time, so numbers measured on it are comparable. Because the
-    held-out text is ordered by ``doc_id``, the slice covers the first held-out
-    documents only (plays sort before Python docs).
+    Each held-out document is tokenized without special tokens, and the slice
+    takes consecutive 256-token chunks from the documents in turn (round robin,
+    in ``doc_id`` order) until ``n_tokens`` ids are collected. A plain prefix of
+    the held-out text would be one Shakespeare play (plays sort first); the
+    round robin mixes both sources. It is deterministic: for a given tokenizer
+    it is the same ids every time, so numbers measured on it are comparable.
 
     Raises:
         ValueError: if the held-out text has fewer than ``n_tokens`` tokens.
     """
-    # The whole text is tokenized (not a character prefix) so the last ids are
-    # exactly those of the full text; verbose=False silences the warning about
-    # exceeding the model's context length, which does not apply here.
-    ids = tokenizer(held_out_text(), add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) < n_tokens:
-        raise ValueError(f"held-out text has only {len(ids)} tokens, fewer than the {n_tokens} asked for")
-    return list(ids[:n_tokens])
+    documents = [
+        # verbose=False: the context-length warning does not apply to a whole document.
+        list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        for doc_id, text in _documents()
+        if split_of(doc_id) == HELD_OUT
+    ]
+    ids: list[int] = []
+    offset = 0
+    while len(ids) < n_tokens:
+        progressed = False
+        for document in documents:
+            chunk = document[offset : offset + HELD_OUT_CHUNK_TOKENS]
+            if chunk:
+                progressed = True
+                ids.extend(chunk)
+            if len(ids) >= n_tokens:
+                break
+        if not progressed:
+            raise ValueError(f"held-out text has only {len(ids)} tokens, fewer than the {n_tokens} asked for")
+        offset += HELD_OUT_CHUNK_TOKENS
+    return ids[:n_tokens]

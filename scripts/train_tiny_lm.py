@@ -168,6 +168,9 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN,
         model_max_length=512,
         clean_up_tokenization_spaces=False,
+        # Llama takes no token_type_ids; the default list would make
+        # `model.generate(**tok(text, return_tensors="pt"))` fail.
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

@@ -28,7 +28,7 @@ class ZooModel:
 ZOO: dict[str, ZooModel] = {
     "tiny-lm": ZooModel(
         "tiny-lm",
-        "Llama-architecture causal LM of ours (~4M params, BPE 4k) trained on Shakespeare + Python docs",
+        "Llama-architecture causal LM of ours (5.4M params, 6 layers, GQA 8/4, BPE 4k) trained on Shakespeare + Python docs",
         "committed: edgec/zoo/tiny-lm (scripts/train_tiny_lm.py)",
     ),
     "smollm2-135m": ZooModel(
