@@ -8,16 +8,17 @@ PIP       := $(VENV)/bin/pip
 EDGEC     := $(VENV)/bin/edgec
 LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 STAMP     := $(VENV)/.installed-$(LOCK_HASH)
-# python3.11-doc: training/evaluation text; the rest: arm64 cross builds and emulation.
-APT_PACKAGES := python3.11-doc gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross \
-                qemu-user-static mmdebstrap file
+# python3.11-venv: the venv; g++: TVM links host libraries with it; python3.11-doc:
+# training/evaluation text; the rest: arm64 cross builds and emulation.
+APT_PACKAGES := python3.11-venv g++ python3.11-doc gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
+                libc6-dev-arm64-cross qemu-user-static mmdebstrap file
 
 .PHONY: install apt python demo test clean
 
 install: apt python
 
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
@@ -41,4 +42,4 @@ test: install
 	$(PY) -m pytest tests
 
 clean:
-	rm -rf artifacts/*/ .pytest_cache
+	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

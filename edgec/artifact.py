@@ -74,15 +74,33 @@ def hash_tree(root: Path) -> dict[str, str]:
     return {
         str(path.relative_to(root)): sha256_file(path)
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path != root / MANIFEST
     }
 
 
-def check_output_dir(out: Path, force: bool) -> None:
+def check_output_dir(out: Path, force: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, every output path the compile could not finish or must not replace."""
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise BadInputError(f"-o {out} is the current directory or one above it; give a new directory path")
+    for keep in protected:
+        keep_resolved = keep.resolve()
+        if resolved == keep_resolved or resolved in keep_resolved.parents:
+            raise BadInputError(f"-o {out} would replace the input model {keep}; choose another path")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"-o {out} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BadInputError(f"-o {out} exists and is not empty; pass --force to replace it or choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BadInputError(f"-o {out} exists and is not empty; pass --force to replace it or choose another path")
+        if not (out / MANIFEST).is_file():
+            raise BadInputError(f"-o {out} is not an edgec artifact; --force only replaces artifacts, choose another path")
+    parent = resolved.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise BadInputError(f"-o {out}: cannot write in {parent} ({exc.strerror}); choose another path") from None
 
 
 @contextmanager
@@ -121,12 +139,30 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInputError(f"{root} has no {MANIFEST}; it is not an edgec artifact")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the artifact is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise BadInputError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; recompile with this edgec")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON ({exc}); the artifact is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BadInputError(f"{path}: format {found!r} is not {FORMAT!r}; recompile with this edgec")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise BadInputError(f"{path} lacks {', '.join(missing)}; the artifact is damaged, recompile it")
     return manifest
+
+
+REQUIRED_KEYS: tuple[str, ...] = ("model", "target", "backend", "backend_record", "files", "reference", "passes", "size_bytes")
+
+
+def artifact_file(root: Path, manifest: dict[str, Any], relative: str) -> Path:
+    """A file the manifest refers to, only if it is inside the artifact and hashed in it:
+    a edited manifest must not make edgec load a library from elsewhere."""
+    if relative not in manifest["files"]:
+        raise BadInputError(f"{root}: the manifest refers to {relative!r}, which is not one of its hashed files")
+    path = (root / relative).resolve()
+    if root.resolve() not in path.parents:
+        raise BadInputError(f"{root}: the manifest refers to {relative!r} outside the artifact")
+    return path
 
 
 @dataclass
@@ -155,6 +191,13 @@ class Runtime:
         raise NotImplementedError
 
 
+def tokenizer_dir(root: Path, manifest: dict[str, Any]) -> Path:
+    """The tokenizer the artifact carries (always `tokenizer/` inside it)."""
+    if manifest.get("tokenizer") != "tokenizer" or not any(f.startswith("tokenizer/") for f in manifest["files"]):
+        raise BadInputError(f"{root}: this artifact carries no tokenizer; `edgec run` and `eval` need a causal-LM artifact")
+    return root / "tokenizer"
+
+
 def artifact_runs_here(manifest: dict[str, Any]) -> tuple[bool, str]:
     target = manifest["target"]
     if target["arch"] != platform.machine() or target.get("cross_compiler"):
@@ -167,14 +210,19 @@ def open_runtime(root: Path, manifest: dict[str, Any]) -> Any:
     if not runs:
         raise UnsupportedError(f"{root}: cannot run here: {why}; deploy it to a matching device")
     backend = manifest["backend"]
+    record = manifest["backend_record"]
+    referenced = [info.get("library") or info.get("file") for info in record.get("entries", {}).values()]
+    referenced += [record[key] for key in ("params_file", "weights_file") if key in record]
+    for name in referenced:
+        artifact_file(root, manifest, f"model/{name}")
     if backend == "tvm":
         from edgec.targets.backend_tvm import TVMRuntime
 
-        return TVMRuntime(root / "model", manifest["backend_record"])
+        return TVMRuntime(root / "model", record)
     if backend == "onnx":
         from edgec.targets.backend_onnx import ORTRuntime
 
-        return ORTRuntime(root / "model", manifest["backend_record"])
+        return ORTRuntime(root / "model", record)
     raise UnsupportedError(f"{root}: unknown backend {backend!r} in the manifest")
 
 

@@ -84,5 +84,15 @@ def clean(kind: str | None = None) -> list[CacheEntry]:
     removed = [e for e in list_entries() if kind is None or e.kind == kind]
     for entry in removed:
         with _locked(entry.path.parent / f".{entry.key}.lock"):
-            shutil.rmtree(entry.path, ignore_errors=True)
+            # Rename first: an interrupted delete must not leave a half entry that looks complete.
+            trash = Path(tempfile.mkdtemp(prefix=f".{entry.key}.trash-", dir=entry.path.parent))
+            entry.path.rename(trash / entry.key)
+            shutil.rmtree(trash, ignore_errors=True)
+    # Left by builds that were killed (SIGKILL skips their cleanup).
+    root = cache_root()
+    if root.is_dir():
+        for stale in root.glob("*/.*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in root.glob("*/.*.trash-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     return removed

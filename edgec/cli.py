@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, MissingDependencyError
+from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -59,9 +59,6 @@ def _user_errors(func: F) -> F:
         except EdgecError as exc:
             err.print(f"[bold red]error:[/] {exc.message}")
             raise typer.Exit(exc.exit_code) from None
-        except FileNotFoundError as exc:  # raised by edgec.data when a corpus package is missing
-            err.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(MissingDependencyError.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted:[/] nothing was written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -89,6 +86,10 @@ def _limit_threads() -> None:
     if threads:
         import torch
 
+        if not threads.isdigit() or int(threads) < 1:
+            from edgec.errors import BadInputError
+
+            raise BadInputError(f"EDGEC_THREADS={threads!r}: give a positive whole number of threads")
         torch.set_num_threads(int(threads))
         os.environ.setdefault("TVM_NUM_THREADS", threads)
 
@@ -112,6 +113,7 @@ def compile_command(
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the fully resolved recipe and exit"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a .pt2 MODEL (torch.export.load unpickles it)"),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against torch."""
     from edgec.compiler import compile_model, default_output
@@ -133,7 +135,8 @@ def compile_command(
     out_dir = output or default_output(model, resolved.target, resolved.backend)
     progress = Progress()
     summary = compile_model(
-        model, resolved, out_dir, force, progress, on_target=lambda t: err.print(f"[cyan]{t.how}[/]")
+        model, resolved, out_dir, force, progress, on_target=lambda t: err.print(f"[cyan]{t.how}[/]"),
+        trust_pickle=trust_pickle,
     )
     if as_json:
         _emit_json(summary)
@@ -201,6 +204,7 @@ def run_command(
 def inspect_command(
     target_path: str = typer.Argument(..., metavar="MODEL|DIR", help="a model (as for compile) or an artifact directory"),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a .pt2 MODEL (torch.export.load unpickles it)"),
 ) -> None:
     """Family, architecture, parameters, layers and dtypes of a model; the manifest of an artifact."""
     from edgec.artifact import MANIFEST, read_manifest
@@ -215,7 +219,7 @@ def inspect_command(
         return
     from edgec.model import load_model
 
-    handle = load_model(target_path)
+    handle = load_model(target_path, trust_pickle)
     data = {
         "model": handle.name,
         "family": handle.family,
@@ -280,7 +284,9 @@ def eval_command(
             raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; eval --task ppl needs one")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path / manifest["tokenizer"]))
+        from edgec.artifact import tokenizer_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
         logits_fn = runtime_logits_fn(open_runtime(path, manifest))
         window = min(window, int(manifest["lm"]["max_context"]))
         what = f"{model} ({manifest['backend']} artifact)"
@@ -292,6 +298,7 @@ def eval_command(
             raise BadInputError(f"{model}: eval --task ppl needs a causal LM with a tokenizer")
         tokenizer = handle.tokenizer
         logits_fn = torch_logits_fn(handle.module)
+        window = min(window, int(handle.module.config.max_position_embeddings))
         what = f"{model} (torch)"
     ids, label = evaluation_ids(tokenizer, data, tokens)
     progress(f"ppl of {what} on {label}: {len(ids)} tokens")

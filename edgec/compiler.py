@@ -18,6 +18,7 @@ from edgec import __version__
 from edgec.artifact import (
     REFERENCE_FILE,
     check_output_dir,
+    hash_tree,
     open_runtime,
     save_reference,
     staging_dir,
@@ -49,13 +50,15 @@ def compile_model(
     force: bool,
     progress: Callable[[str], None],
     on_target: Callable[[ResolvedTarget], None] = lambda target: None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
     on_target(target)
-    check_output_dir(out, force)
+    local_input = Path(model_spec).expanduser()
+    check_output_dir(out, force, (local_input,) if local_input.exists() else ())
     started = time.perf_counter()
     progress(f"load {model_spec}")
-    model = load_model(model_spec)
+    model = load_model(model_spec, trust_pickle)
     manager = PassManager(REGISTRY, recipe.passes)
     manager.check(model)
     ctx = PassContext(recipe=recipe, progress=progress)
@@ -165,6 +168,6 @@ def _check_parity(
             None, None, None, rtol, reason=f"built for {target.spec.arch}; parity is checked on the device at deploy"
         )
     progress("parity: run reference inputs in the artifact's runtime")
-    runtime = open_runtime(stage, manifest)
+    runtime = open_runtime(stage, {**manifest, "files": hash_tree(stage)})
     actual = run_reference(runtime, reference, list(output_names))
     return compare(reference, actual, output_names, rtol)

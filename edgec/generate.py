@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import open_runtime, read_manifest
+from edgec.artifact import open_runtime, read_manifest, tokenizer_dir
 from edgec.errors import BadInputError
 from edgec.lm import greedy_generate
 
@@ -19,9 +19,11 @@ def generate_from_artifact(root: Path, prompt: str, max_new_tokens: int) -> dict
         raise BadInputError(f"{root}: not a causal-LM artifact with a tokenizer; `edgec run` generates text only")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(root / manifest["tokenizer"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(root, manifest)))
     lm = manifest["lm"]
     prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if not prompt_ids:
+        raise BadInputError("--prompt is empty after tokenization; give some text to continue")
     if len(prompt_ids) >= lm["max_context"]:
         raise BadInputError(
             f"--prompt is {len(prompt_ids)} tokens; this artifact's maximum context is {lm['max_context']}"

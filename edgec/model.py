@@ -3,7 +3,8 @@
 MODEL is a Hugging Face causal-LM directory (config.json + *.safetensors), a
 `torch.export` .pt2 file, an .onnx file, or `zoo:NAME`. Every way a model can
 be wrong is checked here, before any work, with a message naming the file.
-Weights are read with safetensors only: edgec never unpickles a model file.
+Weights are read with safetensors only; the one format that needs pickle
+(.pt2, via torch.export.load) is refused unless the user says --trust-pickle.
 """
 
 from __future__ import annotations
@@ -86,16 +87,19 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
             f"{path} has no config.json; a Hugging Face causal-LM directory needs config.json and *.safetensors"
         )
     try:
-        config_data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        config_data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config_data, dict):
+        raise BadInputError(f"{config_path} is not a JSON object of model settings")
     architectures = config_data.get("architectures") or []
     architecture = str(architectures[0]) if architectures else str(config_data.get("model_type", "unknown"))
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedError(
             f"{path}: architecture '{architecture}' is not supported; edgec loads {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    weights = sorted(path.glob("*.safetensors"))
+    # transformers reads model.safetensors or a sharded index; only those are hashed and loaded.
+    weights = sorted(p for p in path.glob("model*.safetensors"))
     if not weights:
         pickled = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
         hint = (
@@ -109,12 +113,25 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
 
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise BadInputError(f"{config_path} is not a usable model config ({str(exc).splitlines()[0]})") from None
     scaling = getattr(config, "rope_scaling", None)
     kind = str(scaling.get("rope_type", scaling.get("type"))) if isinstance(scaling, dict) else "default"
     if kind not in STATIC_ROPE_TYPES:
         raise UnsupportedError(f"{path}: RoPE type '{kind}' changes with sequence length; supported: {STATIC_ROPE_TYPES}")
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        model, loading = LlamaForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+        )
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise BadInputError(f"{path}: the weights do not fit the config ({str(exc).splitlines()[0]})") from None
+    # Tied lm_head weights are legitimately absent from the file.
+    missing = [k for k in loading["missing_keys"] if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or loading["unexpected_keys"] or loading["mismatched_keys"]:
+        problems = (missing + list(loading["unexpected_keys"]) + [str(m) for m in loading["mismatched_keys"]])[:3]
+        raise BadInputError(f"{path}: weights and config disagree (e.g. {', '.join(problems)}); re-save with save_pretrained")
     model.eval()
     tokenizer = None
     tokenizer_dir = None
@@ -145,10 +162,17 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
     )
 
 
-def load_pt2(path: Path) -> ModelHandle:
+def load_pt2(path: Path, trust_pickle: bool) -> ModelHandle:
+    if not trust_pickle:
+        raise BadInputError(
+            f"{path}: reading a torch.export archive runs pickle (torch.export.load), which can execute code; "
+            "pass --trust-pickle if you made this file or trust its author"
+        )
+    import zipfile
+
     try:
         exported = torch.export.load(str(path))
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, zipfile.BadZipFile) as exc:
         raise BadInputError(f"{path} is not a readable torch.export .pt2 file ({exc}); save it with torch.export.save") from None
     params = sum(t.numel() for t in exported.state_dict.values())
     specs = [str(s.arg.name) for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
@@ -184,7 +208,7 @@ def load_onnx(path: Path) -> ModelHandle:
     )
 
 
-def load_model(spec: str) -> ModelHandle:
+def load_model(spec: str, trust_pickle: bool = False) -> ModelHandle:
     """Resolve MODEL (path or zoo:NAME) into a ModelHandle, or fail with a clear message."""
     if spec.startswith("zoo:"):
         from edgec.zoo import zoo_path
@@ -199,7 +223,7 @@ def load_model(spec: str) -> ModelHandle:
     if path.is_dir():
         return load_hf_dir(path)
     if path.suffix == ".pt2":
-        return load_pt2(path)
+        return load_pt2(path, trust_pickle)
     if path.suffix == ".onnx":
         return load_onnx(path)
     raise BadInputError(f"{spec}: unknown model format '{path.suffix}'; edgec reads HF directories, .pt2 and .onnx files")

@@ -108,7 +108,8 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise BadInputError(f"--set {assignment!r}: expected key=value, e.g. --set backend=onnx")
     key, raw = assignment.split("=", 1)
-    value = _parse_value(raw)
+    # Target names and raw TVM JSON stay text: YAML would turn '{"kind": ...}' into a mapping.
+    value = raw if key.strip() in ("target", "backend") else _parse_value(raw)
     parts = key.strip().split(".")
     if parts[0] == "passes" and len(parts) == 1:
         names = [n.strip() for n in str(raw).split(",") if n.strip()]

@@ -83,6 +83,12 @@ class Int8Embedding(nn.Module):
         return (rows.reshape(*shape[:-1], groups, shape[-1] // groups) * scales[..., None]).reshape(shape)
 
 
+def _unique_bytes(root: nn.Module) -> int:
+    """Bytes of weights, counting a tensor shared by tied modules once."""
+    unique = {t.data_ptr(): t for t in root.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -105,11 +111,14 @@ class QuantizeWeightsInt8:
     def run(self, model: ModelHandle, ctx: PassContext) -> PassResult:
         root = model.module
         assert root is not None
-        before = sum(t.numel() * t.element_size() for t in root.state_dict().values())
+        if any(isinstance(m, (Int8Linear, Int8Embedding)) for m in root.modules()):
+            raise BadInputError(f"{self.name}: the model is already int8-quantized; list the pass once in the recipe")
+        before = _unique_bytes(root)
         tied = bool(getattr(root.config, "tie_word_embeddings", False))
         layers: list[dict[str, object]] = []
         embed_name = "model.embed_tokens"
         embed_q: tuple[torch.Tensor, torch.Tensor] | None = None
+        embed_group = -1
         if self.options.embeddings:
             opts = options_for_module(self.options, self.overrides, embed_name)
             assert isinstance(opts, QuantizeWeightsInt8Options)
@@ -118,6 +127,7 @@ class QuantizeWeightsInt8:
                 assert isinstance(embedding, nn.Embedding)
                 table = Int8Embedding(*quantize_rows(embedding.weight, opts.group_size))
                 embed_q = (table.qweight, table.scale)
+                embed_group = opts.group_size
                 _set_module(root, embed_name, table)
                 layers.append({"module": embed_name, "group_size": opts.group_size, "shape": list(embed_q[0].shape)})
         linears = [(name, m) for name, m in root.named_modules() if isinstance(m, nn.Linear)]
@@ -126,7 +136,7 @@ class QuantizeWeightsInt8:
             assert isinstance(opts, QuantizeWeightsInt8Options)
             if not opts.enabled:
                 continue
-            if name == "lm_head" and tied and embed_q is not None and opts.group_size == self.options.group_size:
+            if name == "lm_head" and tied and embed_q is not None and opts.group_size == embed_group:
                 q, scale = embed_q  # same matrix: share the int8 table instead of storing it twice
             else:
                 q, scale = quantize_rows(linear.weight, opts.group_size)
@@ -134,8 +144,7 @@ class QuantizeWeightsInt8:
             layers.append({"module": name, "group_size": opts.group_size, "shape": list(q.shape)})
             if done % 20 == 0:
                 ctx.progress(f"{self.name}: {done}/{len(linears)} linears")
-        unique = {t.data_ptr(): t for t in root.state_dict().values()}
-        after = sum(t.numel() * t.element_size() for t in unique.values())
+        after = _unique_bytes(root)
         return PassResult(
             changed=bool(layers),
             record={

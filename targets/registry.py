@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from edgec.errors import BadInputError, UnsupportedError
+from edgec.errors import BadInputError, MissingDependencyError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,22 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BadInputError(f"--target {request!r}: not valid JSON ({exc.msg})") from None
-        base = TARGETS[0]
-        spec = TargetSpec("raw", (), "raw TVM target", base.arch, raw, None, base.ort_provider, ("tvm",))
+        if not isinstance(raw, dict) or "kind" not in raw:
+            raise BadInputError(f"--target {request!r}: a raw TVM target is a JSON object with a 'kind'")
+        import tvm
+
+        try:
+            tvm.target.Target(raw)
+        except (ValueError, RuntimeError, tvm.error.TVMError) as exc:
+            raise BadInputError(f"--target {request!r}: TVM rejects it ({str(exc).splitlines()[0]})") from None
+        if raw["kind"] != "llvm":
+            raise UnsupportedError(f"--target {request!r}: edgec lowers raw targets of kind 'llvm' only for now")
+        triple = str(raw.get("mtriple", ""))
+        arch = triple.split("-")[0] if triple else platform.machine()
+        cross = None if arch == platform.machine() else ("aarch64-linux-gnu-g++" if arch == "aarch64" else None)
+        if arch != platform.machine() and cross is None:
+            raise UnsupportedError(f"--target {request!r}: no cross compiler known for {arch}; use x86_64 or aarch64")
+        spec = TargetSpec("raw", (), "raw TVM target", arch, raw, cross, TARGETS[0].ort_provider, ("tvm",))
         how = "raw TVM target"
     else:
         found = _by_name(text.lower())
@@ -136,7 +150,7 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
             f"target {spec.name} has no {backend} backend; use --backend {' or '.join(spec.backends)}"
         )
     if spec.cross_compiler is not None and backend == "tvm" and shutil.which(spec.cross_compiler) is None:
-        raise UnsupportedError(
+        raise MissingDependencyError(
             f"target {spec.name} needs the cross compiler {spec.cross_compiler}; `make demo` installs it "
             "(Debian g++-aarch64-linux-gnu)"
         )

@@ -95,6 +95,37 @@ def test_existing_output_needs_force(tmp_path: Path, tiny_llama_dir: Path) -> No
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_force_replaces_only_artifacts_and_never_the_input(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    code, text = run_cli("compile", str(tiny_llama_dir), "-o", str(out), "--force")
+    assert_clean_error(code, text, 2, "not an edgec artifact")
+    code, text = run_cli("compile", str(tiny_llama_dir), "-o", str(tiny_llama_dir), "--force")
+    assert_clean_error(code, text, 2, "would replace the input model")
+    code, text = run_cli("compile", str(tiny_llama_dir), "-o", str(tmp_path / "notes" / "todo.txt" / "x"))
+    assert_clean_error(code, text, 2, "cannot write in")
+    assert (out / "todo.txt").read_text() == "mine" and (tiny_llama_dir / "config.json").is_file()
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    config["hidden_size"] = 96
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "model.safetensors").write_bytes((tiny_llama_dir / "model.safetensors").read_bytes())
+    code, text = run_cli("inspect", str(bad))
+    assert_clean_error(code, text, 2, "bad")
+
+
+def test_raw_tvm_target_json(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    code, text = run_cli("compile", str(tiny_llama_dir), "--target", '{"kind": "llvm", "mcpu": "no-such-cpu-x"}', "--dry-run")
+    assert code == 0 and "no-such-cpu-x" in text
+    code, text = run_cli("compile", str(tiny_llama_dir), "--target", '{"mcpu": "x"}', "-o", str(tmp_path / "o"))
+    assert_clean_error(code, text, 2, "JSON object with a 'kind'")
+
+
 def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
     code, text = run_cli("compile", str(tiny_llama_dir), "--dry-run", "--set", "passes=quantize-weights-int8", "-o", str(tmp_path / "o"))
     assert code == 0 and "name: quantize-weights-int8" in text and "group_size: 0" in text and "rtol: 0.001" in text

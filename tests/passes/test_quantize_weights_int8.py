@@ -63,6 +63,14 @@ def test_overrides_keep_chosen_modules_in_fp32() -> None:
     assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
 
 
+def test_running_twice_is_refused() -> None:
+    model = make_tiny_llama()
+    quantize = QuantizeWeightsInt8(QuantizeWeightsInt8Options(), [])
+    quantize.run(handle_of(model), PassContext(Recipe()))
+    with pytest.raises(BadInputError, match="already int8-quantized"):
+        quantize.run(handle_of(model), PassContext(Recipe()))
+
+
 def test_group_size_must_divide_the_input_channels() -> None:
     model = make_tiny_llama()
     with pytest.raises(BadInputError, match="group_size 24 does not divide 64 input channels"):

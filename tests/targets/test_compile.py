@@ -72,6 +72,17 @@ def test_verify_passes_and_one_changed_byte_fails_it(artifacts: dict, backend: s
     assert bad.exit_code == 4 and "changed: " + str(weights.relative_to(copy)) in bad.output
 
 
+def test_manifest_cannot_point_outside_the_artifact(artifacts: dict, tmp_path: Path) -> None:
+    out, _ = artifacts["tvm"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["backend_record"]["entries"]["prefill"]["library"] = "../../elsewhere.so"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 2 and "not one of its hashed files" in result.output
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_runtime_generation_equals_transformers(artifacts: dict, backend: str) -> None:
     out, _ = artifacts[backend]

@@ -41,7 +41,8 @@ def graph_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("backend", ["tvm", "onnx"])
 def test_graph_input_compiles_with_parity(graph_files: dict[str, Path], kind: str, backend: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = runner.invoke(app, ["compile", str(graph_files[kind]), "--backend", backend, "-o", str(out), "--json"])
+    trust = ["--trust-pickle"] if kind == "pt2" else []
+    result = runner.invoke(app, ["compile", str(graph_files[kind]), *trust, "--backend", backend, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     summary = json.loads(result.stdout)
     assert summary["parity"]["ok"] is True
@@ -50,11 +51,13 @@ def test_graph_input_compiles_with_parity(graph_files: dict[str, Path], kind: st
 
 
 def test_inspect_graph_and_refuse_passes_for_it(graph_files: dict[str, Path], tmp_path: Path) -> None:
-    result = runner.invoke(app, ["inspect", str(graph_files["pt2"]), "--json"])
+    refused = runner.invoke(app, ["inspect", str(graph_files["pt2"])])
+    assert refused.exit_code == 2 and "runs pickle" in refused.output and "--trust-pickle" in refused.output
+    result = runner.invoke(app, ["inspect", str(graph_files["pt2"]), "--trust-pickle", "--json"])
     info = json.loads(result.stdout)
     assert info["family"] == "exported-program" and info["parameters"] == 16 * 8 + 8 and info["inputs"] == ["x"]
     refused = runner.invoke(
-        app, ["compile", str(graph_files["pt2"]), "--set", "passes=quantize-weights-int8", "-o", str(tmp_path / "o")]
+        app, ["compile", str(graph_files["pt2"]), "--trust-pickle", "--set", "passes=quantize-weights-int8", "-o", str(tmp_path / "o")]
     )
     assert refused.exit_code == 3 and "pass quantize-weights-int8 does not apply" in refused.output
     assert not (tmp_path / "o").exists()

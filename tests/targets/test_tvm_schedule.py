@@ -6,12 +6,14 @@ aarch64 build)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import tvm
 from tvm import relax
+from tvm.support import cc
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.script import tirx as T
 
@@ -106,13 +108,16 @@ def test_every_kernel_gets_the_loop_structure_of_its_rule(
             assert "unrolled" in kinds, (name, rule, kinds)
 
 
-def test_aarch64_build(relax_module: tuple[tvm.IRModule, list[np.ndarray]]) -> None:
+def test_aarch64_build(relax_module: tuple[tvm.IRModule, list[np.ndarray]], tmp_path: Path) -> None:
     target = tvm.target.Target(AARCH64)
     assert ts.CpuScheduleConfig.from_target(target).lanes("float32") == 4
     report = ts.schedule_report(ts.scheduled_module(relax_module[0], target))
     assert sum(rule.startswith("matmul") for rule in report.values()) >= 6, report
     executable = tvm.compile(relax_module[0], target, relax_pipeline=ts.cpu_pipeline(target))
-    assert executable is not None
+    library = tmp_path / "block.so"
+    executable.export_library(str(library), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
 
 
 @T.prim_func(s_tir=True)
