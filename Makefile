@@ -37,6 +37,8 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: install
 	$(EDGEC) compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny-lm-cpu-tvm --force --json
+	$(EDGEC) compile zoo:tiny-lm --target arm64 --backend tvm -o artifacts/tiny-lm-arm64-tvm --force
+	$(EDGEC) deploy artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --json
 
 test: install
 	$(PY) -m pytest tests

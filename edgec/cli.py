@@ -176,6 +176,31 @@ def verify_command(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+@app.command("deploy")
+@_user_errors
+def deploy_command(
+    artifact: Path = typer.Argument(..., help="artifact directory (edgec compile -o DIR)"),
+    device: str = typer.Option(..., "--device", "-d", help="where to deploy: qemu-arm64 (the emulated aarch64 device)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Upload an artifact to a device, check its files and runtime versions there, run parity there."""
+    from edgec.deploy import deploy
+
+    result = deploy(artifact, device, Progress())
+    if as_json:
+        _emit_json(result)
+    else:
+        parity = result["parity"]
+        out.print(f"deployed  {artifact} -> {device}:{result['device_path']} ({result['machine']}, emulated)")
+        out.print(f"runtime   {', '.join(f'{k} {v}' for k, v in result['versions'].items())}")
+        out.print(f"parity    {'ok' if parity['ok'] else 'FAILED'} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g})")
+    if not result["parity"]["ok"]:
+        from edgec.errors import EXIT_CHECK_FAILED
+
+        err.print(f"[bold red]error:[/] parity failed on {device}")
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
 @app.command("run")
 @_user_errors
 def run_command(

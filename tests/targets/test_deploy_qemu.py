@@ -1,0 +1,83 @@
+"""edgec deploy to the emulated ARM64 device: an aarch64 artifact of zoo:tiny-lm passes
+parity inside the aarch64 user space (TVM runtime and ONNX Runtime there), and bad
+deployments are refused with the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import edgec.deploy
+from edgec.cli import app
+
+pytestmark = pytest.mark.arm64
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def arm64_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("arm64")
+    built = {}
+    for backend in ("tvm", "onnx"):
+        out = root / f"tiny-lm-arm64-{backend}"
+        result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--target", "arm64", "--backend", backend, "-o", str(out), "--json"])
+        assert result.exit_code == 0, result.output + result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["parity"]["ok"] is None and "device" in summary["parity"]["reason"]
+        built[backend] = out
+    return built
+
+
+def test_tvm_artifact_is_an_aarch64_elf(arm64_artifacts: dict[str, Path]) -> None:
+    for entry in ("prefill", "decode"):
+        header = (arm64_artifacts["tvm"] / "model" / f"{entry}.so").read_bytes()[:20]
+        assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_deploy_passes_parity_on_the_emulated_device(arm64_artifacts: dict[str, Path], backend: str) -> None:
+    result = runner.invoke(app, ["deploy", str(arm64_artifacts[backend]), "--device", "qemu-arm64", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    assert report["machine"] == "aarch64" and report["emulated"] is True and report["hashes_ok"] is True
+    assert report["parity"]["ok"] is True and report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert {o["entry"] for o in report["parity"]["outputs"]} == {"prefill", "decode"}
+    runtime = "tvm" if backend == "tvm" else "onnxruntime"
+    assert report["versions"][runtime] not in ("", "missing")
+
+
+def test_host_artifact_is_refused_before_upload(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    out = tmp_path / "host"
+    assert runner.invoke(app, ["compile", str(tiny_llama_dir), "--backend", "onnx", "-o", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["deploy", str(out), "--device", "qemu-arm64"])
+    assert result.exit_code == 3 and "built for cpu (x86_64) but qemu-arm64 is aarch64" in result.output
+
+
+def test_unknown_device_and_damaged_artifact(arm64_artifacts: dict[str, Path], tmp_path: Path) -> None:
+    result = runner.invoke(app, ["deploy", str(arm64_artifacts["onnx"]), "--device", "toaster"])
+    assert result.exit_code == 2 and "known: qemu-arm64" in result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(arm64_artifacts["onnx"], copy)
+    (copy / "model" / "weights.bin").write_bytes(b"0" * 16)
+    result = runner.invoke(app, ["deploy", str(copy), "--device", "qemu-arm64"])
+    assert result.exit_code == 4 and "nothing uploaded" in result.output
+
+
+def test_corrupted_upload_runs_nothing(arm64_artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    real_upload = edgec.deploy._upload
+
+    def corrupting_upload(root: Path, rootfs: Path, name: str) -> str:
+        device_dir = real_upload(root, rootfs, name)
+        weights = rootfs / device_dir.lstrip("/") / "model" / "weights.bin"
+        data = bytearray(weights.read_bytes())
+        data[100] ^= 0xFF  # one flipped byte on the way to the device
+        weights.write_bytes(bytes(data))
+        return device_dir
+
+    monkeypatch.setattr(edgec.deploy, "_upload", corrupting_upload)
+    result = runner.invoke(app, ["deploy", str(arm64_artifacts["onnx"]), "--device", "qemu-arm64"])
+    assert result.exit_code == 4 and "corrupted upload (model/weights.bin differ on the device); nothing was run" in result.output
