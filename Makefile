@@ -39,6 +39,7 @@ demo: install
 	$(EDGEC) compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny-lm-cpu-tvm --force --json
 	$(EDGEC) compile zoo:tiny-lm --target arm64 --backend tvm -o artifacts/tiny-lm-arm64-tvm --force
 	$(EDGEC) deploy artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --json
+	$(EDGEC) profile artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --runs 5 --plot artifacts/tiny-lm-arm64-tvm.png
 
 test: install
 	$(PY) -m pytest tests

@@ -201,6 +201,43 @@ def deploy_command(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+@app.command("profile")
+@_user_errors
+def profile_command(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    device: str = typer.Option(..., "--device", "-d", help="qemu-arm64 (emulated aarch64 device)"),
+    runs: int = typer.Option(10, "--runs", help="timed runs"),
+    warmup: int = typer.Option(2, "--warmup", help="untimed runs first"),
+    prompt_len: int = typer.Option(32, "--prompt-len", help="causal LMs: prompt tokens for prefill latency"),
+    new_tokens: int = typer.Option(16, "--new-tokens", help="causal LMs: decode steps for tokens/s"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart of the per-op time"),
+    compare_with: Optional[Path] = typer.Option(None, "--compare", help="an earlier --json result: print ratios to it"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON (save it to compare later)"),
+) -> None:
+    """Latency p50/p90/p99, load time, peak memory, per-op time and tokens/s on a device."""
+    from edgec.profile import compare, plot_per_op, profile_artifact
+
+    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress())
+    if plot is not None:
+        plot_per_op(result, plot)
+        err.print(f"per-op chart written to {plot}")
+    if compare_with is not None:
+        result["compare"] = compare(result, compare_with)
+    if as_json:
+        _emit_json(result)
+        return
+    lat = result["latency"]
+    out.print(f"[bold]{result['note']}[/]")
+    out.print(f"{result['entry']:<8} p50 {lat['p50_ms']:.1f} ms  p90 {lat['p90_ms']:.1f}  p99 {lat['p99_ms']:.1f}  mean {lat['mean_ms']:.1f} +- {lat['std_ms']:.1f} ({lat['runs']} runs)")
+    if result.get("decode_tokens_per_s"):
+        out.print(f"decode   {result['decode_tokens_per_s']:.1f} tokens/s after a {result['prompt_tokens']}-token prompt")
+    out.print(f"load     {result['load_ms']:.0f} ms; peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB (includes the emulator); artifact {result['size_bytes'] / 1e6:.1f} MB")
+    for name, ms in sorted(result["per_op_ms"].items(), key=lambda kv: -kv[1])[:8]:
+        out.print(f"  {ms:8.2f} ms  {name}")
+    for key, ratio in result.get("compare", {}).items():
+        out.print(f"  {key}: {ratio:.2f}x")
+
+
 @app.command("run")
 @_user_errors
 def run_command(

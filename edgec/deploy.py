@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,10 @@ def _upload(root: Path, rootfs: Path, name: str) -> str:
     return f"/{DEVICE_ROOT}/artifacts/{name}"
 
 
-def _agent(rootfs: Path, command: str, device_dir: str, timeout_s: float) -> dict[str, Any]:
+def _agent(rootfs: Path, command: str, device_dir: str, timeout_s: float, extra: list[str]) -> dict[str, Any]:
     from edgec.targets.device_qemu import run_python
 
-    result = run_python(rootfs, [f"/{DEVICE_ROOT}/agent.py", command, device_dir], timeout_s)
+    result = run_python(rootfs, [f"/{DEVICE_ROOT}/agent.py", command, device_dir, *extra], timeout_s)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise DeviceUnreachableError(f"qemu-arm64: the device agent failed on `{command}` (exit {result.returncode}): {last}")
@@ -79,7 +80,23 @@ def _check_versions(manifest: dict[str, Any], versions: dict[str, str]) -> list[
     return problems
 
 
-def deploy(root: Path, device: str, progress: Callable[[str], None], timeout_s: float = 1800.0) -> dict[str, Any]:
+@dataclass
+class DeviceSession:
+    """An artifact uploaded to a device and checked there."""
+
+    manifest: dict[str, Any]
+    device: str
+    rootfs: Path
+    device_dir: str
+    check: dict[str, Any]
+    timeout_s: float
+
+    def agent(self, command: str, *args: str) -> dict[str, Any]:
+        return _agent(self.rootfs, command, self.device_dir, self.timeout_s, list(args))
+
+
+def upload_and_check(root: Path, device: str, progress: Callable[[str], None], timeout_s: float = 1800.0) -> DeviceSession:
+    """Refuse a wrong architecture before uploading; upload; check hashes and runtime versions on the device."""
     manifest = read_manifest(root)
     if device not in KNOWN_DEVICES:
         raise BadInputError(f"--device {device}: unknown device; known: {', '.join(KNOWN_DEVICES)}")
@@ -101,7 +118,7 @@ def deploy(root: Path, device: str, progress: Callable[[str], None], timeout_s: 
     progress(f"{device}: upload {manifest['size_bytes'] / 1e6:.1f} MB")
     device_dir = _upload(root, rootfs, f"{root.name}-{digest}")
     progress(f"{device}: check files and runtime versions on the device")
-    check = _agent(rootfs, "check", device_dir, timeout_s)
+    check = _agent(rootfs, "check", device_dir, timeout_s, [])
     if check["machine"] != device_arch:
         raise DeviceUnreachableError(f"{device} reports machine {check['machine']}, expected {device_arch}")
     if not check["hashes_ok"]:
@@ -109,15 +126,20 @@ def deploy(root: Path, device: str, progress: Callable[[str], None], timeout_s: 
     problems = _check_versions(manifest, check["versions"])
     if problems:
         raise UnsupportedError(f"{device}: " + "; ".join(problems))
+    return DeviceSession(manifest, device, rootfs, device_dir, check, timeout_s)
+
+
+def deploy(root: Path, device: str, progress: Callable[[str], None], timeout_s: float = 1800.0) -> dict[str, Any]:
+    session = upload_and_check(root, device, progress, timeout_s)
     progress(f"{device}: run the reference inputs (emulated: slow, and not ARM performance)")
-    parity = _agent(rootfs, "parity", device_dir, timeout_s)
+    parity = session.agent("parity")
     return {
         "artifact": str(root),
         "device": device,
-        "device_path": device_dir,
+        "device_path": session.device_dir,
         "emulated": True,
-        "machine": check["machine"],
-        "versions": check["versions"],
+        "machine": session.check["machine"],
+        "versions": session.check["versions"],
         "hashes_ok": True,
         "parity": parity,
     }

@@ -6,6 +6,8 @@ edgec uploads this file with the artifact and calls it:
 
     python3 agent.py check  ARTIFACT_DIR      # machine, runtime versions, sha256 of every file
     python3 agent.py parity ARTIFACT_DIR      # run the reference inputs, compare with the torch outputs
+    python3 agent.py profile ARTIFACT_DIR RUNS WARMUP PROMPT_LEN NEW_TOKENS
+                                              # latency percentiles, load time, peak RSS, per-op time, tokens/s
 
 Each command prints one JSON object on stdout.
 """
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +139,130 @@ def parity(root: Path) -> dict[str, Any]:
     return {"ok": ok, "max_abs_diff": worst["max_abs_diff"], "tolerance": worst["tolerance"], "rtol": rtol, "outputs": outputs}
 
 
+def _percentiles(times_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(times_ms)
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p90_ms": float(np.percentile(values, 90)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+        "std_ms": float(values.std()),
+        "runs": len(times_ms),
+    }
+
+
+def _timed(call: Any, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _per_op_tvm(runtime: _Runtime, entry: str, inputs: list[np.ndarray]) -> dict[str, float]:
+    """Per-kernel wall time from one instrumented run of the Relax VM."""
+    totals: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func: Any, name: str, before_run: bool, ret_value: Any, *args: Any) -> int:
+        if before_run:
+            started[name] = time.perf_counter()
+        else:
+            totals[name] = totals.get(name, 0.0) + (time.perf_counter() - started.pop(name, time.perf_counter())) * 1e3
+        return 0
+
+    vm = runtime.vms[entry]
+    vm.set_instrument(instrument)
+    try:
+        runtime.run(entry, inputs)
+    finally:
+        vm.set_instrument(None)
+    return totals
+
+
+def _per_op_ort(root: Path, manifest: dict[str, Any], entry: str, inputs: list[np.ndarray], workdir: Path) -> dict[str, float]:
+    """Per-operator time from ONNX Runtime's own profiling trace (Chrome trace JSON)."""
+    import onnxruntime as ort
+
+    info = manifest["backend_record"]["entries"][entry]
+    model_dir = root / "model"
+    host_root = os.environ.get("EDGEC_QEMU_HOST_ROOT")
+    if host_root:
+        model_dir = Path(host_root + str(model_dir.resolve()))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / f"ort-{entry}")
+    session = ort.InferenceSession(str(model_dir / info["file"]), options, providers=["CPUExecutionProvider"])
+    feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
+    session.run(None, feed)
+    trace = Path(session.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            op = str(event.get("args", {}).get("op_name", "?"))
+            totals[op] = totals.get(op, 0.0) + float(event.get("dur", 0)) / 1e3
+    trace.unlink()
+    return totals
+
+
+def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    import resource
+    import tempfile
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    reference = read_safetensors(root / manifest["reference"]["file"])
+    start = time.perf_counter()
+    runtime = _Runtime(root, manifest)
+    load_ms = (time.perf_counter() - start) * 1e3
+    result: dict[str, Any] = {"machine": platform.machine(), "load_ms": load_ms, "versions": _versions()}
+    if "lm" in manifest:
+        ids = reference["prefill.in.0"][:1]
+        while ids.shape[1] < prompt_len:
+            ids = np.concatenate([ids, ids], axis=1)
+        ids = np.ascontiguousarray(ids[:, :prompt_len])
+        entry, inputs = "prefill", [ids]
+        result["latency"] = _percentiles(_timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
+        result["prompt_tokens"] = prompt_len
+        logits, k, v = runtime.run("prefill", [ids])
+        decode_ms = []
+        for _ in range(new_tokens):
+            token = np.asarray([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
+            begin = time.perf_counter()
+            logits, k, v = runtime.run("decode", [token, k, v])
+            decode_ms.append((time.perf_counter() - begin) * 1e3)
+        result["decode"] = _percentiles(decode_ms) if decode_ms else None
+        result["decode_tokens_per_s"] = 1e3 / float(np.median(decode_ms)) if decode_ms else None
+    else:
+        entry = next(iter(manifest["reference"]["entries"]))
+        count = len(manifest["reference"]["entries"][entry]["inputs"])
+        inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
+        result["latency"] = _percentiles(_timed(lambda: runtime.run(entry, inputs), runs, warmup))
+    result["entry"] = entry
+    with tempfile.TemporaryDirectory() as workdir:
+        if manifest["backend"] == "tvm":
+            result["per_op_ms"] = _per_op_tvm(runtime, entry, inputs)
+        else:
+            result["per_op_ms"] = _per_op_ort(root, manifest, entry, inputs, Path(workdir))
+    # ru_maxrss is in KiB on Linux; under qemu-user it includes the emulator itself.
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in ("check", "parity"):
-        print(json.dumps({"error": "usage: agent.py check|parity ARTIFACT_DIR"}))
+    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile"):
+        print(json.dumps({"error": "usage: agent.py check|parity|profile ARTIFACT_DIR [...]"}))
         return 2
     root = Path(argv[2])
-    result = check(root) if argv[1] == "check" else parity(root)
+    if argv[1] == "check":
+        result = check(root)
+    elif argv[1] == "parity":
+        result = parity(root)
+    else:
+        runs, warmup, prompt_len, new_tokens = (int(x) for x in argv[3:7])
+        result = profile(root, runs, warmup, prompt_len, new_tokens)
     print(json.dumps(result))
     return 0
 

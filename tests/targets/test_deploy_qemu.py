@@ -81,3 +81,31 @@ def test_corrupted_upload_runs_nothing(arm64_artifacts: dict[str, Path], monkeyp
     monkeypatch.setattr(edgec.deploy, "_upload", corrupting_upload)
     result = runner.invoke(app, ["deploy", str(arm64_artifacts["onnx"]), "--device", "qemu-arm64"])
     assert result.exit_code == 4 and "corrupted upload (model/weights.bin differ on the device); nothing was run" in result.output
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_profile_on_the_emulated_device(arm64_artifacts: dict[str, Path], backend: str, tmp_path: Path) -> None:
+    chart = tmp_path / "ops.png"
+    args = ["profile", str(arm64_artifacts[backend]), "--device", "qemu-arm64", "--runs", "3", "--warmup", "1",
+            "--prompt-len", "16", "--new-tokens", "4", "--plot", str(chart), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    assert report["emulated"] is True and "not ARM performance" in report["note"]
+    latency = report["latency"]
+    assert latency["runs"] == 3 and 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+    assert report["decode"]["runs"] == 4 and report["decode_tokens_per_s"] > 0 and report["prompt_tokens"] == 16
+    assert report["load_ms"] > 0 and report["peak_rss_bytes"] > report["size_bytes"] > 0
+    kernels = report["per_op_ms"]
+    expected = "matmul" if backend == "tvm" else "MatMul"
+    assert any(expected in name for name in kernels) and all(ms >= 0 for ms in kernels.values())
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = tmp_path / "old.json"
+    saved.write_text(result.stdout)
+    again = runner.invoke(app, [*args[:-3], "--compare", str(saved)])
+    assert again.exit_code == 0 and "latency p50_ms (new/old)" in again.output
+
+
+def test_profile_refuses_zero_runs(arm64_artifacts: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["profile", str(arm64_artifacts["tvm"]), "--device", "qemu-arm64", "--runs", "0"])
+    assert result.exit_code == 2 and "--runs 0" in result.output
