@@ -81,8 +81,10 @@ def build(
                 by_digest[digest] = f"{entry.name}/{name}"
                 stored[by_digest[digest]] = np.ascontiguousarray(array)
             keys.append(by_digest[digest])
-        progress(f"tvm: build {entry.name} for {tvm_target.attrs.get('mtriple', '') or 'host'}")
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+        progress(f"tvm: build {entry.name} for {_describe(tvm_target)}")
+        # GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules.
+        pipeline = cpu_pipeline(tvm_target) if tvm_target.kind.name == "llvm" else "default"
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
         library = f"{entry.name}.so"
         if target.spec.cross_compiler is not None:
             from tvm.support import cc
@@ -98,7 +100,8 @@ def build(
             "weight_layout": layout,
             "seconds": round(time.perf_counter() - start, 2),
         }
-        record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled_module(mod, tvm_target)))
+        if tvm_target.kind.name == "llvm":
+            record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled_module(mod, tvm_target)))
     save_file(stored, str(out_dir / PARAMS_FILE))
     return record
 
@@ -127,6 +130,12 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     if len(main_only["main"].params) != num_inputs + len(transformed):
         raise RuntimeError("LiftTransformParams changed the entry's inputs")
     return main_only, transformed, "pre-transformed at compile time"
+
+
+def _describe(target: Any) -> str:
+    if target.kind.name == "cuda":
+        return f"cuda {target.attrs.get('arch', '')}"
+    return str(target.attrs.get("mtriple", "") or "host")
 
 
 def _count_rules(report: dict[str, str]) -> dict[str, int]:

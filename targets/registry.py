@@ -65,6 +65,28 @@ TARGETS: tuple[TargetSpec, ...] = (
         backends=("tvm", "onnx"),
         notes="cross-compiled here; parity is checked on the device at deploy",
     ),
+    TargetSpec(
+        name="cuda",
+        aliases=("gpu", "cuda-sm80", "sm_80"),
+        description="NVIDIA GPU, compute capability 8.0 (A100); host code for this CPU",
+        arch="cuda",
+        tvm_target={"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm", "mcpu": HOST}},
+        cross_compiler=None,
+        ort_provider="CUDAExecutionProvider",
+        backends=("tvm", "onnx"),
+        notes="compiled here (TVM's CUDA codegen); running needs a GPU and libcuda",
+    ),
+    TargetSpec(
+        name="cuda-sm90",
+        aliases=("sm_90", "h100"),
+        description="NVIDIA GPU, compute capability 9.0 (H100); host code for this CPU",
+        arch="cuda",
+        tvm_target={"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mcpu": HOST}},
+        cross_compiler=None,
+        ort_provider="CUDAExecutionProvider",
+        backends=("tvm", "onnx"),
+        notes="compiled here (TVM's CUDA codegen); running needs a GPU and libcuda",
+    ),
 )
 
 
@@ -100,6 +122,11 @@ def host_mcpu() -> str:
 
     detected = tvm.target.Target.from_device(tvm.cpu())
     return str(detected.attrs.get("mcpu", "generic"))
+
+
+def _fill_host(target: dict[str, Any]) -> dict[str, Any]:
+    """Replace the "<host>" mcpu placeholder (also inside a nested "host" target)."""
+    return {k: (host_mcpu() if v == HOST else _fill_host(v) if isinstance(v, dict) else v) for k, v in target.items()}
 
 
 def _by_name(name: str) -> TargetSpec | None:
@@ -154,7 +181,7 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
             f"target {spec.name} needs the cross compiler {spec.cross_compiler}; `make demo` installs it "
             "(Debian g++-aarch64-linux-gnu)"
         )
-    tvm_target = {k: (host_mcpu() if v == HOST else v) for k, v in spec.tvm_target.items()}
+    tvm_target = _fill_host(spec.tvm_target)
     for key, value in options.items():
         tvm_target[key] = value
     described = ", ".join(f"{k}={v}" for k, v in tvm_target.items())
