@@ -109,6 +109,7 @@ def compile_command(
     backend: Optional[str] = typer.Option(None, "--backend", "-b", help="tvm or onnx (default tvm)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (see recipes/)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key: key=value or PASS.option=value; repeatable"),
+    target_opt: list[str] = typer.Option([], "--target-opt", help="override a TVM target field, e.g. mcpu=cortex-a76; repeatable"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default artifacts/<model>-<target>-<backend>)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the fully resolved recipe and exit"),
@@ -125,6 +126,13 @@ def compile_command(
         sets.append(f"target={target}")
     if backend is not None:
         sets.append(f"backend={backend}")
+    for option in target_opt:
+        if "=" not in option:
+            from edgec.errors import BadInputError
+
+            raise BadInputError(f"--target-opt {option!r}: expected key=value, e.g. mcpu=cortex-a76")
+        key, value = option.split("=", 1)
+        sets.append(f"target_options.{key}={value}")
     resolved = load_recipe(recipe, sets, options_for)
     if dry_run:
         import yaml
@@ -434,6 +442,25 @@ def targets_list(as_json: bool = typer.Option(False, "--json", help="print as JS
     for row in rows:
         aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
         out.print(f"[bold]{row['name']}[/]{aliases}: {row['description']}; backends {', '.join(row['backends'])}")
+
+
+@targets_app.command("show")
+@_user_errors
+def targets_show(
+    name: str = typer.Argument(..., help="a target name or alias"),
+    backend: str = typer.Option("tvm", "--backend", help="tvm or onnx"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """What a target resolves to: TVM target, architecture, compiler, ORT provider."""
+    from edgec.targets.registry import resolve_target
+
+    resolved = resolve_target(name, backend)
+    data = {**resolved.to_json(), "resolved": resolved.how, "description": resolved.spec.description, "notes": resolved.spec.notes}
+    if as_json:
+        _emit_json(data)
+        return
+    for key, value in data.items():
+        out.print(f"{key:<16} {value}")
 
 
 @app.command("env")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+from pathlib import Path
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -32,6 +33,8 @@ class TargetSpec:
 
 
 HOST = "<host>"
+ANDROID_COMPILER = "<android-ndk>"
+ANDROID_NDK_CLANG = "toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android24-clang++"
 
 TARGETS: tuple[TargetSpec, ...] = (
     TargetSpec(
@@ -64,6 +67,39 @@ TARGETS: tuple[TargetSpec, ...] = (
         ort_provider="CPUExecutionProvider",
         backends=("tvm", "onnx"),
         notes="cross-compiled here; parity is checked on the device at deploy",
+    ),
+    TargetSpec(
+        name="rpi4",
+        aliases=("raspberry-pi-4", "cortex-a72"),
+        description="Raspberry Pi 4 (Cortex-A72, NEON), 64-bit OS",
+        arch="aarch64",
+        tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]},
+        cross_compiler="aarch64-linux-gnu-g++",
+        ort_provider="CPUExecutionProvider",
+        backends=("tvm", "onnx"),
+        notes="cross-compiled here; runs on the emulated device too (qemu emulates the A72's ISA)",
+    ),
+    TargetSpec(
+        name="rpi5",
+        aliases=("raspberry-pi-5", "cortex-a76"),
+        description="Raspberry Pi 5 (Cortex-A76: NEON, dot product, fp16), 64-bit OS",
+        arch="aarch64",
+        tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16"]},
+        cross_compiler="aarch64-linux-gnu-g++",
+        ort_provider="CPUExecutionProvider",
+        backends=("tvm", "onnx"),
+        notes="cross-compiled here",
+    ),
+    TargetSpec(
+        name="android-arm64",
+        aliases=("android",),
+        description="Android on 64-bit ARM (API 24+), built with the NDK's clang",
+        arch="aarch64",
+        tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
+        cross_compiler=ANDROID_COMPILER,
+        ort_provider="CPUExecutionProvider",
+        backends=("tvm", "onnx"),
+        notes="needs ANDROID_NDK_HOME (the NDK is not a Debian package)",
     ),
     TargetSpec(
         name="cuda",
@@ -124,6 +160,22 @@ def host_mcpu() -> str:
     return str(detected.attrs.get("mcpu", "generic"))
 
 
+def _with_android_ndk(spec: TargetSpec, backend: str) -> TargetSpec:
+    """The NDK lives wherever the user unpacked it: ANDROID_NDK_HOME names it."""
+    import dataclasses
+    import os
+
+    ndk = os.environ.get("ANDROID_NDK_HOME")
+    if backend != "tvm":
+        return dataclasses.replace(spec, cross_compiler=None)
+    if not ndk:
+        raise MissingDependencyError(
+            "target android-arm64 needs the Android NDK: set ANDROID_NDK_HOME to its directory "
+            "(unpack the NDK first; it is not a Debian package)"
+        )
+    return dataclasses.replace(spec, cross_compiler=str(Path(ndk) / ANDROID_NDK_CLANG))
+
+
 def _fill_host(target: dict[str, Any]) -> dict[str, Any]:
     """Replace the "<host>" mcpu placeholder (also inside a nested "host" target)."""
     return {k: (host_mcpu() if v == HOST else _fill_host(v) if isinstance(v, dict) else v) for k, v in target.items()}
@@ -138,6 +190,14 @@ def _by_name(name: str) -> TargetSpec | None:
 
 def known_names() -> list[str]:
     return [spec.name for spec in TARGETS]
+
+
+def closest_name(request: str) -> str | None:
+    import difflib
+
+    names = [name for spec in TARGETS for name in (spec.name, *spec.aliases)]
+    found = difflib.get_close_matches(request.lower(), names, n=1, cutoff=0.5)
+    return found[0] if found else None
 
 
 def resolve_target(request: str, backend: str, options: dict[str, str] | None = None) -> ResolvedTarget:
@@ -169,13 +229,17 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
     else:
         found = _by_name(text.lower())
         if found is None:
-            raise BadInputError(f"unknown target '{request}'; known: {', '.join(known_names())} (edgec targets list)")
+            near = closest_name(text)
+            hint = f"did you mean '{near}'? " if near else ""
+            raise BadInputError(f"unknown target '{request}'; {hint}known: {', '.join(known_names())} (edgec targets list)")
         spec = found
         how = f"alias {text}" if text != spec.name else spec.name
     if backend not in spec.backends:
         raise UnsupportedError(
             f"target {spec.name} has no {backend} backend; use --backend {' or '.join(spec.backends)}"
         )
+    if spec.cross_compiler == ANDROID_COMPILER:
+        spec = _with_android_ndk(spec, backend)
     if spec.cross_compiler is not None and backend == "tvm" and shutil.which(spec.cross_compiler) is None:
         raise MissingDependencyError(
             f"target {spec.name} needs the cross compiler {spec.cross_compiler}; `make demo` installs it "
