@@ -123,10 +123,11 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(root: Path, manifest: dict[str, Any], files: dict[str, str] | None = None) -> dict[str, Any]:
+    """`files`: hashes already computed for this tree (saves re-reading hundreds of MB)."""
     manifest = dict(manifest)
     manifest["format"] = FORMAT
-    manifest["files"] = hash_tree(root)
+    manifest["files"] = hash_tree(root) if files is None else files
     manifest["size_bytes"] = sum((root / name).stat().st_size for name in manifest["files"])
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
@@ -180,15 +181,6 @@ def check_hashes(root: Path, manifest: dict[str, Any]) -> HashCheck:
     missing = sorted(name for name in expected if name not in actual)
     unexpected = sorted(name for name in actual if name not in expected)
     return HashCheck(not (mismatched or missing or unexpected), mismatched, missing, unexpected)
-
-
-class Runtime:
-    """The common face of backend runtimes: named entries, numpy in, numpy out."""
-
-    entries: list[str]
-
-    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        raise NotImplementedError
 
 
 def tokenizer_dir(root: Path, manifest: dict[str, Any]) -> Path:

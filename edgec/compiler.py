@@ -104,7 +104,8 @@ def compile_model(
         }
         if model.family == FAMILY_CAUSAL_LM:
             manifest["lm"] = _lm_record(model, recipe)
-        parity = _check_parity(stage, manifest, reference, output_names, recipe.parity.rtol, target, progress)
+        files = hash_tree(stage)  # the parity run reads these files and writes none
+        parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, recipe.parity.rtol, target, progress)
         manifest["parity"] = parity.to_json()
         if parity.ok is False:
             raise CheckFailedError(
@@ -112,7 +113,7 @@ def compile_model(
                 f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:.3g}; nothing was written "
                 "(report this with `edgec env`)"
             )
-        manifest = write_manifest(stage, manifest)
+        manifest = write_manifest(stage, manifest, files)
     return {
         "artifact": str(out),
         "model": model.name,
@@ -155,8 +156,8 @@ def _copy_tokenizer(model: ModelHandle, stage: Path) -> str | None:
 
 
 def _check_parity(
-    stage: Path,
     manifest: dict[str, Any],
+    stage: Path,
     reference: dict[str, Any],
     output_names: dict[str, list[str]],
     rtol: float,
@@ -168,6 +169,6 @@ def _check_parity(
             None, None, None, rtol, reason=f"built for {target.spec.arch}; parity is checked on the device at deploy"
         )
     progress("parity: run reference inputs in the artifact's runtime")
-    runtime = open_runtime(stage, {**manifest, "files": hash_tree(stage)})
+    runtime = open_runtime(stage, manifest)
     actual = run_reference(runtime, reference, list(output_names))
     return compare(reference, actual, output_names, rtol)

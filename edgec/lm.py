@@ -55,8 +55,8 @@ def lm_shape(model: nn.Module, max_context: int) -> LMShape:
     )
 
 
-def rope_type(model: nn.Module) -> str:
-    scaling = getattr(model.config, "rope_scaling", None)
+def rope_type(config: object) -> str:
+    scaling = getattr(config, "rope_scaling", None)
     if isinstance(scaling, dict):
         return str(scaling.get("rope_type", scaling.get("type", "default")))
     return "default"

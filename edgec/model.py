@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edgec.errors import BadInputError, UnsupportedError
-from edgec.lm import STATIC_ROPE_TYPES, SUPPORTED_ARCHITECTURES
+from edgec.lm import STATIC_ROPE_TYPES, SUPPORTED_ARCHITECTURES, rope_type
 
 FAMILY_CAUSAL_LM = "causal-lm"
 FAMILY_EXPORTED = "exported-program"
@@ -117,8 +117,7 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise BadInputError(f"{config_path} is not a usable model config ({str(exc).splitlines()[0]})") from None
-    scaling = getattr(config, "rope_scaling", None)
-    kind = str(scaling.get("rope_type", scaling.get("type"))) if isinstance(scaling, dict) else "default"
+    kind = rope_type(config)
     if kind not in STATIC_ROPE_TYPES:
         raise UnsupportedError(f"{path}: RoPE type '{kind}' changes with sequence length; supported: {STATIC_ROPE_TYPES}")
     try:

@@ -44,6 +44,15 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _onnx_model_dir(root: Path) -> Path:
+    """Under qemu-user (-L ROOTFS) ORT resolves external data to the host path and then
+    rejects it as outside the model's directory; the emulator passes the host-side root
+    so models are opened by that same path. On real devices the variable is unset."""
+    model_dir = root / "model"
+    host_root = os.environ.get("EDGEC_QEMU_HOST_ROOT")
+    return Path(host_root + str(model_dir.resolve())) if host_root else model_dir
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     try:
@@ -94,12 +103,7 @@ class _Runtime:
         else:
             import onnxruntime as ort
 
-            # Under qemu-user (-L ROOTFS) ORT resolves external data to the host path and
-            # then rejects it as outside the model's directory; the emulator passes the
-            # host-side root so the model is opened by that same path. Real devices: unset.
-            host_root = os.environ.get("EDGEC_QEMU_HOST_ROOT")
-            if host_root:
-                model_dir = Path(host_root + str(model_dir.resolve()))
+            model_dir = _onnx_model_dir(root)
             self.sessions = {
                 name: ort.InferenceSession(str(model_dir / info["file"]), providers=["CPUExecutionProvider"])
                 for name, info in record["entries"].items()
@@ -188,10 +192,7 @@ def _per_op_ort(root: Path, manifest: dict[str, Any], entry: str, inputs: list[n
     import onnxruntime as ort
 
     info = manifest["backend_record"]["entries"][entry]
-    model_dir = root / "model"
-    host_root = os.environ.get("EDGEC_QEMU_HOST_ROOT")
-    if host_root:
-        model_dir = Path(host_root + str(model_dir.resolve()))
+    model_dir = _onnx_model_dir(root)
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"ort-{entry}")

@@ -129,23 +129,15 @@ def _entry_record(entry: ExportedEntry, proto: Any, start: float) -> dict[str, A
 class ORTRuntime:
     """Runs an ONNX artifact's entries in ONNX Runtime on this machine."""
 
-    def __init__(self, model_dir: Path, backend_record: dict[str, Any], profile_dir: Path | None = None) -> None:
+    def __init__(self, model_dir: Path, backend_record: dict[str, Any]) -> None:
         import onnxruntime as ort
 
         self.sessions: dict[str, Any] = {}
         for name, info in backend_record["entries"].items():
-            options = ort.SessionOptions()
-            if profile_dir is not None:
-                options.enable_profiling = True
-                options.profile_file_prefix = str(profile_dir / name)
             self.sessions[name] = ort.InferenceSession(
-                str(model_dir / info["file"]), options, providers=[backend_record.get("ort_provider", "CPUExecutionProvider")]
+                str(model_dir / info["file"]), providers=[backend_record.get("ort_provider", "CPUExecutionProvider")]
             )
         self.input_names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
-
-    @property
-    def entries(self) -> list[str]:
-        return list(self.sessions)
 
     def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         feed = dict(zip(self.input_names[entry], inputs))

@@ -50,7 +50,7 @@ def build(
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from edgec.targets.tvm_schedule import cpu_pipeline, schedule_report, scheduled_module
+    from edgec.targets.tvm_schedule import finish_pipeline, schedule_report, scheduled_module
 
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
@@ -82,9 +82,14 @@ def build(
                 stored[by_digest[digest]] = np.ascontiguousarray(array)
             keys.append(by_digest[digest])
         progress(f"tvm: build {entry.name} for {_describe(tvm_target)}")
-        # GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules.
-        pipeline = cpu_pipeline(tvm_target) if tvm_target.kind.name == "llvm" else "default"
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
+        # GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules,
+        # applied once: the scheduled module is both reported and compiled.
+        if tvm_target.kind.name == "llvm":
+            scheduled = scheduled_module(mod, tvm_target)
+            record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
+            executable = tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
+        else:
+            executable = tvm.compile(mod, tvm_target, relax_pipeline="default")
         library = f"{entry.name}.so"
         if target.spec.cross_compiler is not None:
             from tvm.support import cc
@@ -100,8 +105,6 @@ def build(
             "weight_layout": layout,
             "seconds": round(time.perf_counter() - start, 2),
         }
-        if tvm_target.kind.name == "llvm":
-            record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled_module(mod, tvm_target)))
     save_file(stored, str(out_dir / PARAMS_FILE))
     return record
 
@@ -169,10 +172,6 @@ class TVMRuntime:
                     cache[key] = tvm.runtime.tensor(stored[key], self.device)
                 tensors.append(cache[key])
             self.params[name] = tensors
-
-    @property
-    def entries(self) -> list[str]:
-        return list(self.vms)
 
     def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         args = [self._tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]

@@ -56,6 +56,7 @@ __all__ = [
     "RULE_ATTR",
     "CpuScheduleConfig",
     "cpu_pipeline",
+    "finish_pipeline",
     "loop_kinds",
     "schedule_cpu_funcs",
     "schedule_prim_func",
@@ -668,6 +669,19 @@ def cpu_pipeline(target: Target) -> tvm.transform.Pass:
     def _pipeline(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         with target:
             return tvm.transform.Sequential([*head, *tail])(mod)
+
+    return _pipeline
+
+
+def finish_pipeline(target: Target) -> tvm.transform.Pass:
+    """The rest of ``cpu_pipeline`` after ``scheduled_module``: scheduling once, then
+    ``tvm.compile(scheduled, target, relax_pipeline=finish_pipeline(target))``."""
+    _, tail = _split_default_pipeline(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecCpuPipelineFinish")
+    def _pipeline(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        with target:
+            return tvm.transform.Sequential(tail)(mod)
 
     return _pipeline
 
