@@ -201,6 +201,14 @@ def open_runtime(root: Path, manifest: dict[str, Any]) -> Any:
     runs, why = artifact_runs_here(manifest)
     if not runs:
         raise UnsupportedError(f"{root}: cannot run here: {why}; deploy it to a matching device")
+    from edgec.targets.agent import missing_features
+
+    missing = missing_features(manifest["target"])
+    if missing:
+        raise UnsupportedError(
+            f"{root}: built for CPU features this machine lacks ({', '.join(missing)}); "
+            "recompile with --target x86_64 (portable) or --target cpu on this machine"
+        )
     backend = manifest["backend"]
     record = manifest["backend_record"]
     referenced = [info.get("library") or info.get("file") for info in record.get("entries", {}).values()]

@@ -25,7 +25,7 @@ from edgec.artifact import (
     tool_versions,
     write_manifest,
 )
-from edgec.errors import CheckFailedError
+from edgec.errors import CheckFailedError, UnsupportedError
 from edgec.lm import lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, load_model
 from edgec.parity import ParityResult, compare, flatten_io, reference_io, run_reference
@@ -36,6 +36,9 @@ from edgec.targets.export import export_entries
 from edgec.targets.registry import ResolvedTarget, resolve_target
 
 DEFAULT_MAX_CONTEXT = 1024
+# float16 artifacts are compared with the float32 model: half precision alone moves
+# logits by ~1e-3 of their range, so their parity tolerance is at least this.
+FLOAT16_MIN_RTOL = 1e-2
 
 
 def default_output(model_spec: str, target: str, backend: str) -> Path:
@@ -53,6 +56,12 @@ def compile_model(
     trust_pickle: bool = False,
 ) -> dict[str, Any]:
     target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
+    if recipe.dtype not in target.capability.compute_dtypes:
+        raise UnsupportedError(
+            f"dtype {recipe.dtype}: target {target.name} with backend {recipe.backend} computes in "
+            f"{', '.join(target.capability.compute_dtypes)} only (edgec targets show {target.name}); float16 is for GPU targets"
+        )
+    rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     on_target(target)
     local_input = Path(model_spec).expanduser()
     check_output_dir(out, force, (local_input,) if local_input.exists() else ())
@@ -67,6 +76,10 @@ def compile_model(
     progress("export entries (torch.export)")
     entries = export_entries(model)
     reference = reference_io(model, entries, recipe.parity.prompt_len)
+    if recipe.dtype == "float16" and recipe.backend == "onnx":
+        _to_float16(model)
+        progress("export entries again in float16 (the reference stays float32)")
+        entries = export_entries(model)
     output_names = {e.name: e.output_names for e in entries}
 
     with staging_dir(out, force) as stage:
@@ -76,7 +89,7 @@ def compile_model(
             from edgec.targets import backend_tvm as backend
         else:
             from edgec.targets import backend_onnx as backend  # type: ignore[no-redef]
-        backend_record = backend.build(entries, target, model_dir, progress)
+        backend_record = backend.build(entries, target, model_dir, progress, recipe.dtype)
         save_reference(stage, flatten_io(reference))
         tokenizer_dir = _copy_tokenizer(model, stage)
         manifest: dict[str, Any] = {
@@ -98,14 +111,14 @@ def compile_model(
             "reference": {
                 "file": REFERENCE_FILE,
                 "entries": {e.name: {"inputs": e.input_names, "outputs": e.output_names} for e in entries},
-                "tolerance": {"rtol": recipe.parity.rtol, "rule": "max|artifact-torch| <= rtol x range(torch output); same argmax where top-2 margin > tolerance"},
+                "tolerance": {"rtol": rtol, "rule": "max|artifact-torch| <= rtol x range(torch output); same argmax where top-2 margin > tolerance"},
             },
             "tokenizer": tokenizer_dir,
         }
         if model.family == FAMILY_CAUSAL_LM:
             manifest["lm"] = _lm_record(model, recipe)
         files = hash_tree(stage)  # the parity run reads these files and writes none
-        parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, recipe.parity.rtol, target, progress)
+        parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, rtol, target, progress)
         manifest["parity"] = parity.to_json()
         if parity.ok is False:
             raise CheckFailedError(
@@ -130,6 +143,12 @@ def compile_model(
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _to_float16(model: ModelHandle) -> None:
+    if model.module is None:
+        raise UnsupportedError(f"{model.name}: dtype float16 needs a torch model (a Hugging Face directory or zoo:NAME)")
+    model.module.half()
 
 
 def _lm_record(model: ModelHandle, recipe: Recipe) -> dict[str, Any]:

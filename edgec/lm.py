@@ -64,8 +64,12 @@ def rope_type(config: object) -> str:
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return norm.weight * (x * torch.rsqrt(variance + eps))
+    # Squares overflow float16 beyond |x| = 256: normalise in float32 (a no-op for float32
+    # models). Square by multiplying: TVM's CUDA codegen lowers pow to the fast __powf,
+    # which is NaN for every negative base (measured on an H100: all outputs NaN).
+    wide = x.float()
+    variance = (wide * wide).mean(-1, keepdim=True)
+    return norm.weight * (wide * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,11 +96,14 @@ class CausalLMEntries(nn.Module):
         rotary = model.model.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        # The norms' dtype is the compute dtype (float16 after a half cast); the entries'
+        # KV and logits stay float32 at the boundary, so applications and parity see one layout.
+        self.compute_dtype = model.model.norm.weight.dtype
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+        return (emb.cos() * self.rope_scale).to(self.compute_dtype), (emb.sin() * self.rope_scale).to(self.compute_dtype)
 
     def _attention(
         self,
@@ -144,6 +151,9 @@ class CausalLMEntries(nn.Module):
         past_v: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inner = self.model.model
+        dtype = self.compute_dtype
+        if past_k is not None and past_v is not None and dtype != torch.float32:
+            past_k, past_v = past_k.to(dtype), past_v.to(dtype)
         seq = input_ids.shape[1]
         past = 0 if past_k is None else past_k.shape[3]
         positions = torch.arange(seq, dtype=torch.int64) + past
@@ -152,7 +162,7 @@ class CausalLMEntries(nn.Module):
         if past_k is None:
             rows = torch.arange(seq, dtype=torch.int64)
             # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
-            causal_mask = (rows[None, :] > rows[:, None]).float() * -1e9
+            causal_mask = (rows[None, :] > rows[:, None]).to(dtype) * (-1e9 if dtype == torch.float32 else -3e4)
         h = inner.embed_tokens(input_ids)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
@@ -174,6 +184,8 @@ class CausalLMEntries(nn.Module):
             new_k.append(k)
             new_v.append(v)
         logits = self.model.lm_head(_rms_norm(inner.norm, h))
+        if dtype != torch.float32:
+            return logits.float(), torch.stack(new_k).float(), torch.stack(new_v).float()
         return logits, torch.stack(new_k), torch.stack(new_v)
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,6 +51,9 @@ class Recipe(Strict):
     target: str = "cpu"
     backend: Literal["tvm", "onnx"] = "tvm"
     target_options: dict[str, str] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="compute dtype of the artifact; float16 where the target's capability table allows it (GPUs)"
+    )
     max_context: int | None = Field(None, ge=16, description="longest sequence the artifact accepts; default min(model, 1024)")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     parity: ParitySpec = Field(default_factory=ParitySpec)

@@ -70,6 +70,71 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """ISA features as Linux names them: 'flags' on x86, 'Features' on ARM."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _tvm_with_cuda() -> Any:
+    """The TVM runtime with its CUDA device API: a full install registers it at import,
+    a runtime-only one (no libtvm_compiler, as on devices) does not, so load it here."""
+    import ctypes
+
+    import tvm
+
+    library = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if library.is_file():
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    return tvm
+
+
+def _compile_cuda_at_load(tvm: Any, arch: str) -> None:
+    """TVM 0.27 stores a CUDA module as CUDA C source and compiles it when the library
+    loads, asking for the target through the compiler library, which a runtime-only
+    install lacks. Answer with this GPU's arch instead (NVRTC, through cuda-bindings)."""
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    def compile_source(code: str) -> bytearray:
+        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
+
+
+def _cuda_capability() -> str | None:
+    """'sm_XY' of GPU 0, or None without a usable GPU."""
+    try:
+        tvm = _tvm_with_cuda()
+        device = tvm.cuda(0)
+        if not device.exist:
+            return None
+        return "sm_" + str(device.compute_version).replace(".", "")
+    except Exception:  # no CUDA runtime in this TVM build, or no driver
+        return None
+
+
+def missing_features(target: dict[str, Any]) -> list[str]:
+    """Features the artifact's code needs that this machine lacks (names as recorded)."""
+    required = list(target.get("isa_features", []))
+    if target.get("arch") == "cuda":
+        have = _cuda_capability()
+        if have is None:
+            return ["a CUDA GPU (none found, or no driver)"]
+        # TVM embeds PTX, which the driver compiles for newer GPUs, never for older ones.
+        need = required[0] if required else "sm_50"
+        return [f"{need} (GPU is {have})"] if int(have[3:]) < int(need[3:]) else []
+    flags = cpu_flags()
+    return [name for name in required if name not in flags]
+
+
 def check(root: Path) -> dict[str, Any]:
     manifest = json.loads((root / "manifest.json").read_text())
     mismatched = []
@@ -78,7 +143,17 @@ def check(root: Path) -> dict[str, Any]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
         if digest != expected:
             mismatched.append(name)
-    return {"machine": platform.machine(), "versions": _versions(), "hashes_ok": not mismatched, "mismatched": mismatched}
+    machine = platform.machine()
+    if manifest["target"].get("arch") == "cuda" and _cuda_capability() is not None:
+        machine = "cuda"
+    return {
+        "machine": machine,
+        "host_machine": platform.machine(),
+        "versions": _versions(),
+        "hashes_ok": not mismatched,
+        "mismatched": mismatched,
+        "missing_features": missing_features(manifest["target"]),
+    }
 
 
 class _Runtime:
@@ -87,11 +162,14 @@ class _Runtime:
         model_dir = root / "model"
         self.backend = manifest["backend"]
         if self.backend == "tvm":
-            import tvm
+            on_gpu = manifest["target"].get("arch") == "cuda"
+            tvm = _tvm_with_cuda() if on_gpu else __import__("tvm")
             from tvm.runtime.vm import VirtualMachine
 
             self._tvm = tvm
-            device = tvm.cpu()
+            device = tvm.cuda(0) if on_gpu else tvm.cpu()
+            if on_gpu:
+                _compile_cuda_at_load(tvm, "sm_" + str(device.compute_version).replace(".", ""))
             stored = read_safetensors(model_dir / record["params_file"])
             self.vms = {}
             self.params = {}
@@ -172,6 +250,7 @@ def _per_op_tvm(runtime: _Runtime, entry: str, inputs: list[np.ndarray]) -> dict
     started: dict[str, float] = {}
 
     def instrument(func: Any, name: str, before_run: bool, ret_value: Any, *args: Any) -> int:
+        runtime.device.sync()  # GPU kernels are asynchronous: time each one to completion
         if before_run:
             started[name] = time.perf_counter()
         else:

@@ -70,14 +70,16 @@ def build(
     target: ResolvedTarget,
     out_dir: Path,
     progress: Callable[[str], None],
+    dtype: str = "float32",
 ) -> dict[str, Any]:
+    """`dtype` is recorded only: a float16 model arrives already cast (compiler)."""
     import onnx
     import torch
 
     # The exporter warns once per missing torchvision op; edgec exports no vision ops.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     models: dict[str, Any] = {}
-    record: dict[str, Any] = {"entries": {}, "weights_file": WEIGHTS_FILE, "opset": OPSET}
+    record: dict[str, Any] = {"entries": {}, "weights_file": WEIGHTS_FILE, "opset": OPSET, "dtype": dtype}
     for entry in entries:
         start = time.perf_counter()
         if entry.onnx_model is not None:

@@ -43,8 +43,14 @@ def build(
     target: ResolvedTarget,
     out_dir: Path,
     progress: Callable[[str], None],
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Compile every entry into out_dir/<entry>.so plus the shared params file."""
+    """Compile every entry into out_dir/<entry>.so plus the shared params file.
+
+    float16: the float32 graph goes through TVM's ToMixedPrecision (float16 compute,
+    float32 accumulation), because TVM's torch importer types every matmul output
+    float32 and so cannot import a half-precision program. The weight casts are then
+    lifted like any weight transform, so params.safetensors stores float16 weights."""
     import tvm
     from safetensors.numpy import save_file
     from tvm import relax
@@ -55,7 +61,7 @@ def build(
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
     by_digest: dict[str, str] = {}
-    record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE}
+    record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE, "dtype": dtype}
     for entry in entries:
         start = time.perf_counter()
         progress(f"tvm: import {entry.name}")
@@ -66,6 +72,8 @@ def build(
         else:
             mod = from_exported_program(entry.program, keep_params_as_input=True)
         mod, params = relax.frontend.detach_params(mod)
+        if dtype == "float16":
+            mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         num_inputs = len(entry.input_names)
         mod, values, layout = _transform_params_once(mod, list(params.get("main", [])), num_inputs)
         func = mod["main"]

@@ -19,6 +19,56 @@ from edgec.errors import BadInputError, MissingDependencyError, UnsupportedError
 
 
 @dataclass(frozen=True)
+class Capability:
+    """What one backend lowers on one target. Passes and recipes are checked against it
+    before any work: a request outside the table is refused by name."""
+
+    compute_dtypes: tuple[str, ...]  # the dtype the graph computes in (recipe `dtype`)
+    weight_bits: tuple[int, ...]  # stored weight widths kept as such in the artifact
+    sparsity: tuple[str, ...]  # weight sparsity patterns the backend exploits
+    ops: tuple[str, ...]  # op families lowered (the Llama entries need all of them)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "compute_dtypes": list(self.compute_dtypes),
+            "weight_bits": list(self.weight_bits),
+            "sparsity": list(self.sparsity),
+            "ops": list(self.ops),
+        }
+
+
+LM_OPS = ("linear", "embedding", "rms_norm", "rope", "softmax_attention_dynamic_length", "silu_mlp", "int8_dequant_matmul")
+# Pruned weights are stored dense (zeros kept): no backend here has a sparse kernel that
+# beats a dense one at these sizes, so sparsity saves nothing but is never refused.
+DENSE_ONLY = ("dense (zeros stored)",)
+CPU_CAPABILITIES = {
+    "tvm": Capability(("float32",), (32, 8), DENSE_ONLY, LM_OPS),
+    "onnx": Capability(("float32",), (32, 8), DENSE_ONLY, LM_OPS),
+}
+GPU_CAPABILITIES = {
+    "tvm": Capability(("float32", "float16"), (32, 16, 8), DENSE_ONLY, LM_OPS),
+    "onnx": Capability(("float32", "float16"), (32, 16, 8), DENSE_ONLY, LM_OPS),
+}
+
+# LLVM feature name -> the name Linux shows in /proc/cpuinfo. Only these are recorded
+# in an artifact and checked where it loads: they change the code LLVM may emit.
+ISA_FLAGS = {
+    "x86_64": {
+        "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+        "bmi": "bmi1", "bmi2": "bmi2", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq",
+        "avx512vl": "avx512vl", "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+        "avx512vbmi": "avx512vbmi", "avx512ifma": "avx512ifma", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+        "amx-bf16": "amx_bf16",
+    },
+    "aarch64": {
+        "fp-armv8": "fp", "neon": "asimd", "dotprod": "asimddp", "fullfp16": "asimdhp", "i8mm": "i8mm",
+        "bf16": "bf16", "sve": "sve", "sve2": "sve2", "lse": "atomics", "rdm": "asimdrdm", "crc": "crc32",
+        "aes": "aes", "sha2": "sha2", "rcpc": "lrcpc",
+    },
+}
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     name: str
     aliases: tuple[str, ...]
@@ -28,7 +78,7 @@ class TargetSpec:
     cross_compiler: str | None  # None: the host's own compiler
     ort_provider: str
     backends: tuple[str, ...]
-    weight_dtypes: tuple[str, ...] = ("float32", "int8")
+    capabilities: dict[str, Capability] = field(default_factory=lambda: dict(CPU_CAPABILITIES))
     notes: str = ""
 
 
@@ -110,6 +160,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         cross_compiler=None,
         ort_provider="CUDAExecutionProvider",
         backends=("tvm", "onnx"),
+        capabilities=GPU_CAPABILITIES,
         notes="compiled here (TVM's CUDA codegen); running needs a GPU and libcuda",
     ),
     TargetSpec(
@@ -121,6 +172,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         cross_compiler=None,
         ort_provider="CUDAExecutionProvider",
         backends=("tvm", "onnx"),
+        capabilities=GPU_CAPABILITIES,
         notes="compiled here (TVM's CUDA codegen); running needs a GPU and libcuda",
     ),
 )
@@ -131,6 +183,7 @@ class ResolvedTarget:
     spec: TargetSpec
     tvm_target: dict[str, Any]
     how: str  # one line saying what the request resolved to
+    backend: str
     options: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -141,6 +194,25 @@ class ResolvedTarget:
     def runs_here(self) -> bool:
         return self.spec.arch == platform.machine() and self.spec.cross_compiler is None
 
+    @property
+    def capability(self) -> Capability:
+        return self.spec.capabilities[self.backend]
+
+    def isa_features(self) -> list[str]:
+        """The instruction-set features this target's code may use, as /proc/cpuinfo names
+        them; for CUDA the compute capability ("sm_80"). An artifact records them and
+        refuses to load where one is missing, instead of dying on an illegal instruction."""
+        if self.tvm_target.get("kind") == "cuda":
+            return [str(self.tvm_target.get("arch", "sm_80"))]
+        if self.backend != "tvm":
+            return []  # ONNX Runtime picks its kernels at run time from what the CPU has
+        import tvm
+        from tvm.target import codegen
+
+        flags = ISA_FLAGS.get(self.spec.arch, {})
+        enabled = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(self.tvm_target))}
+        return sorted(flags[name] for name in enabled if name in flags)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.spec.name,
@@ -149,6 +221,8 @@ class ResolvedTarget:
             "cross_compiler": self.spec.cross_compiler,
             "ort_provider": self.spec.ort_provider,
             "options": self.options,
+            "isa_features": self.isa_features(),
+            "capability": self.capability.to_json(),
         }
 
 
@@ -249,4 +323,4 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
     for key, value in options.items():
         tvm_target[key] = value
     described = ", ".join(f"{k}={v}" for k, v in tvm_target.items())
-    return ResolvedTarget(spec, tvm_target, f"target {how} -> {described}; runs on {spec.arch}; backend {backend}", options)
+    return ResolvedTarget(spec, tvm_target, f"target {how} -> {described}; runs on {spec.arch}; backend {backend}", backend, options)

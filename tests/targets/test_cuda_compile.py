@@ -40,3 +40,27 @@ def test_onnx_cuda_artifact_records_the_cuda_provider(tiny_llama_dir: Path, tmp_
     result = runner.invoke(app, ["compile", str(tiny_llama_dir), "--target", "gpu", "--backend", "onnx", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert read_manifest(out)["backend_record"]["ort_provider"] == "CUDAExecutionProvider"
+
+
+def test_float16_cuda_artifact_stores_half_weights(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "gpu-fp16"
+    result = runner.invoke(app, ["compile", str(tiny_llama_dir), "--target", "sm_90", "--set", "dtype=float16", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["recipe"]["dtype"] == "float16" and manifest["backend_record"]["dtype"] == "float16"
+    # Half precision alone moves logits by ~1e-3 of their range: the device check gets rtol 1e-2.
+    assert manifest["reference"]["tolerance"]["rtol"] == 1e-2
+    dtypes = {str(array.dtype) for array in load_file(str(out / "model" / "params.safetensors")).values()}
+    assert "float16" in dtypes
+    library = (out / "model" / "prefill.so").read_bytes()
+    assert b"half" in library and b"__global__" in library
+
+
+def test_float16_is_refused_where_the_capability_table_lacks_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cpu-fp16"
+    result = runner.invoke(app, ["compile", str(tiny_llama_dir), "--target", "cpu", "--set", "dtype=float16", "-o", str(out)])
+    assert result.exit_code != 0
+    assert "float16" in result.output and "float32 only" in result.output and "Traceback" not in result.output
+    assert not out.exists()
