@@ -9,13 +9,16 @@ EDGEC     := $(VENV)/bin/edgec
 LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 STAMP     := $(VENV)/.installed-$(LOCK_HASH)
 # python3.11-venv: the venv; g++: TVM links host libraries with it; python3.11-doc:
-# training/evaluation text; the rest: arm64 cross builds and emulation.
+# training/evaluation text; then arm64 cross builds and emulation; openssh: the
+# ssh:// device is tested against a real sshd on localhost.
 APT_PACKAGES := python3.11-venv g++ python3.11-doc gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
-                libc6-dev-arm64-cross qemu-user-static mmdebstrap file
+                libc6-dev-arm64-cross qemu-user-static mmdebstrap file openssh-server openssh-client
+BINFMT    := /proc/sys/fs/binfmt_misc
+DEMO_PORT := 9091
 
-.PHONY: install apt python demo test clean
+.PHONY: install apt binfmt python demo test clean
 
-install: apt python
+install: apt binfmt python
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
@@ -23,6 +26,15 @@ apt:
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+
+# The emulated device's RPC server execs aarch64 worker processes: the kernel runs
+# them through qemu-aarch64 once binfmt_misc knows it (root only; see README).
+binfmt: apt
+	@if [ -e $(BINFMT)/qemu-aarch64 ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "binfmt_misc: not root, qemu-aarch64 not registered (edgec device up needs it; see README)"; exit 0; fi; \
+	[ -e $(BINFMT)/register ] || mount -t binfmt_misc binfmt_misc $(BINFMT); \
+	cat /usr/lib/binfmt.d/qemu-aarch64.conf > $(BINFMT)/register; \
+	echo "binfmt_misc: registered qemu-aarch64"
 
 python: $(STAMP)
 
@@ -35,11 +47,18 @@ $(STAMP): requirements.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The main job: compile the built-in model for arm64, deploy and profile it on the
+# emulated device (through edgec's agent, then through a stock TVM RPC server).
 demo: install
-	$(EDGEC) compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny-lm-cpu-tvm --force --json
 	$(EDGEC) compile zoo:tiny-lm --target arm64 --backend tvm -o artifacts/tiny-lm-arm64-tvm --force
-	$(EDGEC) deploy artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --json
-	$(EDGEC) profile artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --runs 5 --plot artifacts/tiny-lm-arm64-tvm.png
+	$(EDGEC) deploy artifacts/tiny-lm-arm64-tvm --device qemu-arm64
+	$(EDGEC) profile artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --runs 5 \
+	    --plot artifacts/tiny-lm-arm64-tvm.png --out artifacts/tiny-lm-arm64-tvm.profile.json
+	-$(EDGEC) device down qemu-arm64 --port $(DEMO_PORT) 2>/dev/null
+	$(EDGEC) device up qemu-arm64 --port $(DEMO_PORT)
+	$(EDGEC) profile artifacts/tiny-lm-arm64-tvm --device "rpc://127.0.0.1:$(DEMO_PORT)?key=edgec-qemu-arm64" --runs 5 \
+	    --compare artifacts/tiny-lm-arm64-tvm.profile.json; status=$$?; \
+	$(EDGEC) device down qemu-arm64 --port $(DEMO_PORT); exit $$status
 
 test: install
 	$(PY) -m pytest tests

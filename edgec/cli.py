@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError
+from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, UnsupportedError
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -44,7 +44,12 @@ targets_app = typer.Typer(help="Targets edgec compiles for.", no_args_is_help=Tr
 cache_app = typer.Typer(help="The cache directory (converted models, later tuning databases).", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(targets_app, name="targets")
+device_app = typer.Typer(
+    help="Devices edgec starts itself: a stock TVM RPC server inside the emulated aarch64 user space.",
+    no_args_is_help=True,
+)
 app.add_typer(cache_app, name="cache")
+app.add_typer(device_app, name="device")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -188,10 +193,16 @@ def verify_command(
 @_user_errors
 def deploy_command(
     artifact: Path = typer.Argument(..., help="artifact directory (edgec compile -o DIR)"),
-    device: str = typer.Option(..., "--device", "-d", help="where to deploy: qemu-arm64 (the emulated aarch64 device)"),
+    device: str = typer.Option(
+        ..., "--device", "-d",
+        help="qemu-arm64 | ssh://user@host[:port]/dir[?python=P] | rpc://host:port[?key=K] | tracker://host:port?key=K",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Upload an artifact to a device, check its files and runtime versions there, run parity there."""
+    """Upload an artifact to a device, check its files and runtime versions there, run parity there.
+
+    An artifact built for another architecture than the device is refused before upload.
+    """
     from edgec.deploy import deploy
 
     result = deploy(artifact, device, Progress())
@@ -199,9 +210,13 @@ def deploy_command(
         _emit_json(result)
     else:
         parity = result["parity"]
-        out.print(f"deployed  {artifact} -> {device}:{result['device_path']} ({result['machine']}, emulated)")
-        out.print(f"runtime   {', '.join(f'{k} {v}' for k, v in result['versions'].items())}")
+        where = "emulated" if result["emulated"] else "real"
+        out.print(f"deployed  {artifact} -> {result['device']}:{result['device_path']} ({result['machine']}, {where})")
+        out.print(f"files     {result['hash_check']}")
+        out.print(f"runtime   {', '.join(f'{k} {v}' for k, v in result['versions'].items()) or 'not reported by the device'}")
         out.print(f"parity    {'ok' if parity['ok'] else 'FAILED'} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g})")
+        for figure, why in result.get("unavailable", {}).items():
+            out.print(f"[yellow]not available[/] {figure}: {why}")
     if not result["parity"]["ok"]:
         from edgec.errors import EXIT_CHECK_FAILED
 
@@ -213,20 +228,29 @@ def deploy_command(
 @_user_errors
 def profile_command(
     artifact: Path = typer.Argument(..., help="artifact directory"),
-    device: str = typer.Option(..., "--device", "-d", help="qemu-arm64 (emulated aarch64 device)"),
+    device: str = typer.Option(..., "--device", "-d", help="qemu-arm64 | ssh://... | rpc://... | tracker://... (see deploy --help)"),
     runs: int = typer.Option(10, "--runs", help="timed runs"),
     warmup: int = typer.Option(2, "--warmup", help="untimed runs first"),
     prompt_len: int = typer.Option(32, "--prompt-len", help="causal LMs: prompt tokens for prefill latency"),
     new_tokens: int = typer.Option(16, "--new-tokens", help="causal LMs: decode steps for tokens/s"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart of the per-op time"),
-    compare_with: Optional[Path] = typer.Option(None, "--compare", help="an earlier --json result: print ratios to it"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON (save it to compare later)"),
+    compare_with: Optional[Path] = typer.Option(None, "--compare", help="an earlier result file: print ratios to it"),
+    save: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="write the result file here (JSON; also partial results, marked incomplete, if the device dies)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Latency p50/p90/p99, load time, peak memory, per-op time and tokens/s on a device."""
+    """Latency p50/p90/p99, load time, peak memory, per-op time and tokens/s on a device.
+
+    Over a stock TVM RPC server (rpc://, tracker://) only time_evaluator timings exist;
+    the output lists each unavailable figure and why.
+    """
     from edgec.profile import compare, plot_per_op, profile_artifact
 
-    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress())
+    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress(), save)
     if plot is not None:
+        if not result.get("per_op_ms"):
+            raise UnsupportedError(f"--plot: {result['device']} gives no per-op times ({result.get('unavailable', {}).get('per_op_ms', 'none measured')})")
         plot_per_op(result, plot)
         err.print(f"per-op chart written to {plot}")
     if compare_with is not None:
@@ -236,12 +260,19 @@ def profile_command(
         return
     lat = result["latency"]
     out.print(f"[bold]{result['note']}[/]")
-    out.print(f"{result['entry']:<8} p50 {lat['p50_ms']:.1f} ms  p90 {lat['p90_ms']:.1f}  p99 {lat['p99_ms']:.1f}  mean {lat['mean_ms']:.1f} +- {lat['std_ms']:.1f} ({lat['runs']} runs)")
+    out.print(f"{result['entry']:<8} p50 {lat['p50_ms']:.2f} ms  p90 {lat['p90_ms']:.2f}  p99 {lat['p99_ms']:.2f}  mean {lat['mean_ms']:.2f} +- {lat['std_ms']:.2f} ({lat['runs']} runs)")
     if result.get("decode_tokens_per_s"):
         out.print(f"decode   {result['decode_tokens_per_s']:.1f} tokens/s after a {result['prompt_tokens']}-token prompt")
-    out.print(f"load     {result['load_ms']:.0f} ms; peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB (includes the emulator); artifact {result['size_bytes'] / 1e6:.1f} MB")
-    for name, ms in sorted(result["per_op_ms"].items(), key=lambda kv: -kv[1])[:8]:
+    if result.get("load_ms") is not None:
+        rss = result.get("peak_rss_bytes")
+        memory = f"; peak RSS {rss / 1e6:.0f} MB{' (includes the emulator)' if result['emulated'] else ''}" if rss else ""
+        out.print(f"load     {result['load_ms']:.0f} ms{memory}; artifact {result['size_bytes'] / 1e6:.1f} MB")
+    for name, ms in sorted(result.get("per_op_ms", {}).items(), key=lambda kv: -kv[1])[:8]:
         out.print(f"  {ms:8.2f} ms  {name}")
+    for served in result.get("devices", []):
+        out.print(f"  device {served['server']}: {served['runs']} runs, p50 {served['p50_ms']:.2f} ms")
+    for figure, why in result.get("unavailable", {}).items():
+        out.print(f"[yellow]not available[/] {figure}: {why}")
     for key, ratio in result.get("compare", {}).items():
         out.print(f"  {key}: {ratio:.2f}x")
 
@@ -417,6 +448,56 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")
         return
     for row in rows:
         out.print(f"[bold]{row['name']:<18}[/] {row['description']}\n{'':18} {row['source']}")
+
+
+@device_app.command("up")
+@_user_errors
+def device_up(
+    device: str = typer.Argument("qemu-arm64", help="qemu-arm64"),
+    port: int = typer.Option(9091, "--port", "-p", help="TCP port of the RPC server"),
+    key: str = typer.Option("edgec-qemu-arm64", "--key", help="RPC key (a routing label for trackers, not a password)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback needs --allow-remote"),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="allow a non-loopback --host: anyone who reaches it runs code"),
+    tracker: Optional[str] = typer.Option(None, "--tracker", help="register with a TVM RPC tracker at HOST:PORT"),
+    as_json: bool = typer.Option(False, "--json", help="print the server's state as JSON"),
+) -> None:
+    """Start a stock TVM RPC server inside the emulated device; then use --device rpc://127.0.0.1:PORT?key=KEY."""
+    from edgec.device_server import up
+
+    state = up(device, port, key, host, allow_remote, tracker, Progress())
+    if as_json:
+        _emit_json(state)
+        return
+    out.print(f"{device} up: pid {state['pid']}, {state['uri']}{' via tracker ' + tracker if tracker else ''} (log {state['log']})")
+
+
+@device_app.command("status")
+def device_status(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Servers edgec started that are still running."""
+    from edgec.device_server import known_servers
+
+    servers = known_servers()
+    if as_json:
+        _emit_json(servers)
+        return
+    if not servers:
+        out.print("no device is up (edgec device up qemu-arm64)")
+    for state in servers:
+        listening = "listening" if state["listening"] else "NOT listening"
+        out.print(f"{state['device']:<12} pid {state['pid']:<8} {state['uri']}  {listening}")
+
+
+@device_app.command("down")
+@_user_errors
+def device_down(
+    device: str = typer.Argument("qemu-arm64", help="qemu-arm64"),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="only the server on this port (default: all of this device)"),
+) -> None:
+    """Stop the device's RPC server(s)."""
+    from edgec.device_server import down
+
+    for state in down(device, port):
+        out.print(f"{device} down: pid {state['pid']}, port {state['port']}")
 
 
 @targets_app.command("list")

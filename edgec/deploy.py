@@ -1,71 +1,33 @@
 """`edgec deploy`: upload an artifact to a device, check it there, run parity there.
 
-Devices so far: `qemu-arm64`, the emulated aarch64 user space of
-edgec.targets.device_qemu. The device-side work is done by targets/agent.py,
-uploaded next to the artifact (standard library + numpy + the TVM runtime /
-ONNX Runtime only). Figures from it are emulation, and every result says so.
+Devices (edgec.targets.devices): `qemu-arm64` and `ssh://` run edgec's device-side
+agent (targets/agent.py, uploaded next to the artifact: standard library + numpy
++ the TVM runtime / ONNX Runtime only); `rpc://` and `tracker://` are stock TVM
+RPC servers (edgec.targets.device_rpc). Figures from emulation say so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgec.artifact import MANIFEST, check_hashes, read_manifest
 from edgec.errors import BadInputError, CheckFailedError, DeviceUnreachableError, UnsupportedError
+from edgec.targets.devices import AgentDevice, RpcEndpoint, parse_device, run_streaming
 
-KNOWN_DEVICES = ("qemu-arm64",)
-DEVICE_ARCH = {"qemu-arm64": "aarch64"}
-DEVICE_ROOT = "opt/edgec"
-
-
-def _agent_source() -> Path:
-    from edgec.targets import agent
-
-    return Path(agent.__file__)
+DEFAULT_TIMEOUT_S = 1800.0
 
 
-def _upload(root: Path, rootfs: Path, name: str) -> str:
-    """Copy into the device's file system via a temporary sibling; returns the device path."""
-    parent = rootfs / DEVICE_ROOT / "artifacts"
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    try:
-        for item in root.iterdir():
-            target = tmp / item.name
-            if item.is_dir():
-                shutil.copytree(item, target)
-            else:
-                shutil.copy2(item, target)
-        final = parent / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copy2(_agent_source(), rootfs / DEVICE_ROOT / "agent.py")
-    return f"/{DEVICE_ROOT}/artifacts/{name}"
+class DeviceDied(DeviceUnreachableError):
+    """The device stopped answering mid-command; `partial` holds what it reported first."""
 
-
-def _agent(rootfs: Path, command: str, device_dir: str, timeout_s: float, extra: list[str]) -> dict[str, Any]:
-    from edgec.targets.device_qemu import run_python
-
-    result = run_python(rootfs, [f"/{DEVICE_ROOT}/agent.py", command, device_dir, *extra], timeout_s)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DeviceUnreachableError(f"qemu-arm64: the device agent failed on `{command}` (exit {result.returncode}): {last}")
-    try:
-        return json.loads(result.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        raise DeviceUnreachableError(f"qemu-arm64: the device agent answered `{command}` with no JSON") from None
+    def __init__(self, message: str, partial: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 def _check_versions(manifest: dict[str, Any], versions: dict[str, str]) -> list[str]:
@@ -80,66 +42,112 @@ def _check_versions(manifest: dict[str, Any], versions: dict[str, str]) -> list[
     return problems
 
 
-@dataclass
-class DeviceSession:
-    """An artifact uploaded to a device and checked there."""
-
-    manifest: dict[str, Any]
-    device: str
-    rootfs: Path
-    device_dir: str
-    check: dict[str, Any]
-    timeout_s: float
-
-    def agent(self, command: str, *args: str) -> dict[str, Any]:
-        return _agent(self.rootfs, command, self.device_dir, self.timeout_s, list(args))
-
-
-def upload_and_check(root: Path, device: str, progress: Callable[[str], None], timeout_s: float = 1800.0) -> DeviceSession:
-    """Refuse a wrong architecture before uploading; upload; check hashes and runtime versions on the device."""
-    manifest = read_manifest(root)
-    if device not in KNOWN_DEVICES:
-        raise BadInputError(f"--device {device}: unknown device; known: {', '.join(KNOWN_DEVICES)}")
-    device_arch = DEVICE_ARCH[device]
+def check_architecture(root: Path, manifest: dict[str, Any], device_name: str, device_arch: str) -> None:
     artifact_arch = manifest["target"]["arch"]
     if artifact_arch != device_arch:
+        hint = "--target arm64" if device_arch == "aarch64" else "--target x86_64" if device_arch == "x86_64" else f"a {device_arch} target"
         raise UnsupportedError(
-            f"{root} is built for {manifest['target']['name']} ({artifact_arch}) but {device} is {device_arch}; "
-            "recompile with --target arm64"
+            f"{root} is built for {manifest['target']['name']} ({artifact_arch}) but {device_name} is {device_arch}; "
+            f"recompile with {hint}"
         )
+
+
+def checked_locally(root: Path) -> dict[str, Any]:
+    """The artifact's manifest, after its files were checked against it here (nothing uploaded yet)."""
+    manifest = read_manifest(root)
     hashes = check_hashes(root, manifest)
     if not hashes.ok:
         raise CheckFailedError(f"{root} does not match its manifest ({', '.join(hashes.mismatched + hashes.missing)}); nothing uploaded")
-    from edgec.targets.device_qemu import ensure_rootfs
+    return manifest
 
-    progress(f"{device}: prepare the aarch64 user space (cached after the first time)")
-    rootfs = ensure_rootfs()
+
+@dataclass
+class DeviceSession:
+    """An artifact uploaded to an agent device and checked there."""
+
+    manifest: dict[str, Any]
+    device: AgentDevice
+    device_dir: str
+    check: dict[str, Any]
+    timeout_s: float
+    partial: dict[str, Any] = field(default_factory=dict)
+
+    def agent(self, command: str, *args: str) -> dict[str, Any]:
+        return run_agent(self.device, command, self.device_dir, list(args), self.timeout_s, self.partial)
+
+
+def run_agent(
+    device: AgentDevice, command: str, device_dir: str, extra: list[str], timeout_s: float, partial: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the agent; lines {"partial": {...}} it prints on the way are merged into `partial`."""
+    partial = {} if partial is None else partial
+
+    def on_line(line: str) -> None:
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        if isinstance(message, dict) and isinstance(message.get("partial"), dict):
+            partial.update(message["partial"])
+
+    result = run_streaming(device.agent_command([command, device_dir, *extra]), timeout_s, on_line)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode}" if result.returncode < 0 else "no output"])[-1]
+        raise DeviceDied(f"{device.name}: the device agent stopped during `{command}` (exit {result.returncode}): {last}", partial)
+    for line in reversed(result.stdout.strip().splitlines()):
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(answer, dict) and "partial" not in answer:
+            return answer
+    raise DeviceUnreachableError(f"{device.name}: the device agent answered `{command}` with no JSON")
+
+
+def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S) -> DeviceSession:
+    """Refuse a wrong architecture before uploading; upload; check hashes, runtime versions and ISA features on the device."""
+    manifest = checked_locally(root)
+    progress(f"{device.name}: ask the device what it is")
+    check_architecture(root, manifest, device.name, device.machine())
     digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:12]
-    progress(f"{device}: upload {manifest['size_bytes'] / 1e6:.1f} MB")
-    device_dir = _upload(root, rootfs, f"{root.name}-{digest}")
-    progress(f"{device}: check files and runtime versions on the device")
-    check = _agent(rootfs, "check", device_dir, timeout_s, [])
-    if check["machine"] != device_arch:
-        raise DeviceUnreachableError(f"{device} reports machine {check['machine']}, expected {device_arch}")
+    progress(f"{device.name}: upload {manifest['size_bytes'] / 1e6:.1f} MB")
+    device_dir = device.upload(root, f"{root.name}-{digest}")
+    progress(f"{device.name}: check files, runtime versions and CPU features on the device")
+    check = run_agent(device, "check", device_dir, [], timeout_s)
     if not check["hashes_ok"]:
-        raise CheckFailedError(f"{device}: corrupted upload ({', '.join(check['mismatched'])} differ on the device); nothing was run")
+        raise CheckFailedError(f"{device.name}: corrupted upload ({', '.join(check['mismatched'])} differ on the device); nothing was run")
     problems = _check_versions(manifest, check["versions"])
+    if check.get("missing_features"):
+        problems.append(f"the artifact needs CPU features the device lacks: {', '.join(check['missing_features'])}")
     if problems:
-        raise UnsupportedError(f"{device}: " + "; ".join(problems))
-    return DeviceSession(manifest, device, rootfs, device_dir, check, timeout_s)
+        raise UnsupportedError(f"{device.name}: " + "; ".join(problems))
+    return DeviceSession(manifest, device, device_dir, check, timeout_s)
 
 
-def deploy(root: Path, device: str, progress: Callable[[str], None], timeout_s: float = 1800.0) -> dict[str, Any]:
+def open_device(spec: str) -> AgentDevice | RpcEndpoint:
+    if not spec.strip():
+        raise BadInputError("--device is empty; use qemu-arm64, ssh://..., rpc://... or tracker://...")
+    return parse_device(spec)
+
+
+def deploy(root: Path, device_spec: str, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    device = open_device(device_spec)
+    if isinstance(device, RpcEndpoint):
+        from edgec.targets.device_rpc import deploy_rpc
+
+        return deploy_rpc(root, device, progress)
     session = upload_and_check(root, device, progress, timeout_s)
-    progress(f"{device}: run the reference inputs (emulated: slow, and not ARM performance)")
+    slow = " (emulated: slow, and not ARM performance)" if device.emulated else ""
+    progress(f"{device.name}: run the reference inputs{slow}")
     parity = session.agent("parity")
     return {
         "artifact": str(root),
-        "device": device,
+        "device": device.name,
         "device_path": session.device_dir,
-        "emulated": True,
+        "emulated": device.emulated,
         "machine": session.check["machine"],
         "versions": session.check["versions"],
         "hashes_ok": True,
+        "hash_check": "sha256 of every file, computed on the device",
         "parity": parity,
     }

@@ -8,44 +8,78 @@ an earlier result file.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgec.deploy import upload_and_check
-from edgec.errors import BadInputError
+from edgec.deploy import DeviceDied, open_device, upload_and_check
+from edgec.errors import BadInputError, DeviceUnreachableError
+from edgec.targets.devices import RpcEndpoint
 
 EMULATION_NOTE = "emulated (qemu-user on x86-64): proves the code runs; these are not ARM performance figures"
 
 
+def check_request(runs: int, warmup: int, prompt_len: int, new_tokens: int, max_context: int | None) -> None:
+    if runs < 1:
+        raise BadInputError(f"--runs {runs}: profile needs at least one timed run")
+    if warmup < 0 or prompt_len < 1 or new_tokens < 0:
+        raise BadInputError("--warmup and --new-tokens must be >= 0 and --prompt-len >= 1")
+    if max_context is not None and prompt_len + new_tokens > max_context:
+        raise BadInputError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the artifact's max context {max_context}")
+
+
+def save_result(result: dict[str, Any], path: Path) -> None:
+    """Write a result file completely or not at all (a later --compare reads it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+
+
 def profile_artifact(
     root: Path,
-    device: str,
+    device_spec: str,
     runs: int,
     warmup: int,
     prompt_len: int,
     new_tokens: int,
     progress: Callable[[str], None],
+    out: Path | None = None,
 ) -> dict[str, Any]:
-    if runs < 1:
-        raise BadInputError(f"--runs {runs}: profile needs at least one timed run")
-    if warmup < 0 or prompt_len < 1 or new_tokens < 0:
-        raise BadInputError("--warmup and --new-tokens must be >= 0 and --prompt-len >= 1")
+    """Profile on the device; with `out`, the result file is written, and if the device dies
+    mid-profile, what it measured so far is saved there marked "complete": false."""
+    check_request(runs, warmup, prompt_len, new_tokens, None)
+    device = open_device(device_spec)
+    if isinstance(device, RpcEndpoint):
+        from edgec.targets.device_rpc import profile_rpc
+
+        result = profile_rpc(root, device, runs, warmup, prompt_len, new_tokens, progress)
+        if out is not None:
+            save_result(result, out)
+        return result
     session = upload_and_check(root, device, progress)
-    max_context = session.manifest.get("lm", {}).get("max_context")
-    if max_context is not None and prompt_len + new_tokens > max_context:
-        raise BadInputError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the artifact's max context {max_context}")
-    progress(f"{device}: {warmup} warm-up + {runs} timed runs (emulated: slow)")
-    measured = session.agent("profile", str(runs), str(warmup), str(prompt_len), str(new_tokens))
-    return {
+    check_request(runs, warmup, prompt_len, new_tokens, session.manifest.get("lm", {}).get("max_context"))
+    slow = " (emulated: slow)" if device.emulated else ""
+    progress(f"{device.name}: {warmup} warm-up + {runs} timed runs{slow}")
+    header = {
         "artifact": str(root),
-        "device": device,
+        "device": device.name,
         "backend": session.manifest["backend"],
-        "emulated": True,
-        "note": EMULATION_NOTE,
+        "emulated": device.emulated,
+        "note": EMULATION_NOTE if device.emulated else f"measured on {device.name}",
         "size_bytes": session.manifest["size_bytes"],
-        **measured,
     }
+    try:
+        measured = session.agent("profile", str(runs), str(warmup), str(prompt_len), str(new_tokens))
+    except DeviceDied as died:
+        partial = {**header, **died.partial, "complete": False, "error": died.message}
+        saved = out or Path(f"edgec-profile-{root.name}-incomplete.json")
+        save_result(partial, saved)
+        raise DeviceUnreachableError(f"{died.message}; the results measured before that are saved to {saved}, marked incomplete") from None
+    result = {**header, **measured, "complete": True}
+    if out is not None:
+        save_result(result, out)
+    return result
 
 
 def plot_per_op(result: dict[str, Any], path: Path, top: int = 15) -> None:

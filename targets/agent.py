@@ -288,6 +288,11 @@ def _per_op_ort(root: Path, manifest: dict[str, Any], entry: str, inputs: list[n
     return totals
 
 
+def _report(partial: dict[str, Any]) -> None:
+    """A result so far, one JSON line: if the device dies later, the host keeps these."""
+    print(json.dumps({"partial": partial}), flush=True)
+
+
 def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
     import resource
     import tempfile
@@ -298,6 +303,7 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
     runtime = _Runtime(root, manifest)
     load_ms = (time.perf_counter() - start) * 1e3
     result: dict[str, Any] = {"machine": platform.machine(), "load_ms": load_ms, "versions": _versions()}
+    _report(result)
     if "lm" in manifest:
         ids = reference["prefill.in.0"][:1]
         while ids.shape[1] < prompt_len:
@@ -306,6 +312,7 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
         entry, inputs = "prefill", [ids]
         result["latency"] = _percentiles(_timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
         result["prompt_tokens"] = prompt_len
+        _report({"latency": result["latency"], "prompt_tokens": prompt_len, "entry": entry})
         logits, k, v = runtime.run("prefill", [ids])
         decode_ms = []
         for _ in range(new_tokens):
@@ -315,11 +322,13 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
             decode_ms.append((time.perf_counter() - begin) * 1e3)
         result["decode"] = _percentiles(decode_ms) if decode_ms else None
         result["decode_tokens_per_s"] = 1e3 / float(np.median(decode_ms)) if decode_ms else None
+        _report({"decode": result["decode"], "decode_tokens_per_s": result["decode_tokens_per_s"]})
     else:
         entry = next(iter(manifest["reference"]["entries"]))
         count = len(manifest["reference"]["entries"][entry]["inputs"])
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
         result["latency"] = _percentiles(_timed(lambda: runtime.run(entry, inputs), runs, warmup))
+        _report({"latency": result["latency"], "entry": entry})
     result["entry"] = entry
     with tempfile.TemporaryDirectory() as workdir:
         if manifest["backend"] == "tvm":

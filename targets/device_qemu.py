@@ -12,17 +12,23 @@ Programs run as `qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3 ...`.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from edgec.cache import cached_dir
-from edgec.errors import DeviceUnreachableError, MissingDependencyError
+from edgec.errors import MissingDependencyError
 
 SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "libstdc++6", "libgcc-s1", "coreutils")
-DEVICE_WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy==2.4.6", "onnxruntime==1.32.0")
+# cloudpickle and psutil: the stock TVM RPC server (`edgec device up`) needs them.
+DEVICE_WHEELS = (
+    "apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy==2.4.6", "onnxruntime==1.32.0",
+    "cloudpickle==3.1.3", "psutil==7.2.2",
+)
 SITE = "/opt/edgec-site"
 QEMU = "qemu-aarch64-static"
 CPUINFO = """processor\t: 0
@@ -61,7 +67,8 @@ def _build_rootfs(root: Path) -> None:
             sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location",
             "--target", str(root / SITE.lstrip("/")),
             "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",
-            "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--only-binary=:all:",
+            "--platform", "manylinux2014_aarch64", "--python-version", "3.11", "--implementation", "cp",
+            "--abi", "cp311", "--abi", "abi3", "--only-binary=:all:",
             *DEVICE_WHEELS,
         ],
         check=True,
@@ -77,14 +84,51 @@ def ensure_rootfs() -> Path:
     return cached_dir("devices", rootfs_key(), _build_rootfs)
 
 
-def run_python(root: Path, args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
-    """Run the device's python3 under qemu-user; paths in `args` are device paths."""
-    command = [
-        _require(QEMU, "qemu-user-static"), "-L", str(root),
-        "-E", f"PYTHONPATH={SITE}", "-E", f"EDGEC_QEMU_HOST_ROOT={root}",
-        str(root / "usr/bin/python3"), *args,
-    ]
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DeviceUnreachableError(f"qemu-arm64: {' '.join(args[:2])} gave no answer within {timeout_s:.0f} s") from None
+DEVICE_ROOT = "opt/edgec"
+
+
+class QemuDevice:
+    """The emulated aarch64 user space as a deploy target: files are copied into its
+    file system, and the agent runs under qemu-user (no binfmt_misc needed)."""
+
+    name = "qemu-arm64"
+    emulated = True
+
+    def __init__(self) -> None:
+        self.rootfs = ensure_rootfs()
+
+    def machine(self) -> str:
+        return "aarch64"
+
+    def upload(self, root: Path, name: str) -> str:
+        """Copy into the device's file system via a temporary sibling; returns the device path."""
+        from edgec.targets import agent
+
+        parent = self.rootfs / DEVICE_ROOT / "artifacts"
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+        try:
+            for item in root.iterdir():
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+                else:
+                    shutil.copy2(item, tmp / item.name)
+            final = parent / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copy2(agent.__file__, self.rootfs / DEVICE_ROOT / "agent.py")
+        return f"/{DEVICE_ROOT}/artifacts/{name}"
+
+    def host_path(self, device_path: str) -> Path:
+        return self.rootfs / device_path.lstrip("/")
+
+    def agent_command(self, args: list[str]) -> list[str]:
+        return [
+            _require(QEMU, "qemu-user-static"), "-L", str(self.rootfs),
+            "-E", f"PYTHONPATH={SITE}", "-E", f"EDGEC_QEMU_HOST_ROOT={self.rootfs}",
+            str(self.rootfs / "usr/bin/python3"), f"/{DEVICE_ROOT}/agent.py", *args,
+        ]

@@ -92,3 +92,13 @@ def test_smollm2_compiles_with_parity_and_generates_like_transformers(
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     result = invoke_json("run", str(out), "--prompt", prompt, "--max-new-tokens", "16")
     assert result["tokens"] == transformers_tokens("zoo:smollm2-135m", prompt, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.arm64
+def test_smollm2_compiles_for_arm64_and_deploys_with_parity(tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("smollm2-arm64") / "tvm"
+    summary = invoke_json("compile", "zoo:smollm2-135m", "--target", "arm64", "-o", str(out))
+    assert summary["target"] == "arm64" and "device" in summary["parity"]["reason"]
+    report = invoke_json("deploy", str(out), "--device", "qemu-arm64")
+    assert report["machine"] == "aarch64" and report["parity"]["ok"] is True, report["parity"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import edgec.deploy
 from edgec.cli import app
+from edgec.targets.device_qemu import QemuDevice
 
 pytestmark = pytest.mark.arm64
 runner = CliRunner()
@@ -59,7 +59,7 @@ def test_host_artifact_is_refused_before_upload(tmp_path: Path, tiny_llama_dir: 
 
 def test_unknown_device_and_damaged_artifact(arm64_artifacts: dict[str, Path], tmp_path: Path) -> None:
     result = runner.invoke(app, ["deploy", str(arm64_artifacts["onnx"]), "--device", "toaster"])
-    assert result.exit_code == 2 and "known: qemu-arm64" in result.output
+    assert result.exit_code == 2 and "known forms: qemu-arm64, ssh://" in result.output
     copy = tmp_path / "copy"
     shutil.copytree(arm64_artifacts["onnx"], copy)
     (copy / "model" / "weights.bin").write_bytes(b"0" * 16)
@@ -68,17 +68,17 @@ def test_unknown_device_and_damaged_artifact(arm64_artifacts: dict[str, Path], t
 
 
 def test_corrupted_upload_runs_nothing(arm64_artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    real_upload = edgec.deploy._upload
+    real_upload = QemuDevice.upload
 
-    def corrupting_upload(root: Path, rootfs: Path, name: str) -> str:
-        device_dir = real_upload(root, rootfs, name)
-        weights = rootfs / device_dir.lstrip("/") / "model" / "weights.bin"
+    def corrupting_upload(self: QemuDevice, root: Path, name: str) -> str:
+        device_dir = real_upload(self, root, name)
+        weights = self.host_path(device_dir) / "model" / "weights.bin"
         data = bytearray(weights.read_bytes())
         data[100] ^= 0xFF  # one flipped byte on the way to the device
         weights.write_bytes(bytes(data))
         return device_dir
 
-    monkeypatch.setattr(edgec.deploy, "_upload", corrupting_upload)
+    monkeypatch.setattr(QemuDevice, "upload", corrupting_upload)
     result = runner.invoke(app, ["deploy", str(arm64_artifacts["onnx"]), "--device", "qemu-arm64"])
     assert result.exit_code == 4 and "corrupted upload (model/weights.bin differ on the device); nothing was run" in result.output
 
@@ -109,3 +109,38 @@ def test_profile_on_the_emulated_device(arm64_artifacts: dict[str, Path], backen
 def test_profile_refuses_zero_runs(arm64_artifacts: dict[str, Path]) -> None:
     result = runner.invoke(app, ["profile", str(arm64_artifacts["tvm"]), "--device", "qemu-arm64", "--runs", "0"])
     assert result.exit_code == 2 and "--runs 0" in result.output
+
+
+def test_a_device_dying_mid_profile_leaves_partial_results_marked_incomplete(arm64_artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """The emulator is killed while it profiles (as a board losing power would be): exit 6,
+    and what the device measured before that is saved, marked incomplete."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    saved = tmp_path / "partial.json"
+    edgec = Path(sys.executable).parent / "edgec"
+    profile = subprocess.Popen(
+        [str(edgec), "profile", str(arm64_artifacts["tvm"]), "--device", "qemu-arm64", "--runs", "100000", "--out", str(saved)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        agent_pid = None
+        while agent_pid is None and time.monotonic() < deadline and profile.poll() is None:
+            found = subprocess.run(["pgrep", "-f", "agent.py profile"], capture_output=True, text=True).stdout.split()
+            agent_pid = int(found[0]) if found else None
+            time.sleep(0.5)
+        assert agent_pid is not None, "the agent never started profiling"
+        time.sleep(20)  # past the load, into the timed runs
+        subprocess.run(["kill", "-KILL", str(agent_pid)], check=False)
+        output, _ = profile.communicate(timeout=120)
+    finally:
+        if profile.poll() is None:
+            profile.send_signal(signal.SIGKILL)
+    assert profile.returncode == 6, output
+    assert "stopped during `profile`" in output and "marked incomplete" in output and "Traceback" not in output
+    partial = json.loads(saved.read_text())
+    assert partial["complete"] is False and partial["load_ms"] > 0 and "latency" not in partial
+    assert partial["device"] == "qemu-arm64" and partial["emulated"] is True

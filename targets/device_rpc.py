@@ -1,0 +1,277 @@
+"""Deploy and profile over a stock TVM RPC server (`python3 -m tvm.exec.rpc_server`),
+directly (rpc://) or through a TVM RPC tracker (tracker://).
+
+A stock server runs what edgec uploads only as TVM libraries: it has no agent, so
+  * file integrity is checked by reading each uploaded file back and hashing it;
+  * parity runs the Relax VM remotely on the stored reference inputs;
+  * timings come from `time_evaluator` on the device;
+  * per-op time, peak memory and runtime versions are unavailable, and say why.
+Through a tracker, profiling runs on every free server of the key at once, split
+evenly, and the result lists which server measured what.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.artifact import artifact_file, load_reference
+from edgec.deploy import check_architecture, checked_locally
+from edgec.errors import CheckFailedError, DeviceUnreachableError, UnsupportedError
+from edgec.parity import compare, run_reference, unflatten_io
+from edgec.targets.devices import RpcEndpoint
+
+UNAVAILABLE = {
+    "per_op_ms": "per-kernel time needs VirtualMachine.set_instrument with a Python callback on the device; a stock RPC server runs no uploaded Python (use qemu-arm64 or ssh://)",
+    "peak_rss_bytes": "a stock RPC server reports no memory use",
+    "versions": "a stock RPC server does not report its TVM version; a mismatched runtime fails at load instead",
+}
+
+
+def _reachable(endpoint: RpcEndpoint) -> None:
+    """Fail in seconds, saying which failure, before TVM's own retry loops start."""
+    what = "tracker" if endpoint.tracker else "RPC server"
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=5):
+            pass
+    except ConnectionRefusedError:
+        raise DeviceUnreachableError(f"{endpoint.uri}: connection refused: no {what} listens on {endpoint.host}:{endpoint.port} (start one with `edgec device up`)") from None
+    except (TimeoutError, socket.timeout):
+        raise DeviceUnreachableError(f"{endpoint.uri}: unreachable: {endpoint.host}:{endpoint.port} did not answer within 5 s") from None
+    except OSError as exc:
+        raise DeviceUnreachableError(f"{endpoint.uri}: unreachable: {exc.strerror or exc}") from None
+
+
+class RemoteTVM:
+    """One RPC session holding an artifact's libraries and parameters on the device."""
+
+    def __init__(self, session: Any, server: str) -> None:
+        self.session = session
+        self.server = server
+        self.device = session.cpu()
+        self.vms: dict[str, Any] = {}
+        self.params: dict[str, list[Any]] = {}
+
+    def upload(self, root: Path, manifest: dict[str, Any]) -> float:
+        """Upload every library, check it by reading it back, load it; params go as tensors. Returns load ms."""
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm.runtime.vm import VirtualMachine
+
+        record = manifest["backend_record"]
+        stored = load_file(str(artifact_file(root, manifest, f"model/{record['params_file']}")))
+        load_ms = 0.0
+        cache: dict[str, Any] = {}
+        for entry, info in record["entries"].items():
+            relative = f"model/{info['library']}"
+            local = artifact_file(root, manifest, relative)
+            self.session.upload(str(local), target=info["library"])
+            echoed = hashlib.sha256(bytes(self.session.download(info["library"]))).hexdigest()
+            if echoed != manifest["files"][relative]:
+                raise CheckFailedError(f"{self.server}: corrupted upload ({relative} differs on the device); nothing was run")
+            start = time.perf_counter()
+            library = self.session.load_module(info["library"])
+            load_ms += (time.perf_counter() - start) * 1e3
+            self.vms[entry] = VirtualMachine(library, self.device)
+            for key in info["params"]:
+                if key not in cache:
+                    cache[key] = tvm.runtime.tensor(stored[key], self.device)
+            self.params[entry] = [cache[key] for key in info["params"]]
+        return load_ms
+
+    def _prepare(self, entry: str, inputs: list[Any]) -> Any:
+        import tvm
+
+        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+        vm = self.vms[entry]
+        vm.set_input("main", *args, *self.params[entry])
+        return vm
+
+    def run_remote(self, entry: str, inputs: list[Any]) -> list[Any]:
+        """Outputs stay on the device (decode can take prefill's cache without a round trip)."""
+        vm = self._prepare(entry, inputs)
+        vm.invoke_stateful("main")
+        outputs = vm.get_outputs("main")
+        return list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+
+    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return [x.numpy() for x in self.run_remote(entry, inputs)]
+
+    def time_ms(self, entry: str, inputs: list[Any], runs: int, warmup: int) -> list[float]:
+        vm = self._prepare(entry, inputs)
+        timer = vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=runs + warmup)
+        return [float(seconds) * 1e3 for seconds in timer("main").results[warmup:]]
+
+
+def _sessions(endpoint: RpcEndpoint, progress: Callable[[str], None]) -> list[RemoteTVM]:
+    from tvm import rpc
+
+    _reachable(endpoint)
+    try:
+        if not endpoint.tracker:
+            session = rpc.connect(endpoint.host, endpoint.port, key=endpoint.key, session_timeout=int(endpoint.timeout_s))
+            return [RemoteTVM(session, _server_id(session, f"{endpoint.host}:{endpoint.port}"))]
+        tracker = rpc.connect_tracker(endpoint.host, endpoint.port)
+        queue = tracker.summary().get("queue_info", {})
+        free = int(queue.get(endpoint.key, {}).get("free", 0))
+        deadline = time.monotonic() + 30
+        while free == 0 and endpoint.key in queue and time.monotonic() < deadline:
+            time.sleep(1)  # servers of the key are busy or re-registering after a session
+            queue = tracker.summary().get("queue_info", {})
+            free = int(queue.get(endpoint.key, {}).get("free", 0))
+        if free == 0:
+            known = ", ".join(sorted(queue)) or "none"
+            raise DeviceUnreachableError(f"{endpoint.uri}: the tracker has no free server with key {endpoint.key!r} (keys there: {known})")
+        progress(f"{endpoint.uri}: {free} free device(s) with key {endpoint.key}")
+        sessions = [tracker.request(endpoint.key, session_timeout=int(endpoint.timeout_s), max_retry=2) for _ in range(free)]
+        return [RemoteTVM(s, _server_id(s, f"device {i}")) for i, s in enumerate(sessions)]
+    except DeviceUnreachableError:
+        raise
+    except Exception as exc:  # TVM raises InternalError/RuntimeError with the reason in the text
+        text = str(exc)
+        if "cannot find server that matches key" in text:
+            raise DeviceUnreachableError(f"{endpoint.uri}: wrong key: the server does not accept key {endpoint.key!r}") from None
+        raise DeviceUnreachableError(f"{endpoint.uri}: RPC failed: {text.strip().splitlines()[-1] if text.strip() else type(exc).__name__}") from None
+
+
+def _server_id(session: Any, fallback: str) -> str:
+    """The server's own work directory: unique per server process, so it tells devices apart."""
+    try:
+        return str(session.get_function("tvm.rpc.server.workpath")(""))
+    except Exception:
+        return fallback
+
+
+def _emulated(endpoint: RpcEndpoint) -> bool:
+    """True when the server (or, behind a tracker, every server of the key) is one `edgec device up` started."""
+    from edgec.device_server import known_servers
+
+    if endpoint.host not in ("127.0.0.1", "localhost"):
+        return False
+    ours = known_servers()
+    if endpoint.tracker:
+        return any(s.get("tracker") and s["tracker"].endswith(f":{endpoint.port}") and s["key"] == endpoint.key for s in ours)
+    return any(s["port"] == endpoint.port for s in ours)
+
+
+def _open(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None]) -> tuple[dict[str, Any], list[RemoteTVM], float]:
+    manifest = checked_locally(root)
+    if manifest["backend"] != "tvm":
+        raise UnsupportedError(
+            f"{endpoint.uri}: a stock TVM RPC server runs TVM libraries only; deploy {manifest['backend']} artifacts "
+            "to qemu-arm64 or ssh://"
+        )
+    check_architecture(root, manifest, endpoint.uri, endpoint.arch)
+    remotes = _sessions(endpoint, progress)
+    load_ms = 0.0
+    for remote in remotes:
+        progress(f"{endpoint.uri}: upload to {remote.server}, read back and hash, load")
+        load_ms = max(load_ms, remote.upload(root, manifest))
+    return manifest, remotes, load_ms
+
+
+def deploy_rpc(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None]) -> dict[str, Any]:
+    manifest, remotes, _ = _open(root, endpoint, progress)
+    reference = unflatten_io(load_reference(root))
+    entries = list(manifest["reference"]["entries"])
+    output_names = {e: info["outputs"] for e, info in manifest["reference"]["entries"].items()}
+    rtol = float(manifest["reference"]["tolerance"]["rtol"])
+    results = []
+    for remote in remotes:
+        progress(f"{endpoint.uri}: run the reference inputs on {remote.server}")
+        results.append(compare(reference, run_reference(remote, reference, entries), output_names, rtol))
+    worst = max(results, key=lambda r: (not r.ok, (r.max_abs_diff or 0) / (r.tolerance or 1)))
+    return {
+        "artifact": str(root),
+        "device": endpoint.uri,
+        "device_path": ", ".join(r.server for r in remotes),
+        "emulated": _emulated(endpoint),
+        "machine": f"{endpoint.arch} (as declared by the URI; a stock server cannot report it)",
+        "versions": {},
+        "hashes_ok": True,
+        "hash_check": "sha256 of every uploaded library, read back from the device",
+        "servers": [r.server for r in remotes],
+        "parity": worst.to_json(),
+        "unavailable": {"versions": UNAVAILABLE["versions"]},
+    }
+
+
+def _prompt(root: Path, length: int) -> np.ndarray:
+    ids = load_reference(root)["prefill.in.0"][:1]
+    while ids.shape[1] < length:
+        ids = np.concatenate([ids, ids], axis=1)
+    return np.ascontiguousarray(ids[:, :length])
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
+    values = np.asarray(times)
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p90_ms": float(np.percentile(values, 90)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+        "std_ms": float(values.std()),
+        "runs": len(times),
+    }
+
+
+def profile_rpc(
+    root: Path, endpoint: RpcEndpoint, runs: int, warmup: int, prompt_len: int, new_tokens: int, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    manifest, remotes, load_ms = _open(root, endpoint, progress)
+    is_lm = "lm" in manifest
+    if is_lm:
+        entry, inputs = "prefill", [_prompt(root, prompt_len)]
+    else:
+        entry = next(iter(manifest["reference"]["entries"]))
+        reference = load_reference(root)
+        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(manifest["reference"]["entries"][entry]["inputs"]))]
+    share = [runs // len(remotes) + (1 if i < runs % len(remotes) else 0) for i in range(len(remotes))]
+    latency: list[float] = []
+    decode: list[float] = []
+    served = []
+    for remote, count in zip(remotes, share):
+        if count == 0:
+            continue
+        progress(f"{endpoint.uri}: {warmup} warm-up + {count} timed runs on {remote.server}")
+        times = remote.time_ms(entry, inputs, count, warmup)
+        latency += times
+        served.append({"server": remote.server, "runs": len(times), "p50_ms": float(np.median(times))})
+    if is_lm and new_tokens > 0:
+        remote = remotes[0]
+        _, k, v = remote.run_remote("prefill", inputs)
+        token = np.asarray([[int(inputs[0][0, -1])]], dtype=np.int64)
+        decode = remote.time_ms("decode", [token, k, v], new_tokens, 1)
+    result: dict[str, Any] = {
+        "artifact": str(root),
+        "device": endpoint.uri,
+        "backend": "tvm",
+        "emulated": _emulated(endpoint),
+        "size_bytes": manifest["size_bytes"],
+        "entry": entry,
+        "latency": _percentiles(latency),
+        "load_ms": load_ms,
+        "load_note": "remote load_module time seen from the host (one RPC round trip included)",
+        "devices": served,
+        "unavailable": dict(UNAVAILABLE),
+        "complete": True,
+    }
+    result["note"] = (
+        "emulated (qemu-user on x86-64) behind a stock TVM RPC server: not ARM performance"
+        if result["emulated"]
+        else f"measured by time_evaluator on {endpoint.uri}"
+    )
+    if is_lm:
+        result["prompt_tokens"] = prompt_len
+        if decode:
+            result["decode"] = _percentiles(decode)
+            result["decode_tokens_per_s"] = 1e3 / float(np.median(decode))
+            result["decode_note"] = f"one decode step after the {prompt_len}-token prompt, repeated by time_evaluator"
+    return json.loads(json.dumps(result))

@@ -1,0 +1,148 @@
+"""edgec deploy over ssh:// against a real sshd: a private one on 127.0.0.1, so this
+machine is the device. Artifacts for the host pass parity there; a wrong key, a closed
+port and an arm64 artifact are refused with the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+from edgec.errors import MissingDependencyError
+from edgec.targets.device_ssh import SshDevice
+
+pytestmark = pytest.mark.compile
+runner = CliRunner()
+SSHD = Path("/usr/sbin/sshd")
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    key: Path
+    wrong_key: Path
+    known_hosts: Path
+    device_dir: Path
+
+    def uri(self, key: Path | None = None, port: int | None = None) -> str:
+        return (
+            f"ssh://root@127.0.0.1:{port or self.port}{self.device_dir}"
+            f"?python={sys.executable}&identity={key or self.key}&known_hosts={self.known_hosts}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    # `make test` installs openssh-server and openssh-client: missing, this is a failure, not a skip.
+    assert SSHD.exists() and shutil.which("ssh") is not None, "needs openssh-server and openssh-client (`make test` installs them)"
+    root = tmp_path_factory.mktemp("sshd")
+    host_key, key, wrong_key = (_keygen(root / name) for name in ("host_key", "client_key", "wrong_key"))
+    (root / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+    port = _free_port()
+    config = root / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+        # pytest's tmp directories are not the 0700 home directories sshd insists on otherwise.
+        f"StrictModes no\nUsePAM no\nPidFile {root / 'sshd.pid'}\n"
+    )
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+    log = (root / "sshd.log").open("w")
+    process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"sshd did not start: {(root / 'sshd.log').read_text()}")
+                time.sleep(0.1)
+        yield Sshd(port, key, wrong_key, root / "known_hosts", root / "device")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ssh-artifacts")
+    built = {}
+    for target, backend in (("cpu", "tvm"), ("cpu", "onnx"), ("arm64", "onnx")):
+        out = root / f"tiny-llama-{target}-{backend}"
+        result = runner.invoke(app, ["compile", str(tiny_llama_dir), "--target", target, "--backend", backend, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        built[f"{target}-{backend}"] = out
+    return built
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_deploy_passes_parity_over_ssh(sshd: Sshd, artifacts: dict[str, Path], backend: str) -> None:
+    artifact = artifacts[f"cpu-{backend}"]
+    result = runner.invoke(app, ["deploy", str(artifact), "--device", sshd.uri(), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["machine"] == platform.machine() and report["emulated"] is False and report["hashes_ok"] is True
+    assert report["parity"]["ok"] is True
+    device_dir = Path(report["device_path"])
+    assert device_dir.parent == sshd.device_dir / "artifacts" and device_dir.name.startswith(artifact.name)
+    uploaded = sorted(p.relative_to(device_dir) for p in device_dir.rglob("*") if p.is_file())
+    assert uploaded == sorted(p.relative_to(artifact) for p in artifact.rglob("*") if p.is_file())
+    assert (sshd.device_dir / "agent.py").is_file()
+    # Nothing half-uploaded is left beside the artifact.
+    assert not [p for p in (sshd.device_dir / "artifacts").iterdir() if p.name.startswith(".")]
+
+
+def test_wrong_key_is_unreachable(sshd: Sshd, artifacts: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["deploy", str(artifacts["cpu-onnx"]), "--device", sshd.uri(key=sshd.wrong_key)])
+    assert result.exit_code == 6 and "Permission denied" in result.output and "Traceback" not in result.output, result.output
+
+
+def test_closed_port_is_unreachable(sshd: Sshd, artifacts: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["deploy", str(artifacts["cpu-onnx"]), "--device", sshd.uri(port=_free_port())])
+    assert result.exit_code == 6 and "refused" in result.output.lower() and "Traceback" not in result.output, result.output
+
+
+def test_arm64_artifact_is_refused_before_upload(sshd: Sshd, artifacts: dict[str, Path]) -> None:
+    artifact = artifacts["arm64-onnx"]
+    result = runner.invoke(app, ["deploy", str(artifact), "--device", sshd.uri()])
+    assert result.exit_code == 3 and "built for arm64 (aarch64)" in result.output, result.output
+    uploads = sshd.device_dir / "artifacts"
+    assert not uploads.exists() or not [p for p in uploads.iterdir() if p.name.startswith(artifact.name)]
+
+
+def test_ssh_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    device = SshDevice("ssh://pi@board/opt/e/", "pi", "board", 2222, "/opt/e/", "python3", "/k", known_hosts="/kh")
+    argv = device.agent_command(["check", "/opt/e/artifacts/a b"])
+    assert argv[-1] == "python3 /opt/e/agent.py check '/opt/e/artifacts/a b'"
+    assert argv[-3:-1] == ["pi@board", "--"]
+    assert {"BatchMode=yes", "UserKnownHostsFile=/kh"} <= set(argv) and ["-p", "2222"] == argv[1:3]
+    assert argv[argv.index("-i") + 1] == "/k"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(MissingDependencyError, match="openssh-client"):
+        device.machine()

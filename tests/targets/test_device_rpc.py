@@ -1,0 +1,160 @@
+"""rpc:// and tracker:// against stock TVM servers: `edgec device up qemu-arm64` runs
+`python3 -m tvm.exec.rpc_server` inside the emulated aarch64 user space, and the
+tracker is TVM's own `python -m tvm.exec.rpc_tracker`, both on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+pytestmark = pytest.mark.arm64
+runner = CliRunner()
+DIRECT_KEY = "edgec-test-direct"
+POOL_KEY = "edgec-test-pool"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _compile(model: Path, out: Path, *args: str) -> Path:
+    result = runner.invoke(app, ["compile", str(model), "-o", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rpc")
+    return {
+        "arm64": _compile(tiny_llama_dir, root / "arm64-tvm", "--target", "arm64"),
+        "arm64-onnx": _compile(tiny_llama_dir, root / "arm64-onnx", "--target", "arm64", "--backend", "onnx"),
+        "host": _compile(tiny_llama_dir, root / "host-tvm", "--target", "cpu"),
+    }
+
+
+@pytest.fixture(scope="module")
+def devices() -> Iterator[dict[str, int]]:
+    """One device served directly, and two behind a stock tracker (same key)."""
+    tracker_port = _free_port()
+    tracker = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    ports = {"direct": _free_port(), "pool-a": _free_port(), "pool-b": _free_port(), "tracker": tracker_port}
+    started = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", tracker_port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the stock tracker did not start"
+                time.sleep(0.5)
+        for name, key, extra in (
+            ("direct", DIRECT_KEY, []),
+            ("pool-a", POOL_KEY, ["--tracker", f"127.0.0.1:{tracker_port}"]),
+            ("pool-b", POOL_KEY, ["--tracker", f"127.0.0.1:{tracker_port}"]),
+        ):
+            result = runner.invoke(app, ["device", "up", "qemu-arm64", "--port", str(ports[name]), "--key", key, *extra, "--json"])
+            assert result.exit_code == 0, result.output
+            started.append(ports[name])
+        time.sleep(2)  # servers register with the tracker after they listen
+        yield ports
+    finally:
+        for port in started:
+            runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(port)])
+        os.killpg(tracker.pid, signal.SIGTERM)  # the tracker serves from a child process
+        tracker.wait(timeout=30)
+
+
+def _uri(ports: dict[str, int], key: str = DIRECT_KEY) -> str:
+    return f"rpc://127.0.0.1:{ports['direct']}?key={key}&timeout=300"
+
+
+def test_device_status_lists_listening_servers(devices: dict[str, int]) -> None:
+    result = runner.invoke(app, ["device", "status", "--json"])
+    assert result.exit_code == 0
+    servers = {s["port"]: s for s in json.loads(result.stdout)}
+    for name in ("direct", "pool-a", "pool-b"):
+        state = servers[devices[name]]
+        assert state["listening"] is True and state["host"] == "127.0.0.1" and state["emulated"] is True
+    assert servers[devices["direct"]]["uri"] == f"rpc://127.0.0.1:{devices['direct']}?key={DIRECT_KEY}"
+
+
+def test_rpc_deploy_passes_parity_on_a_stock_server(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", _uri(devices), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parity"]["ok"] is True and report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert report["emulated"] is True and "read back from the device" in report["hash_check"]
+    assert "versions" in report["unavailable"]
+
+
+def test_rpc_profile_gives_time_evaluator_figures_and_names_the_missing_ones(
+    devices: dict[str, int], artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    saved = tmp_path / "rpc.json"
+    args = ["profile", str(artifacts["arm64"]), "--device", _uri(devices), "--runs", "4", "--new-tokens", "3", "--out", str(saved)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["latency"]["runs"] == 4 and 0 < report["latency"]["p50_ms"] <= report["latency"]["p99_ms"]
+    assert report["decode"]["runs"] == 3 and report["decode_tokens_per_s"] > 0
+    assert set(report["unavailable"]) == {"per_op_ms", "peak_rss_bytes", "versions"}
+    assert json.loads(saved.read_text())["complete"] is True
+    text = runner.invoke(app, args)
+    assert text.exit_code == 0 and "not available per_op_ms" in text.output and "emulated" in text.output
+    plot = runner.invoke(app, [*args, "--plot", str(tmp_path / "ops.png")])
+    assert plot.exit_code == 3 and "gives no per-op times" in plot.output and not (tmp_path / "ops.png").exists()
+
+
+def test_tracker_spreads_profiling_over_both_devices(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
+    uri = f"tracker://127.0.0.1:{devices['tracker']}?key={POOL_KEY}&timeout=300"
+    result = runner.invoke(app, ["profile", str(artifacts["arm64"]), "--device", uri, "--runs", "6", "--new-tokens", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    served = report["devices"]
+    assert len(served) == 2 and len({s["server"] for s in served}) == 2, served
+    assert [s["runs"] for s in served] == [3, 3] and report["latency"]["runs"] == 6
+    assert report["emulated"] is True
+    deploy = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", uri, "--json"])
+    assert deploy.exit_code == 0, deploy.output
+    assert len(json.loads(deploy.stdout)["servers"]) == 2
+
+
+def test_rpc_bad_inputs_exit_with_the_device_code(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
+    wrong_key = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", _uri(devices, key="not-the-key")])
+    assert wrong_key.exit_code == 6 and "wrong key" in wrong_key.output and "Traceback" not in wrong_key.output
+    refused = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", f"rpc://127.0.0.1:{_free_port()}?key=k"])
+    assert refused.exit_code == 6 and "connection refused" in refused.output
+    no_pool = runner.invoke(app, ["profile", str(artifacts["arm64"]), "--device", f"tracker://127.0.0.1:{devices['tracker']}?key=nobody"])
+    assert no_pool.exit_code == 6 and "no free server with key 'nobody'" in no_pool.output
+    onnx = runner.invoke(app, ["deploy", str(artifacts["arm64-onnx"]), "--device", _uri(devices)])
+    assert onnx.exit_code == 3 and "TVM libraries only" in onnx.output
+    host = runner.invoke(app, ["deploy", str(artifacts["host"]), "--device", _uri(devices)])
+    assert host.exit_code == 3 and "(x86_64) but" in host.output and "is aarch64" in host.output
+
+
+def test_device_up_refuses_other_addresses_and_busy_ports(devices: dict[str, int]) -> None:
+    remote = runner.invoke(app, ["device", "up", "qemu-arm64", "--host", "0.0.0.0", "--port", str(_free_port())])
+    assert remote.exit_code == 2 and "--allow-remote" in remote.output and "no password" in remote.output
+    busy = runner.invoke(app, ["device", "up", "qemu-arm64", "--port", str(devices["direct"])])
+    assert busy.exit_code == 2 and "already up" in busy.output
+    down = runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(_free_port())])
+    assert down.exit_code == 2 and "is not up" in down.output
