@@ -40,12 +40,9 @@ def agent(command: str, artifact: Path, *args: str) -> dict[str, Any]:
 def prompt_ids(artifact: Path, length: int) -> np.ndarray:
     """The agent's profile prompt: the artifact's reference prompt, repeated to `length`."""
     sys.path.insert(0, str(AGENT.parent))
-    from agent import read_safetensors
+    from agent import profile_prompt, read_safetensors
 
-    ids = read_safetensors(artifact / "reference.safetensors")["prefill.in.0"][:1]
-    while ids.shape[1] < length:
-        ids = np.concatenate([ids, ids], axis=1)
-    return np.ascontiguousarray(ids[:, :length])
+    return profile_prompt(read_safetensors(artifact / "reference.safetensors"), length)
 
 
 def torch_peer(model_dir: Path, dtype_name: str, ids: np.ndarray, runs: int, warmup: int, new_tokens: int) -> dict[str, Any]:

@@ -107,8 +107,9 @@ def run_agent(
 def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S) -> DeviceSession:
     """Refuse a wrong architecture before uploading; upload; check hashes, runtime versions and ISA features on the device."""
     manifest = checked_locally(root)
-    progress(f"{device.name}: ask the device what it is")
-    check_architecture(root, manifest, device.name, device.machine())
+    if manifest["target"]["arch"] != "cuda":  # a GPU is found by the agent's check, on the device
+        progress(f"{device.name}: ask the device what it is")
+        check_architecture(root, manifest, device.name, device.machine())
     digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:12]
     progress(f"{device.name}: upload {manifest['size_bytes'] / 1e6:.1f} MB")
     device_dir = device.upload(root, f"{root.name}-{digest}")
@@ -118,7 +119,7 @@ def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], 
         raise CheckFailedError(f"{device.name}: corrupted upload ({', '.join(check['mismatched'])} differ on the device); nothing was run")
     problems = _check_versions(manifest, check["versions"])
     if check.get("missing_features"):
-        problems.append(f"the artifact needs CPU features the device lacks: {', '.join(check['missing_features'])}")
+        problems.append(f"the artifact needs features the device lacks: {', '.join(check['missing_features'])}")
     if problems:
         raise UnsupportedError(f"{device.name}: " + "; ".join(problems))
     return DeviceSession(manifest, device, device_dir, check, timeout_s)

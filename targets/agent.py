@@ -221,7 +221,7 @@ def parity(root: Path) -> dict[str, Any]:
     return {"ok": ok, "max_abs_diff": worst["max_abs_diff"], "tolerance": worst["tolerance"], "rtol": rtol, "outputs": outputs}
 
 
-def _percentiles(times_ms: list[float]) -> dict[str, float]:
+def percentiles(times_ms: list[float]) -> dict[str, float]:
     values = np.asarray(times_ms)
     return {
         "p50_ms": float(np.percentile(values, 50)),
@@ -231,6 +231,14 @@ def _percentiles(times_ms: list[float]) -> dict[str, float]:
         "std_ms": float(values.std()),
         "runs": len(times_ms),
     }
+
+
+def profile_prompt(reference: dict[str, np.ndarray], length: int) -> np.ndarray:
+    """The artifact's reference prompt, repeated to `length` tokens (same ids on every device)."""
+    ids = reference["prefill.in.0"][:1]
+    while ids.shape[1] < length:
+        ids = np.concatenate([ids, ids], axis=1)
+    return np.ascontiguousarray(ids[:, :length])
 
 
 def _timed(call: Any, runs: int, warmup: int) -> list[float]:
@@ -305,12 +313,9 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
     result: dict[str, Any] = {"machine": platform.machine(), "load_ms": load_ms, "versions": _versions()}
     _report(result)
     if "lm" in manifest:
-        ids = reference["prefill.in.0"][:1]
-        while ids.shape[1] < prompt_len:
-            ids = np.concatenate([ids, ids], axis=1)
-        ids = np.ascontiguousarray(ids[:, :prompt_len])
+        ids = profile_prompt(reference, prompt_len)
         entry, inputs = "prefill", [ids]
-        result["latency"] = _percentiles(_timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
+        result["latency"] = percentiles(_timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
         result["prompt_tokens"] = prompt_len
         _report({"latency": result["latency"], "prompt_tokens": prompt_len, "entry": entry})
         logits, k, v = runtime.run("prefill", [ids])
@@ -320,14 +325,14 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
             begin = time.perf_counter()
             logits, k, v = runtime.run("decode", [token, k, v])
             decode_ms.append((time.perf_counter() - begin) * 1e3)
-        result["decode"] = _percentiles(decode_ms) if decode_ms else None
+        result["decode"] = percentiles(decode_ms) if decode_ms else None
         result["decode_tokens_per_s"] = 1e3 / float(np.median(decode_ms)) if decode_ms else None
         _report({"decode": result["decode"], "decode_tokens_per_s": result["decode_tokens_per_s"]})
     else:
         entry = next(iter(manifest["reference"]["entries"]))
         count = len(manifest["reference"]["entries"][entry]["inputs"])
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
-        result["latency"] = _percentiles(_timed(lambda: runtime.run(entry, inputs), runs, warmup))
+        result["latency"] = percentiles(_timed(lambda: runtime.run(entry, inputs), runs, warmup))
         _report({"latency": result["latency"], "entry": entry})
     result["entry"] = entry
     with tempfile.TemporaryDirectory() as workdir:

@@ -13,7 +13,6 @@ evenly, and the result lists which server measured what.
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from edgec.artifact import artifact_file, load_reference
 from edgec.deploy import check_architecture, checked_locally
 from edgec.errors import CheckFailedError, DeviceUnreachableError, UnsupportedError
 from edgec.parity import compare, run_reference, unflatten_io
+from edgec.targets.agent import percentiles, profile_prompt
 from edgec.targets.devices import RpcEndpoint
 
 UNAVAILABLE = {
@@ -203,32 +203,13 @@ def deploy_rpc(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None
     }
 
 
-def _prompt(root: Path, length: int) -> np.ndarray:
-    ids = load_reference(root)["prefill.in.0"][:1]
-    while ids.shape[1] < length:
-        ids = np.concatenate([ids, ids], axis=1)
-    return np.ascontiguousarray(ids[:, :length])
-
-
-def _percentiles(times: list[float]) -> dict[str, float]:
-    values = np.asarray(times)
-    return {
-        "p50_ms": float(np.percentile(values, 50)),
-        "p90_ms": float(np.percentile(values, 90)),
-        "p99_ms": float(np.percentile(values, 99)),
-        "mean_ms": float(values.mean()),
-        "std_ms": float(values.std()),
-        "runs": len(times),
-    }
-
-
 def profile_rpc(
     root: Path, endpoint: RpcEndpoint, runs: int, warmup: int, prompt_len: int, new_tokens: int, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     manifest, remotes, load_ms = _open(root, endpoint, progress)
     is_lm = "lm" in manifest
     if is_lm:
-        entry, inputs = "prefill", [_prompt(root, prompt_len)]
+        entry, inputs = "prefill", [profile_prompt(load_reference(root), prompt_len)]
     else:
         entry = next(iter(manifest["reference"]["entries"]))
         reference = load_reference(root)
@@ -256,7 +237,7 @@ def profile_rpc(
         "emulated": _emulated(endpoint),
         "size_bytes": manifest["size_bytes"],
         "entry": entry,
-        "latency": _percentiles(latency),
+        "latency": percentiles(latency),
         "load_ms": load_ms,
         "load_note": "remote load_module time seen from the host (one RPC round trip included)",
         "devices": served,
@@ -271,7 +252,7 @@ def profile_rpc(
     if is_lm:
         result["prompt_tokens"] = prompt_len
         if decode:
-            result["decode"] = _percentiles(decode)
+            result["decode"] = percentiles(decode)
             result["decode_tokens_per_s"] = 1e3 / float(np.median(decode))
             result["decode_note"] = f"one decode step after the {prompt_len}-token prompt, repeated by time_evaluator"
-    return json.loads(json.dumps(result))
+    return result

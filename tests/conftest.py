@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ TINY_CONFIG = dict(
     max_position_embeddings=64,
     tie_word_embeddings=True,
 )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (servers started by tests bind to it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def make_tiny_llama(seed: int = 0) -> torch.nn.Module:

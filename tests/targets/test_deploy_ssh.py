@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
+from tests.conftest import free_port
 from edgec.errors import MissingDependencyError
 from edgec.targets.device_ssh import SshDevice
 
@@ -42,12 +43,6 @@ class Sshd:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _keygen(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path
@@ -60,7 +55,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     root = tmp_path_factory.mktemp("sshd")
     host_key, key, wrong_key = (_keygen(root / name) for name in ("host_key", "client_key", "wrong_key"))
     (root / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-    port = _free_port()
+    port = free_port()
     config = root / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
@@ -124,7 +119,7 @@ def test_wrong_key_is_unreachable(sshd: Sshd, artifacts: dict[str, Path]) -> Non
 
 
 def test_closed_port_is_unreachable(sshd: Sshd, artifacts: dict[str, Path]) -> None:
-    result = runner.invoke(app, ["deploy", str(artifacts["cpu-onnx"]), "--device", sshd.uri(port=_free_port())])
+    result = runner.invoke(app, ["deploy", str(artifacts["cpu-onnx"]), "--device", sshd.uri(port=free_port())])
     assert result.exit_code == 6 and "refused" in result.output.lower() and "Traceback" not in result.output, result.output
 
 

@@ -18,17 +18,12 @@ import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.arm64
 runner = CliRunner()
 DIRECT_KEY = "edgec-test-direct"
 POOL_KEY = "edgec-test-pool"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _compile(model: Path, out: Path, *args: str) -> Path:
@@ -50,12 +45,12 @@ def artifacts(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def devices() -> Iterator[dict[str, int]]:
     """One device served directly, and two behind a stock tracker (same key)."""
-    tracker_port = _free_port()
+    tracker_port = free_port()
     tracker = subprocess.Popen(
         [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    ports = {"direct": _free_port(), "pool-a": _free_port(), "pool-b": _free_port(), "tracker": tracker_port}
+    ports = {"direct": free_port(), "pool-a": free_port(), "pool-b": free_port(), "tracker": tracker_port}
     started = []
     try:
         deadline = time.monotonic() + 60
@@ -141,7 +136,7 @@ def test_tracker_spreads_profiling_over_both_devices(devices: dict[str, int], ar
 def test_rpc_bad_inputs_exit_with_the_device_code(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
     wrong_key = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", _uri(devices, key="not-the-key")])
     assert wrong_key.exit_code == 6 and "wrong key" in wrong_key.output and "Traceback" not in wrong_key.output
-    refused = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", f"rpc://127.0.0.1:{_free_port()}?key=k"])
+    refused = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", f"rpc://127.0.0.1:{free_port()}?key=k"])
     assert refused.exit_code == 6 and "connection refused" in refused.output
     no_pool = runner.invoke(app, ["profile", str(artifacts["arm64"]), "--device", f"tracker://127.0.0.1:{devices['tracker']}?key=nobody"])
     assert no_pool.exit_code == 6 and "no free server with key 'nobody'" in no_pool.output
@@ -152,9 +147,9 @@ def test_rpc_bad_inputs_exit_with_the_device_code(devices: dict[str, int], artif
 
 
 def test_device_up_refuses_other_addresses_and_busy_ports(devices: dict[str, int]) -> None:
-    remote = runner.invoke(app, ["device", "up", "qemu-arm64", "--host", "0.0.0.0", "--port", str(_free_port())])
+    remote = runner.invoke(app, ["device", "up", "qemu-arm64", "--host", "0.0.0.0", "--port", str(free_port())])
     assert remote.exit_code == 2 and "--allow-remote" in remote.output and "no password" in remote.output
     busy = runner.invoke(app, ["device", "up", "qemu-arm64", "--port", str(devices["direct"])])
     assert busy.exit_code == 2 and "already up" in busy.output
-    down = runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(_free_port())])
+    down = runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(free_port())])
     assert down.exit_code == 2 and "is not up" in down.output
