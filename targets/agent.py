@@ -128,7 +128,8 @@ def missing_features(target: dict[str, Any]) -> list[str]:
         have = _cuda_capability()
         if have is None:
             return ["a CUDA GPU (none found, or no driver)"]
-        # TVM embeds PTX, which the driver compiles for newer GPUs, never for older ones.
+        # The CUDA source is generated for the target's arch and compiled here at load:
+        # newer GPUs run it, older ones may lack instructions it uses.
         need = required[0] if required else "sm_50"
         return [f"{need} (GPU is {have})"] if int(have[3:]) < int(need[3:]) else []
     flags = cpu_flags()
@@ -163,7 +164,10 @@ class _Runtime:
         self.backend = manifest["backend"]
         if self.backend == "tvm":
             on_gpu = manifest["target"].get("arch") == "cuda"
-            tvm = _tvm_with_cuda() if on_gpu else __import__("tvm")
+            if on_gpu:
+                tvm = _tvm_with_cuda()
+            else:
+                import tvm
             from tvm.runtime.vm import VirtualMachine
 
             self._tvm = tvm

@@ -51,7 +51,9 @@ GPU_CAPABILITIES = {
 }
 
 # LLVM feature name -> the name Linux shows in /proc/cpuinfo. Only these are recorded
-# in an artifact and checked where it loads: they change the code LLVM may emit.
+# in an artifact and checked where it loads: they change the code LLVM may emit for
+# tensor kernels. Crypto and CRC are left out: kernels never use them, and the
+# Raspberry Pi 4's SoC lacks the crypto extension that LLVM's cortex-a72 assumes.
 ISA_FLAGS = {
     "x86_64": {
         "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
@@ -62,8 +64,7 @@ ISA_FLAGS = {
     },
     "aarch64": {
         "fp-armv8": "fp", "neon": "asimd", "dotprod": "asimddp", "fullfp16": "asimdhp", "i8mm": "i8mm",
-        "bf16": "bf16", "sve": "sve", "sve2": "sve2", "lse": "atomics", "rdm": "asimdrdm", "crc": "crc32",
-        "aes": "aes", "sha2": "sha2", "rcpc": "lrcpc",
+        "bf16": "bf16", "sve": "sve", "sve2": "sve2", "lse": "atomics", "rdm": "asimdrdm", "rcpc": "lrcpc",
     },
 }
 
