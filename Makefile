@@ -54,7 +54,7 @@ demo: install
 	$(EDGEC) deploy artifacts/tiny-lm-arm64-tvm --device qemu-arm64
 	$(EDGEC) profile artifacts/tiny-lm-arm64-tvm --device qemu-arm64 --runs 5 \
 	    --plot artifacts/tiny-lm-arm64-tvm.png --out artifacts/tiny-lm-arm64-tvm.profile.json
-	-$(EDGEC) device down qemu-arm64 --port $(DEMO_PORT) 2>/dev/null
+	@$(EDGEC) device down qemu-arm64 --port $(DEMO_PORT) >/dev/null 2>&1 || true
 	$(EDGEC) device up qemu-arm64 --port $(DEMO_PORT)
 	$(EDGEC) profile artifacts/tiny-lm-arm64-tvm --device "rpc://127.0.0.1:$(DEMO_PORT)?key=edgec-qemu-arm64" --runs 5 \
 	    --compare artifacts/tiny-lm-arm64-tvm.profile.json; status=$$?; \

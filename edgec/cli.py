@@ -267,6 +267,8 @@ def profile_command(
         rss = result.get("peak_rss_bytes")
         memory = f"; peak RSS {rss / 1e6:.0f} MB{' (includes the emulator)' if result['emulated'] else ''}" if rss else ""
         out.print(f"load     {result['load_ms']:.0f} ms{memory}; artifact {result['size_bytes'] / 1e6:.1f} MB")
+    if result.get("library_load_ms") is not None:
+        out.print(f"load     {result['library_load_ms']:.0f} ms to load the libraries over RPC; artifact {result['size_bytes'] / 1e6:.1f} MB")
     for name, ms in sorted(result.get("per_op_ms", {}).items(), key=lambda kv: -kv[1])[:8]:
         out.print(f"  {ms:8.2f} ms  {name}")
     for served in result.get("devices", []):

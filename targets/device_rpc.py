@@ -238,8 +238,9 @@ def profile_rpc(
         "size_bytes": manifest["size_bytes"],
         "entry": entry,
         "latency": percentiles(latency),
-        "load_ms": load_ms,
-        "load_note": "remote load_module time seen from the host (one RPC round trip included)",
+        # Not the agent's load_ms (libraries + weights + VM): not comparable, so named apart.
+        "library_load_ms": load_ms,
+        "library_load_note": "remote load_module of the libraries, seen from the host (RPC round trips included)",
         "devices": served,
         "unavailable": dict(UNAVAILABLE),
         "complete": True,
