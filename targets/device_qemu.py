@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from functools import cached_property
 from pathlib import Path
 
 from edgec.cache import cached_dir
@@ -94,8 +95,10 @@ class QemuDevice:
     name = "qemu-arm64"
     emulated = True
 
-    def __init__(self) -> None:
-        self.rootfs = ensure_rootfs()
+    @cached_property
+    def rootfs(self) -> Path:
+        """Built on first use (not when the URI is parsed), so bad input is refused first."""
+        return ensure_rootfs()
 
     def machine(self) -> str:
         return "aarch64"

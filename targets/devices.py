@@ -17,6 +17,7 @@ the server can do (TVM artifacts, time_evaluator timings) and says what is missi
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -107,7 +108,7 @@ def parse_device(uri: str) -> AgentDevice | RpcEndpoint:
     raise BadInputError(f"--device {uri}: unknown scheme {parts.scheme!r}; known forms: {FORMS}")
 
 
-def run_streaming(argv: list[str], timeout_s: float, on_line: "LineSink") -> subprocess.CompletedProcess[str]:
+def run_streaming(argv: list[str], timeout_s: float, on_line: Callable[[str], None]) -> subprocess.CompletedProcess[str]:
     """Run argv, handing each stdout line to on_line as it arrives (partial results survive a crash)."""
     import threading
 
@@ -137,12 +138,11 @@ def run_streaming(argv: list[str], timeout_s: float, on_line: "LineSink") -> sub
         process.wait()
     finally:
         timer.cancel()
+        if process.poll() is None:  # interrupted here (Ctrl-C): its own session would outlive us
+            process.kill()
+            process.wait()
         reader.join(timeout=5)
     result = subprocess.CompletedProcess(argv, process.returncode, "".join(lines), "".join(stderr))
     if killed.is_set():
         result.stderr += f"\nno answer within {timeout_s:.0f} s"
     return result
-
-
-class LineSink(Protocol):
-    def __call__(self, line: str) -> None: ...
