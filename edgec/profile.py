@@ -109,6 +109,7 @@ def compare(result: dict[str, Any], old_path: Path) -> dict[str, float]:
     ratios = {f"latency {key} (new/old)": result["latency"][key] / old["latency"][key] for key in ("p50_ms", "p90_ms", "mean_ms") if old["latency"].get(key)}
     if result.get("decode_tokens_per_s") and old.get("decode_tokens_per_s"):
         ratios["decode tokens/s (new/old)"] = result["decode_tokens_per_s"] / old["decode_tokens_per_s"]
-    if old.get("load_ms"):
+    # Only like with like: over a stock RPC server there is no load_ms (see library_load_ms).
+    if result.get("load_ms") and old.get("load_ms"):
         ratios["load (new/old)"] = result["load_ms"] / old["load_ms"]
     return ratios

@@ -115,6 +115,11 @@ def test_rpc_profile_gives_time_evaluator_figures_and_names_the_missing_ones(
     assert json.loads(saved.read_text())["complete"] is True
     text = runner.invoke(app, args)
     assert text.exit_code == 0 and "not available per_op_ms" in text.output and "emulated" in text.output
+    agent_result = {"latency": {"p50_ms": 2 * report["latency"]["p50_ms"]}, "load_ms": 5000.0}  # as qemu-arm64 writes it
+    (tmp_path / "agent.json").write_text(json.dumps(agent_result))
+    compared = runner.invoke(app, [*args, "--compare", str(tmp_path / "agent.json"), "--json"])
+    assert compared.exit_code == 0, compared.output
+    assert set(json.loads(compared.stdout)["compare"]) == {"latency p50_ms (new/old)"}  # no load ratio: not like with like
     plot = runner.invoke(app, [*args, "--plot", str(tmp_path / "ops.png")])
     assert plot.exit_code == 3 and "gives no per-op times" in plot.output and not (tmp_path / "ops.png").exists()
 
