@@ -28,17 +28,11 @@ from edgec.lm import greedy_generate
 from edgec.model import load_model
 from edgec.passes import options_for
 from edgec.recipe import load_recipe
+from edgec.targets.agent import timed
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(call, runs, warmup))
 
 
 def ensure_artifact(model: str, backend: str, out_root: Path) -> Path:

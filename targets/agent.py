@@ -121,11 +121,12 @@ def _cuda_capability() -> str | None:
         return None
 
 
-def missing_features(target: dict[str, Any]) -> list[str]:
-    """Features the artifact's code needs that this machine lacks (names as recorded)."""
+def missing_features(target: dict[str, Any], gpu: str | None = None) -> list[str]:
+    """Features the artifact's code needs that this machine lacks (names as recorded);
+    `gpu` is this machine's 'sm_XY' when the caller has already asked for it."""
     required = list(target.get("isa_features", []))
     if target.get("arch") == "cuda":
-        have = _cuda_capability()
+        have = gpu or _cuda_capability()
         if have is None:
             return ["a CUDA GPU (none found, or no driver)"]
         # The CUDA source is generated for the target's arch and compiled here at load:
@@ -144,16 +145,14 @@ def check(root: Path) -> dict[str, Any]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
         if digest != expected:
             mismatched.append(name)
-    machine = platform.machine()
-    if manifest["target"].get("arch") == "cuda" and _cuda_capability() is not None:
-        machine = "cuda"
+    gpu = _cuda_capability() if manifest["target"].get("arch") == "cuda" else None
     return {
-        "machine": machine,
+        "machine": "cuda" if gpu else platform.machine(),
         "host_machine": platform.machine(),
         "versions": _versions(),
         "hashes_ok": not mismatched,
         "mismatched": mismatched,
-        "missing_features": missing_features(manifest["target"]),
+        "missing_features": missing_features(manifest["target"], gpu),
     }
 
 
@@ -245,7 +244,8 @@ def profile_prompt(reference: dict[str, np.ndarray], length: int) -> np.ndarray:
     return np.ascontiguousarray(ids[:, :length])
 
 
-def _timed(call: Any, runs: int, warmup: int) -> list[float]:
+def timed(call: Any, runs: int, warmup: int) -> list[float]:
+    """Wall time (ms) of each of `runs` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         call()
     times = []
@@ -319,7 +319,7 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
     if "lm" in manifest:
         ids = profile_prompt(reference, prompt_len)
         entry, inputs = "prefill", [ids]
-        result["latency"] = percentiles(_timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
+        result["latency"] = percentiles(timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
         result["prompt_tokens"] = prompt_len
         _report({"latency": result["latency"], "prompt_tokens": prompt_len, "entry": entry})
         logits, k, v = runtime.run("prefill", [ids])
@@ -336,7 +336,7 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
         entry = next(iter(manifest["reference"]["entries"]))
         count = len(manifest["reference"]["entries"][entry]["inputs"])
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
-        result["latency"] = percentiles(_timed(lambda: runtime.run(entry, inputs), runs, warmup))
+        result["latency"] = percentiles(timed(lambda: runtime.run(entry, inputs), runs, warmup))
         _report({"latency": result["latency"], "entry": entry})
     result["entry"] = entry
     with tempfile.TemporaryDirectory() as workdir:

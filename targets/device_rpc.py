@@ -59,14 +59,13 @@ class RemoteTVM:
         self.vms: dict[str, Any] = {}
         self.params: dict[str, list[Any]] = {}
 
-    def upload(self, root: Path, manifest: dict[str, Any]) -> float:
-        """Upload every library, check it by reading it back, load it; params go as tensors. Returns load ms."""
+    def upload(self, root: Path, manifest: dict[str, Any], stored: dict[str, np.ndarray]) -> float:
+        """Upload every library, check it by reading it back, load it; the params in `stored`
+        go as tensors. Returns load ms."""
         import tvm
-        from safetensors.numpy import load_file
         from tvm.runtime.vm import VirtualMachine
 
         record = manifest["backend_record"]
-        stored = load_file(str(artifact_file(root, manifest, f"model/{record['params_file']}")))
         load_ms = 0.0
         cache: dict[str, Any] = {}
         for entry, info in record["entries"].items():
@@ -170,10 +169,14 @@ def _open(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None]) ->
         )
     check_architecture(root, manifest, endpoint.uri, endpoint.arch)
     remotes = _sessions(endpoint, progress)
+    from safetensors.numpy import load_file
+
+    params_file = manifest["backend_record"]["params_file"]
+    stored = load_file(str(artifact_file(root, manifest, f"model/{params_file}")))
     load_ms = 0.0
     for remote in remotes:
         progress(f"{endpoint.uri}: upload to {remote.server}, read back and hash, load")
-        load_ms = max(load_ms, remote.upload(root, manifest))
+        load_ms = max(load_ms, remote.upload(root, manifest, stored))
     return manifest, remotes, load_ms
 
 
@@ -208,11 +211,11 @@ def profile_rpc(
 ) -> dict[str, Any]:
     manifest, remotes, load_ms = _open(root, endpoint, progress)
     is_lm = "lm" in manifest
+    reference = load_reference(root)
     if is_lm:
-        entry, inputs = "prefill", [profile_prompt(load_reference(root), prompt_len)]
+        entry, inputs = "prefill", [profile_prompt(reference, prompt_len)]
     else:
         entry = next(iter(manifest["reference"]["entries"]))
-        reference = load_reference(root)
         inputs = [reference[f"{entry}.in.{i}"] for i in range(len(manifest["reference"]["entries"][entry]["inputs"]))]
     share = [runs // len(remotes) + (1 if i < runs % len(remotes) else 0) for i in range(len(remotes))]
     latency: list[float] = []

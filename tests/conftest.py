@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, what: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 60.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port; fail if `process` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start listening on port {port}")
+            time.sleep(0.2)
 
 
 def make_tiny_llama(seed: int = 0) -> torch.nn.Module:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
-from tests.conftest import free_port
 from edgec.errors import MissingDependencyError
 from edgec.targets.device_ssh import SshDevice
+from tests.conftest import free_port, wait_for_port
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -68,15 +66,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     log = (root / "sshd.log").open("w")
     process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"sshd did not start: {(root / 'sshd.log').read_text()}")
-                time.sleep(0.1)
+        wait_for_port(port, f"sshd (log {root / 'sshd.log'})", process, timeout_s=20)
         yield Sshd(port, key, wrong_key, root / "known_hosts", root / "device")
     finally:
         process.terminate()

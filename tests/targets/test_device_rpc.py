@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_port
 
 pytestmark = pytest.mark.arm64
 runner = CliRunner()
@@ -53,14 +52,7 @@ def devices() -> Iterator[dict[str, int]]:
     ports = {"direct": free_port(), "pool-a": free_port(), "pool-b": free_port(), "tracker": tracker_port}
     started = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", tracker_port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the stock tracker did not start"
-                time.sleep(0.5)
+        wait_for_port(tracker_port, "the stock tracker", tracker)
         for name, key, extra in (
             ("direct", DIRECT_KEY, []),
             ("pool-a", POOL_KEY, ["--tracker", f"127.0.0.1:{tracker_port}"]),
