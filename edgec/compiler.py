@@ -25,6 +25,7 @@ from edgec.artifact import (
     tool_versions,
     write_manifest,
 )
+from edgec.data import calibration_segments
 from edgec.errors import CheckFailedError, UnsupportedError
 from edgec.lm import lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, load_model
@@ -46,6 +47,14 @@ def default_output(model_spec: str, target: str, backend: str) -> Path:
     return Path("artifacts") / f"{stem}-{target}-{backend}"
 
 
+def _calibration(model: ModelHandle, recipe: Recipe) -> Callable[[], list[list[int]]] | None:
+    """Calibration segments on demand (only passes that calibrate pay for tokenizing)."""
+    if model.tokenizer is None:
+        return None
+    spec = recipe.calibration
+    return lambda: calibration_segments(model.tokenizer, spec.data, spec.samples, spec.seq_len)
+
+
 def compile_model(
     model_spec: str,
     recipe: Recipe,
@@ -61,6 +70,8 @@ def compile_model(
             f"dtype {recipe.dtype}: target {target.name} with backend {recipe.backend} computes in "
             f"{', '.join(target.capability.compute_dtypes)} only (edgec targets show {target.name}); float16 is for GPU targets"
         )
+    manager = PassManager(REGISTRY, recipe.passes)
+    manager.check_weight_bits(target.capability.weight_bits, f"{target.name}/{recipe.backend}")
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     on_target(target)
     local_input = Path(model_spec).expanduser()
@@ -68,9 +79,8 @@ def compile_model(
     started = time.perf_counter()
     progress(f"load {model_spec}")
     model = load_model(model_spec, trust_pickle)
-    manager = PassManager(REGISTRY, recipe.passes)
     manager.check(model)
-    ctx = PassContext(recipe=recipe, progress=progress)
+    ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
     pass_log = manager.run(model, ctx)
 
     progress("export entries (torch.export)")

@@ -171,3 +171,36 @@ def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) ->
             raise BadInputError(f"the held-out split has only {len(ids)} tokens; ask for at most that many (--tokens)")
         offset += HELD_OUT_CHUNK_TOKENS
     return ids[:n_tokens]
+
+
+def calibration_segments(tokenizer: PreTrainedTokenizerBase, data: str, samples: int, seq_len: int) -> list[list[int]]:
+    """`samples` consecutive segments of `seq_len` token ids for passes that calibrate.
+
+    data: "train" (the built-in train split: what the zoo models were trained on, never
+    the text they are evaluated on), "held-out", or a path to a UTF-8 .txt file.
+
+    Raises:
+        BadInputError: if the text is shorter than samples x seq_len tokens (says how many).
+    """
+    if data == TRAIN:
+        text, label = train_text(), "the built-in train split"
+    elif data == HELD_OUT:
+        text, label = held_out_text(), "the built-in held-out split"
+    else:
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise BadInputError(f"calibration.data {data}: no such file; give a UTF-8 .txt file, 'train' or 'held-out'")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"calibration.data {data}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        label = str(path)
+    needed = samples * seq_len
+    # Tokenize only a prefix that is surely long enough (about 4 bytes a token, doubled).
+    ids = list(tokenizer(text[: needed * 8], add_special_tokens=False, verbose=False)["input_ids"])
+    if len(ids) < needed:
+        raise BadInputError(
+            f"calibration data {label} has {len(ids)} tokens; {samples} samples x {seq_len} tokens need {needed}: "
+            "give more text or lower calibration.samples / calibration.seq_len"
+        )
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(samples)]

@@ -37,7 +37,10 @@ class PassSpec(Strict):
 
 
 class CalibrationSpec(Strict):
-    data: str = Field("held-out", description="'held-out' (the built-in corpus split) or a path to a .txt file")
+    data: str = Field(
+        "train",
+        description="'train' (the built-in train split), 'held-out' (the split perplexity is measured on) or a .txt path",
+    )
     samples: int = Field(4, ge=1, description="number of calibration segments")
     seq_len: int = Field(128, ge=8, description="tokens per calibration segment")
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from edgec.passes.luc import Luc
 from edgec.passes.quantize_weights_int8 import QuantizeWeightsInt8
 from edgec.pipeline import Pass
 
 REGISTRY: dict[str, type[Pass]] = {
     QuantizeWeightsInt8.name: QuantizeWeightsInt8,
+    Luc.name: Luc,
 }
 
 

@@ -56,6 +56,7 @@ def build(
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from edgec.targets.tvm_packed import CONVERT_MAP
     from edgec.targets.tvm_schedule import finish_pipeline, schedule_report, scheduled_module
 
     tvm_target = _tvm_target(target)
@@ -70,7 +71,7 @@ def build(
 
             mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
         else:
-            mod = from_exported_program(entry.program, keep_params_as_input=True)
+            mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
         mod, params = relax.frontend.detach_params(mod)
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
@@ -137,7 +138,8 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     after = sum(v.numpy().nbytes for v in transformed)
     if after > before * 1.01:
         return mod, values, f"as stored (pre-transforming would grow weights {before} -> {after} bytes)"
-    main_only = tvm.IRModule({"main": lifted["main"]})
+    # Keep every function but the transform itself (PrimFuncs of packed-weight ops included).
+    main_only = tvm.IRModule({gv: func for gv, func in lifted.functions_items() if gv.name_hint != "main_transform_params"})
     if len(main_only["main"].params) != num_inputs + len(transformed):
         raise RuntimeError("LiftTransformParams changed the entry's inputs")
     return main_only, transformed, "pre-transformed at compile time"

@@ -41,9 +41,11 @@ LM_OPS = ("linear", "embedding", "rms_norm", "rope", "softmax_attention_dynamic_
 # Pruned weights are stored dense (zeros kept): no backend here has a sparse kernel that
 # beats a dense one at these sizes, so sparsity saves nothing but is never refused.
 DENSE_ONLY = ("dense (zeros stored)",)
+# Packed low-bit weights (edgec.packing): TVM decodes them inside its matmul kernels;
+# ONNX Runtime runs 2/4/8 bits as MatMulNBits and decodes 3 bits in the graph.
 CPU_CAPABILITIES = {
-    "tvm": Capability(("float32",), (32, 8), DENSE_ONLY, LM_OPS),
-    "onnx": Capability(("float32",), (32, 8), DENSE_ONLY, LM_OPS),
+    "tvm": Capability(("float32",), (32, 8, 4, 3, 2), DENSE_ONLY, (*LM_OPS, "packed_lowbit_matmul")),
+    "onnx": Capability(("float32",), (32, 8, 4, 3, 2), DENSE_ONLY, (*LM_OPS, "packed_lowbit_matmul")),
 }
 GPU_CAPABILITIES = {
     "tvm": Capability(("float32", "float16"), (32, 16, 8), DENSE_ONLY, LM_OPS),

@@ -1,0 +1,209 @@
+"""Packed low-bit weights: the storage format, group quantizers, and the torch ops that use it.
+
+One quantized matrix W[N, K] (N outputs, K inputs, the nn.Linear layout) is stored as:
+
+- planes: uint8 [N, K * w / 8] for each plane width w of PLANE_WIDTHS[bits]. Code k of
+  row n sits in byte k // (8 / w) at bit (k % (8 / w)) * w, low bits first. 3-bit codes
+  are a 2-bit plane plus a 1-bit plane (code = plane0 | plane1 << 2), so every width
+  costs exactly `bits` bits per weight.
+- scales: float16 [N, K / group].
+- zeros: uint8 [N, K / group] (asymmetric), or none (symmetric: zero point 2^(bits-1)).
+
+W[n, k] = (code[n, k] - zero[n, k // group]) * scale[n, k // group]. A pruned weight is
+code == zero, so it decodes to exactly 0.
+
+Rows packed along K are also the embedding table layout (a tied lm_head shares the
+embedding's planes) and ONNX Runtime's MatMulNBits layout. The ops `edgec::qlinear` and
+`edgec::qembedding` keep a packed weight as one node through torch.export, so each
+backend lowers it with its own kernel instead of seeing a decoded fp32 matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PLANE_WIDTHS: dict[int, tuple[int, ...]] = {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}
+SUPPORTED_BITS: tuple[int, ...] = tuple(sorted(PLANE_WIDTHS, reverse=True))
+
+
+@dataclass
+class PackedWeight:
+    planes: list[torch.Tensor]
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, packed = self.planes[0].shape
+        return rows, packed * 8 // PLANE_WIDTHS[self.bits][0]
+
+    def nbytes(self) -> int:
+        tensors = [*self.planes, self.scales] + ([] if self.zeros is None else [self.zeros])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Integer codes [N, K] in [0, 2^bits) -> one uint8 plane per width of PLANE_WIDTHS[bits]."""
+    rows, cols = codes.shape
+    planes: list[torch.Tensor] = []
+    offset = 0
+    for width in PLANE_WIDTHS[bits]:
+        per_byte = 8 // width
+        part = (codes.to(torch.int32) >> offset) & ((1 << width) - 1)
+        part = part.reshape(rows, cols // per_byte, per_byte)
+        shifts = torch.arange(per_byte, dtype=torch.int32) * width
+        planes.append((part << shifts).sum(dim=-1).to(torch.uint8))
+        offset += width
+    return planes
+
+
+def unpack_codes(planes: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """The inverse of pack_codes over the last axis (works on gathered rows too): int32 codes."""
+    codes: torch.Tensor | None = None
+    offset = 0
+    for plane, width in zip(planes, PLANE_WIDTHS[bits]):
+        per_byte = 8 // width
+        shifts = torch.arange(per_byte, dtype=torch.int32) * width
+        part = (plane.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)
+        part = part.reshape(*plane.shape[:-1], plane.shape[-1] * per_byte) << offset
+        codes = part if codes is None else codes | part
+        offset += width
+    assert codes is not None
+    return codes
+
+
+def dequantize(planes: list[torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    codes = unpack_codes(planes, bits)
+    cols = codes.shape[-1]
+    grouped = codes.reshape(*codes.shape[:-1], cols // group, group).float()
+    zero = float(1 << (bits - 1)) if zeros is None else zeros.float()[..., None]
+    return ((grouped - zero) * scales.float()[..., None]).reshape(codes.shape)
+
+
+def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> PackedWeight:
+    """Round-to-nearest group quantization of W[N, K]; zeros in W stay exactly zero.
+
+    Symmetric: abs-max scale over 2^(bits-1) - 1 levels each side, except at 2 bits where
+    that leaves one level: there the scale is the group's mean |w| (ternary codes).
+    Asymmetric: min-max over 2^bits - 1 levels, the range widened to include 0 so a
+    pruned weight has an exact code (the integer zero point)."""
+    rows, cols = weight.shape
+    grouped = weight.detach().float().reshape(rows, cols // group, group)
+    top = (1 << bits) - 1
+    zeros: torch.Tensor | None
+    if symmetric:
+        half = 1 << (bits - 1)
+        if bits <= 2:
+            nonzero = (grouped != 0).sum(-1).clamp(min=1)
+            scale = grouped.abs().sum(-1) / nonzero
+        else:
+            scale = grouped.abs().amax(-1) / (half - 1)
+        scale = scale.clamp(min=1e-8).half().float()
+        codes = (torch.round(grouped / scale[..., None]) + half).clamp(1, top)
+        zeros = None
+    else:
+        low = grouped.amin(-1).clamp(max=0)
+        high = grouped.amax(-1).clamp(min=0)
+        scale = ((high - low) / top).clamp(min=1e-8).half().float()
+        zero = torch.round(-low / scale).clamp(0, top)
+        codes = (torch.round(grouped / scale[..., None]) + zero[..., None]).clamp(0, top)
+        zeros = zero.to(torch.uint8)
+    codes = codes.reshape(rows, cols).to(torch.int32)
+    return PackedWeight(pack_codes(codes, bits), scale.half(), zeros, bits, group)
+
+
+def _planes(plane0: torch.Tensor, plane1: torch.Tensor | None) -> list[torch.Tensor]:
+    return [plane0] if plane1 is None else [plane0, plane1]
+
+
+@torch.library.custom_op("edgec::qlinear", mutates_args=())
+def qlinear(
+    x: torch.Tensor,
+    plane0: torch.Tensor,
+    plane1: torch.Tensor | None,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group: int,
+) -> torch.Tensor:
+    """y = x @ W^T + bias with W packed; the reference every backend kernel is checked against."""
+    weight = dequantize(_planes(plane0, plane1), scales, zeros, bits, group).to(x.dtype)
+    return nn.functional.linear(x, weight, bias)
+
+
+@qlinear.register_fake
+def _qlinear_shape(x, plane0, plane1, scales, zeros, bias, bits, group):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], plane0.shape[0]))
+
+
+@torch.library.custom_op("edgec::qembedding", mutates_args=())
+def qembedding(
+    ids: torch.Tensor,
+    plane0: torch.Tensor,
+    plane1: torch.Tensor | None,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group: int,
+) -> torch.Tensor:
+    """Rows of a packed table, decoded to float32 (only the rows asked for)."""
+    rows = [plane[ids] for plane in _planes(plane0, plane1)]
+    return dequantize(rows, scales[ids], None if zeros is None else zeros[ids], bits, group)
+
+
+@qembedding.register_fake
+def _qembedding_shape(ids, plane0, plane1, scales, zeros, bits, group):  # type: ignore[no-untyped-def]
+    hidden = plane0.shape[1] * 8 // PLANE_WIDTHS[bits][0]
+    return ids.new_empty((*ids.shape, hidden), dtype=torch.float32)
+
+
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """Packed tensors are Parameters, not buffers: TVM's importer binds buffers as
+    constants (folded into fp32 in the library) but keeps parameters as inputs."""
+    if isinstance(tensor, nn.Parameter):
+        return tensor
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class _PackedStore(nn.Module):
+    def __init__(self, packed: PackedWeight) -> None:
+        super().__init__()
+        self.plane0 = frozen(packed.planes[0])
+        self.plane1 = frozen(packed.planes[1]) if len(packed.planes) > 1 else None
+        self.scales = frozen(packed.scales)
+        self.zeros = None if packed.zeros is None else frozen(packed.zeros)
+        self.bits = packed.bits
+        self.group = packed.group
+
+    @property
+    def packed(self) -> PackedWeight:
+        planes = _planes(self.plane0, self.plane1)
+        return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group)
+
+    def weight_fp32(self) -> torch.Tensor:
+        return dequantize(self.packed.planes, self.scales, self.zeros, self.bits, self.group)
+
+
+class PackedLinear(_PackedStore):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None) -> None:
+        super().__init__(packed)
+        self.bias = None if bias is None else frozen(bias.detach().clone())
+        self.out_features, self.in_features = packed.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.edgec.qlinear(x, self.plane0, self.plane1, self.scales, self.zeros, self.bias, self.bits, self.group)
+
+
+class PackedEmbedding(_PackedStore):
+    def __init__(self, packed: PackedWeight) -> None:
+        super().__init__(packed)
+        self.num_embeddings, self.embedding_dim = packed.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.edgec.qembedding(ids, self.plane0, self.plane1, self.scales, self.zeros, self.bits, self.group)

@@ -1,0 +1,514 @@
+"""luc: Edge-LLM's layer-wise unified compression (per-layer pruning + low-bit weights).
+
+Before: a causal LM with fp32 nn.Linear layers and an fp32 embedding table.
+After: every linear is a PackedLinear (edgec.packing) holding pruned, group-quantized
+weights in packed planes at its layer's bit-width, the embedding table (and a tied
+lm_head, sharing it) likewise at `embedding_bits`.
+
+1. Sensitivity: for each decoder layer alone, the increase of the model's loss on the
+   calibration segments when that layer's linears are pruned (Wanda) at each probe
+   sparsity, and when they are round-to-nearest quantized at each probe bit-width.
+   Loss increase, not the layer's raw output MSE: raw MSE grows with the activation
+   scale of deeper layers and tracks depth, not sensitivity (METHODS.md). The profile
+   is cached per (model hash, calibration segments, probes).
+2. Policy, under the user's budget (mean sparsity and mean bits over the decoder
+   layers): bits by a greedy knapsack from the floor up (each step buys the most loss
+   reduction per bit); sparsity proportional to 1 - temper x normalised sensitivity,
+   clamped to [0, max_sparsity] with the excess re-spread, so the mean is the budget.
+   `policy: uniform` gives every layer the budget itself, for comparison. Layer
+   overrides fix `bits` / `sparsity` of the layers they match; the rest share the
+   remaining budget.
+3. Apply: prune (Wanda or SparseGPT, unstructured / N:M / channel) from the dense
+   model's calibration activations, then quantize and pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from edgec.cache import cached_dir
+from edgec.errors import BadInputError, UnsupportedError
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.packing import SUPPORTED_BITS, PackedEmbedding, PackedLinear, PackedWeight, dequantize, quantize
+from edgec.passes.prune import parse_pattern, pattern_sparsity, sparsegpt, wanda
+from edgec.pipeline import PassContext, PassResult, override_matches
+from edgec.recipe import LayerOverride
+
+FP32_BITS = 32
+# Options a layer override may fix for the layers it matches.
+LAYER_KEYS = ("bits", "sparsity")
+
+
+class LucOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["sensitivity", "uniform"] = Field(
+        "sensitivity", description="sensitivity: per-layer from the profile; uniform: the budget on every layer"
+    )
+    bits: float = Field(4.0, ge=2, le=8, description="mean weight bits over the decoder layers (the budget)")
+    sparsity: float = Field(0.0, ge=0, lt=1, description="mean sparsity over the decoder layers (the budget)")
+    bit_choices: list[int] = Field([2, 3, 4, 8], description="bit-widths a layer may get (2, 3, 4, 8)")
+    bits_floor: int = Field(2, description="no layer gets fewer bits")
+    max_sparsity: float = Field(0.9, gt=0, lt=1, description="no layer is pruned beyond this")
+    temper: float = Field(0.8, ge=0, le=1, description="1: the most sensitive layer gets no sparsity; 0: uniform")
+    group_size: int = Field(32, ge=8, description="input channels per quantization scale")
+    symmetric: bool = Field(True, description="symmetric (abs-max) or asymmetric (min-max, uint8 zero point) groups")
+    pruning: Literal["wanda", "sparsegpt"] = Field("wanda", description="wanda: |W| x ||x||; sparsegpt: OBS reconstruction")
+    pattern: str = Field("unstructured", description="unstructured, N:M (N kept of every M, e.g. 2:4) or channel")
+    embedding_bits: int = Field(4, description="bits of the embedding table (and a tied lm_head); 32 keeps fp32")
+    head_bits: int | None = Field(None, description="bits of an untied lm_head; default embedding_bits")
+    probe_bits: list[int] = Field([2, 3, 4], description="bit-widths each layer is probed at (8 counts as lossless)")
+    probe_sparsity: list[float] = Field([0.3, 0.5, 0.7], description="sparsities each layer is probed at")
+
+    @model_validator(mode="after")
+    def _check(self) -> LucOptions:
+        for name, values in (("bit_choices", self.bit_choices), ("probe_bits", self.probe_bits)):
+            bad = [b for b in values if b not in SUPPORTED_BITS]
+            if bad:
+                raise ValueError(f"{name} {bad}: edgec packs {', '.join(map(str, SUPPORTED_BITS))} bits")
+        for name, value in (("embedding_bits", self.embedding_bits), ("head_bits", self.head_bits)):
+            if value is not None and value not in (*SUPPORTED_BITS, FP32_BITS):
+                raise ValueError(f"{name} {value}: use one of {', '.join(map(str, SUPPORTED_BITS))} or 32 (fp32)")
+        parse_pattern(self.pattern)
+        return self
+
+
+@dataclass
+class LayerPlan:
+    index: int
+    bits: int
+    sparsity: float
+    fixed: bool
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def check_budget(options: LucOptions, fixed: dict[int, dict[str, float]], num_layers: int) -> None:
+    """Refuse a budget no per-layer assignment can meet, before any work."""
+    choices = sorted(b for b in options.bit_choices if b >= options.bits_floor)
+    if not choices:
+        raise BadInputError(f"luc: no bit choice {options.bit_choices} is at or above bits_floor {options.bits_floor}")
+    free = num_layers - sum(1 for f in fixed.values() if "bits" in f)
+    fixed_bits = sum(f["bits"] for f in fixed.values() if "bits" in f)
+    total = options.bits * num_layers
+    low = fixed_bits + free * choices[0]
+    high = fixed_bits + free * choices[-1]
+    if not low - 1e-9 <= total <= high + 1e-9:
+        raise BadInputError(
+            f"luc: a mean of {options.bits:g} bits cannot be met with bit choices {choices} (floor {options.bits_floor}) "
+            f"and the fixed layers: the reachable mean is {low / num_layers:g} to {high / num_layers:g}"
+        )
+    if options.policy == "uniform" and options.bits not in choices:
+        raise BadInputError(f"luc: policy uniform gives every layer {options.bits:g} bits; use one of {choices}")
+    nm = pattern_sparsity(options.pattern)
+    if nm is not None and options.sparsity not in (0.0, nm):
+        raise BadInputError(
+            f"luc: pattern {options.pattern} prunes exactly {nm:g} of each layer; set sparsity to {nm:g} (or 0 for none)"
+        )
+    if options.sparsity > options.max_sparsity:
+        raise BadInputError(f"luc: mean sparsity {options.sparsity:g} is above max_sparsity {options.max_sparsity:g}")
+
+
+def check_group_size(root: nn.Module, group: int) -> None:
+    widths = sorted({m.in_features for m in root.modules() if isinstance(m, nn.Linear)})
+    bad = [w for w in widths if w % group != 0]
+    if bad:
+        common = math.gcd(*widths)
+        fits = max(g for g in (8, 16, 32, 64, 128) if common % g == 0) if common % 8 == 0 else None
+        hint = f"use group_size {fits}" if fits else "no group size of 8 or more divides them all"
+        raise BadInputError(f"luc: group_size {group} does not divide the input widths {bad} of this model; {hint}")
+
+
+def layer_overrides(overrides: Sequence[LayerOverride], num_layers: int) -> dict[int, dict[str, float]]:
+    """Layer index -> the bits / sparsity its overrides fix; an override that matches no layer is an error."""
+    fixed: dict[int, dict[str, float]] = {}
+    for override in overrides:
+        unknown = sorted(set(override.options) - set(LAYER_KEYS))
+        if unknown:
+            raise BadInputError(f"luc override {override.match!r}: only {', '.join(LAYER_KEYS)} can be set per layer, not {unknown}")
+        matched = [i for i in range(num_layers) if override_matches(override.match, f"model.layers.{i}.mlp")]
+        if not matched:
+            raise BadInputError(
+                f"luc override {override.match!r} matches no decoder layer; the model has layers 0-{num_layers - 1}"
+            )
+        for index in matched:
+            fixed.setdefault(index, {}).update({k: float(v) for k, v in override.options.items()})
+    for index, values in fixed.items():
+        if "bits" in values and int(values["bits"]) not in SUPPORTED_BITS:
+            raise BadInputError(f"luc override for layer {index}: bits {values['bits']:g}; use one of {SUPPORTED_BITS}")
+        if "sparsity" in values and not 0 <= values["sparsity"] < 1:
+            raise BadInputError(f"luc override for layer {index}: sparsity {values['sparsity']:g} is outside [0, 1)")
+    return fixed
+
+
+# ------------------------------------------------------------------------------ policy
+
+
+def allocate_bits(
+    damage: list[dict[int, float]], choices: Sequence[int], budget: float, fixed: dict[int, int]
+) -> list[int]:
+    """Greedy knapsack: every free layer starts at the lowest choice; repeatedly raise the
+    layer whose next step removes the most loss per added bit while the mean stays within
+    the budget. damage[l][b]: loss increase of layer l alone at b bits (8 bits: 0)."""
+    ordered = sorted(choices)
+    layers = len(damage)
+    bits = [fixed.get(i, ordered[0]) for i in range(layers)]
+    allowance = budget * layers - sum(bits)
+    while True:
+        best: tuple[float, int, int] | None = None
+        for index in range(layers):
+            if index in fixed or bits[index] == ordered[-1]:
+                continue
+            step = ordered[ordered.index(bits[index]) + 1]
+            cost = step - bits[index]
+            if cost > allowance + 1e-9:
+                continue
+            gain = (damage[index].get(bits[index], 0.0) - damage[index].get(step, 0.0)) / cost
+            if best is None or gain > best[0]:
+                best = (gain, index, step)
+        if best is None:
+            return bits
+        _, index, step = best
+        allowance -= step - bits[index]
+        bits[index] = step
+
+
+def allocate_sparsity(
+    scores: list[float], budget: float, fixed: dict[int, float], temper: float, ceiling: float
+) -> list[float]:
+    """sparsity_l proportional to 1 - temper x normalised score, clamped to [0, ceiling];
+    the part cut off by the clamp is spread over the others, so the mean is the budget."""
+    layers = len(scores)
+    free = [i for i in range(layers) if i not in fixed]
+    result = [fixed.get(i, 0.0) for i in range(layers)]
+    remaining = budget * layers - sum(fixed.values())
+    if not free or remaining <= 0:
+        return result
+    low, high = min(scores[i] for i in free), max(scores[i] for i in free)
+    span = high - low if high > low else 1.0
+    weights = {i: 1.0 - temper * (scores[i] - low) / span for i in free}
+    open_layers = set(free)
+    while open_layers:
+        total = sum(weights[i] for i in open_layers)
+        share = {i: remaining * weights[i] / total for i in open_layers}
+        over = [i for i in open_layers if share[i] > ceiling]
+        if not over:
+            for i in open_layers:
+                result[i] = share[i]
+            break
+        for i in over:
+            result[i] = ceiling
+            remaining -= ceiling
+            open_layers.discard(i)
+    return result
+
+
+def plan_layers(options: LucOptions, profile: dict[str, Any] | None, fixed: dict[int, dict[str, float]], num_layers: int) -> list[LayerPlan]:
+    fixed_bits = {i: int(v["bits"]) for i, v in fixed.items() if "bits" in v}
+    fixed_sparsity = {i: v["sparsity"] for i, v in fixed.items() if "sparsity" in v}
+    choices = sorted(b for b in options.bit_choices if b >= options.bits_floor)
+    nm = pattern_sparsity(options.pattern)
+    if options.policy == "uniform" or profile is None:
+        bits = [fixed_bits.get(i, int(options.bits)) for i in range(num_layers)]
+        sparsity = [fixed_sparsity.get(i, options.sparsity) for i in range(num_layers)]
+    else:
+        damage = [{int(b): d for b, d in layer["bits"].items()} for layer in profile["layers"]]
+        bits = allocate_bits(damage, choices, options.bits, fixed_bits)
+        if nm is not None:
+            sparsity = [fixed_sparsity.get(i, options.sparsity) for i in range(num_layers)]
+        else:
+            scores = [sum(layer["sparsity"].values()) for layer in profile["layers"]]
+            sparsity = allocate_sparsity(scores, options.sparsity, fixed_sparsity, options.temper, options.max_sparsity)
+    return [LayerPlan(i, bits[i], sparsity[i], i in fixed) for i in range(num_layers)]
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+def decoder_layers(root: nn.Module) -> list[nn.Module]:
+    return list(root.model.layers)
+
+
+def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def calibration_loss(root: nn.Module, batch: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(root(input_ids=batch, labels=batch).loss)
+
+
+class InputStats:
+    """Per-linear input statistics from one dense forward: sum of squares per input
+    channel (Wanda) and, if asked, the Gram matrix X^T X (SparseGPT)."""
+
+    def __init__(self, root: nn.Module, batch: torch.Tensor, gram: bool) -> None:
+        self.sq_sum: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        by_input: dict[int, str] = {}
+        alive: list[torch.Tensor] = []  # keeps ids unique: a freed tensor's id could be reused
+        handles = []
+
+        def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+            def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+                key = id(inputs[0])
+                if key in by_input:  # q/k/v and gate/up read the same tensor: compute once
+                    first = by_input[key]
+                    self.sq_sum[name] = self.sq_sum[first]
+                    if gram:
+                        self.gram[name] = self.gram[first]
+                    return
+                by_input[key] = name
+                alive.append(inputs[0])
+                self.sq_sum[name] = (x * x).sum(0).float()
+                if gram:
+                    self.gram[name] = (x.T @ x).float()
+
+            return record
+
+        for name, module in root.named_modules():
+            if isinstance(module, nn.Linear) and name.startswith("model.layers."):
+                handles.append(module.register_forward_pre_hook(hook(name)))
+        try:
+            with torch.no_grad():
+                root(input_ids=batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    packed = quantize(weight, bits, group, symmetric)
+    return dequantize(packed.planes, packed.scales, packed.zeros, bits, group)
+
+
+def profile_key(model: ModelHandle, segments: list[list[int]], options: LucOptions) -> str:
+    payload = json.dumps(
+        {
+            "model": model.sha256,
+            "segments": hashlib.sha256(json.dumps(segments).encode()).hexdigest(),
+            "probe_bits": sorted(options.probe_bits),
+            "probe_sparsity": sorted(options.probe_sparsity),
+            "group": options.group_size,
+            "symmetric": options.symmetric,
+            "pattern": options.pattern,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def measure_profile(
+    root: nn.Module, batch: torch.Tensor, stats: InputStats, options: LucOptions, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Loss increase of each decoder layer compressed alone, at each probe."""
+    base = calibration_loss(root, batch)
+    layers = decoder_layers(root)
+    rows: list[dict[str, Any]] = []
+    prefix = {id(m): n for n, m in root.named_modules()}
+    for index, layer in enumerate(layers):
+        linears = layer_linears(layer)
+        originals = [linear.weight.data.clone() for _, linear in linears]
+        row: dict[str, Any] = {"layer": index, "bits": {}, "sparsity": {}}
+        probes: list[tuple[str, float, Callable[[str, torch.Tensor], torch.Tensor]]] = []
+        for bits in sorted(options.probe_bits):
+            probes.append(("bits", bits, lambda _n, w, b=bits: fake_quantize(w, b, options.group_size, options.symmetric)))
+        for sparsity in sorted(options.probe_sparsity):
+            pattern = "unstructured" if options.pattern != "channel" else "channel"
+            probes.append(("sparsity", sparsity, lambda n, w, s=sparsity, p=pattern: wanda(w, stats.sq_sum[n], s, p)))
+        for kind, value, compress in probes:
+            try:
+                for (_, linear), original in zip(linears, originals):
+                    linear.weight.data = compress(prefix[id(linear)], original)
+                row[kind][str(value) if kind == "sparsity" else str(int(value))] = calibration_loss(root, batch) - base
+            finally:
+                for (_, linear), original in zip(linears, originals):
+                    linear.weight.data = original
+        row["bits"]["8"] = 0.0
+        rows.append(row)
+        progress(f"luc: sensitivity of layer {index + 1}/{len(layers)}")
+    return {"base_loss": base, "measure": "calibration loss increase, one layer compressed", "layers": rows}
+
+
+def cached_profile(
+    model: ModelHandle, segments: list[list[int]], options: LucOptions, stats: InputStats, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], bool]:
+    """The sensitivity profile from the cache, else measured and cached. (profile, was cached)"""
+    assert model.module is not None
+    key = profile_key(model, segments, options)
+    measured: list[bool] = []
+
+    def build(path: Path) -> None:
+        batch = torch.tensor(segments, dtype=torch.int64)
+        profile = measure_profile(model.module, batch, stats, options, progress)
+        (path / "profile.json").write_text(json.dumps(profile, indent=1))
+        measured.append(True)
+
+    directory = cached_dir("luc-sensitivity", key, build)
+    profile = json.loads((directory / "profile.json").read_text())
+    return profile, not measured
+
+
+# ------------------------------------------------------------------------------ apply
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _unique_bytes(root: nn.Module) -> int:
+    unique = {t.data_ptr(): t for t in root.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _packed(weight: torch.Tensor, bits: int, options: LucOptions) -> PackedWeight:
+    cols = weight.shape[1]
+    if cols % options.group_size != 0:
+        raise BadInputError(f"luc: group_size {options.group_size} does not divide a layer's {cols} input channels; pick a divisor")
+    return quantize(weight, bits, options.group_size, options.symmetric)
+
+
+class Luc:
+    """Edge-LLM layer-wise unified compression: per-layer sparsity and bits from sensitivity."""
+
+    name: ClassVar[str] = "luc"
+    families: ClassVar[tuple[str, ...]] = (FAMILY_CAUSAL_LM,)
+    Options: ClassVar[type[BaseModel]] = LucOptions
+    summary: ClassVar[str] = "Edge-LLM layer-wise unified compression: per-layer pruning + packed low-bit weights"
+
+    def __init__(self, options: BaseModel, overrides: Sequence[LayerOverride]) -> None:
+        assert isinstance(options, LucOptions)
+        self.options = options
+        self.overrides = list(overrides)
+
+    @staticmethod
+    def weight_bits(options: BaseModel) -> set[int]:
+        """The stored widths this configuration asks the backend for (checked before loading)."""
+        assert isinstance(options, LucOptions)
+        wanted = {b for b in options.bit_choices if b >= options.bits_floor}
+        wanted |= {b for b in (options.embedding_bits, options.head_bits) if b is not None}
+        return wanted
+
+    def run(self, model: ModelHandle, ctx: PassContext) -> PassResult:
+        root = model.module
+        assert root is not None
+        options = self.options
+        if any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in root.modules()):
+            raise BadInputError("luc: the model is already compressed; list the pass once in the recipe")
+        layers = decoder_layers(root)
+        fixed = layer_overrides(self.overrides, len(layers))
+        check_budget(options, fixed, len(layers))
+        check_group_size(root, options.group_size)
+        if ctx.calibration_ids is None:
+            raise UnsupportedError("luc needs calibration data; run it through edgec compile")
+        segments = ctx.calibration_ids()
+        batch = torch.tensor(segments, dtype=torch.int64)
+        before = _unique_bytes(root)
+        ctx.progress(f"luc: calibration statistics over {batch.numel()} tokens")
+        stats = InputStats(root, batch, gram=options.pruning == "sparsegpt")
+        profile, was_cached = cached_profile(model, segments, options, stats, ctx.progress)
+        plans = plan_layers(options, profile, fixed, len(layers))
+        dense_loss = profile["base_loss"]
+        records = self._apply(root, plans, stats, ctx.progress)
+        embed_record = self._compress_embeddings(root)
+        after = _unique_bytes(root)
+        achieved_bits = sum(p.bits for p in plans) / len(plans)
+        achieved_sparsity = sum(r["measured_sparsity"] for r in records) / len(records)
+        for record, row in zip(records, profile["layers"]):
+            record["sensitivity"] = {"bits": row["bits"], "sparsity": row["sparsity"]}
+        return PassResult(
+            changed=True,
+            record={
+                "policy": options.policy,
+                "budget": {"bits": options.bits, "sparsity": options.sparsity},
+                "achieved": {"bits": round(achieved_bits, 4), "sparsity": round(achieved_sparsity, 4)},
+                "pruning": options.pruning,
+                "pattern": options.pattern,
+                "group_size": options.group_size,
+                "symmetric": options.symmetric,
+                "calibration": {"segments": len(segments), "tokens": batch.numel(), "dense_loss": dense_loss},
+                "sensitivity_profile": {"measure": profile["measure"], "cached": was_cached},
+                "embeddings": embed_record,
+                "weight_bytes_before": before,
+                "weight_bytes_after": after,
+                "layers": records,
+            },
+        )
+
+    def _apply(
+        self, root: nn.Module, plans: list[LayerPlan], stats: InputStats, progress: Callable[[str], None]
+    ) -> list[dict[str, Any]]:
+        options = self.options
+        records: list[dict[str, Any]] = []
+        names = {id(m): n for n, m in root.named_modules()}
+        for plan, layer in zip(plans, decoder_layers(root)):
+            zeros = total = packed_bytes = 0
+            for _, linear in layer_linears(layer):
+                name = names[id(linear)]
+                weight = linear.weight.detach().float()
+                if plan.sparsity > 0:
+                    if options.pruning == "sparsegpt":
+                        weight = sparsegpt(weight, stats.gram[name], plan.sparsity, options.pattern)
+                    else:
+                        weight = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern)
+                zeros += int((weight == 0).sum())
+                total += weight.numel()
+                packed = _packed(weight, plan.bits, options)
+                packed_bytes += packed.nbytes()
+                _set_module(root, name, PackedLinear(packed, linear.bias))
+            records.append(
+                {
+                    "layer": plan.index,
+                    "bits": plan.bits,
+                    "sparsity": round(plan.sparsity, 4),
+                    "measured_sparsity": round(zeros / total, 4),
+                    "fixed_by_override": plan.fixed,
+                    "parameters": total,
+                    "bytes": packed_bytes,
+                }
+            )
+            progress(f"luc: layer {plan.index + 1}/{len(plans)}: {plan.bits} bits, sparsity {plan.sparsity:.2f}")
+        return records
+
+    def _compress_embeddings(self, root: nn.Module) -> dict[str, Any]:
+        options = self.options
+        tied = bool(getattr(root.config, "tie_word_embeddings", False))
+        record: dict[str, Any] = {"tied": tied}
+        embedding = root.get_submodule("model.embed_tokens")
+        head = root.get_submodule("lm_head")
+        assert isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear)
+        head_bits = options.embedding_bits if options.head_bits is None else options.head_bits
+        shared: PackedWeight | None = None
+        if options.embedding_bits != FP32_BITS:
+            shared = _packed(embedding.weight.detach().float(), options.embedding_bits, options)
+            _set_module(root, "model.embed_tokens", PackedEmbedding(shared))
+            record["embedding"] = {"bits": options.embedding_bits, "bytes": shared.nbytes()}
+        else:
+            record["embedding"] = {"bits": FP32_BITS, "bytes": embedding.weight.numel() * 4}
+        if head_bits == FP32_BITS:
+            record["lm_head"] = {"bits": FP32_BITS, "shared_with_embedding": tied}
+            return record
+        if tied and shared is not None and head_bits == options.embedding_bits:
+            embed_module = root.get_submodule("model.embed_tokens")
+            assert isinstance(embed_module, PackedEmbedding)
+            _set_module(root, "lm_head", PackedLinear(embed_module.packed, head.bias))
+            record["lm_head"] = {"bits": head_bits, "shared_with_embedding": True}
+        else:
+            packed = _packed(head.weight.detach().float(), head_bits, options)
+            _set_module(root, "lm_head", PackedLinear(packed, head.bias))
+            record["lm_head"] = {"bits": head_bits, "shared_with_embedding": False, "bytes": packed.nbytes()}
+        return record
+

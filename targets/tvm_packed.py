@@ -1,0 +1,110 @@
+"""TVM lowering of edgec's packed-weight ops (edgec.packing).
+
+Before: torch.export keeps `edgec::qlinear` / `edgec::qembedding` as single nodes,
+which TVM's importer does not know.
+After: each becomes one TE PrimFunc whose first block decodes the packed codes and
+whose second consumes them (a matmul, or a row gather). Both blocks live in one
+function, so the CPU schedule's matmul rule inlines the decode into the matmul's
+inner loop: the weight is read packed from memory on every call and no fp32 copy of
+it exists, at build time, in params, or at run time. Packed planes are function
+parameters, never bound constants, so FoldConstant cannot expand them either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tvm import relax, te, tirx
+
+from edgec.packing import PLANE_WIDTHS
+
+
+def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
+    """The integer code of W[row, col] as int32, from its uint8 planes."""
+    value: Any = None
+    offset = 0
+    for plane, width in zip(planes, PLANE_WIDTHS[bits]):
+        per_byte = 8 // width
+        shift = ((col % per_byte) * width).astype("uint8")
+        part = ((plane[row, col // per_byte] >> shift) & tirx.const((1 << width) - 1, "uint8")).astype("int32")
+        if offset:
+            part = part << tirx.const(offset, "int32")
+        value = part if value is None else value | part
+        offset += width
+    return value
+
+
+def _weight(
+    planes: list[te.Tensor], scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any
+) -> Any:
+    code = _code(planes, bits, row, col)
+    if zeros is None:
+        centred = (code - tirx.const(1 << (bits - 1), "int32")).astype(dtype)
+    else:
+        centred = (code - zeros[row, col // group].astype("int32")).astype(dtype)
+    return centred * scales[row, col // group].astype(dtype)
+
+
+def qlinear_te(
+    x: te.Tensor,
+    plane0: te.Tensor,
+    plane1: te.Tensor | None,
+    scales: te.Tensor,
+    zeros: te.Tensor | None,
+    bias: te.Tensor | None,
+    bits: int,
+    group: int,
+) -> te.Tensor:
+    planes = [plane0] if plane1 is None else [plane0, plane1]
+    rows = plane0.shape[0]
+    cols = x.shape[-1]
+    dtype = x.dtype
+    weight = te.compute(
+        (rows, cols),
+        lambda n, k: _weight(planes, scales, zeros, bits, group, dtype, n, k),
+        name="dequantize",
+    )
+    k = te.reduce_axis((0, cols), name="k")
+    lead = list(x.shape[:-1])
+
+    def _out(*index: Any) -> Any:
+        return te.sum(x[(*index[:-1], k)] * weight[index[-1], k], axis=k)
+
+    out = te.compute((*lead, rows), _out, name="matmul")
+    if bias is None:
+        return out
+    return te.compute((*lead, rows), lambda *index: out[index] + bias[index[-1]].astype(dtype), name="bias_add")
+
+
+def qembedding_te(
+    ids: te.Tensor,
+    plane0: te.Tensor,
+    plane1: te.Tensor | None,
+    scales: te.Tensor,
+    zeros: te.Tensor | None,
+    bits: int,
+    group: int,
+) -> te.Tensor:
+    planes = [plane0] if plane1 is None else [plane0, plane1]
+    hidden = plane0.shape[1] * (8 // PLANE_WIDTHS[bits][0])
+
+    def _row(*index: Any) -> Any:
+        token = ids[index[:-1]].astype("int64")
+        return _weight(planes, scales, zeros, bits, group, "float32", token, index[-1])
+
+    return te.compute((*ids.shape, hidden), _row, name="embedding_decode")
+
+
+def _convert(te_func: Callable[..., te.Tensor], hint: str) -> Callable[[Any, Any], relax.Var]:
+    def convert(node: Any, importer: Any) -> relax.Var:
+        args = importer.retrieve_args(node)
+        return importer.block_builder.emit_te(te_func, *args, primfunc_name_hint=hint)
+
+    return convert
+
+
+CONVERT_MAP: dict[str, Callable[[Any, Any], relax.Var]] = {
+    "qlinear.default": _convert(qlinear_te, "qlinear"),
+    "qembedding.default": _convert(qembedding_te, "qembedding"),
+}
