@@ -164,6 +164,32 @@ def compile_command(
         out.print(f"parity    {status}")
     else:
         out.print(f"parity    {status} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g})")
+    evaluation = summary.get("evaluation")
+    if evaluation and "perplexity" in evaluation:
+        out.print(f"held-out  perplexity {evaluation['perplexity']:.3f} over {evaluation['tokens']} tokens")
+    for entry in summary["passes"]:
+        layers = entry["record"].get("layers")
+        if entry["name"] == "luc" and layers:
+            _print_layer_table(entry["record"])
+
+
+def _print_layer_table(record: dict[str, Any]) -> None:
+    """The luc policy per layer: what each layer got and why (its sensitivity)."""
+    from rich.table import Table
+
+    table = Table(title=f"luc policy ({record['policy']}): mean {record['achieved']['bits']:g} bits, "
+                  f"sparsity {record['achieved']['sparsity']:.3f}", title_justify="left")
+    first = record["layers"][0].get("sensitivity", {}) if record["layers"] else {}
+    probe_bits = "/".join(k for k in sorted(first.get("bits", {})) if k != "8")
+    probe_sparsity = "/".join(f"{float(k):g}" for k in sorted(first.get("sparsity", {})))
+    for column in ("layer", "bits", "sparsity", "bytes", f"loss +Δ at {probe_bits} bits", f"loss +Δ pruned {probe_sparsity}"):
+        table.add_column(column, justify="right")
+    for row in record["layers"]:
+        sens = row.get("sensitivity", {})
+        bits = " / ".join(f"{v:.3f}" for k, v in sorted(sens.get("bits", {}).items()) if k != "8")
+        pruned = " / ".join(f"{v:.3f}" for _, v in sorted(sens.get("sparsity", {}).items()))
+        table.add_row(str(row["layer"]), str(row["bits"]), f"{row['measured_sparsity']:.3f}", f"{row['bytes']:,}", bits, pruned)
+    out.print(table)
 
 
 @app.command("verify")

@@ -136,6 +136,9 @@ def compile_model(
                 f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:.3g}; nothing was written "
                 "(report this with `edgec env`)"
             )
+        evaluation = _evaluate({**manifest, "files": files}, stage, model, recipe, target, progress)
+        if evaluation is not None:
+            manifest["evaluation"] = evaluation
         manifest = write_manifest(stage, manifest, files)
     return {
         "artifact": str(out),
@@ -144,15 +147,38 @@ def compile_model(
         "target_resolved": target.how,
         "backend": recipe.backend,
         "size_bytes": manifest["size_bytes"],
-        "passes": [{"name": e.name, "changed": e.changed, "seconds": e.seconds} for e in pass_log],
+        "passes": [{"name": e.name, "changed": e.changed, "seconds": e.seconds, "record": e.record} for e in pass_log],
         "parity": {
             "ok": parity.ok,
             "max_abs_diff": parity.max_abs_diff,
             "tolerance": parity.tolerance,
             "reason": parity.reason,
         },
+        "evaluation": manifest.get("evaluation"),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _evaluate(
+    manifest: dict[str, Any],
+    stage: Path,
+    model: ModelHandle,
+    recipe: Recipe,
+    target: ResolvedTarget,
+    progress: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """Held-out perplexity of the built artifact in its own runtime (recipe `evaluate`)."""
+    if recipe.evaluate.tokens == 0 or model.tokenizer is None or model.family != FAMILY_CAUSAL_LM:
+        return None
+    if not target.runs_here:
+        return {"skipped": f"built for {target.spec.arch}; run `edgec eval` where it runs"}
+    from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn
+
+    ids, label = evaluation_ids(model.tokenizer, "held-out", recipe.evaluate.tokens)
+    progress(f"evaluate: held-out perplexity over {len(ids)} tokens")
+    runtime = open_runtime(stage, manifest)
+    result = perplexity(runtime_logits_fn(runtime), ids, model.tokenizer, recipe.evaluate.window, label, progress)
+    return result.to_json()
 
 
 def _to_float16(model: ModelHandle) -> None:

@@ -85,6 +85,14 @@ def dequantize(planes: list[torch.Tensor], scales: torch.Tensor, zeros: torch.Te
     return ((grouped - zero) * scales.float()[..., None]).reshape(codes.shape)
 
 
+def _half_at_least(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as stored (float16), rounded up so the largest weight is not clipped."""
+    scale = scale.clamp(min=1e-6)
+    stored = scale.half()
+    stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.tensor(torch.inf, dtype=torch.float16)), stored)
+    return stored.float()
+
+
 def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> PackedWeight:
     """Round-to-nearest group quantization of W[N, K]; zeros in W stay exactly zero.
 
@@ -103,13 +111,13 @@ def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> Pa
             scale = grouped.abs().sum(-1) / nonzero
         else:
             scale = grouped.abs().amax(-1) / (half - 1)
-        scale = scale.clamp(min=1e-8).half().float()
+        scale = _half_at_least(scale)
         codes = (torch.round(grouped / scale[..., None]) + half).clamp(1, top)
         zeros = None
     else:
         low = grouped.amin(-1).clamp(max=0)
         high = grouped.amax(-1).clamp(min=0)
-        scale = ((high - low) / top).clamp(min=1e-8).half().float()
+        scale = _half_at_least((high - low) / top)
         zero = torch.round(-low / scale).clamp(0, top)
         codes = (torch.round(grouped / scale[..., None]) + zero[..., None]).clamp(0, top)
         zeros = zero.to(torch.uint8)

@@ -50,6 +50,11 @@ class ParitySpec(Strict):
     prompt_len: int = Field(16, ge=2, description="tokens in the reference prefill input")
 
 
+class EvaluateSpec(Strict):
+    tokens: int = Field(0, ge=0, description="held-out tokens the artifact's perplexity is measured on at compile; 0 = skip")
+    window: int = Field(256, ge=8, description="tokens per scoring window")
+
+
 class Recipe(Strict):
     target: str = "cpu"
     backend: Literal["tvm", "onnx"] = "tvm"
@@ -60,6 +65,7 @@ class Recipe(Strict):
     max_context: int | None = Field(None, ge=16, description="longest sequence the artifact accepts; default min(model, 1024)")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     parity: ParitySpec = Field(default_factory=ParitySpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     passes: list[PassSpec] = Field(default_factory=list)
 
 

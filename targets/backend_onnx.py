@@ -89,6 +89,8 @@ def build(
             record["entries"][entry.name] = _entry_record(entry, proto, start)
             continue
         progress(f"onnx: export {entry.name}")
+        from edgec.targets.onnx_packed import translation_table
+
         program = torch.onnx.export(
             entry.program,
             entry.example,
@@ -98,6 +100,7 @@ def build(
             output_names=entry.output_names,
             verbose=False,
             optimize=False,
+            custom_translation_table=translation_table(),
         )
         # No onnxscript optimizer: its constant folding counts elements, not bytes, so it
         # turns Cast(int8 weight) into an fp32 initializer and the artifact grows back.
@@ -108,6 +111,11 @@ def build(
             del node.metadata_props[:]
         models[entry.name] = proto
         record["entries"][entry.name] = _entry_record(entry, proto, start)
+    packed = _packed_bits(entries)
+    if packed:
+        from edgec.targets.onnx_packed import lowering_note
+
+        record["packed_weights"] = {str(bits): lowering_note(bits) for bits in packed}
     share_external_data(models, out_dir / WEIGHTS_FILE)
     for name, proto in models.items():
         onnx.save_model(proto, str(out_dir / f"{name}.onnx"))
@@ -116,6 +124,20 @@ def build(
     record["ort_provider"] = target.spec.ort_provider
     record["ort_version_built_with"] = onnxruntime.__version__
     return record
+
+
+def _packed_bits(entries: list[ExportedEntry]) -> list[int]:
+    """The bit-widths of edgec::qlinear calls in the entries (to say how each is lowered)."""
+    import torch
+
+    found: set[int] = set()
+    for entry in entries:
+        if entry.program is None:
+            continue
+        for node in entry.program.graph.nodes:
+            if node.op == "call_function" and node.target is torch.ops.edgec.qlinear.default:
+                found.add(int(node.args[6]))
+    return sorted(found, reverse=True)
 
 
 def _entry_record(entry: ExportedEntry, proto: Any, start: float) -> dict[str, Any]:

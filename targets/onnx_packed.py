@@ -1,0 +1,142 @@
+"""ONNX lowering of edgec's packed-weight ops (edgec.packing) for the dynamo exporter.
+
+- `edgec::qlinear` at 2, 4 or 8 bits -> one com.microsoft MatMulNBits: its B input is
+  our [N, K * bits / 8] planes reshaped to [N, K / group, group * bits / 8] (the same
+  bytes), scales cast to the activation dtype, uint8 zero points packed per row.
+- `edgec::qlinear` at 3 bits (MatMulNBits has no 3-bit kernel) -> the planes decoded
+  with standard ops, then MatMul. The file stays 3-bit; ONNX Runtime folds the decode
+  when the session loads, so in memory that weight is fp32 (the compile report says so).
+- `edgec::qembedding` -> Gather of the packed rows, then the same standard-op decode.
+
+onnx 1.23 ships no schema for com.microsoft ops and onnxscript needs one to trace a
+call, so MATMUL_NBITS carries a local schema (nothing is registered globally).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxscript
+from onnx import numpy_helper
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+
+from edgec.packing import PLANE_WIDTHS
+
+MATMUL_NBITS_BITS = (2, 4, 8)
+
+
+def _matmul_nbits_op() -> onnxscript.values.Op:
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    attributes = [OpSchema.Attribute(name, OpSchema.AttrType.INT, "", required=True) for name in ("K", "N", "bits", "block_size")]
+    schema = OpSchema(
+        "MatMulNBits",
+        "com.microsoft",
+        1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"), param("zero_points", "T3", param_option=optional)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[
+            ("T1", ["tensor(float)", "tensor(float16)"], ""),
+            ("T2", ["tensor(uint8)"], ""),
+            ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
+        ],
+        attributes=attributes,
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
+
+
+MATMUL_NBITS = _matmul_nbits_op()
+
+
+def _ints(values: list[int]) -> Any:
+    return op.Constant(value_ints=values)
+
+
+def _typed(value: Any, dtype: type) -> Any:
+    return op.Constant(value=numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+
+def _uint8(value: Any) -> Any:
+    return _typed(value, np.uint8)
+
+
+def _decode(planes: list[Any], scales: Any, zeros: Any, bits: int, group: int, like: Any) -> Any:
+    """Packed rows [..., K * w / 8] -> weights [..., K] in the dtype of `like`."""
+    codes: Any = None
+    offset = 0
+    lead = op.Shape(planes[0], end=-1)
+    for plane, width in zip(planes, PLANE_WIDTHS[bits]):
+        per_byte = 8 // width
+        shifted = op.BitShift(op.Unsqueeze(plane, _ints([-1])), _uint8(np.arange(per_byte) * width), direction="RIGHT")
+        part = op.BitwiseAnd(shifted, _uint8((1 << width) - 1))
+        part = op.Cast(op.Reshape(part, op.Concat(lead, _ints([-1]), axis=0)), to=6)  # int32
+        if offset:
+            part = op.BitShift(op.Cast(part, to=12), _typed(offset, np.uint32), direction="LEFT")  # uint32
+            part = op.Cast(part, to=6)
+        codes = part if codes is None else op.BitwiseOr(codes, part)
+        offset += width
+    grouped = op.Reshape(codes, op.Concat(lead, _ints([-1, group]), axis=0))
+    if zeros is None:
+        centred = op.Sub(grouped, _typed(1 << (bits - 1), np.int32))
+    else:
+        centred = op.Sub(grouped, op.Unsqueeze(op.Cast(zeros, to=6), _ints([-1])))
+    weights = op.Mul(op.CastLike(centred, like), op.Unsqueeze(op.CastLike(scales, like), _ints([-1])))
+    return op.Reshape(weights, op.Concat(lead, _ints([-1]), axis=0))
+
+
+def _packed_zero_points(zeros: Any, rows: int, blocks: int, bits: int) -> Any:
+    """uint8 [N, blocks] -> MatMulNBits' zero points: per row, `8 / bits` to a byte, low bits first."""
+    if bits == 8:
+        return zeros
+    per_byte = 8 // bits
+    pad = (-blocks) % per_byte
+    padded = op.Pad(zeros, _ints([0, 0, 0, pad])) if pad else zeros
+    split = op.Reshape(padded, _ints([rows, (blocks + pad) // per_byte, per_byte]))
+    shifted = op.BitShift(split, _uint8(np.arange(per_byte) * bits), direction="LEFT")
+    packed = op.ReduceSum(op.Cast(shifted, to=6), _ints([-1]), keepdims=0)  # disjoint bits: sum == or
+    return op.Reshape(op.Cast(packed, to=2), _ints([-1]))
+
+
+def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias: Any, bits: int, group: int) -> Any:
+    rows = int(plane0.shape[0])
+    cols = int(plane0.shape[1]) * 8 // PLANE_WIDTHS[bits][0]
+    if bits in MATMUL_NBITS_BITS:
+        blocks = cols // group
+        packed = op.Reshape(plane0, _ints([rows, blocks, group * bits // 8]))
+        attributes = {"K": cols, "N": rows, "bits": bits, "block_size": group}
+        scale = op.CastLike(scales, x)
+        if zeros is None:
+            out = MATMUL_NBITS(x, packed, scale, **attributes)
+        else:
+            out = MATMUL_NBITS(x, packed, scale, _packed_zero_points(zeros, rows, blocks, bits), **attributes)
+    else:
+        planes = [plane0] if plane1 is None else [plane0, plane1]
+        weight = _decode(planes, scales, zeros, bits, group, x)
+        out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return out if bias is None else op.Add(out, op.CastLike(bias, x))
+
+
+def qembedding_onnx(ids: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bits: int, group: int) -> Any:
+    planes = [op.Gather(plane, ids, axis=0) for plane in ([plane0] if plane1 is None else [plane0, plane1])]
+    rows_zeros = None if zeros is None else op.Gather(zeros, ids, axis=0)
+    like = op.Constant(value=numpy_helper.from_array(np.zeros((), dtype=np.float32)))
+    return _decode(planes, op.Gather(scales, ids, axis=0), rows_zeros, bits, group, like)
+
+
+def translation_table() -> dict[Any, Any]:
+    import torch
+
+    import edgec.packing  # noqa: F401  (registers torch.ops.edgec)
+
+    return {
+        torch.ops.edgec.qlinear.default: qlinear_onnx,
+        torch.ops.edgec.qembedding.default: qembedding_onnx,
+    }
+
+
+def lowering_note(bits: int) -> str:
+    if bits in MATMUL_NBITS_BITS:
+        return f"{bits}-bit: MatMulNBits (packed in the file and in memory)"
+    return f"{bits}-bit: packed in the file, decoded by standard ops that ONNX Runtime folds to fp32 at load"

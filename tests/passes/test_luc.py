@@ -1,0 +1,163 @@
+"""luc: packed weights, pruning patterns, the budgeted policy, the pass on a model, bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgec.errors import BadInputError
+from edgec.lm import CausalLMEntries
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.packing import SUPPORTED_BITS, PackedEmbedding, PackedLinear, dequantize, pack_codes, quantize, unpack_codes
+from edgec.passes.luc import (
+    Luc,
+    LucOptions,
+    allocate_bits,
+    allocate_sparsity,
+    check_budget,
+    layer_overrides,
+    plan_layers,
+)
+from edgec.passes.prune import sparsegpt, wanda
+from edgec.pipeline import PassContext
+from edgec.recipe import LayerOverride, Recipe
+from tests.conftest import TINY_CONFIG, make_tiny_llama
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_packed_codes_round_trip_exactly_at_their_width(bits: int) -> None:
+    codes = torch.randint(0, 1 << bits, (6, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    planes = pack_codes(codes, bits)
+    assert all(p.dtype == torch.uint8 for p in planes)
+    assert sum(p.numel() for p in planes) == codes.numel() * bits // 8  # exactly `bits` bits a weight
+    assert torch.equal(unpack_codes(planes, bits), codes)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantized_weights_decode_to_code_times_scale_and_keep_zeros(bits: int, symmetric: bool) -> None:
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    weight[:, ::3] = 0.0
+    packed = quantize(weight, bits, 16, symmetric)
+    decoded = dequantize(packed.planes, packed.scales, packed.zeros, bits, 16)
+    codes = unpack_codes(packed.planes, bits).reshape(8, 4, 16).float()
+    zero = 2.0 ** (bits - 1) if packed.zeros is None else packed.zeros.float()[..., None]
+    expected = ((codes - zero) * packed.scales.float()[..., None]).reshape(8, 64)
+    assert torch.equal(decoded, expected)
+    assert bool((decoded[:, ::3] == 0).all())
+    if bits >= 3:  # round to nearest; an asymmetric group also rounds its zero point
+        step = packed.scales.float().repeat_interleave(16, dim=1)
+        assert bool(((decoded - weight).abs() <= step * (0.5 if symmetric else 1.0) + 1e-6).all())
+
+
+def test_wanda_and_sparsegpt_masks_have_the_requested_pattern() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 64, generator=generator)
+    x = torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3.0, 64)
+    sq_sum, gram = (x * x).sum(0), x.T @ x
+    for pruned in (wanda(weight, sq_sum, 0.5, "2:4"), sparsegpt(weight, gram, 0.5, "2:4")):
+        zeros_per_group = (pruned.reshape(16, 16, 4) == 0).sum(-1)
+        assert bool((zeros_per_group == 2).all())  # counted per group of 4, not on average
+    for pruned in (wanda(weight, sq_sum, 0.25, "unstructured"), sparsegpt(weight, gram, 0.25, "unstructured")):
+        assert abs(float((pruned == 0).float().mean()) - 0.25) < 0.02
+    for pruned in (wanda(weight, sq_sum, 0.25, "channel"), sparsegpt(weight, gram, 0.25, "channel")):
+        dead = (pruned == 0).all(0)
+        assert int(dead.sum()) == 16 and bool((pruned[:, ~dead] != 0).all())
+
+
+def test_sparsegpt_reconstruction_loses_less_output_than_wanda() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(32, 128, generator=generator)
+    # Correlated inputs (as activations are): rank 16 plus noise.
+    x = torch.randn(512, 16, generator=generator) @ torch.randn(16, 128, generator=generator)
+    x = x + 0.1 * torch.randn(512, 128, generator=generator)
+    dense = x @ weight.T
+    errors = {}
+    for name, pruned in (
+        ("wanda", wanda(weight, (x * x).sum(0), 0.5, "unstructured")),
+        ("sparsegpt", sparsegpt(weight, x.T @ x, 0.5, "unstructured")),
+    ):
+        errors[name] = float((x @ pruned.T - dense).norm() / dense.norm())
+    assert errors["sparsegpt"] < 0.5 * errors["wanda"], errors
+
+
+def test_bits_policy_meets_the_budget_and_favours_sensitive_layers() -> None:
+    damage = [{2: 5.0, 3: 1.0, 4: 0.2, 8: 0.0}, {2: 0.05, 3: 0.02, 4: 0.01, 8: 0.0}] * 4
+    bits = allocate_bits(damage, [2, 3, 4, 8], 4.0, fixed={})
+    assert sum(bits) / len(bits) == pytest.approx(4.0, abs=1 / len(bits))
+    assert min(bits[0::2]) > max(bits[1::2])  # the sensitive layers get more bits
+    fixed = allocate_bits(damage, [2, 3, 4, 8], 4.0, fixed={1: 8})
+    assert fixed[1] == 8 and sum(fixed) / len(fixed) <= 4.0
+
+
+def test_sparsity_policy_meets_the_budget_within_the_ceiling() -> None:
+    scores = [10.0, 0.1, 0.2, 5.0, 0.0, 0.3]
+    sparsity = allocate_sparsity(scores, 0.5, fixed={}, temper=0.8, ceiling=0.7)
+    assert sum(sparsity) / len(sparsity) == pytest.approx(0.5)
+    assert max(sparsity) <= 0.7 + 1e-9 and sparsity[0] == min(sparsity)
+    uniform = plan_layers(LucOptions(policy="uniform", bits=4, sparsity=0.3), None, {}, 6)
+    assert {(p.bits, p.sparsity) for p in uniform} == {(4, 0.3)}
+
+
+def test_budgets_that_cannot_be_met_are_refused_before_work() -> None:
+    with pytest.raises(BadInputError, match="cannot be met"):
+        check_budget(LucOptions(bits=2.5, bits_floor=3), {}, 4)
+    with pytest.raises(BadInputError, match="uniform"):
+        check_budget(LucOptions(policy="uniform", bits=3.5), {}, 4)
+    with pytest.raises(BadInputError, match="prunes exactly 0.5"):
+        check_budget(LucOptions(pattern="2:4", sparsity=0.3), {}, 4)
+    with pytest.raises(BadInputError, match="cannot be met"):
+        check_budget(LucOptions(bits=4), {0: {"bits": 8}, 1: {"bits": 8}, 2: {"bits": 8}}, 4)
+    with pytest.raises(ValueError, match="edgec packs"):
+        LucOptions(bit_choices=[5])
+
+
+def test_overrides_fix_layers_and_unknown_layers_are_named() -> None:
+    fixed = layer_overrides([LayerOverride(match="0-1", options={"bits": 8, "sparsity": 0.0})], 4)
+    assert fixed == {0: {"bits": 8.0, "sparsity": 0.0}, 1: {"bits": 8.0, "sparsity": 0.0}}
+    with pytest.raises(BadInputError, match="matches no decoder layer; the model has layers 0-3"):
+        layer_overrides([LayerOverride(match=7, options={"bits": 8})], 4)
+    with pytest.raises(BadInputError, match="only bits, sparsity"):
+        layer_overrides([LayerOverride(match=1, options={"group_size": 8})], 4)
+
+
+def _handle(model: torch.nn.Module) -> ModelHandle:
+    return ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "1" * 64, module=model)
+
+
+def _segments() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return torch.randint(0, TINY_CONFIG["vocab_size"], (4, 32), generator=generator).tolist()
+
+
+def test_pass_compresses_every_linear_and_shares_the_tied_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
+    model = make_tiny_llama()
+    ids = torch.tensor(_segments()[:1])
+    with torch.no_grad():
+        dense = CausalLMEntries(model).prefill(ids)[0]
+    options = LucOptions(bits=5, sparsity=0.3, group_size=16, pruning="sparsegpt")
+    ctx = PassContext(Recipe(), calibration_ids=_segments)
+    result = Luc(options, [LayerOverride(match=0, options={"bits": 8})]).run(_handle(model), ctx)
+    record = result.record
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert isinstance(model.model.embed_tokens, PackedEmbedding) and isinstance(model.lm_head, PackedLinear)
+    assert model.lm_head.plane0.data_ptr() == model.model.embed_tokens.plane0.data_ptr()
+    assert record["layers"][0]["bits"] == 8 and record["layers"][0]["fixed_by_override"]
+    assert record["layers"][1]["bits"] == 2 and record["achieved"]["bits"] == 5.0
+    assert record["achieved"]["sparsity"] == pytest.approx(0.3, abs=0.02)
+    assert record["weight_bytes_after"] < 0.3 * record["weight_bytes_before"]
+    assert not record["sensitivity_profile"]["cached"]
+    with torch.no_grad():
+        compressed = CausalLMEntries(model).prefill(ids)[0]
+    assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, dense)
+    # The same model and calibration again: the profile comes from the cache.
+    again = Luc(options, []).run(_handle(make_tiny_llama()), ctx)
+    assert again.record["sensitivity_profile"]["cached"]
+
+
+def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
+    ctx = PassContext(Recipe(), calibration_ids=_segments)
+    with pytest.raises(BadInputError, match="group_size 48 does not divide"):
+        Luc(LucOptions(group_size=48), []).run(_handle(make_tiny_llama()), ctx)
