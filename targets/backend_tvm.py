@@ -96,6 +96,7 @@ def build(
         if tvm_target.kind.name == "llvm":
             scheduled = scheduled_module(mod, tvm_target)
             record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
+            record.setdefault("float_tensor_shapes", {})[entry.name] = float_tensor_shapes(scheduled)
             executable = tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
         else:
             executable = tvm.compile(mod, tvm_target, relax_pipeline="default")
@@ -143,6 +144,40 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     if len(main_only["main"].params) != num_inputs + len(transformed):
         raise RuntimeError("LiftTransformParams changed the entry's inputs")
     return main_only, transformed, "pre-transformed at compile time"
+
+
+def float_tensor_shapes(mod: Any) -> list[list[int]]:
+    """Static shapes of the float tensors a scheduled module creates: Relax values passed
+    between kernels and buffers allocated inside kernels (parameters excluded). A packed
+    weight expanded to fp32 anywhere (by constant folding, or a decode kernel of its own)
+    shows up here with the weight's shape."""
+    import tvm_ffi
+    from tvm import relax, s_tir, tirx
+
+    shapes: set[tuple[int, ...]] = set()
+
+    def _add(dtype: str, dims: Any) -> None:
+        if str(dtype).startswith(("float", "bfloat")) and all(isinstance(d, tirx.IntImm) for d in dims):
+            shapes.add(tuple(int(d) for d in dims))
+
+    def _relax_var(var: Any) -> None:
+        info = getattr(var, "ty", None)  # TVM 0.27: a Relax value's tensor type
+        shape = getattr(info, "shape", None)
+        if hasattr(info, "dtype") and shape is not None:
+            _add(info.dtype, getattr(shape, "values", shape))
+
+    def _block(block: Any) -> None:
+        for buffer in block.alloc_buffers:
+            _add(buffer.dtype, buffer.shape)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            params = {id(p) for p in func.params}
+            visit = lambda v: None if id(v) in params else _relax_var(v)  # noqa: E731
+            tvm_ffi.structural_walk(func.body, ((relax.Var, visit), (relax.DataflowVar, visit)))
+        elif isinstance(func, tirx.PrimFunc):
+            tvm_ffi.structural_walk(func.body, ((s_tir.SBlock, _block),))
+    return [list(shape) for shape in sorted(shapes)]
 
 
 def _describe(target: Any) -> str:

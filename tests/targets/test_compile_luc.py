@@ -1,0 +1,123 @@
+"""luc artifacts end to end on zoo:tiny-lm: packed weights stay packed through TVM (bytes,
+no fp32 weight anywhere in the built module, resident memory) and become MatMulNBits in
+ONNX; parity against the compressed torch model; weight widths a target cannot lower."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from edgec.artifact import read_manifest
+from edgec.cli import app
+
+pytestmark = pytest.mark.compile
+runner = CliRunner()
+RECIPE = """
+target: cpu
+calibration: {samples: 2, seq_len: 64}
+evaluate: {tokens: 512, window: 128}
+passes:
+  - name: luc
+    options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 16, embedding_bits: 4}
+"""
+# tiny-lm: 6 layers of hidden 256 / MLP 688, vocab 4096 (tied), 5.4M parameters.
+HIDDEN, MLP, VOCAB = 256, 688, 4096
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("luc")
+    recipe = root / "luc.yaml"
+    recipe.write_text(RECIPE)
+    artifacts = {}
+    for backend in ("tvm", "onnx"):
+        out = root / backend
+        result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--backend", backend, "-o", str(out), "--json"])
+        assert result.exit_code == 0, result.output + result.stderr
+        artifacts[backend] = (out, json.loads(result.stdout))
+    return artifacts
+
+
+def _weight_shapes() -> set[tuple[int, int]]:
+    kv = 4 * 32
+    pairs = {(HIDDEN, HIDDEN), (kv, HIDDEN), (MLP, HIDDEN), (HIDDEN, MLP), (VOCAB, HIDDEN)}
+    return pairs | {(k, n) for n, k in pairs}
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_summary_has_policy_size_perplexity_and_parity(built: dict, backend: str) -> None:
+    out, summary = built[backend]
+    assert summary["parity"]["ok"] is True  # against the compressed torch model
+    record = summary["passes"][0]["record"]
+    assert [row["bits"] for row in record["layers"]] == [4] * 6
+    assert record["achieved"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert all(set(row["sensitivity"]["bits"]) == {"2", "3", "4", "8"} for row in record["layers"])
+    evaluation = summary["evaluation"]
+    assert evaluation["tokens"] > 400 and 1 < evaluation["perplexity"] < 200
+    assert read_manifest(out)["evaluation"] == evaluation
+
+
+def test_tvm_keeps_weights_packed_in_params_kernels_and_memory(built: dict) -> None:
+    out, summary = built["tvm"]
+    params = out / "model" / "params.safetensors"
+    fp32_bytes = summary["passes"][0]["record"]["weight_bytes_before"]
+    with safe_open(str(params), "np") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    stored = sum(t.nbytes for t in tensors.values())
+    assert stored <= 0.2 * fp32_bytes
+    weight_shapes = _weight_shapes()
+    assert not [k for k, t in tensors.items() if t.dtype.kind == "f" and tuple(t.shape) in weight_shapes]
+    # Nothing between or inside the kernels is an fp32 matrix of a weight's shape.
+    created = read_manifest(out)["backend_record"]["float_tensor_shapes"]
+    assert not [s for shapes in created.values() for s in shapes if tuple(s) in weight_shapes]
+    # Loading the artifact costs about the packed bytes in resident memory, not fp32 ones.
+    probe = (
+        "import resource, sys; from edgec.artifact import open_runtime, read_manifest; p = sys.argv[1];"
+        "m = read_manifest(__import__('pathlib').Path(p)); import tvm;"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "r = open_runtime(__import__('pathlib').Path(p), m);"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)"
+    )
+    grown = int(subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert grown < 0.4 * fp32_bytes, (grown, fp32_bytes)
+
+
+def test_onnx_runs_four_bit_linears_as_matmulnbits(built: dict) -> None:
+    import onnx
+
+    out, _ = built["onnx"]
+    manifest = read_manifest(out)
+    assert manifest["backend_record"]["packed_weights"] == {"4": "4-bit: MatMulNBits (packed in the file and in memory)"}
+    graph = onnx.load(str(out / "model" / "prefill.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulNBits") == 6 * 7 + 1  # every linear and the tied lm_head
+    assert ops.count("MatMul") == 2 * 6  # only attention's q.k and p.v are float matmuls
+    assert (out / "model" / "weights.bin").stat().st_size <= 0.2 * manifest["passes"][0]["record"]["weight_bytes_before"]
+
+
+def test_widths_a_target_cannot_lower_are_refused_before_loading(tmp_path: Path) -> None:
+    recipe = tmp_path / "luc.yaml"
+    recipe.write_text(RECIPE)
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--target", "cuda", "-o", str(tmp_path / "x")])
+    text = result.output + result.stderr
+    assert result.exit_code == 3
+    assert "4-bit weights cannot be lowered on cuda/tvm" in text and "nearest supported is 8 bits" in text
+    assert "load zoo:tiny-lm" not in text and not (tmp_path / "x").exists()
+
+
+def test_calibration_shorter_than_asked_says_how_much_is_needed(tmp_path: Path) -> None:
+    recipe = tmp_path / "luc.yaml"
+    recipe.write_text(RECIPE)
+    text = tmp_path / "short.txt"
+    text.write_text("only a few words here")
+    result = runner.invoke(
+        app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--set", f"calibration.data={text}", "-o", str(tmp_path / "y")]
+    )
+    assert result.exit_code == 2 and "2 samples x 64 tokens need 128" in result.output + result.stderr
+    assert not (tmp_path / "y").exists()
