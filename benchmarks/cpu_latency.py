@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,11 @@ def ensure_artifact(model: str, backend: str, out_root: Path) -> Path:
 
 
 def artifact_timings(path: Path, prompt: list[int], new_tokens: int, runs: int) -> tuple[float, float, list[int]]:
-    runtime = open_runtime(path, read_manifest(path))
+    return runtime_timings(open_runtime(path, read_manifest(path)), prompt, new_tokens, runs)
+
+
+def runtime_timings(runtime: Any, prompt: list[int], new_tokens: int, runs: int) -> tuple[float, float, list[int]]:
+    """Median prefill ms over warm runs, and decode tokens/s of a greedy loop (median of 3)."""
     ids = np.asarray([prompt], dtype=np.int64)
     prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
     decode_s: list[float] = []

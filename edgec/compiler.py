@@ -99,7 +99,14 @@ def compile_model(
             from edgec.targets import backend_tvm as backend
         else:
             from edgec.targets import backend_onnx as backend  # type: ignore[no-redef]
-        backend_record = backend.build(entries, target, model_dir, progress, recipe.dtype)
+        if recipe.backend == "tvm":
+            from edgec.passes.schedule import schedule_options
+
+            backend_record = backend.build(
+                entries, target, model_dir, progress, recipe.dtype, tuning=schedule_options(recipe.passes)
+            )
+        else:
+            backend_record = backend.build(entries, target, model_dir, progress, recipe.dtype)
         save_reference(stage, flatten_io(reference))
         tokenizer_dir = _copy_tokenizer(model, stage)
         manifest: dict[str, Any] = {

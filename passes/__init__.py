@@ -6,11 +6,13 @@ from pydantic import BaseModel
 
 from edgec.passes.luc import Luc
 from edgec.passes.quantize_weights_int8 import QuantizeWeightsInt8
+from edgec.passes.schedule import Schedule
 from edgec.pipeline import Pass
 
 REGISTRY: dict[str, type[Pass]] = {
     QuantizeWeightsInt8.name: QuantizeWeightsInt8,
     Luc.name: Luc,
+    Schedule.name: Schedule,
 }
 
 

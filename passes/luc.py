@@ -43,8 +43,10 @@ from edgec.packing import SUPPORTED_BITS, PackedEmbedding, PackedLinear, PackedW
 from edgec.passes.prune import parse_pattern, pattern_sparsity, sparsegpt, wanda
 from edgec.pipeline import PassContext, PassResult, override_matches
 from edgec.recipe import LayerOverride
+from edgec.zoo import ZOO_DIR
 
 FP32_BITS = 32
+COMMITTED_PROFILES = ZOO_DIR / "luc-profiles"
 # Options a layer override may fix for the layers it matches.
 LAYER_KEYS = ("bits", "sparsity")
 
@@ -344,10 +346,15 @@ def measure_profile(
 
 def cached_profile(
     model: ModelHandle, segments: list[list[int]], options: LucOptions, stats: InputStats, progress: Callable[[str], None]
-) -> tuple[dict[str, Any], bool]:
-    """The sensitivity profile from the cache, else measured and cached. (profile, was cached)"""
+) -> tuple[dict[str, Any], str]:
+    """The sensitivity profile and where it came from: committed with the zoo (the zoo
+    models' default calibration, so tests and benchmarks skip minutes of probing), the
+    cache, or measured now (and cached)."""
     assert model.module is not None
     key = profile_key(model, segments, options)
+    committed = COMMITTED_PROFILES / f"{key}.json"
+    if committed.is_file():
+        return json.loads(committed.read_text()), "committed"
     measured: list[bool] = []
 
     def build(path: Path) -> None:
@@ -358,7 +365,7 @@ def cached_profile(
 
     directory = cached_dir("luc-sensitivity", key, build)
     profile = json.loads((directory / "profile.json").read_text())
-    return profile, not measured
+    return profile, "measured" if measured else "cache"
 
 
 # ------------------------------------------------------------------------------ apply
@@ -419,7 +426,7 @@ class Luc:
         before = _unique_bytes(root)
         ctx.progress(f"luc: calibration statistics over {batch.numel()} tokens")
         stats = InputStats(root, batch, gram=options.pruning == "sparsegpt")
-        profile, was_cached = cached_profile(model, segments, options, stats, ctx.progress)
+        profile, source = cached_profile(model, segments, options, stats, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
         dense_loss = profile["base_loss"]
         records = self._apply(root, plans, stats, ctx.progress)
@@ -440,7 +447,11 @@ class Luc:
                 "group_size": options.group_size,
                 "symmetric": options.symmetric,
                 "calibration": {"segments": len(segments), "tokens": batch.numel(), "dense_loss": dense_loss},
-                "sensitivity_profile": {"measure": profile["measure"], "cached": was_cached},
+                "sensitivity_profile": {
+                    "measure": profile["measure"],
+                    "source": source,
+                    "key": profile_key(model, segments, options),
+                },
                 "embeddings": embed_record,
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,

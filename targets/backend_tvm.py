@@ -44,6 +44,7 @@ def build(
     out_dir: Path,
     progress: Callable[[str], None],
     dtype: str = "float32",
+    tuning: Any | None = None,
 ) -> dict[str, Any]:
     """Compile every entry into out_dir/<entry>.so plus the shared params file.
 
@@ -94,7 +95,11 @@ def build(
         # GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules,
         # applied once: the scheduled module is both reported and compiled.
         if tvm_target.kind.name == "llvm":
-            scheduled = scheduled_module(mod, tvm_target)
+            chosen = None
+            if tuning is not None:
+                chosen, tuning_record = _tune(mod, entry.name, tuning, target, tvm_target, progress)
+                record.setdefault("tuning", {})[entry.name] = tuning_record
+            scheduled = scheduled_module(mod, tvm_target, chosen)
             record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
             record.setdefault("float_tensor_shapes", {})[entry.name] = float_tensor_shapes(scheduled)
             executable = tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
@@ -146,11 +151,27 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     return main_only, transformed, "pre-transformed at compile time"
 
 
+def _tune(mod: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """The schedule pass's work for one entry (see targets/tvm_tuning.py)."""
+    from edgec.targets.tvm_schedule import fused_module
+    from edgec.targets.tvm_tuning import not_tuned, tune
+
+    if not target.runs_here:
+        return None, not_tuned(
+            f"built for {target.spec.arch}: kernels are timed only on the real target (an rpc:// or tracker:// device "
+            "is not wired into tuning yet, and the emulated device's timings are not ARM performance); templates used"
+        )
+    rows = 1 if entry == "decode" else options.prefill_rows
+    chosen, record = tune(fused_module(mod, tvm_target), tvm_target, rows, options.trials, progress)
+    return chosen, {"tuned": True, **record}
+
+
 def float_tensor_shapes(mod: Any) -> list[list[int]]:
     """Static shapes of the float tensors a scheduled module creates: Relax values passed
     between kernels and buffers allocated inside kernels (parameters excluded). A packed
     weight expanded to fp32 anywhere (by constant folding, or a decode kernel of its own)
     shows up here with the weight's shape."""
+    import tvm
     import tvm_ffi
     from tvm import relax, s_tir, tirx
 
@@ -170,7 +191,21 @@ def float_tensor_shapes(mod: Any) -> list[list[int]]:
         for buffer in block.alloc_buffers:
             _add(buffer.dtype, buffer.shape)
 
-    for _, func in mod.functions_items():
+    # Buffer shapes as they will be allocated: a decode panel computed per column tile is
+    # declared with the weight's full shape until compaction shrinks it to the tile.
+    lowering = tvm.transform.Sequential(
+        [
+            s_tir.transform.LowerInitBlock(),
+            s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+            s_tir.transform.ConvertBlocksToOpaque(),
+            s_tir.transform.CompactBufferAllocation(),
+        ]
+    )
+    compacted = lowering(tvm.IRModule({gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}))
+    kernels = {gv.name_hint: f for gv, f in compacted.functions_items()}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            func = kernels[gvar.name_hint]
         if isinstance(func, relax.Function):
             params = {id(p) for p in func.params}
             visit = lambda v: None if id(v) in params else _relax_var(v)  # noqa: E731

@@ -3,7 +3,8 @@
 Before: torch.export keeps `edgec::qlinear` / `edgec::qembedding` as single nodes,
 which TVM's importer does not know.
 After: each becomes one TE PrimFunc whose first block decodes the packed codes and
-whose second consumes them (a matmul, or a row gather). Both blocks live in one
+whose second consumes them (a matmul, or a row gather), reading the packed tensors
+transposed (see `_convert`). Both blocks live in one
 function, so the CPU schedule's matmul rule inlines the decode into the matmul's
 inner loop: the weight is read packed from memory on every call and no fp32 copy of
 it exists, at build time, in params, or at run time. Packed planes are function
@@ -27,7 +28,7 @@ def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
     for plane, width in zip(planes, PLANE_WIDTHS[bits]):
         per_byte = 8 // width
         shift = ((col % per_byte) * width).astype("uint8")
-        part = ((plane[row, col // per_byte] >> shift) & tirx.const((1 << width) - 1, "uint8")).astype("int32")
+        part = ((plane[col // per_byte, row] >> shift) & tirx.const((1 << width) - 1, "uint8")).astype("int32")
         if offset:
             part = part << tirx.const(offset, "int32")
         value = part if value is None else value | part
@@ -42,8 +43,8 @@ def _weight(
     if zeros is None:
         centred = (code - tirx.const(1 << (bits - 1), "int32")).astype(dtype)
     else:
-        centred = (code - zeros[row, col // group].astype("int32")).astype(dtype)
-    return centred * scales[row, col // group].astype(dtype)
+        centred = (code - zeros[col // group, row].astype("int32")).astype(dtype)
+    return centred * scales[col // group, row].astype(dtype)
 
 
 def qlinear_te(
@@ -57,7 +58,7 @@ def qlinear_te(
     group: int,
 ) -> te.Tensor:
     planes = [plane0] if plane1 is None else [plane0, plane1]
-    rows = plane0.shape[0]
+    rows = plane0.shape[1]
     cols = x.shape[-1]
     dtype = x.dtype
     weight = te.compute(
@@ -87,7 +88,7 @@ def qembedding_te(
     group: int,
 ) -> te.Tensor:
     planes = [plane0] if plane1 is None else [plane0, plane1]
-    hidden = plane0.shape[1] * (8 // PLANE_WIDTHS[bits][0])
+    hidden = plane0.shape[0] * (8 // PLANE_WIDTHS[bits][0])
 
     def _row(*index: Any) -> Any:
         token = ids[index[:-1]].astype("int64")
@@ -96,15 +97,27 @@ def qembedding_te(
     return te.compute((*ids.shape, hidden), _row, name="embedding_decode")
 
 
-def _convert(te_func: Callable[..., te.Tensor], hint: str) -> Callable[[Any, Any], relax.Var]:
+def _convert(te_func: Callable[..., te.Tensor], hint: str, packed_args: slice) -> Callable[[Any, Any], relax.Var]:
+    """The kernels read planes, scales and zeros transposed ([K / per byte, N]): for one
+    k, the codes of consecutive outputs n are consecutive bytes, so decoding a vector of
+    outputs is one contiguous load. The transposes act on parameters only, so the build
+    runs them once at compile time (LiftTransformParams); the bytes stay packed, and the
+    tied embedding and lm_head transpose the same table, which is then stored once."""
+
     def convert(node: Any, importer: Any) -> relax.Var:
-        args = importer.retrieve_args(node)
-        return importer.block_builder.emit_te(te_func, *args, primfunc_name_hint=hint)
+        builder = importer.block_builder
+        args = list(importer.retrieve_args(node))
+        for index in range(len(args))[packed_args]:
+            if args[index] is not None:
+                args[index] = builder.emit(relax.op.permute_dims(args[index], [1, 0]))
+        return builder.emit_te(te_func, *args, primfunc_name_hint=hint)
 
     return convert
 
 
 CONVERT_MAP: dict[str, Callable[[Any, Any], relax.Var]] = {
-    "qlinear.default": _convert(qlinear_te, "qlinear"),
-    "qembedding.default": _convert(qembedding_te, "qembedding"),
+    # qlinear(x, plane0, plane1, scales, zeros, bias, bits, group)
+    "qlinear.default": _convert(qlinear_te, "qlinear", slice(1, 5)),
+    # qembedding(ids, plane0, plane1, scales, zeros, bits, group)
+    "qembedding.default": _convert(qembedding_te, "qembedding", slice(1, 5)),
 }

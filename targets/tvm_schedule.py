@@ -57,11 +57,13 @@ __all__ = [
     "CpuScheduleConfig",
     "cpu_pipeline",
     "finish_pipeline",
+    "fused_module",
     "loop_kinds",
     "schedule_cpu_funcs",
     "schedule_prim_func",
     "schedule_report",
     "scheduled_module",
+    "workload_key",
 ]
 
 RULE_ATTR = "edgec.schedule_rule"
@@ -87,6 +89,8 @@ class CpuScheduleConfig:
     vector_bits: int
     tile_rows: int = 8
     tile_vectors: int = 2
+    # Packed weights: decode a [K, cols] panel per column tile (True) or inline the decode.
+    panel: bool = True
 
     @staticmethod
     def from_target(target: Target) -> CpuScheduleConfig:
@@ -377,9 +381,13 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     elif _static_extent(sch, loop_i) is None or _static_extent(sch, loop_j) is None:
         rule = "matmul+predicate"
 
-    # Prologues (a fused transpose or dequantize) are read straight from the source;
+    # A packed-weight decode feeding B is computed once per column tile into a small
+    # [K, cols] panel that every row tile then reads contiguously (inlined, it would be
+    # redone for every row and read the packed rows with gathers).
+    decode = _packed_decode_of(sch, matmul, prologue_names) if cfg.panel and not pad_j(info, tile) else None
+    # Other prologues (a fused transpose or dequantize) are read straight from the source;
     # one that cannot be inlined stays a loop nest of its own (scheduled below).
-    _inline_into_consumers(sch, [sch.get_sblock(name) for name in prologue_names])
+    _inline_into_consumers(sch, [sch.get_sblock(n) for n in prologue_names if decode is None or n != decode])
     # The write-back, un-padding and epilogues collapse into one block per tile.
     chain = [sch.cache_write(matmul, 0, "local")]
     while True:
@@ -397,7 +405,12 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     # Column tiles outside row tiles: one K x cols panel of B is reused by
     # consecutive row tiles while it is still in L2.
     sch.reorder(tile_j, tile_i, loop_k, row, vector, lane)
-    outer = _fuse(sch, [*batch, tile_j, tile_i])
+    if decode is not None:
+        outer = _fuse(sch, [*batch, tile_j])
+        _decode_panel(sch, sch.get_sblock(decode), outer, tile.lanes)
+        rule = rule + "+panel"
+    else:
+        outer = _fuse(sch, [*batch, tile_j, tile_i])
 
     sch.reverse_compute_at(tail, outer)
     _vectorize_inner(sch, tail, tile.lanes)
@@ -418,6 +431,41 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
         if not _is_under(sch, block, outer):
             _schedule_injective_block(sch, block, cfg.lanes(_output_dtype(sch, block)))
     return rule
+
+
+def pad_j(info: SBlockInfo, tile: _MatmulTile) -> bool:
+    extent = info.dom()[-2]
+    return not isinstance(extent, int) or extent % tile.cols != 0
+
+
+def _reads_uint8(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    return any(str(getattr(region.source, "dtype", "")) == "uint8" for region in sch.get(block).reads)
+
+
+def _packed_decode_of(sch: s_tir.Schedule, matmul: SBlockRV, prologue_names: Sequence[str]) -> str | None:
+    """The prologue that decodes packed uint8 weights into the matmul's B operand, if any."""
+    for name in prologue_names:
+        block = sch.get_sblock(name)
+        if not _reads_uint8(sch, block):
+            continue
+        consumers = sch.get_consumers(block)
+        if len(consumers) == 1 and _same(sch, consumers[0], matmul) and len(sch.get(block).iter_vars) == 2:
+            return name
+    return None
+
+
+def _decode_panel(sch: s_tir.Schedule, decode: SBlockRV, outer: LoopRV, lanes: int) -> None:
+    """Decode W[n, k] for one column tile into a [K, cols] panel (n contiguous), vectorized over n."""
+    sch.transform_layout(decode, ("write", 0), lambda n, k: (k, n))
+    sch.compute_at(decode, outer)
+    loop_n, loop_k = sch.get_loops(decode)[-2:]
+    sch.reorder(loop_k, loop_n)
+    extent = _static_extent(sch, loop_n)
+    if extent is not None and _vector_factor(extent, lanes) > 1:
+        factor = _vector_factor(extent, lanes)
+        if extent > factor:
+            loop_n = sch.split(loop_n, [None, factor])[1]
+        sch.vectorize(loop_n)
 
 
 def _matmul_padded_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
@@ -618,16 +666,24 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 # ----------------------------------------------------------------------------- passes
 
 
-def schedule_cpu_funcs(target: Target) -> tvm.transform.Pass:
-    """Module pass: schedule every PrimFunc not marked ``tirx.is_scheduled``."""
+def workload_key(func: tirx.PrimFunc) -> str:
+    """Identifies a kernel's workload (same computation and shapes -> same key) across
+    processes: what tuning records are stored and looked up by."""
+    return f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def schedule_cpu_funcs(target: Target, chosen: dict[str, CpuScheduleConfig] | None = None) -> tvm.transform.Pass:
+    """Module pass: schedule every PrimFunc not marked ``tirx.is_scheduled``; a function
+    whose workload_key is in ``chosen`` (tuning results) gets that config."""
     config = CpuScheduleConfig.from_target(target)
+    chosen = chosen or {}
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecScheduleCpuFuncs")
     def _schedule(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         updates: dict[tvm.ir.GlobalVar, tirx.PrimFunc] = {}
         for gvar, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-                scheduled, rule = schedule_prim_func(func, config)
+                scheduled, rule = schedule_prim_func(func, chosen.get(workload_key(func), config))
                 _LOG.debug("%s: %s", gvar.name_hint, rule)
                 updates[gvar] = scheduled
         for gvar, func in updates.items():
@@ -638,7 +694,7 @@ def schedule_cpu_funcs(target: Target) -> tvm.transform.Pass:
 
 
 def _split_default_pipeline(
-    target: Target,
+    target: Target, chosen: dict[str, CpuScheduleConfig] | None = None
 ) -> tuple[list[tvm.transform.Pass], list[tvm.transform.Pass]]:
     """TVM's default llvm pipeline, split right after RewriteDataflowReshape.
 
@@ -652,7 +708,7 @@ def _split_default_pipeline(
         *cpu_generic.library_dispatch_passes(target),
         *cpu_generic.legalize_passes(target),
         *lower[:cut],
-        schedule_cpu_funcs(target),
+        schedule_cpu_funcs(target, chosen),
     ]
     tail = [*lower[cut:], *cpu_generic.finalize_passes(target)]
     return head, tail
@@ -686,9 +742,16 @@ def finish_pipeline(target: Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def scheduled_module(mod: IRModule, target: Target) -> IRModule:
-    """``cpu_pipeline`` up to and including scheduling (for reports and tests)."""
+def fused_module(mod: IRModule, target: Target) -> IRModule:
+    """``cpu_pipeline`` up to scheduling: legalized, fused, unscheduled PrimFuncs (what tuning measures)."""
     head, _ = _split_default_pipeline(target)
+    with target:
+        return tvm.transform.Sequential(head[:-1])(mod)
+
+
+def scheduled_module(mod: IRModule, target: Target, chosen: dict[str, CpuScheduleConfig] | None = None) -> IRModule:
+    """``cpu_pipeline`` up to and including scheduling (for reports and tests)."""
+    head, _ = _split_default_pipeline(target, chosen)
     with target:
         return tvm.transform.Sequential(head)(mod)
 

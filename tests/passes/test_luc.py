@@ -147,13 +147,13 @@ def test_pass_compresses_every_linear_and_shares_the_tied_table(tmp_path: Path, 
     assert record["layers"][1]["bits"] == 2 and record["achieved"]["bits"] == 5.0
     assert record["achieved"]["sparsity"] == pytest.approx(0.3, abs=0.02)
     assert record["weight_bytes_after"] < 0.3 * record["weight_bytes_before"]
-    assert not record["sensitivity_profile"]["cached"]
+    assert record["sensitivity_profile"]["source"] == "measured"
     with torch.no_grad():
         compressed = CausalLMEntries(model).prefill(ids)[0]
     assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, dense)
     # The same model and calibration again: the profile comes from the cache.
     again = Luc(options, []).run(_handle(make_tiny_llama()), ctx)
-    assert again.record["sensitivity_profile"]["cached"]
+    assert again.record["sensitivity_profile"]["source"] == "cache"
 
 
 def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

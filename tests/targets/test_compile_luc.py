@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,23 +26,30 @@ evaluate: {tokens: 512, window: 128}
 passes:
   - name: luc
     options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 16, embedding_bits: 4}
+  - name: schedule
+    options: {trials: 2, prefill_rows: 16}
 """
 # tiny-lm: 6 layers of hidden 256 / MLP 688, vocab 4096 (tied), 5.4M parameters.
 HIDDEN, MLP, VOCAB = 256, 688, 4096
 
 
+def compile_json(recipe: Path, out: Path, *args: str) -> dict:
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "-o", str(out), "--json", *args])
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, dict]]]:
     root = tmp_path_factory.mktemp("luc")
     recipe = root / "luc.yaml"
     recipe.write_text(RECIPE)
-    artifacts = {}
-    for backend in ("tvm", "onnx"):
-        out = root / backend
-        result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--backend", backend, "-o", str(out), "--json"])
-        assert result.exit_code == 0, result.output + result.stderr
-        artifacts[backend] = (out, json.loads(result.stdout))
-    return artifacts
+    with pytest.MonkeyPatch.context() as patch:
+        # A cache of its own: the first build must find an empty tuning database.
+        patch.setenv("EDGEC_CACHE_DIR", str(root / "cache"))
+        artifacts = {backend: (root / backend, compile_json(recipe, root / backend, "--backend", backend)) for backend in ("tvm", "onnx")}
+        artifacts["tvm-again"] = (root / "again", compile_json(recipe, root / "again", "--backend", "tvm"))
+        yield artifacts
 
 
 def _weight_shapes() -> set[tuple[int, int]]:
@@ -99,6 +107,23 @@ def test_onnx_runs_four_bit_linears_as_matmulnbits(built: dict) -> None:
     assert ops.count("MatMulNBits") == 6 * 7 + 1  # every linear and the tied lm_head
     assert ops.count("MatMul") == 2 * 6  # only attention's q.k and p.v are float matmuls
     assert (out / "model" / "weights.bin").stat().st_size <= 0.2 * manifest["passes"][0]["record"]["weight_bytes_before"]
+
+
+def test_schedule_measures_once_and_the_second_compile_reuses_the_database(built: dict) -> None:
+    first = read_manifest(built["tvm"][0])["backend_record"]["tuning"]
+    again = read_manifest(built["tvm-again"][0])["backend_record"]["tuning"]
+    for entry in ("prefill", "decode"):
+        assert first[entry]["tuned"] and first[entry]["measured_now"] > 0
+        assert first[entry]["rows"] == {"prefill": 16, "decode": 1}[entry]
+        kernels = first[entry]["kernels"]
+        assert kernels and all(k["source"] == "measured" and k["candidates_measured"] == 2 for k in kernels)
+        assert all(k["choice"]["us"] > 0 and k["template_us"] >= k["choice"]["us"] for k in kernels)
+        assert any("uint8" in k["shapes"] for k in kernels)  # the packed layers are among the workloads
+        assert again[entry]["measured_now"] == 0
+        assert [k["choice"] for k in again[entry]["kernels"]] == [k["choice"] for k in kernels]
+        assert all(k["source"] == "database" for k in again[entry]["kernels"])
+    database = json.loads(Path(first["prefill"]["database"]).read_text())
+    assert all(len(r["candidates"]) == 2 and all(c["us"] > 0 for c in r["candidates"]) for r in database["records"].values())
 
 
 def test_widths_a_target_cannot_lower_are_refused_before_loading(tmp_path: Path) -> None:

@@ -1,0 +1,199 @@
+"""Edge-LLM LUC against uniform compression and ONNX Runtime's quantizers, at one budget.
+
+    .venv/bin/python benchmarks/luc.py [--models zoo:tiny-lm zoo:smollm2-135m] [--bits 4]
+        [--sparsity 0.3] [--asymmetric] [--pruning wanda] [--group-size 32] [--tokens 4096]
+        [--prompt-len 128] [--new-tokens 32] [--runs 5] [--out artifacts/bench-luc]
+
+For each model, in one run and on the same held-out tokens and prompt:
+- edgec TVM artifacts: dense fp32; `luc` with policy uniform (the budget on every
+  layer); `luc` with policy sensitivity (LUC). Same recipe otherwise.
+- peers, from edgec's dense ONNX artifact: ONNX Runtime quantize_dynamic (int8 weights,
+  MatMulInteger) and ORT's MatMulNBitsQuantizer (4-bit RTN, symmetric, block 32).
+Prints held-out perplexity, artifact bytes, prefill latency (median of warm runs) and
+decode tokens/s, with ratios to the dense fp32 TVM artifact. Keep the machine idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_latency import runtime_timings  # noqa: E402
+
+from edgec.artifact import MANIFEST, open_runtime, read_manifest  # noqa: E402
+from edgec.compiler import compile_model  # noqa: E402
+from edgec.data import held_out_slice  # noqa: E402
+from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn  # noqa: E402
+from edgec.model import load_model  # noqa: E402
+from edgec.passes import options_for  # noqa: E402
+from edgec.recipe import load_recipe  # noqa: E402
+
+LUC_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "luc-w4-s30.yaml"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def compiled(model: str, name: str, recipe_path: Path | None, sets: list[str], out_root: Path) -> Path:
+    out = out_root / f"{model.removeprefix('zoo:')}-{name}"
+    if (out / MANIFEST).is_file():
+        return out
+    recipe = load_recipe(recipe_path, [*sets, "max_context=512", "evaluate.tokens=0"], options_for)
+    compile_model(model, recipe, out, force=True, progress=lambda m: _log(f"  [{name}] {m}"))
+    return out
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class OrtEntries:
+    """prefill/decode ONNX graphs of an edgec artifact, rewritten by an ORT quantizer."""
+
+    def __init__(self, directory: Path) -> None:
+        import onnxruntime as ort
+
+        self.sessions = {
+            name: ort.InferenceSession(str(directory / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+            for name in ("prefill", "decode")
+        }
+
+    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        session = self.sessions[entry]
+        return list(session.run(None, dict(zip([i.name for i in session.get_inputs()], inputs))))
+
+
+def ort_peer(dense_onnx: Path, kind: str, out_root: Path) -> Path:
+    """Fold the dense graphs (ORT basic optimizations turn Transpose(W) into a constant B,
+    which both quantizers need), then quantize each entry: 'int8' (quantize_dynamic) or
+    'q4' (MatMulNBitsQuantizer, 4 bits, block 32, symmetric)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = out_root / f"{dense_onnx.name}-ort-{kind}"
+    if (out / "done").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    work = out / "folded"
+    work.mkdir(parents=True)
+    for name in ("prefill", "decode"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(work / f"{name}.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{name}.bin")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(dense_onnx / "model" / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+        target = out / f"{name}.onnx"
+        if kind == "int8":
+            quantize_dynamic(
+                str(work / f"{name}.onnx"), str(target), weight_type=QuantType.QInt8, use_external_data_format=True
+            )
+        else:
+            model = onnx.load(str(work / f"{name}.onnx"))
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
+            quantizer.process()
+            onnx.save_model(
+                quantizer.model.model, str(target), save_as_external_data=True, location=f"{name}.data", size_threshold=1024
+            )
+    shutil.rmtree(work)
+    (out / "done").write_text("")
+    return out
+
+
+def evaluate_runtime(runtime: Any, tokenizer: Any, ids: list[int], label: str, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    ppl = perplexity(runtime_logits_fn(runtime), ids, tokenizer, 256, label)
+    prefill_ms, rate, _ = runtime_timings(runtime, prompt, args.new_tokens, args.runs)
+    return {"perplexity": ppl.perplexity, "prefill_ms": prefill_ms, "decode_tokens_per_s": rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["zoo:tiny-lm", "zoo:smollm2-135m"])
+    parser.add_argument("--bits", type=float, default=4.0)
+    parser.add_argument("--sparsity", type=float, default=0.3)
+    parser.add_argument("--group-size", type=int, default=32, help="tiny-lm always uses 16 (its MLP is 688 wide)")
+    parser.add_argument("--pruning", default="wanda", choices=["wanda", "sparsegpt"])
+    parser.add_argument("--asymmetric", action="store_true")
+    parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/bench-luc"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    rows: list[dict[str, Any]] = []
+    for model in args.models:
+        handle = load_model(model)
+        tokenizer = handle.tokenizer
+        ids, label = evaluation_ids(tokenizer, "held-out", args.tokens)
+        prompt = held_out_slice(tokenizer, args.prompt_len)
+        group = 16 if model == "zoo:tiny-lm" else args.group_size
+        luc = [
+            f"luc.bits={args.bits}", f"luc.sparsity={args.sparsity}", f"luc.group_size={group}",
+            f"luc.pruning={args.pruning}", f"luc.symmetric={'false' if args.asymmetric else 'true'}",
+        ]
+        tag = f"w{args.bits:g}-s{args.sparsity:g}-g{group}-{args.pruning}{'-asym' if args.asymmetric else ''}"
+        built = {
+            "dense fp32 (edgec tvm)": compiled(model, "dense-tvm", None, ["backend=tvm"], args.out),
+            "uniform (edgec tvm)": compiled(model, f"uniform-{tag}", LUC_RECIPE, [*luc, "luc.policy=uniform"], args.out),
+            "LUC (edgec tvm)": compiled(model, f"luc-{tag}", LUC_RECIPE, [*luc, "luc.policy=sensitivity"], args.out),
+        }
+        dense_onnx = compiled(model, "dense-onnx", None, ["backend=onnx"], args.out)
+        results: dict[str, dict[str, Any]] = {}
+        for name, path in built.items():
+            _log(f"measuring {model} {name} ...")
+            manifest = read_manifest(path)
+            result = evaluate_runtime(open_runtime(path, manifest), tokenizer, ids, label, prompt, args)
+            result["bytes"] = directory_bytes(path / "model")
+            records = [p["record"] for p in manifest["passes"] if p["name"] == "luc"]
+            if records:
+                result["achieved"] = records[0]["achieved"]
+            results[name] = result
+        for kind, name in (("int8", "ORT quantize_dynamic int8"), ("q4", "ORT MatMulNBits 4-bit RTN")):
+            path = ort_peer(dense_onnx, kind, args.out)
+            _log(f"measuring {model} {name} ...")
+            result = evaluate_runtime(OrtEntries(path), tokenizer, ids, label, prompt, args)
+            result["bytes"] = directory_bytes(path) - (path / "done").stat().st_size
+            results[name] = result
+        base = results["dense fp32 (edgec tvm)"]
+        for name, result in results.items():
+            rows.append(
+                {
+                    "model": model,
+                    "artifact": name,
+                    **result,
+                    "bytes_vs_dense": result["bytes"] / base["bytes"],
+                    "ppl_vs_dense": result["perplexity"] / base["perplexity"],
+                    "prefill_vs_dense": result["prefill_ms"] / base["prefill_ms"],
+                    "decode_vs_dense": result["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                }
+            )
+
+    print(f"\nbudget: mean {args.bits:g} bits, mean sparsity {args.sparsity:g}, {args.pruning}, "
+          f"{'asymmetric' if args.asymmetric else 'symmetric'} groups; perplexity over {args.tokens} held-out tokens; "
+          f"prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens, batch 1, median of warm runs")
+    header = f"{'model':<18} {'artifact':<28} {'ppl':>8} {'x dense':>7} {'MB':>7} {'x dense':>7} {'prefill ms':>10} {'x dense':>7} {'tok/s':>7} {'x dense':>7}"
+    print(header)
+    for row in rows:
+        print(
+            f"{row['model']:<18} {row['artifact']:<28} {row['perplexity']:>8.2f} {row['ppl_vs_dense']:>7.3f} "
+            f"{row['bytes'] / 1e6:>7.2f} {row['bytes_vs_dense']:>7.3f} {row['prefill_ms']:>10.1f} {row['prefill_vs_dense']:>7.2f} "
+            f"{row['decode_tokens_per_s']:>7.1f} {row['decode_vs_dense']:>7.2f}"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

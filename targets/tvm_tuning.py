@@ -1,0 +1,230 @@
+"""Measured kernel choice for the TVM CPU build: the `schedule` pass's work (Edge-LLM's
+hardware scheduling of the irregular, per-layer compressed layers).
+
+For each distinct matmul workload of an entry (a kernel's computation and shapes: dense,
+or a packed-weight linear at its bits and group), candidate schedules -- register tile
+shape, and for packed weights whether the decode fills a per-tile panel or is inlined
+-- are compiled and timed on this machine at the entry's row count (decode: 1 row;
+prefill: `prefill_rows`). The fastest is used, and every measurement goes into a
+per-target database on disk that later compiles reuse without measuring again.
+
+Only the real target measures: a host build is tuned on the host; a cross build is not
+tuned here (the emulated arm64 device's timings are not ARM performance) and keeps the
+rule templates, which the record says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.ir import IRModule
+from tvm.target import Target
+
+from edgec.cache import _locked, cache_root
+from edgec.targets.tvm_schedule import CpuScheduleConfig, schedule_prim_func, workload_key
+
+DATABASE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    tile_rows: int
+    tile_vectors: int
+    panel: bool
+
+    def config(self, base: CpuScheduleConfig) -> CpuScheduleConfig:
+        return dataclasses.replace(base, tile_rows=self.tile_rows, tile_vectors=self.tile_vectors, panel=self.panel)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def candidates(base: CpuScheduleConfig, packed: bool) -> list[Candidate]:
+    """The template first, then the other tile shapes (and, for packed weights, inlined decode)."""
+    template = Candidate(base.tile_rows, base.tile_vectors, True)
+    shapes = [(base.tile_rows, base.tile_vectors), (4, 2), (8, 1), (4, 4), (8, 2), (2, 4), (4, 1)]
+    found = [template]
+    for panel in (True, False) if packed else (True,):
+        for rows, vectors in shapes:
+            candidate = Candidate(rows, vectors, panel)
+            if candidate not in found:
+                found.append(candidate)
+    return found
+
+
+def _buffers(func: tirx.PrimFunc) -> list[Any]:
+    """The tensor parameters (TVM 0.27: a parameter is its buffer; scalars have no shape)."""
+    return [p for p in func.params if getattr(p, "shape", None) is not None and len(p.shape) > 0]
+
+
+def _is_layer_workload(func: tirx.PrimFunc) -> bool:
+    """A linear layer's kernel: a static 2-D weight, activation dims that are plain
+    variables, no scalar parameters. (Attention's matmuls change with the sequence
+    length; they keep their template.)"""
+    buffers = _buffers(func)
+    if len(buffers) != len(func.params):
+        return False
+    static = [b for b in buffers if len(b.shape) == 2 and all(isinstance(d, tirx.IntImm) for d in b.shape)]
+    plain = all(isinstance(d, (tirx.IntImm, tirx.Var)) for b in buffers for d in b.shape)
+    return bool(static) and plain
+
+
+def _is_packed(func: tirx.PrimFunc) -> bool:
+    return any(str(buffer.dtype) == "uint8" for buffer in _buffers(func))
+
+
+def _describe(func: tirx.PrimFunc) -> str:
+    """Buffer shapes and dtypes, e.g. 'float32[?, ?, 576] uint8[288, 1536] ...'."""
+    parts = []
+    for buffer in _buffers(func):
+        dims = ", ".join(str(int(d)) if isinstance(d, tirx.IntImm) else "?" for d in buffer.shape)
+        parts.append(f"{buffer.dtype}[{dims}]")
+    return " ".join(parts)
+
+
+def _arguments(func: tirx.PrimFunc, rows: int, device: Any) -> list[Any]:
+    """Random tensors for every buffer: the last symbolic dimension of the first input is
+    the row count, every other symbolic dimension is 1 (batch)."""
+    buffers = _buffers(func)
+    symbolic = [d for d in buffers[0].shape if not isinstance(d, tirx.IntImm)]
+    rows_var = symbolic[-1] if symbolic else None
+    generator = np.random.default_rng(0)
+    arrays = []
+    for buffer in buffers:
+        shape = []
+        for dim in buffer.shape:
+            if isinstance(dim, tirx.IntImm):
+                shape.append(int(dim))
+            else:
+                shape.append(rows if rows_var is not None and dim.same_as(rows_var) else 1)
+        dtype = str(buffer.dtype)
+        if dtype.startswith("float"):
+            data = generator.standard_normal(shape).astype(dtype)
+        else:
+            data = generator.integers(0, 8, size=shape).astype(dtype)
+        arrays.append(tvm.runtime.tensor(data, device))
+    return arrays
+
+
+def measure_us(func: tirx.PrimFunc, config: CpuScheduleConfig, target: Target, rows: int) -> tuple[float, str]:
+    """Median microseconds of one call of `func` scheduled with `config`, and the rule applied."""
+    scheduled, rule = schedule_prim_func(func, config)
+    library = tvm.compile(IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target)
+    device = tvm.cpu()
+    arguments = _arguments(func, rows, device)
+    timer = library.mod.time_evaluator("main", device, number=3, repeat=5, min_repeat_ms=10)
+    return statistics.median(timer(*arguments).results) * 1e6, rule
+
+
+class TuningDatabase:
+    """Measurements per (workload, rows) for one target, in the cache as JSON."""
+
+    def __init__(self, target: Target) -> None:
+        text = str(target) + tvm.__version__ + str(DATABASE_VERSION)
+        self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.path = cache_root() / "tuning" / f"{self.key}.json"
+        self.target = str(target)
+        self.records: dict[str, Any] = {}
+        if self.path.is_file():
+            self.records = json.loads(self.path.read_text()).get("records", {})
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.records.get(key)
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        """Merge with what other compiles wrote meanwhile, then replace the file atomically."""
+        with _locked(self.path.parent / f".{self.key}.lock"):
+            current = json.loads(self.path.read_text()).get("records", {}) if self.path.is_file() else {}
+            current[key] = record
+            self.records = current
+            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.key}.tmp-")
+            with os.fdopen(handle, "w") as out:
+                json.dump({"target": self.target, "version": DATABASE_VERSION, "records": current}, out, indent=1)
+            os.replace(tmp, self.path)
+
+
+def tune(
+    fused: IRModule,
+    target: Target,
+    rows: int,
+    trials: int,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, CpuScheduleConfig], dict[str, Any]]:
+    """Choose a schedule per matmul workload of a fused, unscheduled module.
+
+    Returns the chosen configs by workload_key (for schedule_cpu_funcs) and the record
+    for the manifest: per kernel its workload, the choice, and where it came from."""
+    base = CpuScheduleConfig.from_target(target)
+    database = TuningDatabase(target)
+    chosen: dict[str, CpuScheduleConfig] = {}
+    kernels: list[dict[str, Any]] = []
+    workloads: dict[str, tuple[str, tirx.PrimFunc]] = {}
+    for gvar, func in fused.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        key = workload_key(func)
+        if key not in workloads:
+            if not _is_layer_workload(func):
+                continue
+            _, rule = schedule_prim_func(func, base)
+            if not rule.startswith("matmul"):
+                continue
+            workloads[key] = (gvar.name_hint, func)
+        kernels.append({"function": gvar.name_hint, "workload": key})
+    measured = 0
+    summaries: dict[str, dict[str, Any]] = {}
+    for number, (key, (name, func)) in enumerate(sorted(workloads.items()), start=1):
+        db_key = f"{key}@{rows}"
+        record = database.get(db_key)
+        source = "database"
+        if record is None and trials > 0:
+            source = "measured"
+            results = []
+            options = candidates(base, _is_packed(func))[:trials]
+            for index, candidate in enumerate(options, start=1):
+                progress(f"tune: workload {number}/{len(workloads)} ({name}, {rows} rows): candidate {index}/{len(options)}")
+                us, rule = measure_us(func, candidate.config(base), target, rows)
+                results.append({**candidate.to_json(), "us": round(us, 2), "rule": rule})
+                measured += 1
+            best = min(results, key=lambda r: r["us"])
+            record = {"shapes": _describe(func), "rows": rows, "candidates": results, "best": best}
+            database.put(db_key, record)
+        if record is None:
+            summaries[key] = {"shapes": _describe(func), "source": "template (schedule.trials=0)"}
+            continue
+        best = record["best"]
+        chosen[key] = Candidate(best["tile_rows"], best["tile_vectors"], best["panel"]).config(base)
+        template = record["candidates"][0]
+        summaries[key] = {
+            "shapes": record["shapes"],
+            "source": source,
+            "choice": {k: best[k] for k in ("tile_rows", "tile_vectors", "panel", "us")},
+            "template_us": template["us"],
+            "candidates_measured": len(record["candidates"]),
+        }
+    for kernel in kernels:
+        kernel.update(summaries.get(kernel["workload"], {}))
+    return chosen, {
+        "rows": rows,
+        "database": str(database.path),
+        "workloads": len(workloads),
+        "measured_now": measured,
+        "kernels": kernels,
+    }
+
+
+def not_tuned(reason: str) -> dict[str, Any]:
+    return {"tuned": False, "reason": reason}
+
+
+__all__ = ["Candidate", "TuningDatabase", "candidates", "measure_us", "not_tuned", "tune"]
