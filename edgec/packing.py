@@ -93,17 +93,15 @@ def _half_at_least(scale: torch.Tensor) -> torch.Tensor:
     return stored.float()
 
 
-def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> PackedWeight:
-    """Round-to-nearest group quantization of W[N, K]; zeros in W stay exactly zero.
+def group_params(grouped: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (both float, the zero an integer value) of each group along
+    the last axis of `grouped`, as stored: the scale float16-representable.
 
-    Symmetric: abs-max scale over 2^(bits-1) - 1 levels each side, except at 2 bits where
-    that leaves one level: there the scale is the group's mean |w| (ternary codes).
-    Asymmetric: min-max over 2^bits - 1 levels, the range widened to include 0 so a
+    Symmetric: abs-max scale over 2^(bits-1) - 1 levels each side, zero 2^(bits-1); at 2
+    bits that leaves one level, so the scale is the group's mean nonzero |w| (ternary).
+    Asymmetric: min-max over 2^bits - 1 levels, the range widened to include 0 so that a
     pruned weight has an exact code (the integer zero point)."""
-    rows, cols = weight.shape
-    grouped = weight.detach().float().reshape(rows, cols // group, group)
     top = (1 << bits) - 1
-    zeros: torch.Tensor | None
     if symmetric:
         half = 1 << (bits - 1)
         if bits <= 2:
@@ -112,16 +110,36 @@ def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> Pa
         else:
             scale = grouped.abs().amax(-1) / (half - 1)
         scale = _half_at_least(scale)
-        codes = (torch.round(grouped / scale[..., None]) + half).clamp(1, top)
-        zeros = None
-    else:
-        low = grouped.amin(-1).clamp(max=0)
-        high = grouped.amax(-1).clamp(min=0)
-        scale = _half_at_least((high - low) / top)
-        zero = torch.round(-low / scale).clamp(0, top)
-        codes = (torch.round(grouped / scale[..., None]) + zero[..., None]).clamp(0, top)
-        zeros = zero.to(torch.uint8)
+        return scale, torch.full_like(scale, float(half))
+    low = grouped.amin(-1).clamp(max=0)
+    high = grouped.amax(-1).clamp(min=0)
+    scale = _half_at_least((high - low) / top)
+    return scale, torch.round(-low / scale).clamp(0, top)
+
+
+def round_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Nearest codes (float) of `values` given the broadcastable scale and zero; 0 -> zero."""
+    low = 1 if symmetric else 0
+    return (torch.round(values / scale) + zero).clamp(low, (1 << bits) - 1)
+
+
+def quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group: int,
+    symmetric: bool,
+    params: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PackedWeight:
+    """Group quantization of W[N, K] to packed codes; zeros in W stay exactly zero.
+
+    params: (scale, zero) [N, K / group] chosen elsewhere (GPTQ fixes them group by group
+    while it quantizes); default round-to-nearest with group_params."""
+    rows, cols = weight.shape
+    grouped = weight.detach().float().reshape(rows, cols // group, group)
+    scale, zero = params if params is not None else group_params(grouped, bits, symmetric)
+    codes = round_to_codes(grouped, scale[..., None], zero[..., None], bits, symmetric)
     codes = codes.reshape(rows, cols).to(torch.int32)
+    zeros = None if symmetric else zero.to(torch.uint8)
     return PackedWeight(pack_codes(codes, bits), scale.half(), zeros, bits, group)
 
 

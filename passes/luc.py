@@ -40,7 +40,7 @@ from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.packing import SUPPORTED_BITS, PackedEmbedding, PackedLinear, PackedWeight, dequantize, quantize
-from edgec.passes.prune import parse_pattern, pattern_sparsity, sparsegpt, wanda
+from edgec.passes.prune import GroupQuant, obs_compress, parse_pattern, pattern_sparsity, sparsegpt, wanda
 from edgec.pipeline import PassContext, PassResult, override_matches
 from edgec.recipe import LayerOverride
 from edgec.zoo import ZOO_DIR
@@ -67,6 +67,9 @@ class LucOptions(BaseModel):
     symmetric: bool = Field(True, description="symmetric (abs-max) or asymmetric (min-max, uint8 zero point) groups")
     pruning: Literal["wanda", "sparsegpt"] = Field("wanda", description="wanda: |W| x ||x||; sparsegpt: OBS reconstruction")
     pattern: str = Field("unstructured", description="unstructured, N:M (N kept of every M, e.g. 2:4) or channel")
+    quantizer: Literal["gptq", "rtn"] = Field(
+        "gptq", description="gptq: round column by column, compensating the error on the rest (OBS); rtn: round to nearest"
+    )
     embedding_bits: int = Field(4, description="bits of the embedding table (and a tied lm_head); 32 keeps fp32")
     head_bits: int | None = Field(None, description="bits of an untied lm_head; default embedding_bits")
     probe_bits: list[int] = Field([2, 3, 4], description="bit-widths each layer is probed at (8 counts as lossless)")
@@ -381,11 +384,13 @@ def _unique_bytes(root: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def _packed(weight: torch.Tensor, bits: int, options: LucOptions) -> PackedWeight:
+def _packed(
+    weight: torch.Tensor, bits: int, options: LucOptions, params: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> PackedWeight:
     cols = weight.shape[1]
     if cols % options.group_size != 0:
         raise BadInputError(f"luc: group_size {options.group_size} does not divide a layer's {cols} input channels; pick a divisor")
-    return quantize(weight, bits, options.group_size, options.symmetric)
+    return quantize(weight, bits, options.group_size, options.symmetric, params)
 
 
 class Luc:
@@ -425,7 +430,7 @@ class Luc:
         batch = torch.tensor(segments, dtype=torch.int64)
         before = _unique_bytes(root)
         ctx.progress(f"luc: calibration statistics over {batch.numel()} tokens")
-        stats = InputStats(root, batch, gram=options.pruning == "sparsegpt")
+        stats = InputStats(root, batch, gram=options.pruning == "sparsegpt" or options.quantizer == "gptq")
         profile, source = cached_profile(model, segments, options, stats, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
         dense_loss = profile["base_loss"]
@@ -469,15 +474,10 @@ class Luc:
             zeros = total = packed_bytes = 0
             for _, linear in layer_linears(layer):
                 name = names[id(linear)]
-                weight = linear.weight.detach().float()
-                if plan.sparsity > 0:
-                    if options.pruning == "sparsegpt":
-                        weight = sparsegpt(weight, stats.gram[name], plan.sparsity, options.pattern)
-                    else:
-                        weight = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern)
-                zeros += int((weight == 0).sum())
+                weight, params, pruned = self._compress(linear.weight.detach().float(), name, plan, stats)
+                zeros += int(pruned.sum())
                 total += weight.numel()
-                packed = _packed(weight, plan.bits, options)
+                packed = _packed(weight, plan.bits, options, params)
                 packed_bytes += packed.nbytes()
                 _set_module(root, name, PackedLinear(packed, linear.bias))
             records.append(
@@ -493,6 +493,28 @@ class Luc:
             )
             progress(f"luc: layer {plan.index + 1}/{len(plans)}: {plan.bits} bits, sparsity {plan.sparsity:.2f}")
         return records
+
+    def _compress(
+        self, weight: torch.Tensor, name: str, plan: LayerPlan, stats: InputStats
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+        """Prune, and with GPTQ also fix the quantization grid, of one linear's weight.
+        Returns the weight, the (scale, zero) GPTQ chose (None: round to nearest) and the
+        pruning mask (rounding to the zero code can zero more weights; they are not counted)."""
+        options = self.options
+        sparse = plan.sparsity > 0
+        if options.quantizer == "rtn":
+            if sparse and options.pruning == "sparsegpt":
+                weight = sparsegpt(weight, stats.gram[name], plan.sparsity, options.pattern)
+            elif sparse:
+                weight = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern)
+            return weight, None, weight == 0
+        quant = GroupQuant(plan.bits, options.group_size, options.symmetric)
+        if sparse and options.pruning == "wanda":
+            mask = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern) == 0
+            result = obs_compress(weight, stats.gram[name], plan.sparsity, options.pattern, quant, fixed_mask=mask)
+        else:
+            result = obs_compress(weight, stats.gram[name], plan.sparsity if sparse else 0.0, options.pattern if sparse else "unstructured", quant)
+        return result.weight, result.params, result.pruned
 
     def _compress_embeddings(self, root: nn.Module) -> dict[str, Any]:
         options = self.options

@@ -1,4 +1,5 @@
-"""Pruning kernels for the luc pass: Wanda (no reconstruction) and SparseGPT (OBS).
+"""Pruning kernels for the luc pass: Wanda (no reconstruction) and SparseGPT (OBS),
+the latter optionally quantizing as it goes (GPTQ).
 
 Both take a weight W[N, K] (rows = outputs) and calibration statistics of its input:
 Wanda the per-input-channel sum of squares, SparseGPT the Gram matrix X^T X. Patterns:
@@ -14,10 +15,12 @@ They return the pruned weight; zeros are exact and the mask is `weight != 0`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
 from edgec.errors import BadInputError
+from edgec.packing import group_params, round_to_codes
 
 PATTERNS_HELP = "unstructured, N:M (e.g. 2:4: N kept of every M) or channel"
 
@@ -69,22 +72,54 @@ def wanda(weight: torch.Tensor, input_sq_sum: torch.Tensor, sparsity: float, pat
     return weight.masked_fill(mask, 0.0)
 
 
-def sparsegpt(
+@dataclass(frozen=True)
+class GroupQuant:
+    """Quantize while reconstructing (GPTQ): group scales are fixed when the OBS sweep
+    reaches each group, from the weights as updated so far."""
+
+    bits: int
+    group: int
+    symmetric: bool
+
+
+@dataclass
+class ObsResult:
+    weight: torch.Tensor  # pruned (and, with quantization, exactly on the grid)
+    params: tuple[torch.Tensor, torch.Tensor] | None  # (scale, zero) [N, K / group] if quantized
+    pruned: torch.Tensor  # the mask (True = pruned); rounding may zero more weights
+
+
+def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, pattern: str) -> torch.Tensor:
+    return obs_compress(weight, gram, sparsity, pattern).weight
+
+
+def obs_compress(
     weight: torch.Tensor,
     gram: torch.Tensor,
     sparsity: float,
     pattern: str,
+    quant: GroupQuant | None = None,
+    fixed_mask: torch.Tensor | None = None,
     block: int = 128,
     damp: float = 0.01,
-) -> torch.Tensor:
+) -> ObsResult:
     """SparseGPT: choose the mask by w^2 / [H^-1]_jj^2 and update the remaining weights of
     each row to compensate (optimal brain surgeon), one column at a time, in blocks.
+    With `quant`, each kept weight is also rounded to its group's grid before its error
+    is spread (GPTQ), so pruning and quantization are compensated together.
 
     gram: X^T X over the calibration tokens, [K, K]. Channel pruning uses the same OBS
-    update with a column mask chosen up front by the summed score."""
+    update with a column mask chosen up front by the summed score. fixed_mask (True =
+    pruned, e.g. Wanda's) replaces the mask choice: only the compensation is OBS."""
     kind, keep, group = parse_pattern(pattern)
+    if fixed_mask is not None:
+        kind = "fixed"
     work = weight.detach().double().clone()
     rows, cols = work.shape
+    if quant is not None:
+        block = max(block // quant.group, 1) * quant.group
+        scales = torch.zeros(rows, cols // quant.group, dtype=torch.float64)
+        zeros = torch.zeros_like(scales)
     hessian = gram.double().clone()
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1.0
@@ -92,6 +127,7 @@ def sparsegpt(
     hessian += torch.eye(cols, dtype=torch.float64) * damp * torch.diag(hessian).mean()
     # Upper Cholesky factor of H^-1: row j holds the OBS update for column j.
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
     column_mask: torch.Tensor | None = None
     if kind == "channel":
         score = (work**2 / torch.diag(inverse)[None, :] ** 2).sum(0, keepdim=True)
@@ -112,18 +148,39 @@ def sparsegpt(
         elif kind == "channel":
             assert column_mask is not None
             mask = column_mask[start:end][None, :].expand_as(chunk).clone()
+        elif kind == "fixed":
+            assert fixed_mask is not None
+            mask = fixed_mask[:, start:end].clone()
         else:
             mask = torch.zeros_like(chunk, dtype=torch.bool)
+        scale = zero = None
         for col in range(end - start):
             if kind == "nm" and col % group == 0:
                 score = chunk[:, col : col + group] ** 2 / diag[col : col + group][None, :] ** 2
                 mask[:, col : col + group] = _prune_lowest(score, group - keep)
+            if quant is not None and (start + col) % quant.group == 0:
+                span = slice(col, col + quant.group)
+                if kind == "nm":  # the group's N:M masks first, so its scale sees only kept weights
+                    for sub in range(col + group, col + quant.group, group):
+                        score = chunk[:, sub : sub + group] ** 2 / diag[sub : sub + group][None, :] ** 2
+                        mask[:, sub : sub + group] = _prune_lowest(score, group - keep)
+                kept_group = chunk[:, span].masked_fill(mask[:, span], 0.0)
+                scale, zero = group_params(kept_group.float()[:, None, :], quant.bits, quant.symmetric)
+                scale, zero = scale[:, 0].double(), zero[:, 0].double()
+                scales[:, (start + col) // quant.group] = scale
+                zeros[:, (start + col) // quant.group] = zero
             original = chunk[:, col]
             kept = original.masked_fill(mask[:, col], 0.0)
+            if quant is not None:
+                assert scale is not None and zero is not None
+                codes = round_to_codes(kept, scale, zero, quant.bits, quant.symmetric)
+                kept = ((codes - zero) * scale).masked_fill(mask[:, col], 0.0)
             error = (original - kept) / inv_chunk[col, col]
             chunk[:, col:] -= error[:, None] * inv_chunk[col, col:][None, :]
             chunk[:, col] = kept
             errors[:, col] = error
         work[:, start:end] = chunk
         work[:, end:] -= errors @ inverse[start:end, end:]
-    return work.to(weight.dtype)
+        pruned[:, start:end] = mask
+    params = None if quant is None else (scales.float(), zeros.float())
+    return ObsResult(work.to(weight.dtype), params, pruned)

@@ -18,7 +18,7 @@ from edgec.passes.luc import (
     layer_overrides,
     plan_layers,
 )
-from edgec.passes.prune import sparsegpt, wanda
+from edgec.passes.prune import GroupQuant, obs_compress, sparsegpt, wanda
 from edgec.pipeline import PassContext
 from edgec.recipe import LayerOverride, Recipe
 from tests.conftest import TINY_CONFIG, make_tiny_llama
@@ -161,3 +161,19 @@ def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Pa
     ctx = PassContext(Recipe(), calibration_ids=_segments)
     with pytest.raises(BadInputError, match="group_size 48 does not divide"):
         Luc(LucOptions(group_size=48), []).run(_handle(make_tiny_llama()), ctx)
+
+
+def test_gptq_rounds_onto_its_grid_with_less_output_error_than_round_to_nearest() -> None:
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(32, 128, generator=generator)
+    x = torch.randn(512, 16, generator=generator) @ torch.randn(16, 128, generator=generator)
+    x = x + 0.1 * torch.randn(512, 128, generator=generator)
+    dense = x @ weight.T
+    result = obs_compress(weight, x.T @ x, 0.0, "unstructured", GroupQuant(3, 32, symmetric=False))
+    assert result.params is not None and not bool(result.pruned.any())
+    packed = quantize(result.weight, 3, 32, symmetric=False, params=result.params)
+    decoded = dequantize(packed.planes, packed.scales, packed.zeros, 3, 32)
+    assert torch.equal(decoded, result.weight)  # exactly the values GPTQ chose
+    rtn = quantize(weight, 3, 32, symmetric=False)
+    rtn_error = float((x @ dequantize(rtn.planes, rtn.scales, rtn.zeros, 3, 32).T - dense).norm())
+    assert float((x @ decoded.T - dense).norm()) < 0.7 * rtn_error
