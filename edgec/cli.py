@@ -215,6 +215,26 @@ def verify_command(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+@app.command("report")
+@_user_errors
+def report_command(
+    artifact: Path = typer.Argument(..., help="artifact directory (edgec compile -o DIR)"),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="report directory (default: DIR-report next to it)"),
+    as_json: bool = typer.Option(False, "--json", help="print what was written as JSON"),
+) -> None:
+    """Write an HTML page and a per-layer policy plot of a compiled artifact: luc bits,
+    sparsity and sensitivity per layer, sizes, parity, perplexity, and kernel choices."""
+    from edgec.report import write_report
+
+    written = write_report(artifact, output)
+    if as_json:
+        _emit_json(written)
+        return
+    out.print(f"report  {written['report']}/report.html")
+    if "policy.png" in written["files"]:
+        out.print(f"plot    {written['report']}/policy.png")
+
+
 @app.command("deploy")
 @_user_errors
 def deploy_command(

@@ -449,6 +449,7 @@ class Luc:
                 "achieved": {"bits": round(achieved_bits, 4), "sparsity": round(achieved_sparsity, 4)},
                 "pruning": options.pruning,
                 "pattern": options.pattern,
+                "quantizer": options.quantizer,
                 "group_size": options.group_size,
                 "symmetric": options.symmetric,
                 "calibration": {"segments": len(segments), "tokens": batch.numel(), "dense_loss": dense_loss},

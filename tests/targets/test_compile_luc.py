@@ -146,3 +146,16 @@ def test_calibration_shorter_than_asked_says_how_much_is_needed(tmp_path: Path) 
     )
     assert result.exit_code == 2 and "2 samples x 64 tokens need 128" in result.output + result.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_report_writes_the_policy_plot_and_page_and_leaves_the_artifact_verified(built: dict, tmp_path: Path) -> None:
+    out, _ = built["tvm"]
+    result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "report"), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["files"] == ["policy.png", "report.html"]
+    assert (tmp_path / "report" / "policy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("<tr><td>") >= 6 + 7 and "held-out perplexity" in page and "chosen µs" in page
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    inside = runner.invoke(app, ["report", str(out), "--out", str(out / "report")])
+    assert inside.exit_code == 2 and "outside the artifact" in inside.output + inside.stderr
