@@ -74,6 +74,9 @@ class LucOptions(BaseModel):
     head_bits: int | None = Field(None, description="bits of an untied lm_head; default embedding_bits")
     probe_bits: list[int] = Field([2, 3, 4], description="bit-widths each layer is probed at (8 counts as lossless)")
     probe_sparsity: list[float] = Field([0.3, 0.5, 0.7], description="sparsities each layer is probed at")
+    probe_samples: int = Field(
+        4, ge=1, description="calibration segments the sensitivity loss is measured on (statistics use them all)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LucOptions:
@@ -348,7 +351,7 @@ def measure_profile(
 
 
 def cached_profile(
-    model: ModelHandle, segments: list[list[int]], options: LucOptions, stats: InputStats, progress: Callable[[str], None]
+    model: ModelHandle, segments: list[list[int]], options: LucOptions, progress: Callable[[str], None]
 ) -> tuple[dict[str, Any], str]:
     """The sensitivity profile and where it came from: committed with the zoo (the zoo
     models' default calibration, so tests and benchmarks skip minutes of probing), the
@@ -362,7 +365,10 @@ def cached_profile(
 
     def build(path: Path) -> None:
         batch = torch.tensor(segments, dtype=torch.int64)
-        profile = measure_profile(model.module, batch, stats, options, progress)
+        # Wanda's probes use statistics of the probe segments only: the profile is a
+        # function of exactly what its key names.
+        probe_stats = InputStats(model.module, batch, gram=False)
+        profile = measure_profile(model.module, batch, probe_stats, options, progress)
         (path / "profile.json").write_text(json.dumps(profile, indent=1))
         measured.append(True)
 
@@ -431,7 +437,8 @@ class Luc:
         before = _unique_bytes(root)
         ctx.progress(f"luc: calibration statistics over {batch.numel()} tokens")
         stats = InputStats(root, batch, gram=options.pruning == "sparsegpt" or options.quantizer == "gptq")
-        profile, source = cached_profile(model, segments, options, stats, ctx.progress)
+        probes = segments[: options.probe_samples]
+        profile, source = cached_profile(model, probes, options, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
         dense_loss = profile["base_loss"]
         records = self._apply(root, plans, stats, ctx.progress)
@@ -456,7 +463,8 @@ class Luc:
                 "sensitivity_profile": {
                     "measure": profile["measure"],
                     "source": source,
-                    "key": profile_key(model, segments, options),
+                    "key": profile_key(model, probes, options),
+                    "segments": len(probes),
                 },
                 "embeddings": embed_record,
                 "weight_bytes_before": before,
