@@ -380,6 +380,17 @@ def cached_profile(
 # ------------------------------------------------------------------------------ apply
 
 
+def sparse_code_bytes(total: int, pruned: int, bits: int, pattern: str) -> int:
+    """Bytes the codes would take stored sparse: N:M as the kept codes plus a position
+    index of log2(M) bits each; otherwise the kept codes plus a one-bit-per-weight mask.
+    (Stored dense, a pruned weight costs its code; compare with code_bytes.)"""
+    kind, keep, group = parse_pattern(pattern)
+    kept = total - pruned
+    if kind == "nm":
+        return kept * (bits + max(group - 1, 1).bit_length()) // 8
+    return (kept * bits + total) // 8
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -469,6 +480,11 @@ class Luc:
                 "embeddings": embed_record,
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
+                "sparsity_storage": {
+                    "stored": "dense codes: a pruned weight is its zero code (no sparse kernel here)",
+                    "code_bytes": sum(r["code_bytes"] for r in records),
+                    "code_bytes_if_sparse_stored": sum(r["code_bytes_if_sparse_stored"] for r in records),
+                },
                 "layers": records,
             },
         )
@@ -498,6 +514,8 @@ class Luc:
                     "fixed_by_override": plan.fixed,
                     "parameters": total,
                     "bytes": packed_bytes,
+                    "code_bytes": total * plan.bits // 8,
+                    "code_bytes_if_sparse_stored": sparse_code_bytes(total, zeros, plan.bits, options.pattern),
                 }
             )
             progress(f"luc: layer {plan.index + 1}/{len(plans)}: {plan.bits} bits, sparsity {plan.sparsity:.2f}")

@@ -102,3 +102,17 @@ def test_smollm2_compiles_for_arm64_and_deploys_with_parity(tmp_path_factory: py
     assert summary["target"] == "arm64" and "device" in summary["parity"]["reason"]
     report = invoke_json("deploy", str(out), "--device", "qemu-arm64")
     assert report["machine"] == "aarch64" and report["parity"]["ok"] is True, report["parity"]
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_smollm2_luc_recipe_gives_a_verified_compressed_artifact(tmp_path: Path) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "luc-w4-s30.yaml"
+    summary = invoke_json("compile", "zoo:smollm2-135m", "--target", "cpu", "--recipe", str(recipe), "-o", str(tmp_path / "luc"))
+    assert summary["parity"]["ok"] is True
+    record = next(p["record"] for p in summary["passes"] if p["name"] == "luc")
+    assert len(record["layers"]) == 30 and record["sensitivity_profile"]["source"] == "committed"
+    assert abs(record["achieved"]["bits"] - 4.0) <= 1 / 30 and abs(record["achieved"]["sparsity"] - 0.3) < 0.01
+    # At most a sixth of the fp32 weights, everything in the artifact counted.
+    assert summary["size_bytes"] <= record["weight_bytes_before"] / 6
+    assert summary["evaluation"]["tokens"] >= 4000 and summary["evaluation"]["perplexity"] > 1

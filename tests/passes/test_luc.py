@@ -17,6 +17,7 @@ from edgec.passes.luc import (
     check_budget,
     layer_overrides,
     plan_layers,
+    sparse_code_bytes,
 )
 from edgec.passes.prune import GroupQuant, obs_compress, sparsegpt, wanda
 from edgec.pipeline import PassContext
@@ -177,3 +178,10 @@ def test_gptq_rounds_onto_its_grid_with_less_output_error_than_round_to_nearest(
     rtn = quantize(weight, 3, 32, symmetric=False)
     rtn_error = float((x @ dequantize(rtn.planes, rtn.scales, rtn.zeros, 3, 32).T - dense).norm())
     assert float((x @ decoded.T - dense).norm()) < 0.7 * rtn_error
+
+
+def test_sparse_storage_bytes_say_when_a_mask_costs_more_than_it_saves() -> None:
+    total = 1024
+    assert sparse_code_bytes(total, total // 2, 4, "2:4") == total * 3 // 8  # 25% below dense 4-bit codes
+    assert sparse_code_bytes(total, int(total * 0.3), 4, "unstructured") < total * 4 // 8
+    assert sparse_code_bytes(total, int(total * 0.1), 2, "unstructured") > total * 2 // 8  # the mask costs more
