@@ -67,8 +67,13 @@ class LucOptions(BaseModel):
     symmetric: bool = Field(True, description="symmetric (abs-max) or asymmetric (min-max, uint8 zero point) groups")
     pruning: Literal["wanda", "sparsegpt"] = Field("wanda", description="wanda: |W| x ||x||; sparsegpt: OBS reconstruction")
     pattern: str = Field("unstructured", description="unstructured, N:M (N kept of every M, e.g. 2:4) or channel")
-    quantizer: Literal["gptq", "rtn"] = Field(
-        "gptq", description="gptq: round column by column, compensating the error on the rest (OBS); rtn: round to nearest"
+    quantizer: Literal["best", "gptq", "rtn"] = Field(
+        "best",
+        description="gptq: round column by column, compensating the error on the rest (OBS); rtn: round to nearest; "
+        "best: per linear, whichever moves the output less on validation segments the fit did not see",
+    )
+    validation_samples: int = Field(
+        4, ge=1, description="calibration segments held out of the fit to choose between gptq and rtn (quantizer: best)"
     )
     embedding_bits: int = Field(4, description="bits of the embedding table (and a tied lm_head); 32 keeps fp32")
     head_bits: int | None = Field(None, description="bits of an untied lm_head; default embedding_bits")
@@ -261,28 +266,38 @@ class InputStats:
     """Per-linear input statistics from one dense forward: sum of squares per input
     channel (Wanda) and, if asked, the Gram matrix X^T X (SparseGPT)."""
 
-    def __init__(self, root: nn.Module, batch: torch.Tensor, gram: bool) -> None:
+    def __init__(self, root: nn.Module, batch: torch.Tensor, gram: bool, validation: int = 0) -> None:
+        """The last `validation` segments are kept out of the fit: their Gram matrix
+        (`gram_validation`) scores candidate weights on inputs the fit did not see."""
         self.sq_sum: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
+        self.gram_validation: dict[str, torch.Tensor] = {}
+        fit_rows = batch.shape[0] - validation
         by_input: dict[int, str] = {}
         alive: list[torch.Tensor] = []  # keeps ids unique: a freed tensor's id could be reused
         handles = []
 
         def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
             def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
                 key = id(inputs[0])
                 if key in by_input:  # q/k/v and gate/up read the same tensor: compute once
                     first = by_input[key]
                     self.sq_sum[name] = self.sq_sum[first]
                     if gram:
                         self.gram[name] = self.gram[first]
+                    if first in self.gram_validation:
+                        self.gram_validation[name] = self.gram_validation[first]
                     return
                 by_input[key] = name
                 alive.append(inputs[0])
+                width = inputs[0].shape[-1]
+                x = inputs[0].detach()[:fit_rows].reshape(-1, width).double()
                 self.sq_sum[name] = (x * x).sum(0).float()
                 if gram:
                     self.gram[name] = (x.T @ x).float()
+                if validation:
+                    held = inputs[0].detach()[fit_rows:].reshape(-1, width).double()
+                    self.gram_validation[name] = (held.T @ held).float()
 
             return record
 
@@ -447,7 +462,13 @@ class Luc:
         batch = torch.tensor(segments, dtype=torch.int64)
         before = _unique_bytes(root)
         ctx.progress(f"luc: calibration statistics over {batch.numel()} tokens")
-        stats = InputStats(root, batch, gram=options.pruning == "sparsegpt" or options.quantizer == "gptq")
+        validation = options.validation_samples if options.quantizer == "best" else 0
+        if validation and len(segments) <= validation:
+            raise BadInputError(
+                f"luc: quantizer best holds {validation} calibration segments out of the fit; "
+                f"set calibration.samples above {validation} (it is {len(segments)}) or luc.quantizer to gptq or rtn"
+            )
+        stats = InputStats(root, batch, gram=options.pruning == "sparsegpt" or options.quantizer != "rtn", validation=validation)
         probes = segments[: options.probe_samples]
         profile, source = cached_profile(model, probes, options, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
@@ -496,12 +517,13 @@ class Luc:
         records: list[dict[str, Any]] = []
         names = {id(m): n for n, m in root.named_modules()}
         for plan, layer in zip(plans, decoder_layers(root)):
-            zeros = total = packed_bytes = 0
+            zeros = total = packed_bytes = compensated = 0
             for _, linear in layer_linears(layer):
                 name = names[id(linear)]
                 weight, params, pruned = self._compress(linear.weight.detach().float(), name, plan, stats)
                 zeros += int(pruned.sum())
                 total += weight.numel()
+                compensated += params is not None
                 packed = _packed(weight, plan.bits, options, params)
                 packed_bytes += packed.nbytes()
                 _set_module(root, name, PackedLinear(packed, linear.bias))
@@ -512,6 +534,7 @@ class Luc:
                     "sparsity": round(plan.sparsity, 4),
                     "measured_sparsity": round(zeros / total, 4),
                     "fixed_by_override": plan.fixed,
+                    "gptq_linears": compensated,
                     "parameters": total,
                     "bytes": packed_bytes,
                     "code_bytes": total * plan.bits // 8,
@@ -529,19 +552,35 @@ class Luc:
         pruning mask (rounding to the zero code can zero more weights; they are not counted)."""
         options = self.options
         sparse = plan.sparsity > 0
-        if options.quantizer == "rtn":
+        rounded: tuple[torch.Tensor, None, torch.Tensor] | None = None
+        if options.quantizer in ("rtn", "best"):
+            pruned = weight
             if sparse and options.pruning == "sparsegpt":
-                weight = sparsegpt(weight, stats.gram[name], plan.sparsity, options.pattern)
+                pruned = sparsegpt(weight, stats.gram[name], plan.sparsity, options.pattern)
             elif sparse:
-                weight = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern)
-            return weight, None, weight == 0
+                pruned = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern)
+            rounded = (pruned, None, pruned == 0)
+            if options.quantizer == "rtn":
+                return rounded
         quant = GroupQuant(plan.bits, options.group_size, options.symmetric)
         if sparse and options.pruning == "wanda":
             mask = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern) == 0
             result = obs_compress(weight, stats.gram[name], plan.sparsity, options.pattern, quant, fixed_mask=mask)
         else:
             result = obs_compress(weight, stats.gram[name], plan.sparsity if sparse else 0.0, options.pattern if sparse else "unstructured", quant)
-        return result.weight, result.params, result.pruned
+        compensated = (result.weight, result.params, result.pruned)
+        if rounded is None:
+            return compensated
+        # GPTQ fits the calibration inputs; where it over-fits them (wide inputs, few
+        # tokens) plain rounding moves the output less on inputs it has not seen.
+        gram = stats.gram_validation[name].double()
+        rtn_weight = fake_quantize(rounded[0], plan.bits, options.group_size, options.symmetric)
+
+        def output_error(candidate: torch.Tensor) -> float:
+            delta = (candidate - weight).double()
+            return float(((delta @ gram) * delta).sum())
+
+        return compensated if output_error(result.weight) < output_error(rtn_weight) else rounded
 
     def _compress_embeddings(self, root: nn.Module) -> dict[str, Any]:
         options = self.options

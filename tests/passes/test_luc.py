@@ -128,7 +128,7 @@ def _handle(model: torch.nn.Module) -> ModelHandle:
 
 def _segments() -> list[list[int]]:
     generator = torch.Generator().manual_seed(5)
-    return torch.randint(0, TINY_CONFIG["vocab_size"], (4, 32), generator=generator).tolist()
+    return torch.randint(0, TINY_CONFIG["vocab_size"], (8, 32), generator=generator).tolist()
 
 
 def test_pass_compresses_every_linear_and_shares_the_tied_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,7 +137,7 @@ def test_pass_compresses_every_linear_and_shares_the_tied_table(tmp_path: Path, 
     ids = torch.tensor(_segments()[:1])
     with torch.no_grad():
         dense = CausalLMEntries(model).prefill(ids)[0]
-    options = LucOptions(bits=5, sparsity=0.3, group_size=16, pruning="sparsegpt")
+    options = LucOptions(bits=5, sparsity=0.3, group_size=16, pruning="sparsegpt", validation_samples=2)
     ctx = PassContext(Recipe(), calibration_ids=_segments)
     result = Luc(options, [LayerOverride(match=0, options={"bits": 8})]).run(_handle(model), ctx)
     record = result.record
@@ -149,6 +149,7 @@ def test_pass_compresses_every_linear_and_shares_the_tied_table(tmp_path: Path, 
     assert record["achieved"]["sparsity"] == pytest.approx(0.3, abs=0.02)
     assert record["weight_bytes_after"] < 0.3 * record["weight_bytes_before"]
     assert record["sensitivity_profile"]["source"] == "measured"
+    assert all(0 <= row["gptq_linears"] <= 7 for row in record["layers"])
     with torch.no_grad():
         compressed = CausalLMEntries(model).prefill(ids)[0]
     assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, dense)
@@ -162,6 +163,8 @@ def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Pa
     ctx = PassContext(Recipe(), calibration_ids=_segments)
     with pytest.raises(BadInputError, match="group_size 48 does not divide"):
         Luc(LucOptions(group_size=48), []).run(_handle(make_tiny_llama()), ctx)
+    with pytest.raises(BadInputError, match="set calibration.samples above 8"):
+        Luc(LucOptions(group_size=16, validation_samples=8), []).run(_handle(make_tiny_llama()), ctx)
 
 
 def test_gptq_rounds_onto_its_grid_with_less_output_error_than_round_to_nearest() -> None:
