@@ -174,33 +174,51 @@ def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) ->
 
 
 def calibration_segments(tokenizer: PreTrainedTokenizerBase, data: str, samples: int, seq_len: int) -> list[list[int]]:
-    """`samples` consecutive segments of `seq_len` token ids for passes that calibrate.
+    """`samples` segments of `seq_len` token ids for passes that calibrate.
 
     data: "train" (the built-in train split: what the zoo models were trained on, never
-    the text they are evaluated on), "held-out", or a path to a UTF-8 .txt file.
+    the text they are evaluated on), "held-out", or a path to a UTF-8 .txt file. From a
+    built-in split, each segment is the start of a different document, spread evenly
+    over the split (plays and Python docs alike): the first segments of one long text
+    would all be one play. From a file, consecutive segments.
 
     Raises:
         BadInputError: if the text is shorter than samples x seq_len tokens (says how many).
     """
-    if data == TRAIN:
-        text, label = train_text(), "the built-in train split"
-    elif data == HELD_OUT:
-        text, label = held_out_text(), "the built-in held-out split"
-    else:
-        path = Path(data).expanduser()
-        if not path.is_file():
-            raise BadInputError(f"calibration.data {data}: no such file; give a UTF-8 .txt file, 'train' or 'held-out'")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadInputError(f"calibration.data {data}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        label = str(path)
+    if data in (TRAIN, HELD_OUT):
+        return _document_segments(tokenizer, data, samples, seq_len)
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"calibration.data {data}: no such file; give a UTF-8 .txt file, 'train' or 'held-out'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"calibration.data {data}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     needed = samples * seq_len
     # Tokenize only a prefix that is surely long enough (about 4 bytes a token, doubled).
     ids = list(tokenizer(text[: needed * 8], add_special_tokens=False, verbose=False)["input_ids"])
     if len(ids) < needed:
         raise BadInputError(
-            f"calibration data {label} has {len(ids)} tokens; {samples} samples x {seq_len} tokens need {needed}: "
+            f"calibration data {path} has {len(ids)} tokens; {samples} samples x {seq_len} tokens need {needed}: "
             "give more text or lower calibration.samples / calibration.seq_len"
         )
     return [ids[i * seq_len : (i + 1) * seq_len] for i in range(samples)]
+
+
+def _document_segments(tokenizer: PreTrainedTokenizerBase, split: str, samples: int, seq_len: int) -> list[list[int]]:
+    documents = [text for doc_id, text in _documents() if split_of(doc_id) == split]
+    segments: list[list[int]] = []
+    # Evenly spaced documents first; a document too short for a segment is passed over.
+    order = sorted(range(len(documents)), key=lambda i: (i * samples) % len(documents) if documents else 0)
+    for index in order:
+        if len(segments) == samples:
+            break
+        ids = list(tokenizer(documents[index][: seq_len * 8], add_special_tokens=False, verbose=False)["input_ids"])
+        if len(ids) >= seq_len:
+            segments.append(ids[:seq_len])
+    if len(segments) < samples:
+        raise BadInputError(
+            f"the built-in {split} split has only {len(segments)} documents of {seq_len} tokens or more; "
+            f"lower calibration.samples to {len(segments)} or calibration.seq_len"
+        )
+    return segments

@@ -470,15 +470,17 @@ class Luc:
             )
         stats = InputStats(root, batch, gram=options.pruning == "sparsegpt" or options.quantizer != "rtn", validation=validation)
         probes = segments[: options.probe_samples]
-        profile, source = cached_profile(model, probes, options, ctx.progress)
+        # The uniform policy needs no sensitivity: it is the baseline LUC is compared with.
+        profile, source = (None, "not measured (policy uniform)")
+        if options.policy != "uniform":
+            profile, source = cached_profile(model, probes, options, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
-        dense_loss = profile["base_loss"]
         records = self._apply(root, plans, stats, ctx.progress)
         embed_record = self._compress_embeddings(root)
         after = _unique_bytes(root)
         achieved_bits = sum(p.bits for p in plans) / len(plans)
         achieved_sparsity = sum(r["measured_sparsity"] for r in records) / len(records)
-        for record, row in zip(records, profile["layers"]):
+        for record, row in zip(records, profile["layers"] if profile else []):
             record["sensitivity"] = {"bits": row["bits"], "sparsity": row["sparsity"]}
         return PassResult(
             changed=True,
@@ -491,9 +493,10 @@ class Luc:
                 "quantizer": options.quantizer,
                 "group_size": options.group_size,
                 "symmetric": options.symmetric,
-                "calibration": {"segments": len(segments), "tokens": batch.numel(), "dense_loss": dense_loss},
+                "calibration": {"segments": len(segments), "tokens": batch.numel()},
                 "sensitivity_profile": {
-                    "measure": profile["measure"],
+                    "measure": profile["measure"] if profile else None,
+                    "dense_loss": profile["base_loss"] if profile else None,
                     "source": source,
                     "key": profile_key(model, probes, options),
                     "segments": len(probes),
