@@ -6,7 +6,8 @@
 
 For each model, in one run and on the same held-out tokens and prompt:
 - edgec TVM artifacts: dense fp32; `luc` with policy uniform (the budget on every
-  layer); `luc` with policy sensitivity (LUC). Same recipe otherwise.
+  layer); `luc` with policy sensitivity (LUC). Same recipe otherwise
+  (recipes/luc-w4-s30.yaml), each with the `schedule` pass's measured kernels.
 - peers, from edgec's dense ONNX artifact: ONNX Runtime quantize_dynamic (int8 weights,
   MatMulInteger) and ORT's MatMulNBitsQuantizer (4-bit RTN, symmetric, block 32).
 Prints held-out perplexity, artifact bytes, prefill latency (median of warm runs) and
@@ -145,7 +146,10 @@ def main() -> None:
         ]
         tag = f"w{args.bits:g}-s{args.sparsity:g}-g{group}-{args.pruning}{'-asym' if args.asymmetric else ''}"
         built = {
-            "dense fp32 (edgec tvm)": compiled(model, "dense-tvm", None, ["backend=tvm"], args.out),
+            # Dense gets the same measured kernel choice (schedule pass) as the compressed ones.
+            "dense fp32 (edgec tvm)": compiled(
+                model, "dense-tvm-scheduled", None, ["backend=tvm", "passes=schedule", "schedule.trials=4"], args.out
+            ),
             "uniform (edgec tvm)": compiled(model, f"uniform-{tag}", LUC_RECIPE, [*luc, "luc.policy=uniform"], args.out),
             "LUC (edgec tvm)": compiled(model, f"luc-{tag}", LUC_RECIPE, [*luc, "luc.policy=sensitivity"], args.out),
         }

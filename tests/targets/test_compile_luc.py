@@ -21,11 +21,11 @@ pytestmark = pytest.mark.compile
 runner = CliRunner()
 RECIPE = """
 target: cpu
-calibration: {samples: 2, seq_len: 64}
+calibration: {samples: 6, seq_len: 64}
 evaluate: {tokens: 512, window: 128}
 passes:
   - name: luc
-    options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 16, embedding_bits: 4}
+    options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 16, embedding_bits: 4, probe_samples: 2, validation_samples: 2}
   - name: schedule
     options: {trials: 2, prefill_rows: 16}
 """
@@ -144,7 +144,7 @@ def test_calibration_shorter_than_asked_says_how_much_is_needed(tmp_path: Path) 
     result = runner.invoke(
         app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--set", f"calibration.data={text}", "-o", str(tmp_path / "y")]
     )
-    assert result.exit_code == 2 and "2 samples x 64 tokens need 128" in result.output + result.stderr
+    assert result.exit_code == 2 and "6 samples x 64 tokens need 384" in result.output + result.stderr
     assert not (tmp_path / "y").exists()
 
 
