@@ -10,7 +10,7 @@ lm_head, sharing it) likewise at `embedding_bits`.
    sparsity, and when they are round-to-nearest quantized at each probe bit-width.
    Loss increase, not the layer's raw output MSE: raw MSE grows with the activation
    scale of deeper layers and tracks depth, not sensitivity (METHODS.md). The profile
-   is cached per (model hash, calibration segments, probes).
+   is cached per (model hash, probe segments, probes); the zoo's are committed.
 2. Policy, under the user's budget (mean sparsity and mean bits over the decoder
    layers): bits by a greedy knapsack from the floor up (each step buys the most loss
    reduction per bit); sparsity proportional to 1 - temper x normalised sensitivity,
@@ -19,7 +19,10 @@ lm_head, sharing it) likewise at `embedding_bits`.
    overrides fix `bits` / `sparsity` of the layers they match; the rest share the
    remaining budget.
 3. Apply: prune (Wanda or SparseGPT, unstructured / N:M / channel) from the dense
-   model's calibration activations, then quantize and pack.
+   model's calibration activations, quantize (round to nearest, GPTQ, or per linear
+   whichever moves the output less on held-out calibration segments) and pack.
+   The sweep is one-shot: every layer sees the dense model's inputs, not the inputs
+   of the already compressed layers before it.
 """
 
 from __future__ import annotations
