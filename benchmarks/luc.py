@@ -12,6 +12,12 @@ For each model, in one run and on the same held-out tokens and prompt:
   MatMulInteger) and ORT's MatMulNBitsQuantizer (4-bit RTN, symmetric, block 32).
 Prints held-out perplexity, artifact bytes, prefill latency (median of warm runs) and
 decode tokens/s, with ratios to the dense fp32 TVM artifact. Keep the machine idle.
+
+    .venv/bin/python benchmarks/luc.py --ablation [--models zoo:smollm2-135m]
+
+instead runs the pass in torch (no compile) with the recipe's calibration and prints
+held-out perplexity for: 4 bits everywhere with no pruning (round to nearest, and
+quantizer best), and the per-layer bits policy over 2/3/4/8 bits with no pruning.
 """
 
 from __future__ import annotations
@@ -117,6 +123,39 @@ def evaluate_runtime(runtime: Any, tokenizer: Any, ids: list[int], label: str, p
     return {"perplexity": ppl.perplexity, "prefill_ms": prefill_ms, "decode_tokens_per_s": rate}
 
 
+def ablation(models: list[str], tokens: int) -> None:
+    from edgec.data import calibration_segments
+    from edgec.evaluate import torch_logits_fn
+    from edgec.passes.luc import Luc, LucOptions
+    from edgec.pipeline import PassContext
+    from edgec.recipe import Recipe
+
+    recipe = load_recipe(LUC_RECIPE, [], options_for)
+    spec = recipe.passes[0]
+    variants = {
+        "dense fp32": None,
+        "4 bits everywhere, round to nearest": {"bit_choices": [4], "sparsity": 0.0, "quantizer": "rtn"},
+        "4 bits everywhere, quantizer best": {"bit_choices": [4], "sparsity": 0.0},
+        "bits policy over 2/3/4/8 (mean 4), best": {"bit_choices": [2, 3, 4, 8], "sparsity": 0.0},
+    }
+    print(f"{'model':<18} {'variant':<42} {'ppl':>8}  per-layer bits")
+    for model in models:
+        for name, changes in variants.items():
+            handle = load_model(model)
+            bits = ""
+            if changes is not None:
+                options = {**spec.options, **changes}
+                if model == "zoo:tiny-lm":
+                    options["group_size"] = 16
+                calibration = recipe.calibration
+                segments = lambda: calibration_segments(handle.tokenizer, calibration.data, calibration.samples, calibration.seq_len)  # noqa: E731
+                result = Luc(LucOptions(**options), []).run(handle, PassContext(Recipe(), calibration_ids=segments))
+                bits = " ".join(str(row["bits"]) for row in result.record["layers"])
+            ids, label = evaluation_ids(handle.tokenizer, "held-out", tokens)
+            ppl = perplexity(torch_logits_fn(handle.module), ids, handle.tokenizer, 256, label)
+            print(f"{model:<18} {name:<42} {ppl.perplexity:>8.2f}  {bits}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["zoo:tiny-lm", "zoo:smollm2-135m"])
@@ -131,7 +170,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-luc"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--ablation", action="store_true", help="perplexity of bit policies in torch, no compile")
     args = parser.parse_args()
+    if args.ablation:
+        ablation(args.models, args.tokens)
+        return
 
     rows: list[dict[str, Any]] = []
     for model in args.models:
