@@ -71,7 +71,7 @@ def compile_model(
             f"{', '.join(target.capability.compute_dtypes)} only (edgec targets show {target.name}); float16 is for GPU targets"
         )
     manager = PassManager(REGISTRY, recipe.passes)
-    manager.check_weight_bits(target.capability.weight_bits, f"{target.name}/{recipe.backend}")
+    manager.check_capability(target.capability.weight_bits, target.capability.ops, f"{target.name}/{recipe.backend}")
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     on_target(target)
     local_input = Path(model_spec).expanduser()

@@ -115,22 +115,27 @@ class PassManager:
                     f"it accepts: {', '.join(cls.families)}"
                 )
 
-    def check_weight_bits(self, supported: Sequence[int], where: str) -> None:
-        """Refuse before any work a pass that would store weights at a width the
-        target/backend cannot lower, naming the nearest width it can."""
+    def check_capability(self, supported: Sequence[int], ops: Sequence[str], where: str) -> None:
+        """Refuse before any work a pass whose output the target/backend cannot lower: a
+        stored weight width (naming the nearest it can), or an op family it lacks."""
         for spec in self.specs:
             cls = self.registry[spec.name]
             wanted_of = getattr(cls, "weight_bits", None)
-            if wanted_of is None:
-                continue
-            options = cls.Options.model_validate(spec.options)
-            for bits in sorted(wanted_of(options)):
-                if bits not in supported:
-                    nearest = min(supported, key=lambda b: (abs(b - bits), -b))
-                    raise UnsupportedError(
-                        f"pass {spec.name}: {bits}-bit weights cannot be lowered on {where} "
-                        f"(it stores {', '.join(map(str, sorted(supported)))} bits); the nearest supported is {nearest} bits"
-                    )
+            if wanted_of is not None:
+                options = cls.Options.model_validate(spec.options)
+                for bits in sorted(wanted_of(options)):
+                    if bits not in supported:
+                        nearest = min(supported, key=lambda b: (abs(b - bits), -b))
+                        raise UnsupportedError(
+                            f"pass {spec.name}: {bits}-bit weights cannot be lowered on {where} "
+                            f"(it stores {', '.join(map(str, sorted(supported)))} bits); the nearest supported is {nearest} bits"
+                        )
+            missing = [op for op in getattr(cls, "requires_ops", ()) if op not in ops]
+            if missing:
+                raise UnsupportedError(
+                    f"pass {spec.name} needs {', '.join(missing)}, which {where} does not lower yet "
+                    "(`edgec targets show` lists what it does)"
+                )
 
     def run(self, model: ModelHandle, ctx: PassContext) -> list[PassLogEntry]:
         self.check(model)

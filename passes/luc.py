@@ -435,6 +435,8 @@ class Luc:
     families: ClassVar[tuple[str, ...]] = (FAMILY_CAUSAL_LM,)
     Options: ClassVar[type[BaseModel]] = LucOptions
     summary: ClassVar[str] = "Edge-LLM layer-wise unified compression: per-layer pruning + packed low-bit weights"
+    # Packed weights need a decode-in-matmul lowering: CPU targets have it, GPUs not yet.
+    requires_ops: ClassVar[tuple[str, ...]] = ("packed_lowbit_matmul",)
 
     def __init__(self, options: BaseModel, overrides: Sequence[LayerOverride]) -> None:
         assert isinstance(options, LucOptions)

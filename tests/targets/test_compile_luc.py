@@ -134,6 +134,9 @@ def test_widths_a_target_cannot_lower_are_refused_before_loading(tmp_path: Path)
     assert result.exit_code == 3
     assert "4-bit weights cannot be lowered on cuda/tvm" in text and "nearest supported is 8 bits" in text
     assert "load zoo:tiny-lm" not in text and not (tmp_path / "x").exists()
+    eight = ["--set", "luc.bit_choices=[8]", "--set", "luc.bits=8", "--set", "luc.embedding_bits=8"]
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--target", "cuda", *eight, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 3 and "needs packed_lowbit_matmul, which cuda/tvm does not lower yet" in result.output + result.stderr
 
 
 def test_calibration_shorter_than_asked_says_how_much_is_needed(tmp_path: Path) -> None:
