@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, UnsupportedError
+from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, UnsupportedError, note_interrupts, was_interrupted
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -59,12 +59,18 @@ def _user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        note_interrupts()
         try:
             return func(*args, **kwargs)
         except EdgecError as exc:
             err.print(f"[bold red]error:[/] {exc.message}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            err.print("[bold red]interrupted:[/] nothing was written")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception:
+            if not was_interrupted():  # a bug: keep its traceback
+                raise
             err.print("[bold red]interrupted:[/] nothing was written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
 

@@ -7,6 +7,10 @@ with the class's code. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
+import threading
+from types import FrameType
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_UNSUPPORTED = 3
@@ -24,6 +28,27 @@ EXIT_CODES: dict[int, str] = {
     EXIT_DEVICE_UNREACHABLE: "device unreachable",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }
+
+
+_interrupted = threading.Event()
+
+
+def note_interrupts() -> None:
+    """Remember a Ctrl-C even where a native library turns the KeyboardInterrupt into an
+    error of its own (TVM's FFI re-raises it as RuntimeError inside schedule primitives),
+    so the CLI still exits as interrupted and fallbacks that catch TVM errors do not
+    swallow it. Main thread only (where Python runs signal handlers)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def was_interrupted() -> bool:
+    return _interrupted.is_set()
 
 
 class EdgecError(Exception):

@@ -52,6 +52,8 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
+from edgec.errors import was_interrupted
+
 __all__ = [
     "RULE_ATTR",
     "CpuScheduleConfig",
@@ -652,6 +654,8 @@ def schedule_prim_func(
         # ScheduleError: a primitive refused; InternalError: a TVM check inside a
         # primitive failed on an unusual function. Either way: try a simpler rule.
         except (ScheduleError, tvm.error.InternalError, _RuleDoesNotApply) as err:
+            if was_interrupted():  # TVM's FFI hands a Ctrl-C back as an error of its own
+                raise KeyboardInterrupt from None
             _LOG.debug("%s does not apply: %s", rule.__name__, err)
             continue
         scheduled = sch.mod["main"].with_attr(RULE_ATTR, name)

@@ -144,3 +144,23 @@ def test_a_device_dying_mid_profile_leaves_partial_results_marked_incomplete(arm
     partial = json.loads(saved.read_text())
     assert partial["complete"] is False and partial["load_ms"] > 0 and "latency" not in partial
     assert partial["device"] == "qemu-arm64" and partial["emulated"] is True
+
+
+def test_luc_artifact_lowers_for_arm64_and_passes_parity_on_the_device(tmp_path: Path) -> None:
+    recipe = tmp_path / "luc.yaml"
+    recipe.write_text(
+        "calibration: {samples: 6, seq_len: 64}\nevaluate: {tokens: 256}\npasses:\n"
+        "  - name: luc\n    options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 16, probe_samples: 2, validation_samples: 2}\n"
+        "  - name: schedule\n    options: {trials: 2}\n"
+    )
+    out = tmp_path / "luc-arm64"
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--target", "arm64", "--recipe", str(recipe), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    summary = json.loads(result.stdout)
+    assert "built for aarch64" in summary["evaluation"]["skipped"]
+    tuning = json.loads((out / "manifest.json").read_text())["backend_record"]["tuning"]
+    # Never timed on the emulated device: its timings are not ARM performance.
+    assert all(not t["tuned"] and "emulated" in t["reason"] for t in tuning.values())
+    deployed = runner.invoke(app, ["deploy", str(out), "--device", "qemu-arm64", "--json"])
+    assert deployed.exit_code == 0, deployed.output + deployed.stderr
+    assert json.loads(deployed.stdout)["parity"]["ok"] is True
