@@ -28,7 +28,7 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -43,7 +43,7 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     final = cache_root() / kind / key
     if final.is_dir():
         return final
-    with _locked(cache_root() / kind / f".{key}.lock"):
+    with locked(cache_root() / kind / f".{key}.lock"):
         if final.is_dir():  # another process built it while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
@@ -83,7 +83,7 @@ def clean(kind: str | None = None) -> list[CacheEntry]:
     """Remove every entry (or those of one kind); returns what was removed."""
     removed = [e for e in list_entries() if kind is None or e.kind == kind]
     for entry in removed:
-        with _locked(entry.path.parent / f".{entry.key}.lock"):
+        with locked(entry.path.parent / f".{entry.key}.lock"):
             # Rename first: an interrupted delete must not leave a half entry that looks complete.
             trash = Path(tempfile.mkdtemp(prefix=f".{entry.key}.trash-", dir=entry.path.parent))
             entry.path.rename(trash / entry.key)

@@ -173,6 +173,16 @@ def held_out_slice(tokenizer: PreTrainedTokenizerBase, n_tokens: int = 32768) ->
     return ids[:n_tokens]
 
 
+def read_user_text(path: Path, what: str, alternatives: str) -> str:
+    """A user's UTF-8 text file, or a BadInputError naming `what` and the alternatives."""
+    if not path.is_file():
+        raise BadInputError(f"{what}: no such file; give a UTF-8 .txt file or {alternatives}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{what}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def calibration_segments(tokenizer: PreTrainedTokenizerBase, data: str, samples: int, seq_len: int) -> list[list[int]]:
     """`samples` segments of `seq_len` token ids for passes that calibrate.
 
@@ -188,12 +198,7 @@ def calibration_segments(tokenizer: PreTrainedTokenizerBase, data: str, samples:
     if data in (TRAIN, HELD_OUT):
         return _document_segments(tokenizer, data, samples, seq_len)
     path = Path(data).expanduser()
-    if not path.is_file():
-        raise BadInputError(f"calibration.data {data}: no such file; give a UTF-8 .txt file, 'train' or 'held-out'")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"calibration.data {data}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_user_text(path, f"calibration.data {data}", "'train' or 'held-out'")
     needed = samples * seq_len
     # Tokenize only a prefix that is surely long enough (about 4 bytes a token, doubled).
     ids = list(tokenizer(text[: needed * 8], add_special_tokens=False, verbose=False)["input_ids"])

@@ -44,13 +44,10 @@ def evaluation_ids(tokenizer: Any, data: str, n_tokens: int) -> tuple[list[int],
         from edgec.data import held_out_slice
 
         return held_out_slice(tokenizer, n_tokens), "built-in held-out slice"
+    from edgec.data import read_user_text
+
     path = Path(data).expanduser()
-    if not path.is_file():
-        raise BadInputError(f"--data {data}: no such file; give a UTF-8 .txt file or 'held-out'")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"--data {data}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_user_text(path, f"--data {data}", "'held-out'")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:n_tokens]
     if len(ids) < 2:
         raise BadInputError(f"--data {data}: fewer than 2 tokens of text to score")

@@ -21,9 +21,12 @@ backend lowers it with its own kernel instead of seeing a decoded fp32 matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 PLANE_WIDTHS: dict[int, tuple[int, ...]] = {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}
 SUPPORTED_BITS: tuple[int, ...] = tuple(sorted(PLANE_WIDTHS, reverse=True))
@@ -143,7 +146,9 @@ def quantize(
     return PackedWeight(pack_codes(codes, bits), scale.half(), zeros, bits, group)
 
 
-def _planes(plane0: torch.Tensor, plane1: torch.Tensor | None) -> list[torch.Tensor]:
+def planes_of(plane0: T, plane1: T | None) -> list[T]:
+    """The op arguments (plane0, plane1 or None) as the list of planes; any tensor type
+    (torch, TE, ONNX values), so every lowering reads the arguments the same way."""
     return [plane0] if plane1 is None else [plane0, plane1]
 
 
@@ -159,7 +164,7 @@ def qlinear(
     group: int,
 ) -> torch.Tensor:
     """y = x @ W^T + bias with W packed; the reference every backend kernel is checked against."""
-    weight = dequantize(_planes(plane0, plane1), scales, zeros, bits, group).to(x.dtype)
+    weight = dequantize(planes_of(plane0, plane1), scales, zeros, bits, group).to(x.dtype)
     return nn.functional.linear(x, weight, bias)
 
 
@@ -179,7 +184,7 @@ def qembedding(
     group: int,
 ) -> torch.Tensor:
     """Rows of a packed table, decoded to float32 (only the rows asked for)."""
-    rows = [plane[ids] for plane in _planes(plane0, plane1)]
+    rows = [plane[ids] for plane in planes_of(plane0, plane1)]
     return dequantize(rows, scales[ids], None if zeros is None else zeros[ids], bits, group)
 
 
@@ -197,6 +202,18 @@ def frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (passes swap nn.Linear for packed modules)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def unique_weight_bytes(root: nn.Module) -> int:
+    """Bytes of weights, counting a tensor shared by tied modules once."""
+    unique = {t.data_ptr(): t for t in root.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 class _PackedStore(nn.Module):
     def __init__(self, packed: PackedWeight) -> None:
         super().__init__()
@@ -209,7 +226,7 @@ class _PackedStore(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        planes = _planes(self.plane0, self.plane1)
+        planes = planes_of(self.plane0, self.plane1)
         return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group)
 
     def weight_fp32(self) -> torch.Tensor:

@@ -42,7 +42,16 @@ from torch import nn
 from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
-from edgec.packing import SUPPORTED_BITS, PackedEmbedding, PackedLinear, PackedWeight, dequantize, quantize
+from edgec.packing import (
+    SUPPORTED_BITS,
+    PackedEmbedding,
+    PackedLinear,
+    PackedWeight,
+    dequantize,
+    quantize,
+    set_submodule,
+    unique_weight_bytes,
+)
 from edgec.passes.prune import GroupQuant, obs_compress, parse_pattern, pattern_sparsity, sparsegpt, wanda
 from edgec.pipeline import PassContext, PassResult, override_matches
 from edgec.recipe import LayerOverride
@@ -369,13 +378,12 @@ def measure_profile(
 
 
 def cached_profile(
-    model: ModelHandle, segments: list[list[int]], options: LucOptions, progress: Callable[[str], None]
+    model: ModelHandle, segments: list[list[int]], key: str, options: LucOptions, progress: Callable[[str], None]
 ) -> tuple[dict[str, Any], str]:
     """The sensitivity profile and where it came from: committed with the zoo (the zoo
     models' default calibration, so tests and benchmarks skip minutes of probing), the
     cache, or measured now (and cached)."""
     assert model.module is not None
-    key = profile_key(model, segments, options)
     committed = COMMITTED_PROFILES / f"{key}.json"
     if committed.is_file():
         return json.loads(committed.read_text()), "committed"
@@ -408,15 +416,6 @@ def sparse_code_bytes(total: int, pruned: int, bits: int, pattern: str) -> int:
         return kept * (bits + max(group - 1, 1).bit_length()) // 8
     return (kept * bits + total) // 8
 
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def _unique_bytes(root: nn.Module) -> int:
-    unique = {t.data_ptr(): t for t in root.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _packed(
@@ -465,7 +464,7 @@ class Luc:
             raise UnsupportedError("luc needs calibration data; run it through edgec compile")
         segments = ctx.calibration_ids()
         batch = torch.tensor(segments, dtype=torch.int64)
-        before = _unique_bytes(root)
+        before = unique_weight_bytes(root)
         ctx.progress(f"luc: calibration statistics over {batch.numel()} tokens")
         validation = options.validation_samples if options.quantizer == "best" else 0
         if validation and len(segments) <= validation:
@@ -476,13 +475,14 @@ class Luc:
         stats = InputStats(root, batch, gram=options.pruning == "sparsegpt" or options.quantizer != "rtn", validation=validation)
         probes = segments[: options.probe_samples]
         # The uniform policy needs no sensitivity: it is the baseline LUC is compared with.
+        key = profile_key(model, probes, options)
         profile, source = (None, "not measured (policy uniform)")
         if options.policy != "uniform":
-            profile, source = cached_profile(model, probes, options, ctx.progress)
+            profile, source = cached_profile(model, probes, key, options, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
         records = self._apply(root, plans, stats, ctx.progress)
         embed_record = self._compress_embeddings(root)
-        after = _unique_bytes(root)
+        after = unique_weight_bytes(root)
         achieved_bits = sum(p.bits for p in plans) / len(plans)
         achieved_sparsity = sum(r["measured_sparsity"] for r in records) / len(records)
         for record, row in zip(records, profile["layers"] if profile else []):
@@ -503,7 +503,7 @@ class Luc:
                     "measure": profile["measure"] if profile else None,
                     "dense_loss": profile["base_loss"] if profile else None,
                     "source": source,
-                    "key": profile_key(model, probes, options),
+                    "key": key,
                     "segments": len(probes),
                 },
                 "embeddings": embed_record,
@@ -534,7 +534,7 @@ class Luc:
                 compensated += params is not None
                 packed = _packed(weight, plan.bits, options, params)
                 packed_bytes += packed.nbytes()
-                _set_module(root, name, PackedLinear(packed, linear.bias))
+                set_submodule(root, name, PackedLinear(packed, linear.bias))
             records.append(
                 {
                     "layer": plan.index,
@@ -601,7 +601,7 @@ class Luc:
         shared: PackedWeight | None = None
         if options.embedding_bits != FP32_BITS:
             shared = _packed(embedding.weight.detach().float(), options.embedding_bits, options)
-            _set_module(root, "model.embed_tokens", PackedEmbedding(shared))
+            set_submodule(root, "model.embed_tokens", PackedEmbedding(shared))
             record["embedding"] = {"bits": options.embedding_bits, "bytes": shared.nbytes()}
         else:
             record["embedding"] = {"bits": FP32_BITS, "bytes": embedding.weight.numel() * 4}
@@ -611,11 +611,11 @@ class Luc:
         if tied and shared is not None and head_bits == options.embedding_bits:
             embed_module = root.get_submodule("model.embed_tokens")
             assert isinstance(embed_module, PackedEmbedding)
-            _set_module(root, "lm_head", PackedLinear(embed_module.packed, head.bias))
+            set_submodule(root, "lm_head", PackedLinear(embed_module.packed, head.bias))
             record["lm_head"] = {"bits": head_bits, "shared_with_embedding": True}
         else:
             packed = _packed(head.weight.detach().float(), head_bits, options)
-            _set_module(root, "lm_head", PackedLinear(packed, head.bias))
+            set_submodule(root, "lm_head", PackedLinear(packed, head.bias))
             record["lm_head"] = {"bits": head_bits, "shared_with_embedding": False, "bytes": packed.nbytes()}
         return record
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from edgec.errors import BadInputError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.packing import frozen, set_submodule, unique_weight_bytes
 from edgec.pipeline import PassContext, PassResult, options_for_module
 from edgec.recipe import LayerOverride
 
@@ -48,13 +49,6 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.reshape(rows, groups, cols // groups).float() * scale[..., None]).reshape(rows, cols)
 
 
-def frozen(tensor: torch.Tensor) -> nn.Parameter:
-    """Packed weights are Parameters, not buffers: TVM's importer binds buffers as
-    constants (folded into fp32 in the library) but keeps parameters as inputs."""
-    if isinstance(tensor, nn.Parameter):
-        return tensor
-    return nn.Parameter(tensor, requires_grad=False)
-
 
 class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -83,16 +77,6 @@ class Int8Embedding(nn.Module):
         return (rows.reshape(*shape[:-1], groups, shape[-1] // groups) * scales[..., None]).reshape(shape)
 
 
-def _unique_bytes(root: nn.Module) -> int:
-    """Bytes of weights, counting a tensor shared by tied modules once."""
-    unique = {t.data_ptr(): t for t in root.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 class QuantizeWeightsInt8:
@@ -113,7 +97,7 @@ class QuantizeWeightsInt8:
         assert root is not None
         if any(isinstance(m, (Int8Linear, Int8Embedding)) for m in root.modules()):
             raise BadInputError(f"{self.name}: the model is already int8-quantized; list the pass once in the recipe")
-        before = _unique_bytes(root)
+        before = unique_weight_bytes(root)
         tied = bool(getattr(root.config, "tie_word_embeddings", False))
         layers: list[dict[str, object]] = []
         embed_name = "model.embed_tokens"
@@ -128,7 +112,7 @@ class QuantizeWeightsInt8:
                 table = Int8Embedding(*quantize_rows(embedding.weight, opts.group_size))
                 embed_q = (table.qweight, table.scale)
                 embed_group = opts.group_size
-                _set_module(root, embed_name, table)
+                set_submodule(root, embed_name, table)
                 layers.append({"module": embed_name, "group_size": opts.group_size, "shape": list(embed_q[0].shape)})
         linears = [(name, m) for name, m in root.named_modules() if isinstance(m, nn.Linear)]
         for done, (name, linear) in enumerate(linears, start=1):
@@ -140,11 +124,11 @@ class QuantizeWeightsInt8:
                 q, scale = embed_q  # same matrix: share the int8 table instead of storing it twice
             else:
                 q, scale = quantize_rows(linear.weight, opts.group_size)
-            _set_module(root, name, Int8Linear(q, scale, linear.bias))
+            set_submodule(root, name, Int8Linear(q, scale, linear.bias))
             layers.append({"module": name, "group_size": opts.group_size, "shape": list(q.shape)})
             if done % 20 == 0:
                 ctx.progress(f"{self.name}: {done}/{len(linears)} linears")
-        after = _unique_bytes(root)
+        after = unique_weight_bytes(root)
         return PassResult(
             changed=bool(layers),
             record={

@@ -58,7 +58,7 @@ def build(
     from tvm.relax.frontend.torch import from_exported_program
 
     from edgec.targets.tvm_packed import CONVERT_MAP
-    from edgec.targets.tvm_schedule import finish_pipeline, schedule_report, scheduled_module
+    from edgec.targets.tvm_schedule import finish_pipeline, fused_module, schedule_fused, schedule_report
 
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
@@ -95,11 +95,12 @@ def build(
         # GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules,
         # applied once: the scheduled module is both reported and compiled.
         if tvm_target.kind.name == "llvm":
+            fused = fused_module(mod, tvm_target)
             chosen = None
             if tuning is not None:
-                chosen, tuning_record = _tune(mod, entry.name, tuning, target, tvm_target, progress)
+                chosen, tuning_record = _tune(fused, entry.name, tuning, target, tvm_target, progress)
                 record.setdefault("tuning", {})[entry.name] = tuning_record
-            scheduled = scheduled_module(mod, tvm_target, chosen)
+            scheduled = schedule_fused(fused, tvm_target, chosen)
             record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
             record.setdefault("float_tensor_shapes", {})[entry.name] = float_tensor_shapes(scheduled)
             executable = tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
@@ -151,9 +152,8 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     return main_only, transformed, "pre-transformed at compile time"
 
 
-def _tune(mod: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
-    """The schedule pass's work for one entry (see targets/tvm_tuning.py)."""
-    from edgec.targets.tvm_schedule import fused_module
+def _tune(fused: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """The schedule pass's work for one entry of a fused module (see targets/tvm_tuning.py)."""
     from edgec.targets.tvm_tuning import not_tuned, tune
 
     if not target.runs_here:
@@ -162,7 +162,7 @@ def _tune(mod: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target
             "is not wired into tuning yet, and the emulated device's timings are not ARM performance); templates used"
         )
     rows = 1 if entry == "decode" else options.prefill_rows
-    chosen, record = tune(fused_module(mod, tvm_target), tvm_target, rows, options.trials, progress)
+    chosen, record = tune(fused, tvm_target, rows, options.trials, progress)
     return chosen, {"tuned": True, **record}
 
 

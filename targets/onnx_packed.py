@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-from edgec.packing import PLANE_WIDTHS
+from edgec.packing import PLANE_WIDTHS, planes_of
 
 MATMUL_NBITS_BITS = (2, 4, 8)
 
@@ -112,14 +112,14 @@ def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias
         else:
             out = MATMUL_NBITS(x, packed, scale, _packed_zero_points(zeros, rows, blocks, bits), **attributes)
     else:
-        planes = [plane0] if plane1 is None else [plane0, plane1]
+        planes = planes_of(plane0, plane1)
         weight = _decode(planes, scales, zeros, bits, group, x)
         out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     return out if bias is None else op.Add(out, op.CastLike(bias, x))
 
 
 def qembedding_onnx(ids: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bits: int, group: int) -> Any:
-    planes = [op.Gather(plane, ids, axis=0) for plane in ([plane0] if plane1 is None else [plane0, plane1])]
+    planes = [op.Gather(plane, ids, axis=0) for plane in planes_of(plane0, plane1)]
     rows_zeros = None if zeros is None else op.Gather(zeros, ids, axis=0)
     like = op.Constant(value=numpy_helper.from_array(np.zeros((), dtype=np.float32)))
     return _decode(planes, op.Gather(scales, ids, axis=0), rows_zeros, bits, group, like)

@@ -18,7 +18,7 @@ from typing import Any
 
 from tvm import relax, te, tirx
 
-from edgec.packing import PLANE_WIDTHS
+from edgec.packing import PLANE_WIDTHS, planes_of
 
 
 def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
@@ -57,7 +57,7 @@ def qlinear_te(
     bits: int,
     group: int,
 ) -> te.Tensor:
-    planes = [plane0] if plane1 is None else [plane0, plane1]
+    planes = planes_of(plane0, plane1)
     rows = plane0.shape[1]
     cols = x.shape[-1]
     dtype = x.dtype
@@ -87,7 +87,7 @@ def qembedding_te(
     bits: int,
     group: int,
 ) -> te.Tensor:
-    planes = [plane0] if plane1 is None else [plane0, plane1]
+    planes = planes_of(plane0, plane1)
     hidden = plane0.shape[0] * (8 // PLANE_WIDTHS[bits][0])
 
     def _row(*index: Any) -> Any:

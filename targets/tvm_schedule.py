@@ -60,6 +60,7 @@ __all__ = [
     "cpu_pipeline",
     "finish_pipeline",
     "fused_module",
+    "schedule_fused",
     "loop_kinds",
     "schedule_cpu_funcs",
     "schedule_prim_func",
@@ -698,7 +699,7 @@ def schedule_cpu_funcs(target: Target, chosen: dict[str, CpuScheduleConfig] | No
 
 
 def _split_default_pipeline(
-    target: Target, chosen: dict[str, CpuScheduleConfig] | None = None
+    target: Target,
 ) -> tuple[list[tvm.transform.Pass], list[tvm.transform.Pass]]:
     """TVM's default llvm pipeline, split right after RewriteDataflowReshape.
 
@@ -712,7 +713,7 @@ def _split_default_pipeline(
         *cpu_generic.library_dispatch_passes(target),
         *cpu_generic.legalize_passes(target),
         *lower[:cut],
-        schedule_cpu_funcs(target, chosen),
+        schedule_cpu_funcs(target),
     ]
     tail = [*lower[cut:], *cpu_generic.finalize_passes(target)]
     return head, tail
@@ -753,11 +754,15 @@ def fused_module(mod: IRModule, target: Target) -> IRModule:
         return tvm.transform.Sequential(head[:-1])(mod)
 
 
-def scheduled_module(mod: IRModule, target: Target, chosen: dict[str, CpuScheduleConfig] | None = None) -> IRModule:
+def scheduled_module(mod: IRModule, target: Target) -> IRModule:
     """``cpu_pipeline`` up to and including scheduling (for reports and tests)."""
-    head, _ = _split_default_pipeline(target, chosen)
+    return schedule_fused(fused_module(mod, target), target)
+
+
+def schedule_fused(fused: IRModule, target: Target, chosen: dict[str, CpuScheduleConfig] | None = None) -> IRModule:
+    """Schedule a ``fused_module`` (so tuning and the build share one fusion run)."""
     with target:
-        return tvm.transform.Sequential(head)(mod)
+        return schedule_cpu_funcs(target, chosen)(fused)
 
 
 # ---------------------------------------------------------------------------- reports

@@ -30,7 +30,7 @@ from tvm import tirx
 from tvm.ir import IRModule
 from tvm.target import Target
 
-from edgec.cache import _locked, cache_root
+from edgec.cache import cache_root, locked
 from edgec.targets.tvm_schedule import CpuScheduleConfig, schedule_prim_func, workload_key
 
 DATABASE_VERSION = 1
@@ -143,7 +143,7 @@ class TuningDatabase:
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Merge with what other compiles wrote meanwhile, then replace the file atomically."""
-        with _locked(self.path.parent / f".{self.key}.lock"):
+        with locked(self.path.parent / f".{self.key}.lock"):
             current = json.loads(self.path.read_text()).get("records", {}) if self.path.is_file() else {}
             current[key] = record
             self.records = current

@@ -66,12 +66,16 @@ def test_wanda_and_sparsegpt_masks_have_the_requested_pattern() -> None:
         assert int(dead.sum()) == 16 and bool((pruned[:, ~dead] != 0).all())
 
 
+def correlated_inputs(generator: torch.Generator) -> torch.Tensor:
+    """512 inputs of width 128, correlated as activations are: rank 16 plus noise."""
+    x = torch.randn(512, 16, generator=generator) @ torch.randn(16, 128, generator=generator)
+    return x + 0.1 * torch.randn(512, 128, generator=generator)
+
+
 def test_sparsegpt_reconstruction_loses_less_output_than_wanda() -> None:
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(32, 128, generator=generator)
-    # Correlated inputs (as activations are): rank 16 plus noise.
-    x = torch.randn(512, 16, generator=generator) @ torch.randn(16, 128, generator=generator)
-    x = x + 0.1 * torch.randn(512, 128, generator=generator)
+    x = correlated_inputs(generator)
     dense = x @ weight.T
     errors = {}
     for name, pruned in (
@@ -170,8 +174,7 @@ def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Pa
 def test_gptq_rounds_onto_its_grid_with_less_output_error_than_round_to_nearest() -> None:
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(32, 128, generator=generator)
-    x = torch.randn(512, 16, generator=generator) @ torch.randn(16, 128, generator=generator)
-    x = x + 0.1 * torch.randn(512, 128, generator=generator)
+    x = correlated_inputs(generator)
     dense = x @ weight.T
     result = obs_compress(weight, x.T @ x, 0.0, "unstructured", GroupQuant(3, 32, symmetric=False))
     assert result.params is not None and not bool(result.pruned.any())
