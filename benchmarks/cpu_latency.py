@@ -55,15 +55,14 @@ def runtime_timings(runtime: Any, prompt: list[int], new_tokens: int, runs: int)
     prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
     decode_s: list[float] = []
 
-    def prefill(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logits, k, v = runtime.run("prefill", [x])
-        return logits, k, v
+    def prefill(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(runtime.run("prefill", [x]))
 
-    def decode(x: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(x: np.ndarray, *cache: np.ndarray) -> tuple[np.ndarray, ...]:
         start = time.perf_counter()
-        logits, k2, v2 = runtime.run("decode", [x, k, v])
+        outputs = runtime.run("decode", [x, *cache])
         decode_s.append(time.perf_counter() - start)
-        return logits, k2, v2
+        return tuple(outputs)
 
     tokens: list[int] = []
     rates = []

@@ -50,6 +50,8 @@ device_app = typer.Typer(
 )
 app.add_typer(cache_app, name="cache")
 app.add_typer(device_app, name="device")
+analyze_app = typer.Typer(help="Look inside a model before compiling it.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -177,6 +179,21 @@ def compile_command(
         layers = entry["record"].get("layers")
         if entry["name"] == "luc" and layers:
             _print_layer_table(entry["record"])
+        if entry["name"] == "act":
+            _print_act_record(entry["record"])
+
+
+def _print_act_record(record: dict[str, Any]) -> None:
+    """The act heads per layer, and what the search measured when there was one."""
+    rule = record["rule"]
+    heads = "; ".join(f"layer {row['layer']}: {', '.join(map(str, row['heads']))}" for row in record["table"]) or "none"
+    out.print(f"act  {record['calibrated_heads']} heads (beta {rule['beta']}, {rule['threshold_mode']} {rule['threshold']}, "
+              f"stat {rule['stat']}, phases {'+'.join(record['phases'])}): {heads}")
+    search = record.get("search")
+    if search:
+        out.print(f"act search ({search['source']}): {search['candidates']} of {search['heads_with_hidden_sinks']} heads with "
+                  f"hidden sinks tried on {', '.join(search['tasks'])} (seed {search['seed']}); calibration accuracy "
+                  f"{search['baseline']['accuracy']:.3f} -> {search['calibrated']['accuracy']:.3f}")
 
 
 def _print_layer_table(record: dict[str, Any]) -> None:
@@ -416,19 +433,28 @@ def _print_manifest(manifest: dict[str, Any]) -> None:
 @_user_errors
 def eval_command(
     model: str = typer.Argument(..., metavar="MODEL|ARTIFACT", help="a model (as for compile) or an artifact directory"),
-    task: str = typer.Option("ppl", "--task", help="evaluation task (ppl: perplexity and bits per byte)"),
-    data: str = typer.Option("held-out", "--data", help="'held-out' (built-in split) or a UTF-8 .txt file"),
-    tokens: int = typer.Option(32768, "--tokens", min=2, help="tokens to score"),
-    window: int = typer.Option(256, "--window", min=8, help="tokens per scored window"),
+    task: str = typer.Option(
+        "ppl", "--task", help="ppl (perplexity and bits per byte), or a labelled task: wordnet, shakespeare (test-split accuracy)"
+    ),
+    data: str = typer.Option("held-out", "--data", help="ppl: 'held-out' (built-in split) or a UTF-8 .txt file"),
+    tokens: int = typer.Option(32768, "--tokens", min=2, help="ppl: tokens to score"),
+    window: int = typer.Option(256, "--window", min=8, help="ppl: tokens per scored window"),
+    seed: int = typer.Option(0, "--seed", help="labelled tasks: seed of the calibration/test split"),
+    samples: int = typer.Option(120, "--samples", min=4, help="labelled tasks: test prompts (balanced over the labels)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Perplexity of a model (torch) or a compiled artifact (its runtime) on held-out or your text."""
+    """Perplexity, or accuracy on a labelled task's test split, of a model (torch) or a
+    compiled artifact (its runtime)."""
     from edgec.errors import BadInputError
     from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn, torch_logits_fn
+    from edgec.tasks import TASK_NAMES
 
-    if task != "ppl":
-        raise BadInputError(f"--task {task}: unknown task; available: ppl")
+    if task != "ppl" and task not in TASK_NAMES:
+        raise BadInputError(f"--task {task}: unknown task; available: ppl, {', '.join(TASK_NAMES)}")
     _limit_threads()
+    if task in TASK_NAMES:
+        _eval_task(model, task, seed, samples, as_json)
+        return
     progress = Progress()
     path = Path(model)
     from edgec.artifact import MANIFEST, open_runtime, read_manifest
@@ -466,6 +492,97 @@ def eval_command(
         f"{what}: perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte "
         f"over {result.tokens} tokens ({result.seconds:.1f} s)"
     )
+
+
+def _eval_task(model: str, task: str, seed: int, samples: int, as_json: bool) -> None:
+    from edgec.tasks import build_task, evaluate_task
+
+    progress = Progress()
+    built = build_task(task, seed, 4 * 3, samples)  # calibration size only shapes the split
+    tokenizer, label_logits, what = _task_scorer(model)
+    progress(f"{task} test split (seed {seed}): {len(built.test)} prompts on {what}")
+    result = evaluate_task(label_logits, tokenizer, built.test, built.labels)
+    payload = {"model": model, "task": task, "seed": seed, **result.to_json()}
+    if as_json:
+        _emit_json(payload)
+        return
+    out.print(f"{what}: {task} accuracy {result.accuracy:.3f} over {len(result.predictions)} test prompts (seed {seed}; "
+              f"chance {1 / len(built.labels):.3f})")
+
+
+def _task_scorer(model: str) -> tuple[Any, Any, str]:
+    """(tokenizer, prompts -> last-token logits, description) for a model or an artifact."""
+    from edgec.artifact import MANIFEST, open_runtime, read_manifest
+    from edgec.errors import BadInputError
+    from edgec.tasks import runtime_last_logits, torch_last_logits
+
+    path = Path(model)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        if manifest.get("tokenizer") is None or "lm" not in manifest:
+            raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; labelled tasks need one")
+        from transformers import AutoTokenizer
+
+        from edgec.artifact import tokenizer_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
+        return tokenizer, runtime_last_logits(open_runtime(path, manifest)), f"{model} ({manifest['backend']} artifact)"
+    from edgec.model import load_model
+
+    handle = load_model(model)
+    if handle.module is None or handle.tokenizer is None:
+        raise BadInputError(f"{model}: labelled tasks need a causal LM with a tokenizer")
+    return handle.tokenizer, torch_last_logits(handle.module), f"{model} (torch)"
+
+
+@analyze_app.command("attention")
+@_user_errors
+def analyze_attention_command(
+    model: str = typer.Argument(..., help="a causal LM: Hugging Face directory or zoo:NAME"),
+    data: str = typer.Option("wordnet", "--data", help="prompts: a task's calibration split (wordnet, shakespeare) or a text file, one prompt per line"),
+    samples: int = typer.Option(8, "--samples", min=1, help="prompts to analyse"),
+    seed: int = typer.Option(0, "--seed", help="seed of the task split the prompts come from"),
+    tau: float = typer.Option(0.1, "--tau", min=0.0, help="absolute threshold on a key's mean received attention"),
+    alpha: float = typer.Option(5.0, "--alpha", min=0.0, help="relative threshold: mean received attention > alpha / N"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write attention heat maps (sinks marked) of the heads with most hidden sinks here"),
+    as_json: bool = typer.Option(False, "--json", help="print every (layer, head) with its sinks as JSON"),
+) -> None:
+    """Attention sinks per (layer, head): keys whose mean received attention passes tau or
+    alpha/N on calibration prompts, with position, token and score. "Hidden" sinks are the
+    ones after a row's first: the only ones ACT (the act pass) changes."""
+    from edgec.analyze import analyze_attention, check_attention_model, plot_heatmaps, prompts_from
+    from edgec.model import load_model
+
+    _limit_threads()
+    progress = Progress()
+    handle = load_model(model)
+    check_attention_model(handle)
+    prompts = prompts_from(handle, data, samples, seed)
+    result = analyze_attention(handle, prompts, tau, alpha, progress)
+    written: list[str] = []
+    if plot is not None:
+        tokens = handle.tokenizer.convert_ids_to_tokens(prompts[0].ids) if handle.tokenizer is not None else []
+        written = [str(p) for p in plot_heatmaps(result, tokens, plot)]
+    result.pop("_maps")
+    result["plots"] = written
+    if as_json:
+        _emit_json(result)
+        return
+    summary = result["summary"]
+    out.print(f"{model}: {len(prompts)} prompts ({data}), tau {tau}, alpha {alpha}")
+    out.print(f"sinks {summary['sinks']}: at position 0 {summary['initial_sinks']}, elsewhere {summary['non_initial_sinks']}; "
+              f"hidden (after a row's first) {summary['hidden_sinks']} in {summary['heads_with_hidden_sinks']} of {summary['heads']} heads")
+    table = Table(title="heads with the most hidden sinks", title_justify="left")
+    for column in ("layer", "head", "hidden", "at 0", "elsewhere", "top sink tokens (position: score)"):
+        table.add_column(column, justify="right" if column != "top sink tokens (position: score)" else "left")
+    ranked = sorted(result["heads"], key=lambda row: (-row["hidden"], row["layer"], row["head"]))[:12]
+    for row in ranked:
+        top = sorted((s for s in row["sinks"] if s["position"] != 0), key=lambda s: -s["score"])[:3]
+        table.add_row(str(row["layer"]), str(row["head"]), str(row["hidden"]), str(row["initial"]), str(row["non_initial"]),
+                      ", ".join(f"{s['token']!r} ({s['position']}: {s['score']:.2f})" for s in top))
+    out.print(table)
+    for path in written:
+        out.print(f"plot  {path}")
 
 
 @app.command("passes")

@@ -133,13 +133,14 @@ def compile_model(
             "tokenizer": tokenizer_dir,
         }
         if model.family == FAMILY_CAUSAL_LM:
-            manifest["lm"] = _lm_record(model, recipe)
+            decode_inputs = next(e.input_names for e in entries if e.name == "decode")
+            manifest["lm"] = _lm_record(model, recipe, cache=decode_inputs[1:])
         files = hash_tree(stage)  # the parity run reads these files and writes none
         parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, rtol, target, progress)
         manifest["parity"] = parity.to_json()
         if parity.ok is False:
             raise CheckFailedError(
-                f"parity check failed for {model_spec} on {target.name}/{recipe.backend}: max |diff| "
+                f"parity check failed for {model_spec} on {target.name}/{recipe.backend}: {parity.reason} max |diff| "
                 f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:.3g}; nothing was written "
                 "(report this with `edgec env`)"
             )
@@ -194,7 +195,7 @@ def _to_float16(model: ModelHandle) -> None:
     model.module.half()
 
 
-def _lm_record(model: ModelHandle, recipe: Recipe) -> dict[str, Any]:
+def _lm_record(model: ModelHandle, recipe: Recipe, cache: list[str]) -> dict[str, Any]:
     assert model.module is not None
     config = model.module.config
     limit = int(config.max_position_embeddings)
@@ -206,6 +207,9 @@ def _lm_record(model: ModelHandle, recipe: Recipe) -> dict[str, Any]:
         "bos_token_id": getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else config.bos_token_id,
         "eos_token_id": getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else config.eos_token_id,
         "kv_layout": "[layers, batch, kv_heads, tokens, head_dim], float32",
+        # decode(input_ids, *cache) -> (logits, *cache); prefill(input_ids) -> (logits, *cache)
+        "cache": cache,
+        **({"sink_state_layout": "[calibrated heads, batch, tokens], float32"} if "past_s" in cache else {}),
     }
 
 

@@ -31,18 +31,18 @@ def generate_from_artifact(root: Path, prompt: str, max_new_tokens: int) -> dict
     runtime = open_runtime(root, manifest)
     timings: dict[str, float] = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
 
-    def prefill(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prefill(ids: np.ndarray) -> tuple[np.ndarray, ...]:
         start = time.perf_counter()
-        logits, k, v = runtime.run("prefill", [ids])
+        outputs = runtime.run("prefill", [ids])
         timings["prefill_s"] += time.perf_counter() - start
-        return logits, k, v
+        return tuple(outputs)
 
-    def decode(ids: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(ids: np.ndarray, *cache: np.ndarray) -> tuple[np.ndarray, ...]:
         start = time.perf_counter()
-        logits, k, v = runtime.run("decode", [ids, k, v])
+        outputs = runtime.run("decode", [ids, *cache])
         timings["decode_s"] += time.perf_counter() - start
         timings["decode_steps"] += 1
-        return logits, k, v
+        return tuple(outputs)
 
     tokens = greedy_generate(prefill, decode, prompt_ids, max_new_tokens, lm["max_context"], lm.get("eos_token_id"))
     steps = int(timings["decode_steps"])

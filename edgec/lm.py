@@ -7,6 +7,10 @@ After: two plain tensor functions an application can drive from any runtime:
     prefill(input_ids[B, S])                      -> logits[B, S, V], k[L, B, KV, S, D], v[...]
     decode(input_ids[B, 1], past_k[L, B, KV, P, D], past_v) -> logits[B, 1, V], k[L, B, KV, P+1, D], v[...]
 
+When attention calibration (ACT, `stat: causal`) is applied, the cache carries one more
+tensor, the raw attention column sums of the calibrated heads, s[N, B, P]: prefill
+returns it after v and decode takes it after past_v.
+
 The forward is written out here from the model's own submodules rather than
 by calling the HF layer forward, because (a) passes replace submodules
 (``q_proj`` becomes a quantized linear, attention gets calibrated) and the
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from edgec.sinks import SinkRule, calibrate
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM",)
 # RoPE variants whose inverse frequencies are fixed at load time; "dynamic"
@@ -78,8 +84,57 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_probs(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys; a separate function so attention passes can wrap it."""
     return torch.softmax(scores, dim=-1)
+
+
+class AttentionCalibration(nn.Module):
+    """ACT on some query heads of one layer: installed as ``self_attn.calibration`` by the
+    act pass; the entries apply it to those heads' probabilities (edgec.sinks)."""
+
+    def __init__(self, heads: list[int], num_heads: int, rule: SinkRule) -> None:
+        super().__init__()
+        self.heads = sorted(set(heads))
+        self.num_heads = num_heads
+        self.rule = rule
+
+    @property
+    def carries_state(self) -> bool:
+        return self.rule.stat == "causal"
+
+    def _runs(self) -> list[tuple[int, int, bool]]:
+        """[start, stop) runs of consecutive heads, and whether the run is calibrated: both
+        the pick and the put-back are slices and one concat (no gather in the graph)."""
+        runs: list[tuple[int, int, bool]] = []
+        for head in range(self.num_heads):
+            chosen = head in self.heads
+            if runs and runs[-1][2] == chosen and runs[-1][1] == head:
+                runs[-1] = (runs[-1][0], head + 1, chosen)
+            else:
+                runs.append((head, head + 1, chosen))
+        return runs
+
+    def forward(self, probs: torch.Tensor, past_sums: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        runs = self._runs()
+        chosen = [probs[:, start:stop] for start, stop, calibrated in runs if calibrated]
+        picked = chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=1)
+        calibrated_probs, sums = calibrate(picked, self.rule, past_sums)
+        pieces: list[torch.Tensor] = []
+        offset = 0
+        for start, stop, calibrated in runs:
+            if calibrated:
+                pieces.append(calibrated_probs[:, offset : offset + stop - start])
+                offset += stop - start
+            else:
+                pieces.append(probs[:, start:stop])
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), sums
+
+
+def calibration_of(attn: nn.Module) -> AttentionCalibration | None:
+    found = getattr(attn, "calibration", None)
+    return found if isinstance(found, AttentionCalibration) else None
+
+
+AttentionObserver = Callable[[int, torch.Tensor], None]
 
 
 class CausalLMEntries(nn.Module):
@@ -99,6 +154,16 @@ class CausalLMEntries(nn.Module):
         # The norms' dtype is the compute dtype (float16 after a half cast); the entries'
         # KV and logits stay float32 at the boundary, so applications and parity see one layout.
         self.compute_dtype = model.model.norm.weight.dtype
+        # Offsets of each layer's calibrated heads in the carried column-sum state.
+        self.state_offsets: dict[int, int] = {}
+        self.state_heads = 0
+        for index, layer in enumerate(model.model.layers):
+            calibration = calibration_of(layer.self_attn)
+            if calibration is not None and calibration.carries_state:
+                self.state_offsets[index] = self.state_heads
+                self.state_heads += len(calibration.heads)
+        # Analysis hook: called with (layer, raw probabilities [B, H, Tq, Tk]) when set.
+        self.observer: AttentionObserver | None = None
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -114,8 +179,9 @@ class CausalLMEntries(nn.Module):
         sin: torch.Tensor,
         past_k: torch.Tensor | None,
         past_v: torch.Tensor | None,
+        past_sums: torch.Tensor | None,
         causal_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         batch, seq, _ = x.shape
         q = attn.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -135,66 +201,111 @@ class CausalLMEntries(nn.Module):
         scores = torch.matmul(q, k_full.transpose(2, 3)) / math.sqrt(self.head_dim)
         if causal_mask is not None:
             scores = scores + causal_mask
-        probs = self.attend(layer_index, scores)
+        probs = attention_probs(scores)
+        if self.observer is not None:
+            self.observer(layer_index, probs)
+        sums: torch.Tensor | None = None
+        calibration = calibration_of(attn)
+        # The paper's statistic needs every query of the sequence: prefill only.
+        if calibration is not None and (calibration.carries_state or past_k is None):
+            probs, sums = calibration(probs, past_sums)
         out = torch.matmul(probs, v_full).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return attn.o_proj(out), k, v
+        return attn.o_proj(out), k, v, sums if calibration is not None and calibration.carries_state else None
 
-    def attend(self, layer_index: int, scores: torch.Tensor) -> torch.Tensor:
-        """Scores -> probabilities; attention-calibration passes override this per layer."""
-        del layer_index
-        return attention_probs(scores)
+    def _positions(self, seq: int, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE tables for the new positions, and the causal mask when there is no cache."""
+        dtype = self.compute_dtype
+        positions = torch.arange(seq, dtype=torch.int64) + past
+        cos, sin = self._rope(positions)
+        causal_mask: torch.Tensor | None = None
+        if past == 0:
+            rows = torch.arange(seq, dtype=torch.int64)
+            # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
+            causal_mask = (rows[None, :] > rows[:, None]).to(dtype) * (-1e9 if dtype == torch.float32 else -3e4)
+        return cos, sin, causal_mask
+
+    def _layer(
+        self,
+        index: int,
+        h: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        past_k: torch.Tensor | None = None,
+        past_v: torch.Tensor | None = None,
+        past_s: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        layer = self.model.model.layers[index]
+        cos, sin, causal_mask = tables
+        layer_s = None
+        offset = self.state_offsets.get(index)
+        if offset is not None and past_s is not None:
+            calibration = calibration_of(layer.self_attn)
+            assert calibration is not None
+            layer_s = past_s[offset : offset + len(calibration.heads)].transpose(0, 1).to(h.dtype)
+        attn_out, k, v, sums = self._attention(
+            index, layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, past_k, past_v, layer_s, causal_mask
+        )
+        h = h + attn_out
+        h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+        return h, k, v, sums
 
     def _run(
         self,
         input_ids: torch.Tensor,
         past_k: torch.Tensor | None,
         past_v: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        past_s: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
         inner = self.model.model
         dtype = self.compute_dtype
         if past_k is not None and past_v is not None and dtype != torch.float32:
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
-        seq = input_ids.shape[1]
-        past = 0 if past_k is None else past_k.shape[3]
-        positions = torch.arange(seq, dtype=torch.int64) + past
-        cos, sin = self._rope(positions)
-        causal_mask: torch.Tensor | None = None
-        if past_k is None:
-            rows = torch.arange(seq, dtype=torch.int64)
-            # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
-            causal_mask = (rows[None, :] > rows[:, None]).to(dtype) * (-1e9 if dtype == torch.float32 else -3e4)
+        tables = self._positions(input_ids.shape[1], 0 if past_k is None else past_k.shape[3])
         h = inner.embed_tokens(input_ids)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
-        for index, layer in enumerate(inner.layers):
+        new_s: list[torch.Tensor] = []
+        for index in range(len(inner.layers)):
             layer_k = None if past_k is None else past_k[index]
             layer_v = None if past_v is None else past_v[index]
-            attn_out, k, v = self._attention(
-                index,
-                layer.self_attn,
-                _rms_norm(layer.input_layernorm, h),
-                cos,
-                sin,
-                layer_k,
-                layer_v,
-                causal_mask,
-            )
-            h = h + attn_out
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+            h, k, v, sums = self._layer(index, h, tables, layer_k, layer_v, past_s)
             new_k.append(k)
             new_v.append(v)
+            if sums is not None:
+                new_s.append(sums.transpose(0, 1))
         logits = self.model.lm_head(_rms_norm(inner.norm, h))
-        if dtype != torch.float32:
-            return logits.float(), torch.stack(new_k).float(), torch.stack(new_v).float()
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        outputs = [logits, torch.stack(new_k), torch.stack(new_v)]
+        if new_s:
+            outputs.append(torch.cat(new_s, dim=0))
+        return tuple(t.float() for t in outputs) if dtype != torch.float32 else tuple(outputs)
 
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._run(input_ids, None, None)
+    def layer_inputs(self, input_ids: torch.Tensor, layers: int) -> list[torch.Tensor]:
+        """Hidden states entering layers 0..layers-1 (prefill): searches that change one
+        layer restart from its input instead of re-running the layers before it."""
+        tables = self._positions(input_ids.shape[1], 0)
+        h = self.model.model.embed_tokens(input_ids)
+        states = [h]
+        for index in range(layers - 1):
+            h = self._layer(index, h, tables)[0]
+            states.append(h)
+        return states
+
+    def final_hidden(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Run layers start..L-1 on their input `h` (prefill) and the final norm."""
+        tables = self._positions(h.shape[1], 0)
+        for index in range(start, len(self.model.model.layers)):
+            h = self._layer(index, h, tables)[0]
+        return _rms_norm(self.model.model.norm, h)
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """logits, k, v (and s when calibrated heads carry state)."""
+        return self._run(input_ids, None, None, None)
 
     def decode(
-        self, input_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._run(input_ids, past_k, past_v)
+        self, input_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, past_s: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        if (past_s is None) != (self.state_heads == 0):
+            raise ValueError(f"decode takes past_s exactly when calibrated heads carry state ({self.state_heads} here)")
+        return self._run(input_ids, past_k, past_v, past_s)
 
 
 class PrefillEntry(nn.Module):
@@ -202,7 +313,7 @@ class PrefillEntry(nn.Module):
         super().__init__()
         self.entries = entries
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.entries.prefill(input_ids)
 
 
@@ -212,13 +323,14 @@ class DecodeEntry(nn.Module):
         self.entries = entries
 
     def forward(
-        self, input_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.entries.decode(input_ids, past_k, past_v)
+        self, input_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, past_s: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        return self.entries.decode(input_ids, past_k, past_v, past_s)
 
 
-PrefillFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
-DecodeFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# Runtime-agnostic steps: prefill(ids) -> (logits, *cache); decode(ids, *cache) -> (logits, *cache).
+PrefillFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+DecodeFn = Callable[..., tuple[np.ndarray, ...]]
 
 
 def greedy_generate(
@@ -231,7 +343,7 @@ def greedy_generate(
 ) -> list[int]:
     """Greedy decoding over any runtime's prefill/decode callables (numpy in, numpy out)."""
     ids = np.asarray([prompt_ids], dtype=np.int64)
-    logits, k, v = step_prefill(ids)
+    logits, *cache = step_prefill(ids)
     generated: list[int] = []
     length = len(prompt_ids)
     while len(generated) < max_new_tokens and length < max_context:
@@ -239,7 +351,7 @@ def greedy_generate(
         generated.append(token)
         if eos_token_id is not None and token == eos_token_id:
             break
-        logits, k, v = step_decode(np.asarray([[token]], dtype=np.int64), k, v)
+        logits, *cache = step_decode(np.asarray([[token]], dtype=np.int64), *cache)
         length += 1
     return generated
 

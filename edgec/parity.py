@@ -44,7 +44,7 @@ def reference_io(model: ModelHandle, entries: list[ExportedEntry], prompt_len: i
             prefill_out = by_name["prefill"].module(prompt[:, :-1])
             io["prefill.in"] = [prompt[:, :-1].numpy()]
             io["prefill.out"] = [t.numpy() for t in prefill_out]
-            decode_in = (prompt[:, -1:], prefill_out[1], prefill_out[2])
+            decode_in = (prompt[:, -1:], *prefill_out[1:])
             io["decode.in"] = [t.numpy() for t in decode_in]
             io["decode.out"] = [t.numpy() for t in by_name["decode"].module(*decode_in)]
         else:
@@ -128,10 +128,15 @@ def compare(
                 decisive = (top2[..., 1] - top2[..., 0]) > tolerance
                 mismatches = int(((want.argmax(-1) != got.argmax(-1)) & decisive).sum())
             results.append(OutputParity(entry, name, diff, tolerance, mismatches))
-    ok = all(r.max_abs_diff <= r.tolerance and r.argmax_mismatches == 0 for r in results)
-    logits = [r for r in results if r.output == "logits"] or results
-    worst = max(logits, key=lambda r: r.max_abs_diff / r.tolerance if r.tolerance else float("inf"))
-    return ParityResult(ok, worst.max_abs_diff, worst.tolerance, rtol, "", results)
+    failing = [r for r in results if r.max_abs_diff > r.tolerance or r.argmax_mismatches]
+    # The summary names the worst failing output, else the worst logits.
+    pool = failing or [r for r in results if r.output == "logits"] or results
+    worst = max(pool, key=lambda r: r.max_abs_diff / r.tolerance if r.tolerance else float("inf"))
+    reason = ""
+    if failing:
+        shape = " (shape differs)" if worst.max_abs_diff == float("inf") else ""
+        reason = f"{worst.entry}.{worst.output}{shape}"
+    return ParityResult(not failing, worst.max_abs_diff, worst.tolerance, rtol, reason, results)
 
 
 def run_reference(runtime: Any, reference: dict[str, list[np.ndarray]], entries: list[str]) -> dict[str, list[np.ndarray]]:

@@ -137,9 +137,14 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
         return
     for spec in data.get("passes", []) or []:
         if isinstance(spec, dict) and spec.get("name") == parts[0]:
-            if len(parts) != 2:
-                raise BadInputError(f"--set {key}: pass options are set as PASS.option=value")
-            spec.setdefault("options", {})[parts[1]] = value
+            if len(parts) < 2:
+                raise BadInputError(f"--set {key}: pass options are set as PASS.option=value (or PASS.section.option=value)")
+            options = spec.setdefault("options", {})
+            for part in parts[1:-1]:
+                options = options.setdefault(part, {})
+                if not isinstance(options, dict):
+                    raise BadInputError(f"--set {key}: '{part}' is not a section of {parts[0]}'s options")
+            options[parts[-1]] = value
             return
     fields = ", ".join(Recipe.model_fields)
     raise BadInputError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from edgec.passes.act import Act
 from edgec.passes.luc import Luc
 from edgec.passes.quantize_weights_int8 import QuantizeWeightsInt8
 from edgec.passes.schedule import Schedule
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[Pass]] = {
     QuantizeWeightsInt8.name: QuantizeWeightsInt8,
     Luc.name: Luc,
     Schedule.name: Schedule,
+    Act.name: Act,
 }
 
 

@@ -18,6 +18,8 @@ from edgec.model import FAMILY_CAUSAL_LM, FAMILY_EXPORTED, FAMILY_ONNX, ModelHan
 
 PREFILL_IO = (["input_ids"], ["logits", "present_k", "present_v"])
 DECODE_IO = (["input_ids", "past_k", "past_v"], ["logits", "present_k", "present_v"])
+# Calibrated attention heads (act, stat: causal) carry their column sums as one more cache tensor.
+STATE_INPUT, STATE_OUTPUT = "past_s", "present_s"
 
 
 @dataclass
@@ -100,14 +102,22 @@ def _export_causal_lm(model: ModelHandle) -> list[ExportedEntry]:
     # Batch 2 / length 8: size-1 example dims would be specialised to 1 by torch.export.
     ids = torch.randint(0, vocab, (2, 8), generator=generator)
     with torch.no_grad():
-        _, k, v = entries.prefill(ids[:, :7])
+        _, *cache = entries.prefill(ids[:, :7])
     dynamic = torch.export.Dim.DYNAMIC
     prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
     decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, {1: dynamic, 3: dynamic}, {1: dynamic, 3: dynamic})
+    prefill_io = (list(PREFILL_IO[0]), list(PREFILL_IO[1]))
+    decode_io = (list(DECODE_IO[0]), list(DECODE_IO[1]))
+    if entries.state_heads:
+        decode_shapes = (*decode_shapes, {1: dynamic, 2: dynamic})
+        prefill_io[1].append(STATE_OUTPUT)
+        decode_io[0].append(STATE_INPUT)
+        decode_io[1].append(STATE_OUTPUT)
+    decode_example = (ids[:, 7:8], *cache)
     with torch.no_grad():
         prefill_ep = torch.export.export(prefill, (ids,), dynamic_shapes=prefill_shapes)
-        decode_ep = torch.export.export(decode, (ids[:, 7:8], k, v), dynamic_shapes=decode_shapes)
+        decode_ep = torch.export.export(decode, decode_example, dynamic_shapes=decode_shapes)
     return [
-        ExportedEntry("prefill", prefill_ep, prefill, (ids,), prefill_shapes, *map(list, PREFILL_IO)),
-        ExportedEntry("decode", decode_ep, decode, (ids[:, 7:8], k, v), decode_shapes, *map(list, DECODE_IO)),
+        ExportedEntry("prefill", prefill_ep, prefill, (ids,), prefill_shapes, *prefill_io),
+        ExportedEntry("decode", decode_ep, decode, decode_example, decode_shapes, *decode_io),
     ]

@@ -58,6 +58,48 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# Token ids that every head of layer 0 attends to from any query: planted attention sinks.
+SINK_TOKEN = 7
+SINK_POSITIONS = (3, 9)
+
+
+def make_planted_sink_llama() -> torch.nn.Module:
+    """The tiny Llama with attention sinks planted in layer 0: every token's embedding has
+    a constant channel that each query head reads, and SINK_TOKEN's has a channel each
+    key head maps onto the same direction, in the lowest-frequency RoPE pair so position
+    barely rotates it. Wherever SINK_TOKEN sits, every query attends to it."""
+    model = make_tiny_llama(seed=1)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    slow_dim = head_dim // 2 - 1  # RoPE pairs (i, i + head_dim/2); the last i turns slowest
+    constant, marker = 0, 1
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, constant] = 1.0
+        embed[SINK_TOKEN, marker] = 1.0
+        attn = model.model.layers[0].self_attn
+        for head in range(config.num_attention_heads):
+            attn.q_proj.weight[head * head_dim + slow_dim, constant] = 0.45
+        for group in range(config.num_key_value_heads):
+            attn.k_proj.weight[group * head_dim + slow_dim, marker] = 0.45
+    return model
+
+
+def planted_prompt(length: int = 14) -> list[int]:
+    """Token ids with SINK_TOKEN at SINK_POSITIONS and nowhere else."""
+    ids = [(11 * i + 20) % 120 + 8 for i in range(length)]
+    for position in SINK_POSITIONS:
+        ids[position] = SINK_TOKEN
+    return ids
+
+
+@pytest.fixture(scope="session")
+def planted_sink_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "planted-sinks"
+    make_planted_sink_llama().save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Tests share one cache (the converted SmolLM2 is 541 MB): the user's, unless CI says otherwise.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
