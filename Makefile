@@ -9,9 +9,9 @@ EDGEC     := $(VENV)/bin/edgec
 LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 STAMP     := $(VENV)/.installed-$(LOCK_HASH)
 # python3.11-venv: the venv; g++: TVM links host libraries with it; python3.11-doc:
-# training/evaluation text; then arm64 cross builds and emulation; openssh: the
+# training/evaluation text; wordnet-base: the act head-search task; then arm64 cross builds and emulation; openssh: the
 # ssh:// device is tested against a real sshd on localhost.
-APT_PACKAGES := python3.11-venv g++ python3.11-doc gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
+APT_PACKAGES := python3.11-venv g++ python3.11-doc wordnet-base gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
                 libc6-dev-arm64-cross qemu-user-static mmdebstrap file openssh-server openssh-client
 BINFMT    := /proc/sys/fs/binfmt_misc
 DEMO_PORT := 9091

@@ -4,7 +4,7 @@ Runs the model (edgec's own attention, so what is measured is what gets compiled
 calibration prompts, and for every (layer, head, prompt) lists the keys whose mean
 received attention -- over the queries that see them -- passes either threshold form:
 ``absolute`` (score > tau, the ACT code) and ``alpha`` (score > alpha / N, the paper).
-Heat maps of a few heads' attention, with the sinks marked, go to --plot DIR.
+Heat maps of a few heads' attention, with the sinks marked, go to --plot DIR (the heads whose hidden sinks receive the most attention in total).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ class Prompt:
 def prompts_from(model: ModelHandle, data: str, samples: int, seed: int) -> list[Prompt]:
     """Calibration prompts: a task's (wordnet, shakespeare) or the lines of a text file."""
     from edgec.data import read_user_text
-    from edgec.tasks import TASK_NAMES, build_task
+    from edgec.tasks import TASK_NAMES, calibration_prompts
 
     if model.tokenizer is None:
         raise BadInputError(f"{model.name} has no tokenizer; attention analysis needs text prompts")
     if data in TASK_NAMES:
-        texts = [e.prompt for e in build_task(data, seed, samples, 0).calibration]
+        texts = calibration_prompts(data, seed, samples)
     else:
-        lines = read_user_text(Path(data), "--data", f"a task name ({', '.join(TASK_NAMES)}) or a text file of prompts").splitlines()
+        lines = read_user_text(Path(data), f"--data {data}", f"a task name ({', '.join(TASK_NAMES)})").splitlines()
         texts = [line for line in lines if line.strip()][:samples]
         if not texts:
             raise BadInputError(f"--data {data} has no non-empty lines; give one prompt per line")
@@ -100,6 +100,7 @@ def analyze_attention(
                             "position": int(position),
                             "token": tokens[position],
                             "score": round(float(score[head, position]), 4),
+                            "seen_by": int(seen_by[position]),
                             "absolute": bool(by_tau[head, position]),
                             "alpha": bool(by_alpha[head, position]),
                         }
@@ -147,6 +148,12 @@ def _first_per_prompt(sinks: list[dict[str, Any]]) -> set[tuple[int, int]]:
     return {(prompt, position) for prompt, position in first.items()}
 
 
+def hidden_mass(row: dict[str, Any]) -> float:
+    """Total attention the head's hidden sinks receive over all prompts."""
+    firsts = _first_per_prompt(row["sinks"])
+    return sum(s["score"] * s["seen_by"] for s in row["sinks"] if (s["prompt"], s["position"]) not in firsts)
+
+
 def hidden_sink_heads(result: dict[str, Any]) -> list[tuple[int, int]]:
     """(layer, head) pairs with a sink other than the first on some prompt: the only heads
     where ACT with keep_first changes anything."""
@@ -154,12 +161,14 @@ def hidden_sink_heads(result: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def plot_heatmaps(result: dict[str, Any], tokens: list[str], out_dir: Path, count: int = 6) -> list[Path]:
-    """Heat maps of the first prompt's attention for the heads with the most hidden sinks."""
+    """Heat maps of the first prompt's attention for the heads whose hidden sinks receive the
+    most attention in total (score x queries that see them): a key near the end that two
+    queries attend to passes the threshold too, but is not what the plots are for."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
 
     maps: list[torch.Tensor] = result["_maps"]
-    ranked = sorted(result["heads"], key=lambda row: (-row["hidden"], -row["non_initial"], row["layer"], row["head"]))[:count]
+    ranked = sorted(result["heads"], key=lambda row: (-hidden_mass(row), row["layer"], row["head"]))[:count]
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for row in ranked:

@@ -550,7 +550,7 @@ def analyze_attention_command(
     """Attention sinks per (layer, head): keys whose mean received attention passes tau or
     alpha/N on calibration prompts, with position, token and score. "Hidden" sinks are the
     ones after a row's first: the only ones ACT (the act pass) changes."""
-    from edgec.analyze import analyze_attention, check_attention_model, plot_heatmaps, prompts_from
+    from edgec.analyze import analyze_attention, check_attention_model, hidden_mass, plot_heatmaps, prompts_from
     from edgec.model import load_model
 
     _limit_threads()
@@ -572,12 +572,12 @@ def analyze_attention_command(
     out.print(f"{model}: {len(prompts)} prompts ({data}), tau {tau}, alpha {alpha}")
     out.print(f"sinks {summary['sinks']}: at position 0 {summary['initial_sinks']}, elsewhere {summary['non_initial_sinks']}; "
               f"hidden (after a row's first) {summary['hidden_sinks']} in {summary['heads_with_hidden_sinks']} of {summary['heads']} heads")
-    table = Table(title="heads with the most hidden sinks", title_justify="left")
+    table = Table(title="heads whose hidden sinks receive the most attention", title_justify="left")
     for column in ("layer", "head", "hidden", "at 0", "elsewhere", "top sink tokens (position: score)"):
         table.add_column(column, justify="right" if column != "top sink tokens (position: score)" else "left")
-    ranked = sorted(result["heads"], key=lambda row: (-row["hidden"], row["layer"], row["head"]))[:12]
+    ranked = sorted(result["heads"], key=lambda row: (-hidden_mass(row), row["layer"], row["head"]))[:12]
     for row in ranked:
-        top = sorted((s for s in row["sinks"] if s["position"] != 0), key=lambda s: -s["score"])[:3]
+        top = sorted((s for s in row["sinks"] if s["position"] != 0), key=lambda s: -s["score"] * s["seen_by"])[:3]
         table.add_row(str(row["layer"]), str(row["head"]), str(row["hidden"]), str(row["initial"]), str(row["non_initial"]),
                       ", ".join(f"{s['token']!r} ({s['position']}: {s['score']:.2f})" for s in top))
     out.print(table)

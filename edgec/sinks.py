@@ -67,18 +67,31 @@ def sink_scores(
     """(score of each key as each query sees it [B, H, Tq, Tk], column sums after this call [B, H, Tk]).
 
     `past_sums` [B, H, past] are the raw column sums of the queries before this call
-    (``causal`` only; ``paper`` has no state)."""
-    query_pos, key_pos, _ = _positions(probs)
-    if stat == "paper":
-        sums = probs.sum(dim=-2, keepdim=True)
-        # How many of this call's queries see key j: all of them for past keys, fewer later.
-        first_query, last_query = query_pos.min(dim=0, keepdim=True).values, query_pos.max(dim=0, keepdim=True).values
-        seen_by = (last_query - torch.maximum(key_pos, first_query) + 1).to(probs.dtype)
-        return sums / torch.maximum(seen_by, _one(probs)), sums[..., 0, :]
-    running = torch.cumsum(probs, dim=-2)
-    # The state out is a plain sum, not running[..., -1, :]: TVM mis-reads a negative index
-    # on a dynamic axis (measured: garbage), and the sum is the same numbers.
+    (``causal`` only; ``paper`` has no state).
+
+    Written without cumsum or max over positions: TVM's CUDA build of a scan over a
+    dynamic axis fails (divide by zero in its scheduler), and its max over a symbolic
+    arange does not build either; a triangular matmul and sums over masks lower
+    everywhere."""
+    query_pos, key_pos, visible = _positions(probs)
+    visible_f = visible.to(probs.dtype)
+    # The state out is a plain sum: TVM mis-reads a negative index on a dynamic axis
+    # (measured: garbage), so nothing here selects "the last row".
     sums = probs.sum(dim=-2)
+    if stat == "paper":
+        # How many of this call's queries see key j: all of them for past keys, fewer later.
+        seen_by = visible_f.sum(dim=0, keepdim=True)
+        return sums[..., None, :] / torch.maximum(seen_by, _one(probs)), sums
+    # running[i, j] = sum of probs[i', j] over the queries i' <= i of this call.
+    queries = probs.shape[-2]
+    if isinstance(queries, int) and queries == 1:
+        # A decode step (a static single query): nothing to accumulate, and a matmul with a
+        # reduction of extent 1 trips TVM's GPU GEMV schedule.
+        running = probs
+    else:
+        rows = torch.arange(queries, dtype=torch.int64)
+        earlier = (rows[None, :] <= rows[:, None]).to(probs.dtype)
+        running = torch.matmul(earlier, probs)
     if past_sums is not None:
         # The new keys have no past sums: extend with zeros shaped [B, H, Tq] (a concat, not a
         # pad by a symbolic amount, which TVM's importer cannot take).
@@ -92,11 +105,14 @@ def sink_scores(
 def find_sinks(probs: torch.Tensor, rule: SinkRule, past_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sink mask [B, H, Tq, Tk] over the keys each query sees, column sums for the cache)."""
     scores, sums = sink_scores(probs, rule.stat, past_sums)
-    query_pos, _, visible = _positions(probs)
+    query_pos, key_pos, visible = _positions(probs)
     if rule.threshold_mode == "alpha":
         # N: the keys the query sees (causal), or all keys of the pass (paper).
-        seen = (query_pos.max(dim=0, keepdim=True).values if rule.stat == "paper" else query_pos) + 1
-        sinks = scores * seen.to(probs.dtype) > rule.threshold
+        if rule.stat == "paper":
+            seen = (key_pos >= 0).to(probs.dtype).sum(dim=-1, keepdim=True)
+        else:
+            seen = (query_pos + 1).to(probs.dtype)
+        sinks = scores * seen > rule.threshold
     else:
         sinks = scores > rule.threshold
     return sinks & visible, sums
@@ -108,10 +124,13 @@ def calibrate(probs: torch.Tensor, rule: SinkRule, past_sums: torch.Tensor | Non
     A row with no non-sink mass is left as it is (nothing could receive the mass)."""
     sinks, sums = find_sinks(probs, rule, past_sums)
     _, _, visible = _positions(probs)
-    sink_f = sinks.to(probs.dtype)
     if rule.keep_first:
-        first = sinks & (torch.cumsum(sink_f, dim=-1) == 1)
-        scaled = sinks & ~first
+        # The first sink of each row: the smallest sink position, as a max of negated
+        # positions (a reduction, not a scan; TVM's importer has max.dim but not min.dim).
+        _, key_pos, _ = _positions(probs)
+        beyond = torch.full((), -(2**30), dtype=torch.int64)
+        first_pos = -torch.where(sinks, -key_pos, beyond).max(dim=-1, keepdim=True).values
+        scaled = sinks & (key_pos != first_pos)
     else:
         scaled = sinks
     receivers = visible & ~sinks

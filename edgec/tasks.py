@@ -178,6 +178,13 @@ def build_task(name: str, seed: int, calibration_size: int, test_size: int) -> T
     return Task(name, labels, tuple(map(example, calibration)), tuple(map(example, test)), seed)
 
 
+def calibration_prompts(name: str, seed: int, samples: int) -> list[str]:
+    """`samples` prompts of a task's calibration split (rounded up to whole label sets, then cut)."""
+    labels = len(WORDNET_CLASSES) if name == "wordnet" else len(GENRES)
+    task = build_task(name, seed, -(-samples // labels) * labels, 0)
+    return [e.prompt for e in task.calibration[:samples]]
+
+
 # ----------------------------------------------------------------------------- scoring
 def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[int]:
     """The first token of each label word (after a space); they must differ."""

@@ -117,3 +117,22 @@ def test_smollm2_luc_recipe_gives_a_verified_compressed_artifact(tmp_path: Path)
     model_bytes = sum(f.stat().st_size for f in (tmp_path / "luc" / "model").iterdir())
     assert model_bytes <= record["weight_bytes_before"] / 6
     assert summary["evaluation"]["tokens"] >= 4000 and summary["evaluation"]["perplexity"] > 1
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_smollm2_act_recipe_gives_a_verified_artifact_with_the_head_table(tmp_path: Path, backend: str) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "act.yaml"
+    out = tmp_path / f"act-{backend}"
+    summary = invoke_json("compile", "zoo:smollm2-135m", "--target", "cpu", "--recipe", str(recipe), "--backend", backend, "-o", str(out))
+    assert summary["parity"]["ok"] is True
+    record = next(p["record"] for p in summary["passes"] if p["name"] == "act")
+    search = record["search"]
+    assert search["source"] == "committed" and search["tasks"] == ["wordnet"] and search["seed"] == 0
+    assert 0 < record["calibrated_heads"] <= 8 and record["table"]
+    assert search["calibrated"]["accuracy"] > search["baseline"]["accuracy"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passes"][0]["record"]["table"] == record["table"]
+    verify = invoke_json("verify", str(out))
+    assert all(c["ok"] for c in verify["checks"])

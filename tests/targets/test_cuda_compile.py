@@ -64,3 +64,14 @@ def test_float16_is_refused_where_the_capability_table_lacks_it(tiny_llama_dir: 
     assert result.exit_code != 0
     assert "float16" in result.output and "float32 only" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_act_calibrated_attention_compiles_for_cuda(planted_sink_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu-act"
+    result = runner.invoke(app, ["compile", str(planted_sink_llama_dir), "--target", "cuda", "--recipe", "recipes/act.yaml",
+                                 "--set", "act.heads={0: [0, 1, 2, 3]}", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    manifest = read_manifest(out)
+    assert manifest["lm"]["cache"] == ["past_k", "past_v", "past_s"]
+    library = (out / "model" / "decode.so").read_bytes()
+    assert b"__global__" in library

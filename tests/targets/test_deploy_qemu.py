@@ -164,3 +164,18 @@ def test_luc_artifact_lowers_for_arm64_and_passes_parity_on_the_device(tmp_path:
     deployed = runner.invoke(app, ["deploy", str(out), "--device", "qemu-arm64", "--json"])
     assert deployed.exit_code == 0, deployed.output + deployed.stderr
     assert json.loads(deployed.stdout)["parity"]["ok"] is True
+
+
+def test_act_artifact_passes_parity_on_the_device(planted_sink_llama_dir: Path, tmp_path: Path) -> None:
+    """Calibrated attention with the carried column sums runs in the aarch64 TVM runtime
+    (the ONNX graph is the one ORT runs on the host, tested in test_compile_act)."""
+    out = tmp_path / "act-arm64"
+    result = runner.invoke(app, ["compile", str(planted_sink_llama_dir), "--target", "arm64",
+                                 "--recipe", "recipes/act.yaml", "--set", "act.heads={0: [0, 1, 2, 3]}", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    deployed = runner.invoke(app, ["deploy", str(out), "--device", "qemu-arm64", "--json"])
+    assert deployed.exit_code == 0, deployed.output + deployed.stderr
+    report = json.loads(deployed.stdout)
+    assert report["machine"] == "aarch64" and report["parity"]["ok"] is True
+    outputs = {(o["entry"], o["output"]) for o in report["parity"]["outputs"]}
+    assert ("prefill", "present_s") in outputs and ("decode", "present_s") in outputs
