@@ -10,8 +10,9 @@ In one run:
 2. For each task and split seed: the head search of recipes/act.yaml on the task's
    calibration split (stat causal; and stat paper for --paper-seeds), then accuracy on the
    disjoint test split of the model without ACT and with the chosen heads calibrated
-   (torch; the compiled artifacts match it, as their parity checks show). Searches are
-   cached, so a rerun only re-scores.
+   (torch; the compiled artifacts match it, as their parity checks show), and for the
+   --paper-seeds with every head calibrated (no search). Searches are cached, so a
+   rerun only re-scores.
 3. Cost: TVM and ONNX Runtime artifacts of the model without and with ACT (the wordnet
    seed-0 heads), prefill latency (median of warm runs) and decode tokens/s on this CPU,
    with the calibrated/uncalibrated ratio. Keep the machine idle.
@@ -85,6 +86,19 @@ def accuracy_rows(handle: ModelHandle, tasks: list[str], seeds: list[int], paper
                     "gain": calibrated.accuracy - plain.accuracy,
                 })
                 _log(f"  {task} seed {seed} {stat}: {rows[-1]['heads']} heads, test {plain.accuracy:.3f} -> {calibrated.accuracy:.3f}")
+            if seed in paper_seeds:
+                # The pilot of METHODS.md: every head calibrated, no search.
+                every = {layer: list(range(handle.module.config.num_attention_heads)) for layer in range(len(handle.module.model.layers))}
+                install(handle.module, every, act_options(task, seed, "causal").rule())
+                calibrated = evaluate_task(torch_last_logits(handle.module), handle.tokenizer, test.test, test.labels)
+                install(handle.module, {}, act_options(task, seed, "causal").rule())
+                rows.append({
+                    "task": task, "seed": seed, "stat": "causal", "heads": sum(len(h) for h in every.values()),
+                    "head_set": "all", "search_source": None, "calibration_accuracy": None,
+                    "test_prompts": len(test.test), "chance": 1 / len(test.labels),
+                    "test_accuracy_without": plain.accuracy, "test_accuracy_with": calibrated.accuracy,
+                    "gain": calibrated.accuracy - plain.accuracy,
+                })
     return rows
 
 
@@ -131,7 +145,7 @@ def main() -> None:
     handle = load_model(args.model)
     census = sink_census(handle)
     rows = accuracy_rows(handle, args.tasks, args.seeds, args.paper_seeds, args.test_samples)
-    first = next(r for r in rows if r["task"] == args.tasks[0] and r["seed"] == args.seeds[0] and r["stat"] == "causal")
+    first = next(r for r in rows if r["task"] == args.tasks[0] and r["seed"] == args.seeds[0] and r["stat"] == "causal" and r["head_set"] != "all")
     ids = list(handle.tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 40))["input_ids"])[: args.prompt_len]
     latency = latency_rows(args.model, first["head_set"], ids, args.runs, args.out)
 
@@ -140,11 +154,11 @@ def main() -> None:
           f"{census['hidden_sinks']} hidden (after a row's first) in {census['heads_with_hidden_sinks']} of {census['heads']} heads")
     print(f"\n{'task':<12} {'seed':>4} {'stat':<7} {'heads':>5} {'calib acc':>15} {'test acc w/o':>12} {'test acc w/':>11} {'gain':>7}")
     for r in rows:
-        calib = f"{r['calibration_accuracy'][0]:.3f}->{r['calibration_accuracy'][1]:.3f}"
+        calib = f"{r['calibration_accuracy'][0]:.3f}->{r['calibration_accuracy'][1]:.3f}" if r["calibration_accuracy"] else "all heads"
         print(f"{r['task']:<12} {r['seed']:>4} {r['stat']:<7} {r['heads']:>5} {calib:>15} {r['test_accuracy_without']:>12.3f} "
               f"{r['test_accuracy_with']:>11.3f} {r['gain']:>+7.3f}")
     for task in args.tasks:
-        gains = [r["gain"] for r in rows if r["task"] == task and r["stat"] == "causal"]
+        gains = [r["gain"] for r in rows if r["task"] == task and r["stat"] == "causal" and r["head_set"] != "all"]
         print(f"mean gain {task} (stat causal, {len(gains)} seeds, {rows[0]['test_prompts']} test prompts each): "
               f"{statistics.mean(gains):+.3f} (min {min(gains):+.3f}, max {max(gains):+.3f})")
     print(f"\nprefill {len(ids)} tokens, batch 1; heads of {first['task']} seed {first['seed']} ({first['heads']}):")

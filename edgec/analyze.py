@@ -20,7 +20,7 @@ import torch
 from edgec.lm import CausalLMEntries
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.errors import BadInputError, UnsupportedError
-from edgec.sinks import SinkRule, find_sinks
+from edgec.sinks import SinkRule, find_sinks, sink_scores
 
 DEFAULT_TAU = 0.1
 DEFAULT_ALPHA = 5.0
@@ -88,9 +88,8 @@ def analyze_attention(
             # The paper's statistic: every query of the prompt counts; rows all see the same set.
             by_tau = find_sinks(batch, absolute)[0][0, :, -1]
             by_alpha = find_sinks(batch, relative)[0][0, :, -1]
-            column_sum = probs.sum(dim=1)
-            seen_by = torch.arange(probs.shape[-1], 0, -1, dtype=probs.dtype)
-            score = column_sum / seen_by
+            score = sink_scores(batch, "paper")[0][0, :, 0]
+            seen_by = torch.arange(probs.shape[-1], 0, -1)  # queries that see each key
             for head in range(probs.shape[0]):
                 found = (by_tau[head] | by_alpha[head]).nonzero().flatten().tolist()
                 for position in found:

@@ -246,7 +246,8 @@ def report_command(
     as_json: bool = typer.Option(False, "--json", help="print what was written as JSON"),
 ) -> None:
     """Write an HTML page and a per-layer policy plot of a compiled artifact: luc bits,
-    sparsity and sensitivity per layer, sizes, parity, perplexity, and kernel choices."""
+    sparsity and sensitivity per layer, act heads and their search log, sizes, parity,
+    perplexity, and kernel choices."""
     from edgec.report import write_report
 
     written = write_report(artifact, output)
@@ -498,7 +499,7 @@ def _eval_task(model: str, task: str, seed: int, samples: int, as_json: bool) ->
     from edgec.tasks import build_task, evaluate_task
 
     progress = Progress()
-    built = build_task(task, seed, 4 * 3, samples)  # calibration size only shapes the split
+    built = build_task(task, seed, 0, samples)  # the test split does not depend on the calibration size
     tokenizer, label_logits, what = _task_scorer(model)
     progress(f"{task} test split (seed {seed}): {len(built.test)} prompts on {what}")
     result = evaluate_task(label_logits, tokenizer, built.test, built.labels)
@@ -588,24 +589,33 @@ def analyze_attention_command(
 @app.command("passes")
 def passes_command(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Passes a recipe can name, with their options."""
+    from pydantic import BaseModel
+    from rich.markup import escape
+
     from edgec.passes import REGISTRY
 
+    def options_of(model: type[BaseModel]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for key, field in model.model_fields.items():
+            nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+            if nested is not None:
+                # A section of options (act.search): list its own, as PASS.section.option.
+                found.update({f"{key}.{k}": v for k, v in options_of(nested).items()})
+            else:
+                found[key] = {"default": field.get_default(call_default_factory=True), "help": field.description}
+        return found
+
     rows = [
-        {
-            "name": name,
-            "families": list(cls.families),
-            "summary": cls.summary,
-            "options": {k: {"default": f.default, "help": f.description} for k, f in cls.Options.model_fields.items()},
-        }
+        {"name": name, "families": list(cls.families), "summary": cls.summary, "options": options_of(cls.Options)}
         for name, cls in REGISTRY.items()
     ]
     if as_json:
         _emit_json(rows)
         return
     for row in rows:
-        out.print(f"[bold]{row['name']}[/] ({', '.join(row['families'])}): {row['summary']}")
+        out.print(f"[bold]{row['name']}[/] ({', '.join(row['families'])}): {escape(row['summary'])}")
         for option, info in row["options"].items():
-            out.print(f"    {option} = {info['default']!r}  {info['help'] or ''}")
+            out.print(escape(f"    {option} = {info['default']!r}  {info['help'] or ''}"))
 
 
 @zoo_app.command("list")

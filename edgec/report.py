@@ -105,6 +105,9 @@ def render_html(manifest: dict[str, Any], record: dict[str, Any] | None, image: 
         parts.append(_table(["layer", "bits", "sparsity", "bytes", "loss +Δ by bits", "loss +Δ by sparsity", "override"], rows))
         embeddings = record.get("embeddings", {})
         parts.append(f"<p>embedding: {html.escape(str(embeddings.get('embedding')))}; lm_head: {html.escape(str(embeddings.get('lm_head')))}</p>")
+    act = next((entry["record"] for entry in manifest.get("passes", []) if entry["name"] == "act"), None)
+    if act is not None:
+        parts.extend(_act_section(act))
     tuning = manifest.get("backend_record", {}).get("tuning")
     if tuning:
         parts.append("<h2>Kernel choice per workload (schedule)</h2>")
@@ -122,6 +125,27 @@ def render_html(manifest: dict[str, Any], record: dict[str, Any] | None, image: 
             parts.append(_table(["kernel", "buffers", "source", "tile rows", "tile vectors", "panel", "template µs", "chosen µs"], rows))
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     return f"<!doctype html><html><head><meta charset='utf-8'><title>edgec report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+def _act_section(record: dict[str, Any]) -> list[str]:
+    """The calibrated heads, the rule, and the head search's log when there was one."""
+    rule = record["rule"]
+    parts = ["<h2>Attention calibration (act)</h2>", _table(["", ""], [
+        ["rule", f"beta {rule['beta']}, {rule['threshold_mode']} {rule['threshold']}, keep first {rule['keep_first']}, stat {rule['stat']}"],
+        ["phases", " + ".join(record["phases"])],
+        ["calibrated heads", record["calibrated_heads"]],
+    ])]
+    parts.append(_table(["layer", "heads"], [[row["layer"], ", ".join(map(str, row["heads"]))] for row in record["table"]]))
+    search = record.get("search")
+    if search:
+        parts.append(
+            f"<p>search ({html.escape(search['source'])}) on {html.escape(', '.join(search['tasks']))}, seed {search['seed']}, "
+            f"{search['samples_per_task']} prompts per task: calibration accuracy {search['baseline']['accuracy']:.3f} -> "
+            f"{search['calibrated']['accuracy']:.3f}; {search['candidates']} of {search['heads_with_hidden_sinks']} heads with hidden sinks tried</p>"
+        )
+        rows = [[r["layer"], r["head"], r["moved_mass"], r["accuracy"], r["label_nll"], "yes" if r["helps"] else ""] for r in search["per_head"]]
+        parts.append(_table(["layer", "head", "moved mass", "accuracy", "label NLL", "helps"], rows))
+    return parts
 
 
 def write_report(artifact: Path, out: Path | None) -> dict[str, Any]:

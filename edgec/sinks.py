@@ -118,21 +118,25 @@ def find_sinks(probs: torch.Tensor, rule: SinkRule, past_sums: torch.Tensor | No
     return sinks & visible, sums
 
 
+def sinks_to_scale(probs: torch.Tensor, rule: SinkRule, past_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sinks ACT scales: all but each row's first when keep_first, all sinks, column sums)."""
+    sinks, sums = find_sinks(probs, rule, past_sums)
+    if not rule.keep_first:
+        return sinks, sinks, sums
+    # The first sink of each row: the smallest sink position, as a max of negated
+    # positions (a reduction, not a scan; TVM's importer has max.dim but not min.dim).
+    _, key_pos, _ = _positions(probs)
+    beyond = torch.full((), -(2**30), dtype=torch.int64)
+    first_pos = -torch.where(sinks, -key_pos, beyond).max(dim=-1, keepdim=True).values
+    return sinks & (key_pos != first_pos), sinks, sums
+
+
 def calibrate(probs: torch.Tensor, rule: SinkRule, past_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibrated probabilities, column sums for the cache): scale every sink but the
     first by `beta` and give the removed mass to the row's non-sink keys in proportion.
     A row with no non-sink mass is left as it is (nothing could receive the mass)."""
-    sinks, sums = find_sinks(probs, rule, past_sums)
+    scaled, sinks, sums = sinks_to_scale(probs, rule, past_sums)
     _, _, visible = _positions(probs)
-    if rule.keep_first:
-        # The first sink of each row: the smallest sink position, as a max of negated
-        # positions (a reduction, not a scan; TVM's importer has max.dim but not min.dim).
-        _, key_pos, _ = _positions(probs)
-        beyond = torch.full((), -(2**30), dtype=torch.int64)
-        first_pos = -torch.where(sinks, -key_pos, beyond).max(dim=-1, keepdim=True).values
-        scaled = sinks & (key_pos != first_pos)
-    else:
-        scaled = sinks
     receivers = visible & ~sinks
     zero = torch.zeros((), dtype=probs.dtype)
     removed = (1.0 - rule.beta) * torch.where(scaled, probs, zero).sum(dim=-1, keepdim=True)

@@ -131,12 +131,14 @@ def shakespeare_items() -> dict[str, list[tuple[str, int]]]:
 
 
 # ----------------------------------------------------------------------------- splits
-def _balanced(items: Sequence[tuple[str, int]], n_classes: int, per_class: int, rng: random.Random, what: str) -> list[tuple[str, int]]:
+def _balanced(items: Sequence[tuple[str, int]], labels: Sequence[str], per_class: int, rng: random.Random, what: str) -> list[tuple[str, int]]:
     chosen: list[tuple[str, int]] = []
-    for label in range(n_classes):
+    for label in range(len(labels)):
         pool = [item for item in items if item[1] == label]
         if len(pool) < per_class:
-            raise BadInputError(f"{what}: only {len(pool)} items of class {label}, {per_class} asked; ask for fewer samples")
+            raise BadInputError(
+                f"{what}: {len(pool)} items are labelled '{labels[label]}' and {per_class} per label were asked; ask for fewer samples"
+            )
         chosen.extend(rng.sample(pool, per_class))
     rng.shuffle(chosen)
     return chosen
@@ -152,12 +154,25 @@ PROMPTS: dict[str, tuple[str, str, int]] = {
 
 
 def build_task(name: str, seed: int, calibration_size: int, test_size: int) -> Task:
-    """A task's calibration and test splits for one seed (balanced over the labels, disjoint);
-    the solved examples in front of every prompt come from the calibration side."""
-    rng = random.Random(f"{name}:{seed}")
+    """A task's calibration and test splits for one seed, balanced over the labels. They
+    come from disjoint pools (wordnet: each label's nouns halved by the seed; shakespeare:
+    train vs held-out plays) with separate random streams, so the test split depends on
+    (seed, test_size) only and never meets any calibration split of that seed. The solved
+    examples in front of every prompt come from the calibration side."""
+
+    def rng(part: str) -> random.Random:
+        return random.Random(f"{name}:{seed}:{part}")
+
     if name == "wordnet":
         labels = tuple(WORDNET_CLASSES.values())
-        calibration_pool = test_pool = wordnet_items()
+        items = wordnet_items()
+        calibration_pool, test_pool = [], []
+        halves = rng("halves")
+        for label in range(len(labels)):
+            members = [item for item in items if item[1] == label]
+            halves.shuffle(members)
+            calibration_pool += members[: len(members) // 2]
+            test_pool += members[len(members) // 2 :]
     elif name == "shakespeare":
         labels = tuple(GENRES.values())
         by_split = shakespeare_items()
@@ -165,11 +180,11 @@ def build_task(name: str, seed: int, calibration_size: int, test_size: int) -> T
     else:
         raise BadInputError(f"unknown task '{name}'; edgec has: {', '.join(TASK_NAMES)}")
     question, solved, shots = PROMPTS[name]
-    demos = _balanced(calibration_pool, len(labels), shots, rng, f"{name} examples")
+    demos = _balanced(calibration_pool, labels, shots, rng("examples"), f"{name} examples")
     taken = set(demos)
-    calibration = _balanced([i for i in calibration_pool if i not in taken], len(labels), calibration_size // len(labels), rng, f"{name} calibration")
-    taken.update(calibration)
-    test = _balanced([i for i in test_pool if i not in taken], len(labels), test_size // len(labels), rng, f"{name} test")
+    rest = [item for item in calibration_pool if item not in taken]
+    calibration = _balanced(rest, labels, calibration_size // len(labels), rng("calibration"), f"{name} calibration")
+    test = _balanced(test_pool, labels, test_size // len(labels), rng("test"), f"{name} test")
     prefix = "".join(solved.format(text=text, label=labels[label]) for text, label in demos)
 
     def example(item: tuple[str, int]) -> Example:

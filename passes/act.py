@@ -41,7 +41,7 @@ from edgec.lm import AttentionCalibration, CausalLMEntries, calibration_of
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.pipeline import PassContext, PassResult
 from edgec.recipe import LayerOverride
-from edgec.sinks import SinkRule, find_sinks
+from edgec.sinks import SinkRule, sinks_to_scale
 from edgec.tasks import TASK_NAMES, Example, TaskScore, build_task, by_length, label_token_ids, score
 from edgec.zoo import ZOO_DIR
 
@@ -169,11 +169,8 @@ class TaskScorer:
         rows = 0
 
         def observe(layer: int, probs: torch.Tensor) -> None:
-            sinks, _ = find_sinks(probs, rule)
-            if rule.keep_first:
-                first = sinks & (torch.cumsum(sinks.to(probs.dtype), dim=-1) == 1)
-                sinks = sinks & ~first
-            moved = (1 - rule.beta) * torch.where(sinks, probs, torch.zeros((), dtype=probs.dtype)).sum(-1)
+            scaled, _, _ = sinks_to_scale(probs, rule)
+            moved = (1 - rule.beta) * torch.where(scaled, probs, torch.zeros((), dtype=probs.dtype)).sum(-1)
             mass[layer] += moved.sum(dim=(0, 2)).double().numpy()
 
         self.entries.observer = observe
@@ -206,7 +203,7 @@ def _mean(scores: Sequence[TaskScore]) -> Scored:
 # ----------------------------------------------------------------------------- search
 def search_key(model: ModelHandle, options: ActOptions) -> str:
     payload = json.dumps(
-        {"model": model.sha256, "rule": options.rule().__dict__, "search": options.search.model_dump(), "version": 1},
+        {"model": model.sha256, "rule": options.rule().__dict__, "search": options.search.model_dump(), "version": 2},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]

@@ -152,3 +152,14 @@ def test_search_keeps_only_heads_that_help_and_is_cached(tmp_path: Path, monkeyp
 def test_act_options_default_thresholds() -> None:
     assert ActOptions().rule().threshold == 0.1
     assert ActOptions(threshold_mode="alpha").rule().threshold == 5.0
+
+
+def test_report_shows_the_heads_and_the_search_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "act"
+    sets = ["act.search.samples=8", "act.search.candidates=3", "act.search.max_heads=2"]
+    args = ["compile", "zoo:tiny-lm", "--recipe", "recipes/act.yaml", "--backend", "onnx", "-o", str(out)]
+    assert runner.invoke(app, [*args, *[x for s in sets for x in ("--set", s)]]).exit_code == 0
+    written = runner.invoke(app, ["report", str(out), "--json"])
+    page = (Path(json.loads(written.stdout)["report"]) / "report.html").read_text()
+    assert "Attention calibration (act)" in page and "moved mass" in page and page.count("<tr>") >= 3 + 1 + 3
