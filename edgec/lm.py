@@ -212,13 +212,14 @@ class CausalLMEntries(nn.Module):
         out = torch.matmul(probs, v_full).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return attn.o_proj(out), k, v, sums if calibration is not None and calibration.carries_state else None
 
-    def _positions(self, seq: int, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """RoPE tables for the new positions, and the causal mask when there is no cache."""
+    def _positions(self, seq: int, past: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE tables for the new positions, and the causal mask when there is no cache
+        (`past` None; a cache length is symbolic in an export and is never compared)."""
         dtype = self.compute_dtype
-        positions = torch.arange(seq, dtype=torch.int64) + past
+        positions = torch.arange(seq, dtype=torch.int64) + (0 if past is None else past)
         cos, sin = self._rope(positions)
         causal_mask: torch.Tensor | None = None
-        if past == 0:
+        if past is None:
             rows = torch.arange(seq, dtype=torch.int64)
             # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
             causal_mask = (rows[None, :] > rows[:, None]).to(dtype) * (-1e9 if dtype == torch.float32 else -3e4)
@@ -259,7 +260,7 @@ class CausalLMEntries(nn.Module):
         dtype = self.compute_dtype
         if past_k is not None and past_v is not None and dtype != torch.float32:
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
-        tables = self._positions(input_ids.shape[1], 0 if past_k is None else past_k.shape[3])
+        tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[3])
         h = inner.embed_tokens(input_ids)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
@@ -281,7 +282,7 @@ class CausalLMEntries(nn.Module):
     def layer_inputs(self, input_ids: torch.Tensor, layers: int) -> list[torch.Tensor]:
         """Hidden states entering layers 0..layers-1 (prefill): searches that change one
         layer restart from its input instead of re-running the layers before it."""
-        tables = self._positions(input_ids.shape[1], 0)
+        tables = self._positions(input_ids.shape[1], None)
         h = self.model.model.embed_tokens(input_ids)
         states = [h]
         for index in range(layers - 1):
@@ -291,7 +292,7 @@ class CausalLMEntries(nn.Module):
 
     def final_hidden(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """Run layers start..L-1 on their input `h` (prefill) and the final norm."""
-        tables = self._positions(h.shape[1], 0)
+        tables = self._positions(h.shape[1], None)
         for index in range(start, len(self.model.model.layers)):
             h = self._layer(index, h, tables)[0]
         return _rms_norm(self.model.model.norm, h)
