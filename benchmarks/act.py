@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/act.py [--model zoo:smollm2-135m] [--seeds 0 1 2]
         [--tasks wordnet shakespeare] [--paper-seeds 0] [--test-samples 120]
-        [--prompt-len 128] [--runs 10] [--out artifacts/bench-act] [--json FILE]
+        [--prompt-len 128] [--runs 10] [--out artifacts/bench-act] [--json FILE] [--no-latency]
 
 In one run:
 1. Sinks: `edgec analyze attention` on 8 wordnet calibration prompts (seed 0): how many
@@ -40,9 +40,13 @@ from edgec.recipe import load_recipe  # noqa: E402
 from edgec.tasks import build_task, evaluate_task, torch_last_logits  # noqa: E402
 
 ACT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "act.yaml"
-# Calibration prompts per task: the shakespeare prompts (six solved lines in front) are
-# about four times longer than wordnet's, so fewer keep the searches comparable in time.
-CALIBRATION_SAMPLES = {"wordnet": 64, "shakespeare": 36}
+# Search sizes per task: wordnet's are recipes/act.yaml's; the shakespeare prompts (six
+# solved lines in front) are about four times longer, so its search scores fewer prompts
+# and heads to take about as long.
+SEARCH_SIZES: dict[str, dict[str, int]] = {
+    "wordnet": {"samples": 64, "candidates": 32, "max_heads": 8},
+    "shakespeare": {"samples": 36, "candidates": 16, "max_heads": 4},
+}
 
 
 def _log(message: str) -> None:
@@ -51,7 +55,7 @@ def _log(message: str) -> None:
 
 def act_options(task: str, seed: int, stat: str) -> ActOptions:
     sets = [f"act.stat={stat}", f"act.search.tasks=[{task}]", f"act.search.seed={seed}",
-            f"act.search.samples={CALIBRATION_SAMPLES[task]}"]
+            *(f"act.search.{key}={value}" for key, value in SEARCH_SIZES[task].items())]
     recipe = load_recipe(ACT_RECIPE, sets, options_for)
     return ActOptions.model_validate(recipe.passes[0].options)
 
@@ -66,7 +70,7 @@ def accuracy_rows(handle: ModelHandle, tasks: list[str], seeds: list[int], paper
     rows = []
     for task in tasks:
         for seed in seeds:
-            test = build_task(task, seed, CALIBRATION_SAMPLES[task], test_samples)
+            test = build_task(task, seed, 0, test_samples)
             install(handle.module, {}, act_options(task, seed, "causal").rule())
             plain = evaluate_task(torch_last_logits(handle.module), handle.tokenizer, test.test, test.labels)
             for stat in ("causal", "paper") if seed in paper_seeds else ("causal",):
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-act"))
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--no-latency", action="store_true", help="skip the artifacts and their timing (e.g. on a busy machine)")
     args = parser.parse_args()
 
     handle = load_model(args.model)
@@ -147,7 +152,7 @@ def main() -> None:
     rows = accuracy_rows(handle, args.tasks, args.seeds, args.paper_seeds, args.test_samples)
     first = next(r for r in rows if r["task"] == args.tasks[0] and r["seed"] == args.seeds[0] and r["stat"] == "causal" and r["head_set"] != "all")
     ids = list(handle.tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 40))["input_ids"])[: args.prompt_len]
-    latency = latency_rows(args.model, first["head_set"], ids, args.runs, args.out)
+    latency = [] if args.no_latency else latency_rows(args.model, first["head_set"], ids, args.runs, args.out)
 
     print(f"\n{args.model}: sinks on 8 wordnet prompts (tau 0.1 or alpha 5): {census['sinks']} in all, "
           f"{census['initial_sinks']} at position 0, {census['non_initial_sinks']} elsewhere; "
@@ -161,8 +166,9 @@ def main() -> None:
         gains = [r["gain"] for r in rows if r["task"] == task and r["stat"] == "causal" and r["head_set"] != "all"]
         print(f"mean gain {task} (stat causal, {len(gains)} seeds, {rows[0]['test_prompts']} test prompts each): "
               f"{statistics.mean(gains):+.3f} (min {min(gains):+.3f}, max {max(gains):+.3f})")
-    print(f"\nprefill {len(ids)} tokens, batch 1; heads of {first['task']} seed {first['seed']} ({first['heads']}):")
-    print(f"{'backend':<8} {'prefill ms w/o':>14} {'prefill ms w/':>13} {'x':>6} {'decode tok/s w/o':>16} {'decode tok/s w/':>15}")
+    if latency:
+        print(f"\nprefill {len(ids)} tokens, batch 1; heads of {first['task']} seed {first['seed']} ({first['heads']}):")
+        print(f"{'backend':<8} {'prefill ms w/o':>14} {'prefill ms w/':>13} {'x':>6} {'decode tok/s w/o':>16} {'decode tok/s w/':>15}")
     for r in latency:
         print(f"{r['backend']:<8} {r['prefill_ms_without']:>14.2f} {r['prefill_ms_with']:>13.2f} {r['prefill_overhead']:>6.3f} "
               f"{r['decode_tokens_per_s_without']:>16.1f} {r['decode_tokens_per_s_with']:>15.1f}")
