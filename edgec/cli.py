@@ -457,31 +457,9 @@ def eval_command(
         _eval_task(model, task, seed, samples, as_json)
         return
     progress = Progress()
-    path = Path(model)
-    from edgec.artifact import MANIFEST, open_runtime, read_manifest
-
-    if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        if manifest.get("tokenizer") is None or "lm" not in manifest:
-            raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; eval --task ppl needs one")
-        from transformers import AutoTokenizer
-
-        from edgec.artifact import tokenizer_dir
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
-        logits_fn = runtime_logits_fn(open_runtime(path, manifest))
-        window = min(window, int(manifest["lm"]["max_context"]))
-        what = f"{model} ({manifest['backend']} artifact)"
-    else:
-        from edgec.model import load_model
-
-        handle = load_model(model)
-        if handle.module is None or handle.tokenizer is None:
-            raise BadInputError(f"{model}: eval --task ppl needs a causal LM with a tokenizer")
-        tokenizer = handle.tokenizer
-        logits_fn = torch_logits_fn(handle.module)
-        window = min(window, int(handle.module.config.max_position_embeddings))
-        what = f"{model} (torch)"
+    tokenizer, runtime, module, max_context, what = _open_lm(model, "eval --task ppl")
+    logits_fn = runtime_logits_fn(runtime) if runtime is not None else torch_logits_fn(module)
+    window = min(window, max_context)
     ids, label = evaluation_ids(tokenizer, data, tokens)
     progress(f"ppl of {what} on {label}: {len(ids)} tokens")
     result = perplexity(logits_fn, ids, tokenizer, window, label, progress)
@@ -513,27 +491,36 @@ def _eval_task(model: str, task: str, seed: int, samples: int, as_json: bool) ->
 
 def _task_scorer(model: str) -> tuple[Any, Any, str]:
     """(tokenizer, prompts -> last-token logits, description) for a model or an artifact."""
+    from edgec.tasks import runtime_last_logits, torch_last_logits
+
+    tokenizer, runtime, module, _, what = _open_lm(model, "labelled tasks")
+    return tokenizer, runtime_last_logits(runtime) if runtime is not None else torch_last_logits(module), what
+
+
+def _open_lm(model: str, needs: str) -> tuple[Any, Any, Any, int, str]:
+    """(tokenizer, artifact runtime or None, torch module or None, max context, description)
+    of a causal-LM artifact directory or a model spec."""
     from edgec.artifact import MANIFEST, open_runtime, read_manifest
     from edgec.errors import BadInputError
-    from edgec.tasks import runtime_last_logits, torch_last_logits
 
     path = Path(model)
     if path.is_dir() and (path / MANIFEST).is_file():
         manifest = read_manifest(path)
         if manifest.get("tokenizer") is None or "lm" not in manifest:
-            raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; labelled tasks need one")
+            raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; {needs} needs one")
         from transformers import AutoTokenizer
 
         from edgec.artifact import tokenizer_dir
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
-        return tokenizer, runtime_last_logits(open_runtime(path, manifest)), f"{model} ({manifest['backend']} artifact)"
+        runtime = open_runtime(path, manifest)
+        return tokenizer, runtime, None, int(manifest["lm"]["max_context"]), f"{model} ({manifest['backend']} artifact)"
     from edgec.model import load_model
 
     handle = load_model(model)
     if handle.module is None or handle.tokenizer is None:
-        raise BadInputError(f"{model}: labelled tasks need a causal LM with a tokenizer")
-    return handle.tokenizer, torch_last_logits(handle.module), f"{model} (torch)"
+        raise BadInputError(f"{model}: {needs} needs a causal LM with a tokenizer")
+    return handle.tokenizer, None, handle.module, int(handle.module.config.max_position_embeddings), f"{model} (torch)"
 
 
 @analyze_app.command("attention")

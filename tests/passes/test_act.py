@@ -147,6 +147,11 @@ def test_search_keeps_only_heads_that_help_and_is_cached(tmp_path: Path, monkeyp
     assert record["calibrated_heads"] == len(kept)
     again = runner.invoke(app, [*args, "--force", *[x for s in sets for x in ("--set", s)]])
     assert json.loads(again.stdout)["passes"][0]["record"]["search"]["source"] == "cache"
+    # Test-split accuracy in the artifact's runtime.
+    evaluated = runner.invoke(app, ["eval", str(out), "--task", "wordnet", "--samples", "8", "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and result["task"] == "wordnet"
 
 
 def test_act_options_default_thresholds() -> None:
