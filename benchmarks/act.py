@@ -29,10 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_latency import runtime_timings  # noqa: E402
+from luc import compiled  # noqa: E402
 
 from edgec.analyze import analyze_attention, prompts_from  # noqa: E402
-from edgec.artifact import MANIFEST, open_runtime, read_manifest  # noqa: E402
-from edgec.compiler import compile_model  # noqa: E402
+from edgec.artifact import open_runtime, read_manifest  # noqa: E402
 from edgec.model import ModelHandle, load_model  # noqa: E402
 from edgec.passes import options_for  # noqa: E402
 from edgec.passes.act import ActOptions, cached_search, install  # noqa: E402
@@ -106,22 +106,13 @@ def accuracy_rows(handle: ModelHandle, tasks: list[str], seeds: list[int], paper
     return rows
 
 
-def compiled(model: str, name: str, sets: list[str], out_root: Path) -> Path:
-    out = out_root / name
-    if (out / MANIFEST).is_file():
-        return out
-    recipe = load_recipe(ACT_RECIPE, [*sets, "max_context=512", "evaluate.tokens=0"], options_for)
-    compile_model(model, recipe, out, force=True, progress=lambda m: _log(f"  [{name}] {m}"))
-    return out
-
-
 def latency_rows(model: str, heads: dict[str, list[int]], prompt: list[int], runs: int, out_root: Path) -> list[dict[str, Any]]:
     head_text = "{" + ", ".join(f"{layer}: [{', '.join(map(str, chosen))}]" for layer, chosen in heads.items()) + "}"
     rows = []
     for backend in ("tvm", "onnx"):
         timings = {}
         for name, sets in (("plain", ["passes=", f"backend={backend}"]), ("act", [f"act.heads={head_text}", f"backend={backend}"])):
-            path = compiled(model, f"{name}-{backend}", sets, out_root)
+            path = compiled(model, f"{name}-{backend}", ACT_RECIPE, sets, out_root)
             runtime = open_runtime(path, read_manifest(path))
             timings[name] = runtime_timings(runtime, prompt, 16, runs)
         rows.append({

@@ -153,12 +153,6 @@ def hidden_mass(row: dict[str, Any]) -> float:
     return sum(s["score"] * s["seen_by"] for s in row["sinks"] if (s["prompt"], s["position"]) not in firsts)
 
 
-def hidden_sink_heads(result: dict[str, Any]) -> list[tuple[int, int]]:
-    """(layer, head) pairs with a sink other than the first on some prompt: the only heads
-    where ACT with keep_first changes anything."""
-    return [(row["layer"], row["head"]) for row in result["heads"] if row["hidden"]]
-
-
 def plot_heatmaps(result: dict[str, Any], tokens: list[str], out_dir: Path, count: int = 6) -> list[Path]:
     """Heat maps of the first prompt's attention for the heads whose hidden sinks receive the
     most attention in total (score x queries that see them): a key near the end that two

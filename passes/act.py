@@ -322,7 +322,6 @@ class Act:
         check_heads(heads, layers, num_heads)
         install(model.module, heads, rule)
         count = sum(len(h) for h in heads.values())
-        record["heads"] = {str(layer): chosen for layer, chosen in sorted(heads.items())}
         record["calibrated_heads"] = count
         record["table"] = [{"layer": layer, "heads": chosen} for layer, chosen in sorted(heads.items())]
         ctx.progress(f"act: {count} heads calibrated over {len(heads)} layers (beta {rule.beta}, {rule.threshold_mode} "
