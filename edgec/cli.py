@@ -128,6 +128,11 @@ def compile_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the fully resolved recipe and exit"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a .pt2 MODEL (torch.export.load unpickles it)"),
+    device: Optional[str] = typer.Option(
+        None, "--device", "-d",
+        help="check parity and held-out perplexity on this device instead of here (as for deploy --device): "
+        "how a cross-built artifact is verified before it is written",
+    ),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against torch."""
     from edgec.compiler import compile_model, default_output
@@ -157,7 +162,7 @@ def compile_command(
     progress = Progress()
     summary = compile_model(
         model, resolved, out_dir, force, progress, on_target=lambda t: err.print(f"[cyan]{t.how}[/]"),
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, device=device,
     )
     if as_json:
         _emit_json(summary)
@@ -442,28 +447,47 @@ def eval_command(
     window: int = typer.Option(256, "--window", min=8, help="ppl: tokens per scored window"),
     seed: int = typer.Option(0, "--seed", help="labelled tasks: seed of the calibration/test split"),
     samples: int = typer.Option(120, "--samples", min=4, help="labelled tasks: test prompts (balanced over the labels)"),
+    device: Optional[str] = typer.Option(
+        None, "--device", "-d", help="ppl of an artifact: run it on this device (as for deploy --device), e.g. a cross-built one"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Perplexity, or accuracy on a labelled task's test split, of a model (torch) or a
-    compiled artifact (its runtime)."""
+    compiled artifact (its runtime, here or on --device)."""
     from edgec.errors import BadInputError
-    from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn, torch_logits_fn
+    from edgec.evaluate import evaluation_ids, logits_nll_fn, runtime_logits_fn, torch_logits_fn, windows_perplexity
     from edgec.tasks import TASK_NAMES
 
     if task != "ppl" and task not in TASK_NAMES:
         raise BadInputError(f"--task {task}: unknown task; available: ppl, {', '.join(TASK_NAMES)}")
+    if device is not None and task != "ppl":
+        raise BadInputError(f"--device works with --task ppl only; score {task} on this machine (drop --device)")
     _limit_threads()
     if task in TASK_NAMES:
         _eval_task(model, task, seed, samples, as_json)
         return
     progress = Progress()
-    tokenizer, runtime, module, max_context, what = _open_lm(model, "eval --task ppl")
-    logits_fn = runtime_logits_fn(runtime) if runtime is not None else torch_logits_fn(module)
+    on_device: dict[str, Any] = {}
+    if device is None:
+        tokenizer, runtime, module, max_context, what = _open_lm(model, "eval --task ppl")
+        nll_fn = logits_nll_fn(runtime_logits_fn(runtime) if runtime is not None else torch_logits_fn(module))
+    else:
+        from edgec.deploy import deploy
+
+        manifest, tokenizer = _artifact_lm(Path(model), "eval --device")
+        max_context, what = int(manifest["lm"]["max_context"]), f"{model} on {device}"
+
+        def nll_fn(windows: list[list[int]], progress: Callable[[str], None]) -> list[float]:
+            on_device.update(deploy(Path(model), device, progress, windows=windows))
+            return list(on_device["window_nll"])
+
     window = min(window, max_context)
     ids, label = evaluation_ids(tokenizer, data, tokens)
     progress(f"ppl of {what} on {label}: {len(ids)} tokens")
-    result = perplexity(logits_fn, ids, tokenizer, window, label, progress)
+    result = windows_perplexity(nll_fn, ids, tokenizer, window, label, progress)
     payload = {"model": model, **result.to_json()}
+    if on_device:
+        payload.update(device=on_device["device"], emulated=on_device["emulated"], parity=on_device["parity"])
     if as_json:
         _emit_json(payload)
         return
@@ -500,19 +524,12 @@ def _task_scorer(model: str) -> tuple[Any, Any, str]:
 def _open_lm(model: str, needs: str) -> tuple[Any, Any, Any, int, str]:
     """(tokenizer, artifact runtime or None, torch module or None, max context, description)
     of a causal-LM artifact directory or a model spec."""
-    from edgec.artifact import MANIFEST, open_runtime, read_manifest
+    from edgec.artifact import MANIFEST, open_runtime
     from edgec.errors import BadInputError
 
     path = Path(model)
     if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        if manifest.get("tokenizer") is None or "lm" not in manifest:
-            raise BadInputError(f"{model}: not a causal-LM artifact with a tokenizer; {needs} needs one")
-        from transformers import AutoTokenizer
-
-        from edgec.artifact import tokenizer_dir
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
+        manifest, tokenizer = _artifact_lm(path, needs)
         runtime = open_runtime(path, manifest)
         return tokenizer, runtime, None, int(manifest["lm"]["max_context"]), f"{model} ({manifest['backend']} artifact)"
     from edgec.model import load_model
@@ -521,6 +538,19 @@ def _open_lm(model: str, needs: str) -> tuple[Any, Any, Any, int, str]:
     if handle.module is None or handle.tokenizer is None:
         raise BadInputError(f"{model}: {needs} needs a causal LM with a tokenizer")
     return handle.tokenizer, None, handle.module, int(handle.module.config.max_position_embeddings), f"{model} (torch)"
+
+
+def _artifact_lm(path: Path, needs: str) -> tuple[dict[str, Any], Any]:
+    """The manifest and tokenizer of a causal-LM artifact directory."""
+    from transformers import AutoTokenizer
+
+    from edgec.artifact import read_manifest, tokenizer_dir
+    from edgec.errors import BadInputError
+
+    manifest = read_manifest(path)
+    if manifest.get("tokenizer") is None or "lm" not in manifest:
+        raise BadInputError(f"{path}: not a causal-LM artifact with a tokenizer; {needs} needs one")
+    return manifest, AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
 
 
 @analyze_app.command("attention")

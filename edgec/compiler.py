@@ -63,8 +63,16 @@ def compile_model(
     progress: Callable[[str], None],
     on_target: Callable[[ResolvedTarget], None] = lambda target: None,
     trust_pickle: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
+    """`device`: check parity and measure the held-out perplexity on that device (as for
+    `edgec deploy --device`) instead of on this machine -- how a cross-built artifact
+    gets verified before it is written."""
     target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
+    if device is not None:
+        from edgec.deploy import open_device
+
+        open_device(device)  # a malformed URI is refused before the slow work
     if recipe.dtype not in target.capability.compute_dtypes:
         raise UnsupportedError(
             f"dtype {recipe.dtype}: target {target.name} with backend {recipe.backend} computes in "
@@ -136,15 +144,20 @@ def compile_model(
             decode_inputs = next(e.input_names for e in entries if e.name == "decode")
             manifest["lm"] = _lm_record(model, recipe, cache=decode_inputs[1:])
         files = hash_tree(stage)  # the parity run reads these files and writes none
-        parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, rtol, target, progress)
+        if device is None:
+            parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, rtol, target, progress)
+        else:
+            parity, evaluation = _verify_on_device(manifest, files, stage, model, recipe, device, progress)
         manifest["parity"] = parity.to_json()
         if parity.ok is False:
+            where = f"on {device}" if device else f"on {target.name}/{recipe.backend}"
             raise CheckFailedError(
-                f"parity check failed for {model_spec} on {target.name}/{recipe.backend}: {parity.reason} max |diff| "
+                f"parity check failed for {model_spec} {where}: {parity.reason} max |diff| "
                 f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:.3g}; nothing was written "
                 "(report this with `edgec env`)"
             )
-        evaluation = _evaluate({**manifest, "files": files}, stage, model, recipe, target, progress)
+        if device is None:
+            evaluation = _evaluate({**manifest, "files": files}, stage, model, recipe, target, progress)
         if evaluation is not None:
             manifest["evaluation"] = evaluation
         manifest = write_manifest(stage, manifest, files)
@@ -179,7 +192,10 @@ def _evaluate(
     if recipe.evaluate.tokens == 0 or model.tokenizer is None or model.family != FAMILY_CAUSAL_LM:
         return None
     if not target.runs_here:
-        return {"skipped": f"built for {target.spec.arch}; run `edgec eval` where it runs"}
+        return {
+            "skipped": f"built for {target.spec.arch}: compile with --device D to measure it there, "
+            "or run `edgec eval ARTIFACT --device D`"
+        }
     from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn
 
     ids, label = evaluation_ids(model.tokenizer, "held-out", recipe.evaluate.tokens)
@@ -187,6 +203,47 @@ def _evaluate(
     runtime = open_runtime(stage, manifest)
     result = perplexity(runtime_logits_fn(runtime), ids, model.tokenizer, recipe.evaluate.window, label, progress)
     return result.to_json()
+
+
+def _verify_on_device(
+    manifest: dict[str, Any],
+    files: dict[str, str],
+    stage: Path,
+    model: ModelHandle,
+    recipe: Recipe,
+    device: str,
+    progress: Callable[[str], None],
+) -> tuple[ParityResult, dict[str, Any] | None]:
+    """Parity and (for a causal LM with `evaluate.tokens`) held-out perplexity, both on
+    `device`, from the staged artifact; a manifest is written for the upload and
+    rewritten by the caller."""
+    from edgec.deploy import deploy
+    from edgec.evaluate import evaluation_ids, windows_perplexity
+
+    write_manifest(stage, manifest, files)
+    evaluates = recipe.evaluate.tokens > 0 and model.tokenizer is not None and model.family == FAMILY_CAUSAL_LM
+    report: dict[str, Any] = {}
+
+    def on_device(windows: list[list[int]], progress: Callable[[str], None]) -> list[float]:
+        report.update(deploy(stage, device, progress, windows=windows or None))
+        return list(report.get("window_nll", []))
+
+    evaluation = None
+    if evaluates:
+        ids, label = evaluation_ids(model.tokenizer, "held-out", recipe.evaluate.tokens)
+        progress(f"evaluate: parity and held-out perplexity over {len(ids)} tokens on {device}")
+        result = windows_perplexity(on_device, ids, model.tokenizer, recipe.evaluate.window, label, progress)
+        evaluation = {**result.to_json(), "device": report["device"], "emulated": report["emulated"]}
+    else:
+        progress(f"parity: run reference inputs on {device}")
+        on_device([], progress)
+    found = report["parity"]
+    emulated = " (emulated)" if report["emulated"] else ""
+    parity = ParityResult(
+        found["ok"], found["max_abs_diff"], found["tolerance"], float(found["rtol"]),
+        reason=f"checked on {report['device']}{emulated}",
+    )
+    return parity, evaluation
 
 
 def _to_float16(model: ModelHandle) -> None:

@@ -131,17 +131,25 @@ def open_device(spec: str) -> AgentDevice | RpcEndpoint:
     return parse_device(spec)
 
 
-def deploy(root: Path, device_spec: str, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+def deploy(
+    root: Path,
+    device_spec: str,
+    progress: Callable[[str], None],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    windows: list[list[int]] | None = None,
+) -> dict[str, Any]:
+    """Upload, check and run the reference inputs on the device. With `windows` (token
+    windows of a causal LM), also their summed NLL per window, as `window_nll`."""
     device = open_device(device_spec)
     if isinstance(device, RpcEndpoint):
         from edgec.targets.device_rpc import deploy_rpc
 
-        return deploy_rpc(root, device, progress)
+        return deploy_rpc(root, device, progress, windows)
     session = upload_and_check(root, device, progress, timeout_s)
     slow = " (emulated: slow, and not ARM performance)" if device.emulated else ""
     progress(f"{device.name}: run the reference inputs{slow}")
     parity = session.agent("parity")
-    return {
+    report: dict[str, Any] = {
         "artifact": str(root),
         "device": device.name,
         "device_path": session.device_dir,
@@ -152,3 +160,23 @@ def deploy(root: Path, device_spec: str, progress: Callable[[str], None], timeou
         "hash_check": "sha256 of every file, computed on the device",
         "parity": parity,
     }
+    if windows:
+        report["window_nll"] = []
+        for chunk in _chunks(windows, NLL_TOKENS_PER_CALL):
+            done = len(report["window_nll"])
+            progress(f"{device.name}: score windows {done + 1}-{done + len(chunk)} of {len(windows)}{slow}")
+            report["window_nll"] += session.agent("nll", json.dumps(chunk))["nll"]
+    return report
+
+
+# The windows travel as one command-line argument: stay well under Linux's 128 KiB per argument.
+NLL_TOKENS_PER_CALL = 8192
+
+
+def _chunks(windows: list[list[int]], tokens: int) -> list[list[list[int]]]:
+    chunks: list[list[list[int]]] = [[]]
+    for window in windows:
+        if chunks[-1] and sum(map(len, chunks[-1])) + len(window) > tokens:
+            chunks.append([])
+        chunks[-1].append(window)
+    return chunks

@@ -59,6 +59,39 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def score_windows(ids: list[int], tokenizer: Any, window: int) -> list[list[int]]:
+    """The windows to run: each starts with BOS (when the tokenizer has one), and every
+    token of `ids` is predicted exactly once."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    step = window - 1 if bos is not None else window
+    prefix = [bos] if bos is not None else []
+    windows = [prefix + ids[i : i + step] for i in range(0, len(ids), step)]
+    return [tokens for tokens in windows if len(tokens) >= 2]
+
+
+def window_nll(logits: np.ndarray, tokens: list[int]) -> float:
+    """Summed negative log-likelihood of tokens[1:] given logits [len(tokens), vocab]."""
+    log_probs = _log_softmax(logits[:-1].astype(np.float64))
+    targets = np.asarray(tokens[1:])
+    return -float(log_probs[np.arange(len(targets)), targets].sum())
+
+
+# Summed NLL per window, in order; `progress` gets a line now and then.
+WindowsNllFn = Callable[[list[list[int]], Callable[[str], None]], list[float]]
+
+
+def logits_nll_fn(logits_fn: LogitsFn) -> WindowsNllFn:
+    def run(windows: list[list[int]], progress: Callable[[str], None]) -> list[float]:
+        nlls = []
+        for number, tokens in enumerate(windows, start=1):
+            nlls.append(window_nll(logits_fn(np.asarray([tokens], dtype=np.int64))[0], tokens))
+            if number % 16 == 0:
+                progress(f"ppl: {number}/{len(windows)} windows")
+        return nlls
+
+    return run
+
+
 def perplexity(
     logits_fn: LogitsFn,
     ids: list[int],
@@ -67,23 +100,23 @@ def perplexity(
     data_label: str,
     progress: Callable[[str], None] = lambda message: None,
 ) -> PerplexityResult:
-    bos = getattr(tokenizer, "bos_token_id", None)
+    """`logits_fn` maps ids [1, T] to logits [1, T, vocab]."""
+    return windows_perplexity(logits_nll_fn(logits_fn), ids, tokenizer, window, data_label, progress)
+
+
+def windows_perplexity(
+    nll_fn: WindowsNllFn,
+    ids: list[int],
+    tokenizer: Any,
+    window: int,
+    data_label: str,
+    progress: Callable[[str], None] = lambda message: None,
+) -> PerplexityResult:
+    """Perplexity from the summed NLL of each window (a device can score them itself)."""
     start = time.perf_counter()
-    total_nll = 0.0
-    step = window - 1 if bos is not None else window
-    chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
-    scored = 0
-    for number, chunk in enumerate(chunks, start=1):
-        tokens = ([bos] if bos is not None else []) + chunk
-        if len(tokens) < 2:
-            continue
-        logits = logits_fn(np.asarray([tokens], dtype=np.int64))[0].astype(np.float64)
-        log_probs = _log_softmax(logits[:-1])
-        targets = np.asarray(tokens[1:])
-        total_nll -= float(log_probs[np.arange(len(targets)), targets].sum())
-        scored += len(targets)
-        if number % 16 == 0:
-            progress(f"ppl: {number}/{len(chunks)} windows")
+    windows = score_windows(ids, tokenizer, window)
+    total_nll = float(sum(nll_fn(windows, progress)))
+    scored = sum(len(tokens) - 1 for tokens in windows)
     n_bytes = len(tokenizer.decode(ids).encode("utf-8"))
     nll = total_nll / max(scored, 1)
     return PerplexityResult(

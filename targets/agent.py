@@ -8,6 +8,8 @@ edgec uploads this file with the artifact and calls it:
     python3 agent.py parity ARTIFACT_DIR      # run the reference inputs, compare with the torch outputs
     python3 agent.py profile ARTIFACT_DIR RUNS WARMUP PROMPT_LEN NEW_TOKENS
                                               # latency percentiles, load time, peak RSS, per-op time, tokens/s
+    python3 agent.py nll    ARTIFACT_DIR WINDOWS_JSON
+                                              # summed NLL of each token window (perplexity on the device)
 
 Each command prints one JSON object on stdout.
 """
@@ -224,6 +226,22 @@ def parity(root: Path) -> dict[str, Any]:
     return {"ok": ok, "max_abs_diff": worst["max_abs_diff"], "tolerance": worst["tolerance"], "rtol": rtol, "outputs": outputs}
 
 
+def nll(root: Path, windows_json: str) -> dict[str, Any]:
+    """Summed negative log-likelihood of tokens[1:] for each window, the rule of
+    edgec.evaluate.window_nll; the logits (windows x vocab floats) never leave the device."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    runtime = _Runtime(root, manifest)
+    sums = []
+    for number, tokens in enumerate(json.loads(windows_json), start=1):
+        logits = runtime.run("prefill", [np.asarray([tokens], dtype=np.int64)])[0][0, :-1].astype(np.float64)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        targets = np.asarray(tokens[1:])
+        sums.append(-float(log_probs[np.arange(len(targets)), targets].sum()))
+        _report({"windows_done": number})
+    return {"nll": sums}
+
+
 def percentiles(times_ms: list[float]) -> dict[str, float]:
     values = np.asarray(times_ms)
     return {
@@ -350,14 +368,16 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile"):
-        print(json.dumps({"error": "usage: agent.py check|parity|profile ARTIFACT_DIR [...]"}))
+    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile", "nll"):
+        print(json.dumps({"error": "usage: agent.py check|parity|profile|nll ARTIFACT_DIR [...]"}))
         return 2
     root = Path(argv[2])
     if argv[1] == "check":
         result = check(root)
     elif argv[1] == "parity":
         result = parity(root)
+    elif argv[1] == "nll":
+        result = nll(root, argv[3])
     else:
         runs, warmup, prompt_len, new_tokens = (int(x) for x in argv[3:7])
         result = profile(root, runs, warmup, prompt_len, new_tokens)

@@ -180,7 +180,9 @@ def _open(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None]) ->
     return manifest, remotes, load_ms
 
 
-def deploy_rpc(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None]) -> dict[str, Any]:
+def deploy_rpc(
+    root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None], windows: list[list[int]] | None = None
+) -> dict[str, Any]:
     manifest, remotes, _ = _open(root, endpoint, progress)
     reference = unflatten_io(load_reference(root))
     entries = list(manifest["reference"]["entries"])
@@ -191,7 +193,7 @@ def deploy_rpc(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None
         progress(f"{endpoint.uri}: run the reference inputs on {remote.server}")
         results.append(compare(reference, run_reference(remote, reference, entries), output_names, rtol))
     worst = max(results, key=lambda r: (not r.ok, (r.max_abs_diff or 0) / (r.tolerance or 1)))
-    return {
+    report: dict[str, Any] = {
         "artifact": str(root),
         "device": endpoint.uri,
         "device_path": ", ".join(r.server for r in remotes),
@@ -204,6 +206,16 @@ def deploy_rpc(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None
         "parity": worst.to_json(),
         "unavailable": {"versions": UNAVAILABLE["versions"]},
     }
+    if windows:
+        from edgec.evaluate import window_nll
+
+        # A stock server runs no uploaded Python: the logits come back and are scored here.
+        remote = remotes[0]
+        progress(f"{endpoint.uri}: score {len(windows)} windows on {remote.server}")
+        report["window_nll"] = [
+            window_nll(remote.run("prefill", [np.asarray([tokens], dtype=np.int64)])[0][0], tokens) for tokens in windows
+        ]
+    return report
 
 
 def profile_rpc(

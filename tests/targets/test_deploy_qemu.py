@@ -154,16 +154,24 @@ def test_luc_artifact_lowers_for_arm64_and_passes_parity_on_the_device(tmp_path:
         "  - name: schedule\n    options: {trials: 2}\n"
     )
     out = tmp_path / "luc-arm64"
-    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--target", "arm64", "--recipe", str(recipe), "-o", str(out), "--json"])
+    args = ["compile", "zoo:tiny-lm", "--target", "arm64", "--recipe", str(recipe), "-o", str(out), "--json", "--device", "qemu-arm64"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output + result.stderr
     summary = json.loads(result.stdout)
-    assert "built for aarch64" in summary["evaluation"]["skipped"]
-    tuning = json.loads((out / "manifest.json").read_text())["backend_record"]["tuning"]
+    # Verified and measured on the device before the artifact was written.
+    assert summary["parity"]["ok"] is True and "qemu-arm64 (emulated)" in summary["parity"]["reason"]
+    evaluation = summary["evaluation"]
+    assert evaluation["device"] == "qemu-arm64" and evaluation["tokens"] == 256 and 1 < evaluation["perplexity"] < 200
+    assert summary["passes"][0]["record"]["layers"] and summary["size_bytes"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["evaluation"] == evaluation and manifest["parity"]["ok"] is True
     # Never timed on the emulated device: its timings are not ARM performance.
-    assert all(not t["tuned"] and "emulated" in t["reason"] for t in tuning.values())
-    deployed = runner.invoke(app, ["deploy", str(out), "--device", "qemu-arm64", "--json"])
-    assert deployed.exit_code == 0, deployed.output + deployed.stderr
-    assert json.loads(deployed.stdout)["parity"]["ok"] is True
+    assert all(not t["tuned"] and "emulated" in t["reason"] for t in manifest["backend_record"]["tuning"].values())
+    # The same artifact scored again on the device by `eval` gives the same perplexity.
+    evaluated = runner.invoke(app, ["eval", str(out), "--device", "qemu-arm64", "--tokens", "256", "--window", "256", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output + evaluated.stderr
+    again = json.loads(evaluated.stdout)
+    assert again["parity"]["ok"] is True and abs(again["perplexity"] - evaluation["perplexity"]) < 1e-6 * evaluation["perplexity"]
 
 
 def test_act_artifact_passes_parity_on_the_device(planted_sink_llama_dir: Path, tmp_path: Path) -> None:
