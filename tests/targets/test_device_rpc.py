@@ -25,7 +25,7 @@ DIRECT_KEY = "edgec-test-direct"
 POOL_KEY = "edgec-test-pool"
 
 
-def _compile(model: Path, out: Path, *args: str) -> Path:
+def _compile(model: Path | str, out: Path, *args: str) -> Path:
     result = runner.invoke(app, ["compile", str(model), "-o", str(out), *args])
     assert result.exit_code == 0, result.output
     return out
@@ -150,3 +150,20 @@ def test_device_up_refuses_other_addresses_and_busy_ports(devices: dict[str, int
     assert busy.exit_code == 2 and "already up" in busy.output
     down = runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(free_port())])
     assert down.exit_code == 2 and "is not up" in down.output
+
+
+def test_rpc_eval_scores_on_the_device_like_the_agent(devices: dict[str, int], tmp_path: Path) -> None:
+    """A stock server returns the logits and the host scores them; the qemu-arm64 agent
+    scores on the device. Same artifact, same windows: the same perplexity."""
+    artifact = _compile("zoo:tiny-lm", tmp_path / "tiny-lm-arm64", "--target", "arm64")
+    scores = {}
+    for device in (_uri(devices), "qemu-arm64"):
+        result = runner.invoke(app, ["eval", str(artifact), "--device", device, "--tokens", "150", "--window", "64", "--json"])
+        assert result.exit_code == 0, result.output
+        scores[device] = json.loads(result.stdout)
+        assert scores[device]["device"] == device and scores[device]["parity"]["ok"] is True
+    rpc, agent = scores.values()
+    assert rpc["tokens"] == agent["tokens"] == 150 and 1 < rpc["perplexity"] < 1000
+    assert abs(rpc["nll_per_token"] - agent["nll_per_token"]) < 1e-6
+    refused = runner.invoke(app, ["eval", str(artifact), "--device", "qemu-arm64", "--task", "wordnet"])
+    assert refused.exit_code == 2 and "--task ppl only" in refused.output
