@@ -31,6 +31,7 @@ from edgec.lm import lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, load_model
 from edgec.parity import ParityResult, compare, flatten_io, reference_io, run_reference
 from edgec.passes import REGISTRY
+from edgec.passes.schedule import schedule_options, tuning_endpoint
 from edgec.pipeline import PassContext, PassManager
 from edgec.recipe import Recipe
 from edgec.targets.export import export_entries
@@ -80,6 +81,9 @@ def compile_model(
         )
     manager = PassManager(REGISTRY, recipe.passes)
     manager.check_capability(target.capability.weight_bits, target.capability.ops, f"{target.name}/{recipe.backend}")
+    tuning = schedule_options(recipe.passes)
+    if tuning is not None and tuning.device is not None and tuning.trials > 0 and recipe.backend == "tvm":
+        tuning_endpoint(tuning.device, target.spec.arch, target.name)  # the device to time kernels on, before any work
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     on_target(target)
     local_input = Path(model_spec).expanduser()
@@ -108,10 +112,8 @@ def compile_model(
         else:
             from edgec.targets import backend_onnx as backend  # type: ignore[no-redef]
         if recipe.backend == "tvm":
-            from edgec.passes.schedule import schedule_options
-
             backend_record = backend.build(
-                entries, target, model_dir, progress, recipe.dtype, tuning=schedule_options(recipe.passes)
+                entries, target, model_dir, progress, recipe.dtype, tuning=tuning
             )
         else:
             backend_record = backend.build(entries, target, model_dir, progress, recipe.dtype)

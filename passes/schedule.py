@@ -5,9 +5,12 @@ After: for each distinct matmul workload (shape, bits, group, sparsity pattern) 
 entry, candidate schedules are timed on the real target and the fastest is compiled;
 measurements persist in a per-target tuning database, so a second compile of the same
 model measures nothing. The work happens inside the TVM build (targets/tvm_tuning.py),
-where the kernels exist; this pass validates the options and leaves the model as is.
-Cross targets are not tuned here: the emulated arm64 device's timings are not ARM
-performance, so their templates are kept and the record says so.
+where the kernels exist; this pass checks the options and the device, and leaves the
+model as is.
+Host builds are timed on the host unless `device` names a TVM RPC server; cross builds
+only on such a server on a real board. The emulated arm64 device is refused for timing
+(its timings are not ARM performance); without a device a cross build keeps its
+templates and the record says so.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgec.errors import BadInputError
 from edgec.model import FAMILY_CAUSAL_LM, FAMILY_EXPORTED, FAMILY_ONNX, ModelHandle
 from edgec.pipeline import PassContext, PassResult
 from edgec.recipe import LayerOverride
+from edgec.targets.devices import RpcEndpoint, parse_device
 
 
 class ScheduleOptions(BaseModel):
@@ -27,6 +32,11 @@ class ScheduleOptions(BaseModel):
 
     trials: int = Field(6, ge=0, description="candidate schedules timed per workload and entry; 0 = templates only")
     prefill_rows: int = Field(128, ge=1, description="rows (tokens) the prefill kernels are timed at")
+    device: str | None = Field(
+        None,
+        description="time the kernels on this TVM RPC server (rpc://host:port?key=K&arch=A or tracker://host:port?key=K) "
+        "instead of this host; the only way to tune a cross target. Not the emulated device",
+    )
 
 
 class Schedule:
@@ -45,6 +55,32 @@ class Schedule:
         del model
         where = "the TVM build" if ctx.recipe.backend == "tvm" else "nothing (ONNX Runtime chooses its own kernels)"
         return PassResult(changed=False, record={"trials": self.options.trials, "applied_in": where})
+
+
+def tuning_endpoint(spec: str, arch: str, target_name: str) -> RpcEndpoint:
+    """The TVM RPC endpoint `schedule.device` names, checked: a stock server (the board
+    runs `python3 -m tvm.exec.rpc_server`) of the target's architecture, not the emulated
+    device, reachable now."""
+    from edgec.targets.device_rpc import emulated, reachable
+
+    device = parse_device(spec)
+    if not isinstance(device, RpcEndpoint):
+        raise BadInputError(
+            f"schedule.device {spec}: kernels are timed over TVM RPC; start `python3 -m tvm.exec.rpc_server` on the board "
+            "and give rpc://HOST:PORT?key=K (or tracker://HOST:PORT?key=K)"
+        )
+    if device.arch != arch:
+        raise BadInputError(
+            f"schedule.device {spec} is {device.arch} (arch= in the URI; aarch64 if absent) but target {target_name} is "
+            f"{arch}; tune on a device of the target's architecture"
+        )
+    if emulated(device):
+        raise BadInputError(
+            f"schedule.device {spec}: that server runs in the emulated arm64 device, whose timings are not ARM "
+            "performance; tune on a real board, or set schedule.trials=0 to keep the templates"
+        )
+    reachable(device)
+    return device
 
 
 def schedule_options(passes: Sequence[object]) -> ScheduleOptions | None:

@@ -154,15 +154,24 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
 
 def _tune(fused: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """The schedule pass's work for one entry of a fused module (see targets/tvm_tuning.py)."""
-    from edgec.targets.tvm_tuning import not_tuned, tune
+    from edgec.targets.tvm_tuning import RemoteRunner, Runner, not_tuned, tune
 
-    if not target.runs_here:
+    runner = Runner()
+    if options.device is not None and options.trials > 0:
+        from edgec.passes.schedule import tuning_endpoint
+        from edgec.targets.device_rpc import sessions
+
+        endpoint = tuning_endpoint(options.device, target.spec.arch, target.name)
+        session = sessions(endpoint, progress, limit=1)[0].session
+        runner = RemoteRunner(session, endpoint.uri, endpoint.key, target.spec.cross_compiler)
+    elif not target.runs_here:
         return None, not_tuned(
-            f"built for {target.spec.arch}: kernels are timed only on the real target (an rpc:// or tracker:// device "
-            "is not wired into tuning yet, and the emulated device's timings are not ARM performance); templates used"
+            f"built for {target.spec.arch}: kernels are timed only on the real target, and the emulated device's "
+            "timings are not ARM performance; templates used (set schedule.device=rpc://BOARD:PORT?key=K to tune "
+            "on a real board)"
         )
     rows = 1 if entry == "decode" else options.prefill_rows
-    chosen, record = tune(fused, tvm_target, rows, options.trials, progress)
+    chosen, record = tune(fused, tvm_target, rows, options.trials, progress, runner)
     return chosen, {"tuned": True, **record}
 
 

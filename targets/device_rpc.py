@@ -35,7 +35,7 @@ UNAVAILABLE = {
 }
 
 
-def _reachable(endpoint: RpcEndpoint) -> None:
+def reachable(endpoint: RpcEndpoint) -> None:
     """Fail in seconds, saying which failure, before TVM's own retry loops start."""
     what = "tracker" if endpoint.tracker else "RPC server"
     try:
@@ -109,10 +109,12 @@ class RemoteTVM:
         return [float(seconds) * 1e3 for seconds in timer("main").results[warmup:]]
 
 
-def _sessions(endpoint: RpcEndpoint, progress: Callable[[str], None]) -> list[RemoteTVM]:
+def sessions(endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int | None = None) -> list[RemoteTVM]:
+    """A session with the server, or with every free server of the key behind a tracker
+    (at most `limit`)."""
     from tvm import rpc
 
-    _reachable(endpoint)
+    reachable(endpoint)
     try:
         if not endpoint.tracker:
             session = rpc.connect(endpoint.host, endpoint.port, key=endpoint.key, session_timeout=int(endpoint.timeout_s))
@@ -129,8 +131,9 @@ def _sessions(endpoint: RpcEndpoint, progress: Callable[[str], None]) -> list[Re
             known = ", ".join(sorted(queue)) or "none"
             raise DeviceUnreachableError(f"{endpoint.uri}: the tracker has no free server with key {endpoint.key!r} (keys there: {known})")
         progress(f"{endpoint.uri}: {free} free device(s) with key {endpoint.key}")
-        sessions = [tracker.request(endpoint.key, session_timeout=int(endpoint.timeout_s), max_retry=2) for _ in range(free)]
-        return [RemoteTVM(s, _server_id(s, f"device {i}")) for i, s in enumerate(sessions)]
+        count = free if limit is None else min(free, limit)
+        found = [tracker.request(endpoint.key, session_timeout=int(endpoint.timeout_s), max_retry=2) for _ in range(count)]
+        return [RemoteTVM(s, _server_id(s, f"device {i}")) for i, s in enumerate(found)]
     except DeviceUnreachableError:
         raise
     except Exception as exc:  # TVM raises InternalError/RuntimeError with the reason in the text
@@ -148,7 +151,7 @@ def _server_id(session: Any, fallback: str) -> str:
         return fallback
 
 
-def _emulated(endpoint: RpcEndpoint) -> bool:
+def emulated(endpoint: RpcEndpoint) -> bool:
     """True when the server (or, behind a tracker, every server of the key) is one `edgec device up` started."""
     from edgec.device_server import known_servers
 
@@ -168,7 +171,7 @@ def _open(root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None]) ->
             "to qemu-arm64 or ssh://"
         )
     check_architecture(root, manifest, endpoint.uri, endpoint.arch)
-    remotes = _sessions(endpoint, progress)
+    remotes = sessions(endpoint, progress)
     from safetensors.numpy import load_file
 
     params_file = manifest["backend_record"]["params_file"]
@@ -197,7 +200,7 @@ def deploy_rpc(
         "artifact": str(root),
         "device": endpoint.uri,
         "device_path": ", ".join(r.server for r in remotes),
-        "emulated": _emulated(endpoint),
+        "emulated": emulated(endpoint),
         "machine": f"{endpoint.arch} (as declared by the URI; a stock server cannot report it)",
         "versions": {},
         "hashes_ok": True,
@@ -249,7 +252,7 @@ def profile_rpc(
         "artifact": str(root),
         "device": endpoint.uri,
         "backend": "tvm",
-        "emulated": _emulated(endpoint),
+        "emulated": emulated(endpoint),
         "size_bytes": manifest["size_bytes"],
         "entry": entry,
         "latency": percentiles(latency),

@@ -4,13 +4,15 @@ hardware scheduling of the irregular, per-layer compressed layers).
 For each distinct matmul workload of an entry (a kernel's computation and shapes: dense,
 or a packed-weight linear at its bits and group), candidate schedules -- register tile
 shape, and for packed weights whether the decode fills a per-tile panel or is inlined
--- are compiled and timed on this machine at the entry's row count (decode: 1 row;
-prefill: `prefill_rows`). The fastest is used, and every measurement goes into a
-per-target database on disk that later compiles reuse without measuring again.
+-- are compiled and timed at the entry's row count (decode: 1 row; prefill:
+`prefill_rows`). The fastest is used, and every measurement goes into a per-target (and
+per-device) database on disk that later compiles reuse without measuring again.
 
-Only the real target measures: a host build is tuned on the host; a cross build is not
-tuned here (the emulated arm64 device's timings are not ARM performance) and keeps the
-rule templates, which the record says.
+Only the real target measures: a host build is timed on the host, or on the TVM RPC
+device `schedule.device` names; a cross build is timed only on such a device (each
+candidate cross-compiled, uploaded and run by `time_evaluator` there). The emulated
+arm64 device is refused (its timings are not ARM performance); without a device a cross
+build keeps the rule templates, which the record says.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import tvm
 from tvm import tirx
 from tvm.ir import IRModule
+from tvm.sym import Analyzer
 from tvm.target import Target
 
 from edgec.cache import cache_root, locked
@@ -68,15 +71,23 @@ def _buffers(func: tirx.PrimFunc) -> list[Any]:
 
 
 def _is_layer_workload(func: tirx.PrimFunc) -> bool:
-    """A linear layer's kernel: a static 2-D weight, activation dims that are plain
-    variables, no scalar parameters. (Attention's matmuls change with the sequence
-    length; they keep their template.)"""
+    """A linear layer's kernel: a static 2-D weight; any other parameter is a tensor
+    whose symbolic dims are the rows (batch x tokens) or one of those integer variables.
+    (Attention's matmuls change with the sequence length; they keep their template.)"""
     buffers = _buffers(func)
-    if len(buffers) != len(func.params):
-        return False
+    scalars = [p for p in func.params if getattr(p, "shape", None) is None]
     static = [b for b in buffers if len(b.shape) == 2 and all(isinstance(d, tirx.IntImm) for d in b.shape)]
-    plain = all(isinstance(d, (tirx.IntImm, tirx.Var)) for b in buffers for d in b.shape)
-    return bool(static) and plain
+    dims = _dim_variables(buffers)
+    return bool(static) and all(any(p.same_as(v) for v in dims) for p in scalars)
+
+
+def _dim_variables(buffers: list[Any]) -> list[tirx.Var]:
+    """The symbolic variables of the buffers' shapes, first seen first."""
+    found: list[tirx.Var] = []
+    for buffer in buffers:
+        for dim in buffer.shape:
+            found += [v for v in tirx.analysis.undefined_vars(dim) if not any(v.same_as(u) for u in found)]
+    return found
 
 
 def _is_packed(func: tirx.PrimFunc) -> bool:
@@ -93,47 +104,95 @@ def _describe(func: tirx.PrimFunc) -> str:
 
 
 def _arguments(func: tirx.PrimFunc, rows: int, device: Any) -> list[Any]:
-    """Random tensors for every buffer: the last symbolic dimension of the first input is
-    the row count, every other symbolic dimension is 1 (batch)."""
+    """A value for every parameter: random tensors, and integers for the symbolic dims.
+    The first input's last variable is the row count, every other variable is 1 (batch),
+    so a flattened [batch * tokens, K] input has `rows` rows too."""
     buffers = _buffers(func)
-    symbolic = [d for d in buffers[0].shape if not isinstance(d, tirx.IntImm)]
-    rows_var = symbolic[-1] if symbolic else None
+    first = _dim_variables(buffers[:1])
+    values = {v: (rows if first and v.same_as(first[-1]) else 1) for v in _dim_variables(buffers)}
+    analyzer = Analyzer()
+    for variable, value in values.items():
+        analyzer.bind(variable, value)
     generator = np.random.default_rng(0)
-    arrays = []
-    for buffer in buffers:
-        shape = []
-        for dim in buffer.shape:
-            if isinstance(dim, tirx.IntImm):
-                shape.append(int(dim))
-            else:
-                shape.append(rows if rows_var is not None and dim.same_as(rows_var) else 1)
-        dtype = str(buffer.dtype)
+    arguments: list[Any] = []
+    for param in func.params:
+        if getattr(param, "shape", None) is None:
+            arguments.append(next((value for v, value in values.items() if v.same_as(param)), 1))
+            continue
+        shape = [int(analyzer.simplify(dim)) for dim in param.shape]
+        dtype = str(param.dtype)
         if dtype.startswith("float"):
             data = generator.standard_normal(shape).astype(dtype)
         else:
             data = generator.integers(0, 8, size=shape).astype(dtype)
-        arrays.append(tvm.runtime.tensor(data, device))
-    return arrays
+        arguments.append(tvm.runtime.tensor(data, device))
+    return arguments
 
 
-def measure_us(func: tirx.PrimFunc, config: CpuScheduleConfig, target: Target, rows: int) -> tuple[float, str]:
-    """Median microseconds of one call of `func` scheduled with `config`, and the rule applied."""
+class Runner:
+    """Times compiled kernels on this host."""
+
+    where = "this host"
+    # Devices of one kind share measurements: the host, or an RPC key (one board model).
+    database_key = "host"
+
+    def device(self) -> Any:
+        return tvm.cpu()
+
+    def load(self, library: Any) -> Any:
+        return library.mod
+
+
+class RemoteRunner(Runner):
+    """Times compiled kernels on a TVM RPC server: each candidate is exported (with the
+    target's cross compiler), uploaded and loaded there."""
+
+    def __init__(self, session: Any, uri: str, key: str, cross_compiler: str | None) -> None:
+        self.session = session
+        self.where = uri
+        self.database_key = f"rpc:{key}" if key else f"rpc:{uri}"
+        self.cross_compiler = cross_compiler
+        self.uploads = 0
+
+    def device(self) -> Any:
+        return self.session.cpu()
+
+    def load(self, library: Any) -> Any:
+        from tvm.support import cc
+
+        self.uploads += 1
+        name = f"edgec-tune-{os.getpid()}-{self.uploads}.so"
+        with tempfile.TemporaryDirectory() as workdir:
+            path = os.path.join(workdir, name)
+            if self.cross_compiler is not None:
+                library.export_library(path, fcompile=cc.cross_compiler(self.cross_compiler))
+            else:
+                library.export_library(path)
+            self.session.upload(path, target=name)
+        return self.session.load_module(name)
+
+
+def measure_us(func: tirx.PrimFunc, config: CpuScheduleConfig, target: Target, rows: int, runner: Runner | None = None) -> tuple[float, str]:
+    """Median microseconds of one call of `func` scheduled with `config` on the runner's
+    device, and the rule applied."""
+    runner = runner or Runner()
     scheduled, rule = schedule_prim_func(func, config)
     library = tvm.compile(IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target)
-    device = tvm.cpu()
+    device = runner.device()
     arguments = _arguments(func, rows, device)
-    timer = library.mod.time_evaluator("main", device, number=3, repeat=5, min_repeat_ms=10)
+    timer = runner.load(library).time_evaluator("main", device, number=3, repeat=5, min_repeat_ms=10)
     return statistics.median(timer(*arguments).results) * 1e6, rule
 
 
 class TuningDatabase:
-    """Measurements per (workload, rows) for one target, in the cache as JSON."""
+    """Measurements per (workload, rows) for one target on one kind of device, in the cache as JSON."""
 
-    def __init__(self, target: Target) -> None:
-        text = str(target) + tvm.__version__ + str(DATABASE_VERSION)
+    def __init__(self, target: Target, device_key: str = "host") -> None:
+        text = str(target) + tvm.__version__ + str(DATABASE_VERSION) + ("" if device_key == "host" else device_key)
         self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.path = cache_root() / "tuning" / f"{self.key}.json"
         self.target = str(target)
+        self.device = device_key
         self.records: dict[str, Any] = {}
         if self.path.is_file():
             self.records = json.loads(self.path.read_text()).get("records", {})
@@ -149,7 +208,7 @@ class TuningDatabase:
             self.records = current
             handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.key}.tmp-")
             with os.fdopen(handle, "w") as out:
-                json.dump({"target": self.target, "version": DATABASE_VERSION, "records": current}, out, indent=1)
+                json.dump({"target": self.target, "device": self.device, "version": DATABASE_VERSION, "records": current}, out, indent=1)
             os.replace(tmp, self.path)
 
 
@@ -159,13 +218,16 @@ def tune(
     rows: int,
     trials: int,
     progress: Callable[[str], None],
+    runner: Runner | None = None,
 ) -> tuple[dict[str, CpuScheduleConfig], dict[str, Any]]:
-    """Choose a schedule per matmul workload of a fused, unscheduled module.
+    """Choose a schedule per matmul workload of a fused, unscheduled module, timed by
+    `runner` (default: this host).
 
     Returns the chosen configs by workload_key (for schedule_cpu_funcs) and the record
     for the manifest: per kernel its workload, the choice, and where it came from."""
+    runner = runner or Runner()
     base = CpuScheduleConfig.from_target(target)
-    database = TuningDatabase(target)
+    database = TuningDatabase(target, runner.database_key)
     chosen: dict[str, CpuScheduleConfig] = {}
     kernels: list[dict[str, Any]] = []
     workloads: dict[str, tuple[str, tirx.PrimFunc]] = {}
@@ -192,8 +254,8 @@ def tune(
             results = []
             options = candidates(base, _is_packed(func))[:trials]
             for index, candidate in enumerate(options, start=1):
-                progress(f"tune: workload {number}/{len(workloads)} ({name}, {rows} rows): candidate {index}/{len(options)}")
-                us, rule = measure_us(func, candidate.config(base), target, rows)
+                progress(f"tune on {runner.where}: workload {number}/{len(workloads)} ({name}, {rows} rows): candidate {index}/{len(options)}")
+                us, rule = measure_us(func, candidate.config(base), target, rows, runner)
                 results.append({**candidate.to_json(), "us": round(us, 2), "rule": rule})
                 measured += 1
             best = min(results, key=lambda r: r["us"])
@@ -216,6 +278,7 @@ def tune(
         kernel.update(summaries.get(kernel["workload"], {}))
     return chosen, {
         "rows": rows,
+        "measured_on": runner.where,
         "database": str(database.path),
         "workloads": len(workloads),
         "measured_now": measured,
@@ -227,4 +290,4 @@ def not_tuned(reason: str) -> dict[str, Any]:
     return {"tuned": False, "reason": reason}
 
 
-__all__ = ["Candidate", "TuningDatabase", "candidates", "measure_us", "not_tuned", "tune"]
+__all__ = ["Candidate", "RemoteRunner", "Runner", "TuningDatabase", "candidates", "measure_us", "not_tuned", "tune"]

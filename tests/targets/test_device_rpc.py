@@ -167,3 +167,12 @@ def test_rpc_eval_scores_on_the_device_like_the_agent(devices: dict[str, int], t
     assert abs(rpc["nll_per_token"] - agent["nll_per_token"]) < 1e-6
     refused = runner.invoke(app, ["eval", str(artifact), "--device", "qemu-arm64", "--task", "wordnet"])
     assert refused.exit_code == 2 and "--task ppl only" in refused.output
+
+
+def test_kernels_are_never_timed_on_the_emulated_device(devices: dict[str, int], tiny_llama_dir: Path, tmp_path: Path) -> None:
+    tracker = f"tracker://127.0.0.1:{devices['tracker']}?key={POOL_KEY}"
+    for uri in (_uri(devices), tracker):
+        args = ["compile", str(tiny_llama_dir), "--target", "arm64", "--set", "passes=schedule", "--set", f"schedule.device={uri}"]
+        result = runner.invoke(app, [*args, "-o", str(tmp_path / "x")])
+        assert result.exit_code == 2 and "emulated arm64 device" in result.output and "not ARM" in result.output, result.output
+        assert "load " not in result.output and not (tmp_path / "x").exists()
