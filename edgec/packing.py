@@ -12,6 +12,12 @@ One quantized matrix W[N, K] (N outputs, K inputs, the nn.Linear layout) is stor
 W[n, k] = (code[n, k] - zero[n, k // group]) * scale[n, k // group]. A pruned weight is
 code == zero, so it decodes to exactly 0.
 
+N:M compressed (e.g. 2:4, when every M consecutive inputs of a row hold at most N
+nonzero codes): the planes hold only N codes of each M ([N, K * N / M] codes), and an
+index plane [N, K * N / M] of INDEX_WIDTH[M] bits holds each kept code's position in
+its M-block (ascending). The other positions decode to exactly 0. At 4 bits, 2:4 costs
+(4 + 2) / 2 = 3 bits per weight instead of 4.
+
 Rows packed along K are also the embedding table layout (a tied lm_head shares the
 embedding's planes) and ONNX Runtime's MatMulNBits layout. The ops `edgec::qlinear` and
 `edgec::qembedding` keep a packed weight as one node through torch.export, so each
@@ -30,6 +36,8 @@ T = TypeVar("T")
 
 PLANE_WIDTHS: dict[int, tuple[int, ...]] = {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}
 SUPPORTED_BITS: tuple[int, ...] = tuple(sorted(PLANE_WIDTHS, reverse=True))
+# Bits of an N:M position index: the block sizes whose positions fill a plane width exactly.
+INDEX_WIDTH: dict[int, int] = {2: 1, 4: 2, 16: 4}
 
 
 @dataclass
@@ -39,28 +47,45 @@ class PackedWeight:
     zeros: torch.Tensor | None
     bits: int
     group: int
+    # N:M compressed storage: the position plane, and (N, M); None / (0, 0) when dense.
+    index: torch.Tensor | None = None
+    keep: int = 0
+    span: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
         rows, packed = self.planes[0].shape
-        return rows, packed * 8 // PLANE_WIDTHS[self.bits][0]
+        stored = packed * 8 // PLANE_WIDTHS[self.bits][0]
+        return rows, stored * self.span // self.keep if self.index is not None else stored
 
     def nbytes(self) -> int:
-        tensors = [*self.planes, self.scales] + ([] if self.zeros is None else [self.zeros])
+        tensors = [*self.planes, self.scales] + [t for t in (self.zeros, self.index) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def pack_plane(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Integers [N, K] in [0, 2^width) -> uint8 [N, K * width / 8], low bits first."""
+    rows, cols = values.shape
+    per_byte = 8 // width
+    part = values.to(torch.int32).reshape(rows, cols // per_byte, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * width
+    return (part << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_plane(plane: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of pack_plane over the last axis: int32."""
+    per_byte = 8 // width
+    shifts = torch.arange(per_byte, dtype=torch.int32) * width
+    part = (plane.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)
+    return part.reshape(*plane.shape[:-1], plane.shape[-1] * per_byte)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """Integer codes [N, K] in [0, 2^bits) -> one uint8 plane per width of PLANE_WIDTHS[bits]."""
-    rows, cols = codes.shape
     planes: list[torch.Tensor] = []
     offset = 0
     for width in PLANE_WIDTHS[bits]:
-        per_byte = 8 // width
-        part = (codes.to(torch.int32) >> offset) & ((1 << width) - 1)
-        part = part.reshape(rows, cols // per_byte, per_byte)
-        shifts = torch.arange(per_byte, dtype=torch.int32) * width
-        planes.append((part << shifts).sum(dim=-1).to(torch.uint8))
+        planes.append(pack_plane((codes.to(torch.int32) >> offset) & ((1 << width) - 1), width))
         offset += width
     return planes
 
@@ -70,18 +95,65 @@ def unpack_codes(planes: list[torch.Tensor], bits: int) -> torch.Tensor:
     codes: torch.Tensor | None = None
     offset = 0
     for plane, width in zip(planes, PLANE_WIDTHS[bits]):
-        per_byte = 8 // width
-        shifts = torch.arange(per_byte, dtype=torch.int32) * width
-        part = (plane.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)
-        part = part.reshape(*plane.shape[:-1], plane.shape[-1] * per_byte) << offset
+        part = unpack_plane(plane, width) << offset
         codes = part if codes is None else codes | part
         offset += width
     assert codes is not None
     return codes
 
 
-def dequantize(planes: list[torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+def zero_codes(zeros: torch.Tensor | None, bits: int, group: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The code of 0.0 for every weight [N, K] (int32)."""
+    if zeros is None:
+        return torch.full(shape, 1 << (bits - 1), dtype=torch.int32)
+    return zeros.to(torch.int32).repeat_interleave(group, dim=1)
+
+
+def compress_nm(packed: PackedWeight, keep: int, span: int) -> PackedWeight | None:
+    """N:M compressed storage of a dense PackedWeight, or None where it does not apply:
+    a block with more than `keep` nonzero codes, an M without an index width, or a width
+    the kept codes do not fill whole bytes of."""
+    rows, cols = packed.shape
+    if packed.index is not None or span not in INDEX_WIDTH or cols % span:
+        return None
+    kept = cols // span * keep
+    if any(kept % (8 // width) for width in (*PLANE_WIDTHS[packed.bits], INDEX_WIDTH[span])):
+        return None
+    codes = unpack_codes(packed.planes, packed.bits).reshape(rows, cols // span, span)
+    nonzero = codes != zero_codes(packed.zeros, packed.bits, packed.group, (rows, cols)).reshape(codes.shape)
+    if int(nonzero.sum(-1).max()) > keep:
+        return None
+    # The nonzero positions first, then zero ones to fill each block to `keep`; ascending.
+    order = torch.sort((~nonzero).to(torch.int8), dim=-1, stable=True).indices[..., :keep]
+    positions = torch.sort(order, dim=-1).values
+    kept_codes = torch.gather(codes, -1, positions).reshape(rows, kept)
+    index = pack_plane(positions.reshape(rows, kept), INDEX_WIDTH[span])
+    return PackedWeight(pack_codes(kept_codes, packed.bits), packed.scales, packed.zeros, packed.bits, packed.group, index, keep, span)
+
+
+def expand_nm(kept_codes: torch.Tensor, index: torch.Tensor, keep: int, span: int, zero: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] from kept codes and their packed positions; `zero` [N, K] fills the rest."""
+    rows, kept = kept_codes.shape
+    positions = unpack_plane(index, INDEX_WIDTH[span]).reshape(rows, kept // keep, keep).to(torch.int64)
+    codes = zero.clone().reshape(rows, kept // keep, span)
+    codes.scatter_(-1, positions, kept_codes.reshape(rows, kept // keep, keep))
+    return codes.reshape(rows, -1)
+
+
+def dequantize(
+    planes: list[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group: int,
+    index: torch.Tensor | None = None,
+    keep: int = 0,
+    span: int = 0,
+) -> torch.Tensor:
     codes = unpack_codes(planes, bits)
+    if index is not None:
+        shape = (codes.shape[0], codes.shape[1] * span // keep)
+        codes = expand_nm(codes, index, keep, span, zero_codes(zeros, bits, group, shape))
     cols = codes.shape[-1]
     grouped = codes.reshape(*codes.shape[:-1], cols // group, group).float()
     zero = float(1 << (bits - 1)) if zeros is None else zeros.float()[..., None]
@@ -173,6 +245,30 @@ def _qlinear_shape(x, plane0, plane1, scales, zeros, bias, bits, group):  # type
     return x.new_empty((*x.shape[:-1], plane0.shape[0]))
 
 
+@torch.library.custom_op("edgec::qlinear_nm", mutates_args=())
+def qlinear_nm(
+    x: torch.Tensor,
+    plane0: torch.Tensor,
+    plane1: torch.Tensor | None,
+    index: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group: int,
+    keep: int,
+    span: int,
+) -> torch.Tensor:
+    """qlinear with N:M compressed codes (see the module docstring)."""
+    weight = dequantize(planes_of(plane0, plane1), scales, zeros, bits, group, index, keep, span).to(x.dtype)
+    return nn.functional.linear(x, weight, bias)
+
+
+@qlinear_nm.register_fake
+def _qlinear_nm_shape(x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], plane0.shape[0]))
+
+
 @torch.library.custom_op("edgec::qembedding", mutates_args=())
 def qembedding(
     ids: torch.Tensor,
@@ -221,16 +317,19 @@ class _PackedStore(nn.Module):
         self.plane1 = frozen(packed.planes[1]) if len(packed.planes) > 1 else None
         self.scales = frozen(packed.scales)
         self.zeros = None if packed.zeros is None else frozen(packed.zeros)
+        self.index = None if packed.index is None else frozen(packed.index)
         self.bits = packed.bits
         self.group = packed.group
+        self.keep = packed.keep
+        self.span = packed.span
 
     @property
     def packed(self) -> PackedWeight:
         planes = planes_of(self.plane0, self.plane1)
-        return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group)
+        return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
 
     def weight_fp32(self) -> torch.Tensor:
-        return dequantize(self.packed.planes, self.scales, self.zeros, self.bits, self.group)
+        return dequantize(self.packed.planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
 
 
 class PackedLinear(_PackedStore):
@@ -240,6 +339,10 @@ class PackedLinear(_PackedStore):
         self.out_features, self.in_features = packed.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is not None:
+            return torch.ops.edgec.qlinear_nm(
+                x, self.plane0, self.plane1, self.index, self.scales, self.zeros, self.bias, self.bits, self.group, self.keep, self.span
+            )
         return torch.ops.edgec.qlinear(x, self.plane0, self.plane1, self.scales, self.zeros, self.bias, self.bits, self.group)
 
 

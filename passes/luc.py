@@ -43,10 +43,12 @@ from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.packing import (
+    INDEX_WIDTH,
     SUPPORTED_BITS,
     PackedEmbedding,
     PackedLinear,
     PackedWeight,
+    compress_nm,
     dequantize,
     quantize,
     set_submodule,
@@ -79,6 +81,11 @@ class LucOptions(BaseModel):
     symmetric: bool = Field(True, description="symmetric (abs-max) or asymmetric (min-max, uint8 zero point) groups")
     pruning: Literal["wanda", "sparsegpt"] = Field("wanda", description="wanda: |W| x ||x||; sparsegpt: OBS reconstruction")
     pattern: str = Field("unstructured", description="unstructured, N:M (N kept of every M, e.g. 2:4) or channel")
+    sparse_storage: Literal["auto", "dense"] = Field(
+        "auto",
+        description="N:M patterns on TVM: auto stores only the kept codes and their positions where that is smaller "
+        "(2:4 at 4 bits: 3 bits per weight); dense stores a pruned weight as its zero code",
+    )
     quantizer: Literal["best", "gptq", "rtn"] = Field(
         "best",
         description="gptq: round column by column, compensating the error on the rest (OBS); rtn: round to nearest; "
@@ -418,6 +425,15 @@ def sparse_code_bytes(total: int, pruned: int, bits: int, pattern: str) -> int:
 
 
 
+def _storage_note(options: LucOptions, compress: tuple[int, int] | None, records: list[dict[str, Any]]) -> str:
+    if compress is not None and any(r["compressed_linears"] for r in records):
+        keep, span = compress
+        return f"{keep}:{span} compressed where smaller: kept codes + {INDEX_WIDTH[span]}-bit positions; the rest dense"
+    if parse_pattern(options.pattern)[0] == "nm" and options.sparse_storage == "auto":
+        return "dense codes: N:M compressed storage is for TVM (ONNX's MatMulNBits has no sparse form) and saves nothing at 2 bits"
+    return "dense codes: a pruned weight is its zero code (only N:M patterns have a compressed form)"
+
+
 def _packed(
     weight: torch.Tensor, bits: int, options: LucOptions, params: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> PackedWeight:
@@ -480,7 +496,9 @@ class Luc:
         if options.policy != "uniform":
             profile, source = cached_profile(model, probes, key, options, ctx.progress)
         plans = plan_layers(options, profile, fixed, len(layers))
-        records = self._apply(root, plans, stats, ctx.progress)
+        kind, keep, span = parse_pattern(options.pattern)
+        compress = (keep, span) if kind == "nm" and options.sparse_storage == "auto" and ctx.recipe.backend == "tvm" else None
+        records = self._apply(root, plans, stats, compress, ctx.progress)
         embed_record = self._compress_embeddings(root)
         after = unique_weight_bytes(root)
         achieved_bits = sum(p.bits for p in plans) / len(plans)
@@ -510,22 +528,29 @@ class Luc:
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
                 "sparsity_storage": {
-                    "stored": "dense codes: a pruned weight is its zero code (no sparse kernel here)",
+                    "stored": _storage_note(options, compress, records),
                     "code_bytes": sum(r["code_bytes"] for r in records),
                     "code_bytes_if_sparse_stored": sum(r["code_bytes_if_sparse_stored"] for r in records),
+                    "bytes_saved": sum(r["bytes_dense_storage"] - r["bytes"] for r in records),
                 },
                 "layers": records,
             },
         )
 
     def _apply(
-        self, root: nn.Module, plans: list[LayerPlan], stats: InputStats, progress: Callable[[str], None]
+        self,
+        root: nn.Module,
+        plans: list[LayerPlan],
+        stats: InputStats,
+        compress: tuple[int, int] | None,
+        progress: Callable[[str], None],
     ) -> list[dict[str, Any]]:
+        """`compress`: (N, M) to store N:M-pruned linears compressed where that is smaller."""
         options = self.options
         records: list[dict[str, Any]] = []
         names = {id(m): n for n, m in root.named_modules()}
         for plan, layer in zip(plans, decoder_layers(root)):
-            zeros = total = packed_bytes = compensated = 0
+            zeros = total = packed_bytes = dense_bytes = compensated = compressed = 0
             for _, linear in layer_linears(layer):
                 name = names[id(linear)]
                 weight, params, pruned = self._compress(linear.weight.detach().float(), name, plan, stats)
@@ -533,6 +558,12 @@ class Luc:
                 total += weight.numel()
                 compensated += params is not None
                 packed = _packed(weight, plan.bits, options, params)
+                dense_bytes += packed.nbytes()
+                if compress is not None and plan.sparsity > 0:
+                    smaller = compress_nm(packed, *compress)
+                    if smaller is not None and smaller.nbytes() < packed.nbytes():
+                        packed = smaller
+                        compressed += 1
                 packed_bytes += packed.nbytes()
                 set_submodule(root, name, PackedLinear(packed, linear.bias))
             records.append(
@@ -545,6 +576,8 @@ class Luc:
                     "gptq_linears": compensated,
                     "parameters": total,
                     "bytes": packed_bytes,
+                    "bytes_dense_storage": dense_bytes,
+                    "compressed_linears": compressed,
                     "code_bytes": total * plan.bits // 8,
                     "code_bytes_if_sparse_stored": sparse_code_bytes(total, zeros, plan.bits, options.pattern),
                 }

@@ -18,7 +18,14 @@ from typing import Any
 
 from tvm import relax, te, tirx
 
-from edgec.packing import PLANE_WIDTHS, planes_of
+from edgec.packing import INDEX_WIDTH, PLANE_WIDTHS, planes_of
+
+
+def _field(plane: te.Tensor, width: int, row: Any, col: Any) -> Any:
+    """Field `col` of row `row` of a transposed uint8 plane of `width`-bit fields, as int32."""
+    per_byte = 8 // width
+    shift = ((col % per_byte) * width).astype("uint8")
+    return ((plane[col // per_byte, row] >> shift) & tirx.const((1 << width) - 1, "uint8")).astype("int32")
 
 
 def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
@@ -26,9 +33,7 @@ def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
     value: Any = None
     offset = 0
     for plane, width in zip(planes, PLANE_WIDTHS[bits]):
-        per_byte = 8 // width
-        shift = ((col % per_byte) * width).astype("uint8")
-        part = ((plane[col // per_byte, row] >> shift) & tirx.const((1 << width) - 1, "uint8")).astype("int32")
+        part = _field(plane, width, row, col)
         if offset:
             part = part << tirx.const(offset, "int32")
         value = part if value is None else value | part
@@ -36,15 +41,35 @@ def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
     return value
 
 
-def _weight(
-    planes: list[te.Tensor], scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any
-) -> Any:
-    code = _code(planes, bits, row, col)
+def _scaled(code: Any, scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any) -> Any:
+    """The weight value of `code` at W[row, col] (col picks the group)."""
     if zeros is None:
         centred = (code - tirx.const(1 << (bits - 1), "int32")).astype(dtype)
     else:
         centred = (code - zeros[col // group, row].astype("int32")).astype(dtype)
     return centred * scales[col // group, row].astype(dtype)
+
+
+def _weight(
+    planes: list[te.Tensor], scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any
+) -> Any:
+    return _scaled(_code(planes, bits, row, col), scales, zeros, bits, group, dtype, row, col)
+
+
+def _weight_nm(
+    planes: list[te.Tensor], index: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None,
+    bits: int, group: int, keep: int, span: int, dtype: str, row: Any, col: Any,
+) -> Any:
+    """W[row, col] from N:M compressed codes: the kept code whose stored position in the
+    M-block is col's, else exactly 0."""
+    block = (col // span) * keep
+    position = (col % span).astype("int32")
+    value: Any = tirx.const(0.0, dtype)
+    for slot in reversed(range(keep)):
+        stored = block + slot
+        kept = _scaled(_code(planes, bits, row, stored), scales, zeros, bits, group, dtype, row, col)
+        value = tirx.Select(_field(index, INDEX_WIDTH[span], row, stored) == position, kept, value)
+    return value
 
 
 def qlinear_te(
@@ -66,6 +91,13 @@ def qlinear_te(
         lambda n, k: _weight(planes, scales, zeros, bits, group, dtype, n, k),
         name="dequantize",
     )
+    return _matmul(x, weight, bias)
+
+
+def _matmul(x: te.Tensor, weight: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
+    """y = x @ weight^T (+ bias), weight [N, K] computed by a decode block."""
+    rows, cols = weight.shape
+    dtype = x.dtype
     k = te.reduce_axis((0, cols), name="k")
     lead = list(x.shape[:-1])
 
@@ -76,6 +108,31 @@ def qlinear_te(
     if bias is None:
         return out
     return te.compute((*lead, rows), lambda *index: out[index] + bias[index[-1]].astype(dtype), name="bias_add")
+
+
+def qlinear_nm_te(
+    x: te.Tensor,
+    plane0: te.Tensor,
+    plane1: te.Tensor | None,
+    index: te.Tensor,
+    scales: te.Tensor,
+    zeros: te.Tensor | None,
+    bias: te.Tensor | None,
+    bits: int,
+    group: int,
+    keep: int,
+    span: int,
+) -> te.Tensor:
+    """qlinear_te with N:M compressed codes: the decode block expands them (the schedule
+    decodes one panel per column tile), the matmul is dense."""
+    planes = planes_of(plane0, plane1)
+    dtype = x.dtype
+    weight = te.compute(
+        (plane0.shape[1], x.shape[-1]),
+        lambda n, k: _weight_nm(planes, index, scales, zeros, bits, group, keep, span, dtype, n, k),
+        name="dequantize",
+    )
+    return _matmul(x, weight, bias)
 
 
 def qembedding_te(
@@ -118,6 +175,8 @@ def _convert(te_func: Callable[..., te.Tensor], hint: str, packed_args: slice) -
 CONVERT_MAP: dict[str, Callable[[Any, Any], relax.Var]] = {
     # qlinear(x, plane0, plane1, scales, zeros, bias, bits, group)
     "qlinear.default": _convert(qlinear_te, "qlinear", slice(1, 5)),
+    # qlinear_nm(x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span)
+    "qlinear_nm.default": _convert(qlinear_nm_te, "qlinear_nm", slice(1, 6)),
     # qembedding(ids, plane0, plane1, scales, zeros, bits, group)
     "qembedding.default": _convert(qembedding_te, "qembedding", slice(1, 5)),
 }

@@ -8,7 +8,17 @@ import torch
 from edgec.errors import BadInputError
 from edgec.lm import CausalLMEntries
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
-from edgec.packing import SUPPORTED_BITS, PackedEmbedding, PackedLinear, dequantize, pack_codes, quantize, unpack_codes
+from edgec.packing import (
+    SUPPORTED_BITS,
+    PackedEmbedding,
+    PackedLinear,
+    compress_nm,
+    dequantize,
+    pack_codes,
+    quantize,
+    unpack_codes,
+    unpack_plane,
+)
 from edgec.passes.luc import (
     Luc,
     LucOptions,
@@ -49,6 +59,38 @@ def test_quantized_weights_decode_to_code_times_scale_and_keep_zeros(bits: int, 
     if bits >= 3:  # round to nearest; an asymmetric group also rounds its zero point
         step = packed.scales.float().repeat_interleave(16, dim=1)
         assert bool(((decoded - weight).abs() <= step * (0.5 if symmetric else 1.0) + 1e-6).all())
+
+
+def _two_of_four(rows: int, cols: int) -> torch.Tensor:
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2))
+    blocks = weight.reshape(rows, cols // 4, 4)
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, blocks.abs().topk(2, dim=-1).indices, True)
+    return (blocks * keep).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_two_of_four_storage_keeps_half_the_codes_and_decodes_to_the_same_weights(bits: int, symmetric: bool) -> None:
+    dense = quantize(_two_of_four(8, 64), bits, 16, symmetric)
+    compressed = compress_nm(dense, 2, 4)
+    assert compressed is not None and compressed.shape == dense.shape == (8, 64)
+    assert sum(p.numel() for p in compressed.planes) == 8 * 32 * bits // 8  # half the codes
+    assert compressed.index is not None and compressed.index.numel() == 8 * 32 * 2 // 8  # 2 bits per kept code
+    positions = unpack_plane(compressed.index, 2).reshape(8, 16, 2)
+    assert bool((positions[..., 0] < positions[..., 1]).all())  # ascending within each block of 4
+    decoded = dequantize(dense.planes, dense.scales, dense.zeros, bits, 16)
+    assert torch.equal(dequantize(compressed.planes, compressed.scales, compressed.zeros, bits, 16, compressed.index, 2, 4), decoded)
+    x = torch.randn(3, 64)
+    assert torch.allclose(PackedLinear(compressed, None)(x), PackedLinear(dense, None)(x), atol=1e-5)
+    # (bits + 2) / 2 bits per weight against bits: smaller above 2 bits, equal at 2.
+    saved = dense.nbytes() - compressed.nbytes()
+    assert saved == 8 * 64 * (bits - 2) // 16
+
+
+def test_compressed_storage_is_refused_where_the_pattern_does_not_hold() -> None:
+    dense = quantize(torch.randn(8, 64, generator=torch.Generator().manual_seed(3)), 4, 16, False)
+    assert compress_nm(dense, 2, 4) is None  # blocks with 3 or 4 nonzero codes
+    assert compress_nm(quantize(_two_of_four(8, 64), 4, 16, False), 2, 8) is None  # no 3-bit position index
 
 
 def test_wanda_and_sparsegpt_masks_have_the_requested_pattern() -> None:
