@@ -7,6 +7,7 @@ the key and the line it is on, so a typo is found without reading a traceback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +74,23 @@ class Recipe(Strict):
 OptionsLookup = Callable[[str], type[BaseModel] | None]
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124; a recipe means the N:M pattern."""
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# YAML 1.1's integers without the base-60 form.
+RecipeLoader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
 def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
     """1-based line of the deepest YAML node along `loc` (a pydantic error location)."""
     node = root
@@ -109,7 +127,7 @@ def _explain(error: ValidationError, where: str, root: yaml.Node | None, prefix:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError:
         return text
 
@@ -168,8 +186,8 @@ def load_recipe(
             raise BadInputError(f"recipe {path} does not exist; see recipes/ for ready-made ones")
         text = path.read_text()
         try:
-            root = yaml.compose(text)
-            loaded = yaml.safe_load(text)
+            root = yaml.compose(text, Loader=RecipeLoader)
+            loaded = yaml.load(text, Loader=RecipeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""

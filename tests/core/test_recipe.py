@@ -63,3 +63,14 @@ def test_shipped_recipes_load() -> None:
     assert recipes, "recipes/ ships ready-made recipes"
     for path in recipes:
         load_recipe(path, [], options_for)
+
+
+def test_an_n_m_pattern_stays_a_pattern_in_files_and_in_set(tmp_path: Path) -> None:
+    """YAML 1.1 would read 2:4 as the base-60 integer 124."""
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - name: luc\n    options: {pattern: 2:4, sparsity: 0.5, group_size: 16}\n")
+    from_file = load_recipe(path, [], options_for)
+    from_set = load_recipe(None, ["passes=luc", "luc.pattern=2:4", "luc.group_size=0x10"], options_for)
+    for recipe in (from_file, from_set):
+        options = recipe.passes[0].options
+        assert options["pattern"] == "2:4" and options["group_size"] == 16

@@ -49,6 +49,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[
         patch.setenv("EDGEC_CACHE_DIR", str(root / "cache"))
         artifacts = {backend: (root / backend, compile_json(recipe, root / backend, "--backend", backend)) for backend in ("tvm", "onnx")}
         artifacts["tvm-again"] = (root / "again", compile_json(recipe, root / "again", "--backend", "tvm"))
+        two_of_four = ["--set", "luc.pattern=2:4", "--set", "luc.sparsity=0.5", "--set", "schedule.trials=0"]
+        artifacts["tvm-2:4"] = (root / "two-of-four", compile_json(recipe, root / "two-of-four", *two_of_four))
         yield artifacts
 
 
@@ -94,6 +96,23 @@ def test_tvm_keeps_weights_packed_in_params_kernels_and_memory(built: dict) -> N
     )
     grown = int(subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, check=True).stdout.split()[-1])
     assert grown < 0.4 * fp32_bytes, (grown, fp32_bytes)
+
+
+def test_two_of_four_is_stored_compressed_and_decoded_inside_the_kernels(built: dict) -> None:
+    out, summary = built["tvm-2:4"]
+    assert summary["parity"]["ok"] is True
+    record = summary["passes"][0]["record"]
+    assert all(row["compressed_linears"] == 7 and row["measured_sparsity"] == 0.5 for row in record["layers"])
+    storage = record["sparsity_storage"]
+    # 4-bit codes: half of them kept, plus a 2-bit position each = 3 bits a weight.
+    assert storage["bytes_saved"] == storage["code_bytes"] // 4 == storage["code_bytes"] - storage["code_bytes_if_sparse_stored"]
+    with safe_open(str(out / "model" / "params.safetensors"), "np") as handle:
+        stored = sum(handle.get_tensor(key).nbytes for key in handle.keys())
+    dense_codes, _ = built["tvm"]
+    with safe_open(str(dense_codes / "model" / "params.safetensors"), "np") as handle:
+        assert stored == sum(handle.get_tensor(key).nbytes for key in handle.keys()) - storage["bytes_saved"]
+    created = read_manifest(out)["backend_record"]["float_tensor_shapes"]
+    assert not [s for shapes in created.values() for s in shapes if tuple(s) in _weight_shapes()]
 
 
 def test_onnx_runs_four_bit_linears_as_matmulnbits(built: dict) -> None:
