@@ -57,22 +57,31 @@ def build(
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from edgec.targets.tvm_packed import CONVERT_MAP
+    from edgec.targets.tvm_packed import convert_map
     from edgec.targets.tvm_schedule import finish_pipeline, fused_module, schedule_fused, schedule_report
 
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
     by_digest: dict[str, str] = {}
     record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE, "dtype": dtype}
+    runner = _runner(tuning, target, progress) if tuning is not None and tvm_target.kind.name == "llvm" else None
     for entry in entries:
         start = time.perf_counter()
+        nm_kernels: dict[str, str] = {}
+        if runner is not None and tuning.trials > 0 and entry.program is not None:
+            from edgec.targets.tvm_tuning import choose_nm_kernels
+
+            rows = 1 if entry.name == "decode" else tuning.prefill_rows
+            nm_kernels, nm_record = choose_nm_kernels(entry.program, tvm_target, rows, tuning.trials, runner, progress)
+            if nm_record:
+                record.setdefault("nm_kernels", {})[entry.name] = nm_record
         progress(f"tvm: import {entry.name}")
         if entry.onnx_model is not None:
             from tvm.relax.frontend.onnx import from_onnx
 
             mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
         else:
-            mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
+            mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=convert_map(nm_kernels))
         mod, params = relax.frontend.detach_params(mod)
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
@@ -98,7 +107,7 @@ def build(
             fused = fused_module(mod, tvm_target)
             chosen = None
             if tuning is not None:
-                chosen, tuning_record = _tune(fused, entry.name, tuning, target, tvm_target, progress)
+                chosen, tuning_record = _tune(fused, entry.name, tuning, target, tvm_target, runner, progress)
                 record.setdefault("tuning", {})[entry.name] = tuning_record
             scheduled = schedule_fused(fused, tvm_target, chosen)
             record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
@@ -152,19 +161,28 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     return main_only, transformed, "pre-transformed at compile time"
 
 
-def _tune(fused: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
-    """The schedule pass's work for one entry of a fused module (see targets/tvm_tuning.py)."""
-    from edgec.targets.tvm_tuning import RemoteRunner, Runner, not_tuned, tune
+def _runner(options: Any, target: ResolvedTarget, progress: Callable[[str], None]) -> Any:
+    """Where the schedule pass times kernels: the schedule.device RPC server, this host
+    for a host target, or nowhere (None) for a cross target without a device."""
+    from edgec.targets.tvm_tuning import RemoteRunner, Runner
 
-    runner = Runner()
     if options.device is not None and options.trials > 0:
         from edgec.passes.schedule import tuning_endpoint
         from edgec.targets.device_rpc import sessions
 
         endpoint = tuning_endpoint(options.device, target.spec.arch, target.name)
         session = sessions(endpoint, progress, limit=1)[0].session
-        runner = RemoteRunner(session, endpoint.uri, endpoint.key, target.spec.cross_compiler)
-    elif not target.runs_here:
+        return RemoteRunner(session, endpoint.uri, endpoint.key, target.spec.cross_compiler)
+    return Runner() if target.runs_here else None
+
+
+def _tune(
+    fused: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, runner: Any, progress: Callable[[str], None]
+) -> tuple[Any, dict[str, Any]]:
+    """The schedule pass's work for one entry of a fused module (see targets/tvm_tuning.py)."""
+    from edgec.targets.tvm_tuning import not_tuned, tune
+
+    if runner is None:
         return None, not_tuned(
             f"built for {target.spec.arch}: kernels are timed only on the real target, and the emulated device's "
             "timings are not ARM performance; templates used (set schedule.device=rpc://BOARD:PORT?key=K to tune "

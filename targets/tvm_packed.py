@@ -135,6 +135,45 @@ def qlinear_nm_te(
     return _matmul(x, weight, bias)
 
 
+def qlinear_nm_gather_te(
+    x: te.Tensor,
+    plane0: te.Tensor,
+    plane1: te.Tensor | None,
+    index: te.Tensor,
+    scales: te.Tensor,
+    zeros: te.Tensor | None,
+    bias: te.Tensor | None,
+    bits: int,
+    group: int,
+    keep: int,
+    span: int,
+) -> te.Tensor:
+    """The sparse kernel for N:M compressed codes: each output sums over the kept weights
+    only (N of every M), gathering the input at each kept weight's position -- half the
+    multiply-adds of the dense matmul at 2:4, at the cost of indirect loads."""
+    planes = planes_of(plane0, plane1)
+    dtype = x.dtype
+    outputs = plane0.shape[1]
+    kept = plane0.shape[0] * (8 // PLANE_WIDTHS[bits][0])
+    j = te.reduce_axis((0, kept), name="j")
+    lead = list(x.shape[:-1])
+
+    def _out(*at: Any) -> Any:
+        n = at[-1]
+        col = (j.var.astype("int64") // keep) * span + _field(index, INDEX_WIDTH[span], n, j).astype("int64")
+        weight = _scaled(_code(planes, bits, n, j), scales, zeros, bits, group, dtype, n, col)
+        return te.sum(x[(*at[:-1], col)] * weight, axis=j)
+
+    out = te.compute((*lead, outputs), _out, name="sparse_matmul")
+    if bias is None:
+        return out
+    return te.compute((*lead, outputs), lambda *at: out[at] + bias[at[-1]].astype(dtype), name="bias_add")
+
+
+# N:M kernels by name: the schedule pass times both per workload and keeps the faster.
+NM_KERNELS: dict[str, Callable[..., te.Tensor]] = {"decode": qlinear_nm_te, "sparse": qlinear_nm_gather_te}
+
+
 def qembedding_te(
     ids: te.Tensor,
     plane0: te.Tensor,
@@ -154,12 +193,15 @@ def qembedding_te(
     return te.compute((*ids.shape, hidden), _row, name="embedding_decode")
 
 
-def _convert(te_func: Callable[..., te.Tensor], hint: str, packed_args: slice) -> Callable[[Any, Any], relax.Var]:
+def _convert(
+    te_func: Callable[..., te.Tensor] | Callable[[Any], Callable[..., te.Tensor]], hint: str, packed_args: slice, by_node: bool = False
+) -> Callable[[Any, Any], relax.Var]:
     """The kernels read planes, scales and zeros transposed ([K / per byte, N]): for one
     k, the codes of consecutive outputs n are consecutive bytes, so decoding a vector of
     outputs is one contiguous load. The transposes act on parameters only, so the build
     runs them once at compile time (LiftTransformParams); the bytes stay packed, and the
-    tied embedding and lm_head transpose the same table, which is then stored once."""
+    tied embedding and lm_head transpose the same table, which is then stored once.
+    `by_node`: te_func takes the torch.fx node and returns the kernel for it."""
 
     def convert(node: Any, importer: Any) -> relax.Var:
         builder = importer.block_builder
@@ -167,16 +209,49 @@ def _convert(te_func: Callable[..., te.Tensor], hint: str, packed_args: slice) -
         for index in range(len(args))[packed_args]:
             if args[index] is not None:
                 args[index] = builder.emit(relax.op.permute_dims(args[index], [1, 0]))
-        return builder.emit_te(te_func, *args, primfunc_name_hint=hint)
+        kernel = te_func(node) if by_node else te_func
+        return builder.emit_te(kernel, *args, primfunc_name_hint=hint)
 
     return convert
 
 
-CONVERT_MAP: dict[str, Callable[[Any, Any], relax.Var]] = {
-    # qlinear(x, plane0, plane1, scales, zeros, bias, bits, group)
-    "qlinear.default": _convert(qlinear_te, "qlinear", slice(1, 5)),
-    # qlinear_nm(x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span)
-    "qlinear_nm.default": _convert(qlinear_nm_te, "qlinear_nm", slice(1, 6)),
-    # qembedding(ids, plane0, plane1, scales, zeros, bits, group)
-    "qembedding.default": _convert(qembedding_te, "qembedding", slice(1, 5)),
-}
+def nm_workload(node: Any) -> str:
+    """The workload of a qlinear_nm node of an exported program: shapes and storage."""
+    x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span = node.args
+    outputs, inputs = int(plane0.meta["val"].shape[0]), int(x.meta["val"].shape[-1])
+    parts = [f"{outputs}x{inputs}", f"{bits}bit", f"g{group}", f"{keep}:{span}", "asym" if zeros is not None else "sym"]
+    return " ".join(parts + (["bias"] if bias is not None else []))
+
+
+def nm_kernel_args(node: Any, rows: Any) -> tuple[list[te.Tensor], list[Any]]:
+    """Placeholders shaped as the importer passes them (x with `rows` tokens, packed
+    tensors transposed), and the op's integer attributes."""
+    x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span = node.args
+
+    def placeholder(arg: Any, name: str, transpose: bool) -> te.Tensor | None:
+        if arg is None:
+            return None
+        value = arg.meta["val"]
+        shape = [int(d) for d in value.shape]
+        return te.placeholder(shape[::-1] if transpose else shape, str(value.dtype).removeprefix("torch."), name)
+
+    lead = [1] * (len(x.meta["val"].shape) - 2)
+    inputs = te.placeholder((*lead, rows, int(x.meta["val"].shape[-1])), "float32", "x")
+    packed = [placeholder(a, n, True) for a, n in ((plane0, "plane0"), (plane1, "plane1"), (index, "index"), (scales, "scales"), (zeros, "zeros"))]
+    return [inputs, *packed, placeholder(bias, "bias", False)], [bits, group, keep, span]
+
+
+def convert_map(nm_kernels: dict[str, str] | None = None) -> dict[str, Callable[[Any, Any], relax.Var]]:
+    """The custom converters; `nm_kernels` picks the kernel ("decode" or "sparse") per
+    N:M workload (nm_workload), as the schedule pass measured; default decode."""
+    chosen = nm_kernels or {}
+    return {
+        # qlinear(x, plane0, plane1, scales, zeros, bias, bits, group)
+        "qlinear.default": _convert(qlinear_te, "qlinear", slice(1, 5)),
+        # qlinear_nm(x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span)
+        "qlinear_nm.default": _convert(
+            lambda node: NM_KERNELS[chosen.get(nm_workload(node), "decode")], "qlinear_nm", slice(1, 6), by_node=True
+        ),
+        # qembedding(ids, plane0, plane1, scales, zeros, bits, group)
+        "qembedding.default": _convert(qembedding_te, "qembedding", slice(1, 5)),
+    }

@@ -471,6 +471,45 @@ def _decode_panel(sch: s_tir.Schedule, decode: SBlockRV, outer: LoopRV, lanes: i
         sch.vectorize(loop_n)
 
 
+# The reduction block of edgec's N:M sparse kernel (targets/tvm_packed.qlinear_nm_gather_te).
+SPARSE_MATMUL_BLOCK = "sparse_matmul"
+
+
+def _sparse_matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
+    """N:M sparse kernel: parallel over rows x output vectors; for each, the kept weights
+    are summed in registers, one vector of outputs at a time (the input is gathered per
+    output, so the vector loads are gathers)."""
+    infos = _block_infos(sch)
+    found = [info for info in infos if info.name.startswith(SPARSE_MATMUL_BLOCK) and not info.is_injective()]
+    if len(found) != 1 or len([info for info in infos if not info.is_injective()]) != 1:
+        raise _RuleDoesNotApply("not edgec's sparse kernel")
+    block = found[0].block_rv
+    _inline_into_consumers(sch, [info.block_rv for info in infos[: infos.index(found[0])]])
+    chain = [sch.cache_write(block, 0, "local")]
+    while len(consumers := sch.get_consumers(chain[-1])) == 1:
+        chain.append(consumers[0])
+    for item in chain[:-1]:
+        sch.compute_inline(item)
+    *lead, loop_n, loop_j = sch.get_loops(block)
+    lanes = cfg.lanes(_output_dtype(sch, block))
+    extent = _static_extent(sch, loop_n)
+    if extent is None or _vector_factor(extent, lanes) < 2:
+        raise _RuleDoesNotApply("the outputs do not split into whole vectors")
+    n_outer, n_inner = sch.split(loop_n, [None, _vector_factor(extent, lanes)])
+    sch.reorder(n_outer, *lead, loop_j, n_inner)
+    outer = _fuse(sch, [n_outer, *lead])
+    sch.reverse_compute_at(chain[-1], outer)
+    _vectorize_inner(sch, chain[-1], lanes)
+    sch.vectorize(n_inner)
+    sch.parallel(outer)
+    init = sch.decompose_reduction(block, loop_j)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for other in sch.get_child_blocks(_root(sch)):
+        if not _is_under(sch, other, outer):
+            _schedule_injective_block(sch, other, cfg.lanes(_output_dtype(sch, other)))
+    return "sparse-matmul"
+
+
 def _matmul_padded_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     return _matmul_rule(sch, cfg, pad=True)
 
@@ -636,6 +675,7 @@ def _candidate_rules(func: tirx.PrimFunc) -> list[_Rule]:
     if all(info.is_injective() for info in infos):
         return [_injective_rule, _parallel_rule]
     return [
+        _sparse_matmul_rule,
         _matmul_padded_rule,
         _matmul_predicated_rule,
         _reduction_rfactor_rule,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import tirx
+from tvm import te, tirx
 from tvm.ir import IRModule
 from tvm.sym import Analyzer
 from tvm.target import Target
@@ -286,8 +286,54 @@ def tune(
     }
 
 
+def choose_nm_kernels(
+    program: Any, target: Target, rows: int, trials: int, runner: Runner, progress: Callable[[str], None]
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """For each N:M compressed linear workload of an exported program, time its two
+    kernels on the runner's device at `rows`: the decode kernel (the compressed codes
+    expanded per column tile, then a dense matmul; best of its schedule candidates) and
+    the sparse kernel (only the kept weights, input gathered). The faster is used; the
+    measurements are kept in the tuning database like any other."""
+    from edgec.targets.tvm_packed import NM_KERNELS, nm_kernel_args, nm_workload
+
+    base = CpuScheduleConfig.from_target(target)
+    database = TuningDatabase(target, runner.database_key)
+    nodes = {nm_workload(n): n for n in program.graph.nodes if str(n.target) == "edgec.qlinear_nm.default"}
+    choices: dict[str, str] = {}
+    records: list[dict[str, Any]] = []
+    for number, (workload, node) in enumerate(sorted(nodes.items()), start=1):
+        db_key = f"nm-kernel {workload}@{rows}"
+        record = database.get(db_key)
+        source = "database"
+        if record is None:
+            source = "measured"
+            timings = {}
+            for kernel, make in NM_KERNELS.items():
+                tensors, attrs = nm_kernel_args(node, tirx.Var("rows", "int64"))
+                out = make(*tensors, *attrs)
+                func = te.create_prim_func([t for t in tensors if t is not None] + [out])
+                configs = candidates(base, packed=True)[:trials] if kernel == "decode" else [candidates(base, True)[0]]
+                progress(f"tune on {runner.where}: N:M workload {number}/{len(nodes)} ({workload}, {rows} rows): {kernel} kernel")
+                timings[kernel] = round(min(measure_us(func, c.config(base), target, rows, runner)[0] for c in configs), 2)
+            record = {"workload": workload, "rows": rows, "us": timings, "kernel": min(timings, key=lambda k: timings[k])}
+            database.put(db_key, record)
+        choices[workload] = record["kernel"]
+        records.append({**record, "source": source})
+    return choices, records
+
+
 def not_tuned(reason: str) -> dict[str, Any]:
     return {"tuned": False, "reason": reason}
 
 
-__all__ = ["Candidate", "RemoteRunner", "Runner", "TuningDatabase", "candidates", "measure_us", "not_tuned", "tune"]
+__all__ = [
+    "Candidate",
+    "RemoteRunner",
+    "Runner",
+    "TuningDatabase",
+    "candidates",
+    "choose_nm_kernels",
+    "measure_us",
+    "not_tuned",
+    "tune",
+]
