@@ -38,13 +38,16 @@ class Capability:
 
 
 LM_OPS = ("linear", "embedding", "rms_norm", "rope", "softmax_attention_dynamic_length", "silu_mlp", "int8_dequant_matmul")
-# Pruned weights are stored dense (zeros kept): no backend here has a sparse kernel that
-# beats a dense one at these sizes, so sparsity saves nothing but is never refused.
+# Pruned weights are stored dense (a pruned weight is its zero code) unless noted: sparsity
+# is never refused, it only saves bytes and time where a form below exploits it.
 DENSE_ONLY = ("dense (zeros stored)",)
+# TVM CPU: N:M (2:4) low-bit weights stored compressed (kept codes + positions), run by a
+# sparse kernel where the schedule pass measured it faster than decode + dense matmul.
+NM_COMPRESSED = ("dense (zeros stored)", "N:M compressed (2:4, 1:4, 1:2, 8:16), packed weights")
 # Packed low-bit weights (edgec.packing): TVM decodes them inside its matmul kernels;
 # ONNX Runtime runs 2/4/8 bits as MatMulNBits and decodes 3 bits in the graph.
 CPU_CAPABILITIES = {
-    "tvm": Capability(("float32",), (32, 8, 4, 3, 2), DENSE_ONLY, (*LM_OPS, "packed_lowbit_matmul")),
+    "tvm": Capability(("float32",), (32, 8, 4, 3, 2), NM_COMPRESSED, (*LM_OPS, "packed_lowbit_matmul")),
     "onnx": Capability(("float32",), (32, 8, 4, 3, 2), DENSE_ONLY, (*LM_OPS, "packed_lowbit_matmul")),
 }
 GPU_CAPABILITIES = {
