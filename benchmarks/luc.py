@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/luc.py [--models zoo:tiny-lm zoo:smollm2-135m] [--bits 4]
         [--sparsity 0.3] [--asymmetric] [--pruning wanda] [--group-size 32] [--tokens 4096]
-        [--prompt-len 128] [--new-tokens 32] [--runs 5] [--out artifacts/bench-luc]
+        [--prompt-len 128] [--new-tokens 32] [--runs 5] [--pattern unstructured|2:4] [--out artifacts/bench-luc]
 
 For each model, in one run and on the same held-out tokens and prompt:
 - edgec TVM artifacts: dense fp32; `luc` with policy uniform (the budget on every
@@ -12,6 +12,10 @@ For each model, in one run and on the same held-out tokens and prompt:
   MatMulInteger) and ORT's MatMulNBitsQuantizer (4-bit RTN, symmetric, block 32).
 Prints held-out perplexity, artifact bytes, prefill latency (median of warm runs) and
 decode tokens/s, with ratios to the dense fp32 TVM artifact. Keep the machine idle.
+
+With `--pattern 2:4` (and `--sparsity 0.5`) the pruning is N:M and one more artifact is
+built: the same LUC weights stored dense (`luc.sparse_storage=dense`), to show what the
+compressed storage and the schedule pass's sparse-or-decode kernel choice change.
 
     .venv/bin/python benchmarks/luc.py --ablation [--models zoo:smollm2-135m]
 
@@ -163,6 +167,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--group-size", type=int, default=32, help="tiny-lm always uses 16 (its MLP is 688 wide)")
     parser.add_argument("--pruning", default="wanda", choices=["wanda", "sparsegpt"])
+    parser.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (then --sparsity 0.5)")
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -186,8 +191,10 @@ def main() -> None:
         luc = [
             f"luc.bits={args.bits}", f"luc.sparsity={args.sparsity}", f"luc.group_size={group}",
             f"luc.pruning={args.pruning}", f"luc.symmetric={'false' if args.asymmetric else 'true'}",
+            f"luc.pattern={args.pattern}",
         ]
-        tag = f"w{args.bits:g}-s{args.sparsity:g}-g{group}-{args.pruning}{'-asym' if args.asymmetric else ''}"
+        pattern = "" if args.pattern == "unstructured" else "-" + args.pattern.replace(":", "of")
+        tag = f"w{args.bits:g}-s{args.sparsity:g}{pattern}-g{group}-{args.pruning}{'-asym' if args.asymmetric else ''}"
         built = {
             # Dense gets the same measured kernel choice (schedule pass) as the compressed ones.
             "dense fp32 (edgec tvm)": compiled(
@@ -196,6 +203,10 @@ def main() -> None:
             "uniform (edgec tvm)": compiled(model, f"uniform-{tag}", LUC_RECIPE, [*luc, "luc.policy=uniform"], args.out),
             "LUC (edgec tvm)": compiled(model, f"luc-{tag}", LUC_RECIPE, [*luc, "luc.policy=sensitivity"], args.out),
         }
+        if pattern:
+            built["LUC, N:M stored dense"] = compiled(
+                model, f"luc-{tag}-dense-storage", LUC_RECIPE, [*luc, "luc.policy=sensitivity", "luc.sparse_storage=dense"], args.out
+            )
         dense_onnx = compiled(model, "dense-onnx", None, ["backend=onnx"], args.out)
         results: dict[str, dict[str, Any]] = {}
         for name, path in built.items():
@@ -206,6 +217,10 @@ def main() -> None:
             records = [p["record"] for p in manifest["passes"] if p["name"] == "luc"]
             if records:
                 result["achieved"] = records[0]["achieved"]
+                result["sparsity_storage"] = records[0]["sparsity_storage"]
+            kernels = manifest["backend_record"].get("nm_kernels", {}).get("decode", [])
+            if kernels:
+                result["decode_sparse_kernels"] = f"{sum(k['kernel'] == 'sparse' for k in kernels)}/{len(kernels)}"
             results[name] = result
         for kind, name in (("int8", "ORT quantize_dynamic int8"), ("q4", "ORT MatMulNBits 4-bit RTN")):
             path = ort_peer(dense_onnx, kind, args.out)
@@ -227,7 +242,7 @@ def main() -> None:
                 }
             )
 
-    print(f"\nbudget: mean {args.bits:g} bits, mean sparsity {args.sparsity:g}, {args.pruning}, "
+    print(f"\nbudget: mean {args.bits:g} bits, mean sparsity {args.sparsity:g} ({args.pattern}), {args.pruning}, "
           f"{'asymmetric' if args.asymmetric else 'symmetric'} groups; perplexity over {args.tokens} held-out tokens; "
           f"prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens, batch 1, median of warm runs")
     header = f"{'model':<18} {'artifact':<28} {'ppl':>8} {'x dense':>7} {'MB':>7} {'x dense':>7} {'prefill ms':>10} {'x dense':>7} {'tok/s':>7} {'x dense':>7}"
@@ -238,6 +253,12 @@ def main() -> None:
             f"{row['bytes'] / 1e6:>7.2f} {row['bytes_vs_dense']:>7.3f} {row['prefill_ms']:>10.1f} {row['prefill_vs_dense']:>7.2f} "
             f"{row['decode_tokens_per_s']:>7.1f} {row['decode_vs_dense']:>7.2f}"
         )
+    for row in rows:
+        if "sparsity_storage" in row:
+            storage = row["sparsity_storage"]
+            kernels = f"; sparse kernels in decode: {row['decode_sparse_kernels']} workloads" if "decode_sparse_kernels" in row else ""
+            print(f"{row['model']} {row['artifact']}: sparsity saves {storage['bytes_saved']} bytes as stored "
+                  f"({storage['stored']}){kernels}")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
