@@ -17,11 +17,12 @@ With `--pattern 2:4` (and `--sparsity 0.5`) the pruning is N:M and one more arti
 built: the same LUC weights stored dense (`luc.sparse_storage=dense`), to show what the
 compressed storage and the schedule pass's sparse-or-decode kernel choice change.
 
-    .venv/bin/python benchmarks/luc.py --ablation [--models zoo:smollm2-135m]
+    .venv/bin/python benchmarks/luc.py --ablation [--models zoo:smollm2-135m] [--group-sizes 16 64 192]
 
 instead runs the pass in torch (no compile) with the recipe's calibration and prints
 held-out perplexity for: 4 bits everywhere with no pruning (round to nearest, and
-quantizer best), and the per-layer bits policy over 2/3/4/8 bits with no pruning.
+quantizer best), and the per-layer bits policy over 2/3/4/8 bits with no pruning;
+`--group-sizes` adds 4 bits everywhere (rtn and best) at other group sizes.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def evaluate_runtime(runtime: Any, tokenizer: Any, ids: list[int], label: str, p
     return {"perplexity": ppl.perplexity, "prefill_ms": prefill_ms, "decode_tokens_per_s": rate}
 
 
-def ablation(models: list[str], tokens: int) -> None:
+def ablation(models: list[str], tokens: int, group_sizes: list[int]) -> None:
     from edgec.data import calibration_segments
     from edgec.evaluate import torch_logits_fn
     from edgec.passes.luc import Luc, LucOptions
@@ -142,6 +143,11 @@ def ablation(models: list[str], tokens: int) -> None:
         "4 bits everywhere, quantizer best": {"bit_choices": [4], "sparsity": 0.0},
         "bits policy over 2/3/4/8 (mean 4), best": {"bit_choices": [2, 3, 4, 8], "sparsity": 0.0},
     }
+    # SmolLM2's shipped weights were 4-bit at group 32: the same at other group sizes.
+    for group in group_sizes:
+        for quantizer in ("rtn", "best"):
+            name = f"4 bits everywhere, {quantizer}, group {group}"
+            variants[name] = {"bit_choices": [4], "sparsity": 0.0, "quantizer": quantizer, "group_size": group}
     print(f"{'model':<18} {'variant':<42} {'ppl':>8}  per-layer bits")
     for model in models:
         for name, changes in variants.items():
@@ -149,7 +155,7 @@ def ablation(models: list[str], tokens: int) -> None:
             bits = ""
             if changes is not None:
                 options = {**spec.options, **changes}
-                if model == "zoo:tiny-lm":
+                if model == "zoo:tiny-lm" and "group_size" not in changes:
                     options["group_size"] = 16
                 calibration = recipe.calibration
                 segments = lambda: calibration_segments(handle.tokenizer, calibration.data, calibration.samples, calibration.seq_len)  # noqa: E731
@@ -176,9 +182,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-luc"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--ablation", action="store_true", help="perplexity of bit policies in torch, no compile")
+    parser.add_argument(
+        "--group-sizes", nargs="*", type=int, default=[], help="--ablation: also 4 bits everywhere at these group sizes"
+    )
     args = parser.parse_args()
     if args.ablation:
-        ablation(args.models, args.tokens)
+        ablation(args.models, args.tokens, args.group_sizes)
         return
 
     rows: list[dict[str, Any]] = []
