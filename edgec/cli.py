@@ -205,8 +205,11 @@ def _print_layer_table(record: dict[str, Any]) -> None:
     """The luc policy per layer: what each layer got and why (its sensitivity)."""
     from rich.table import Table
 
-    table = Table(title=f"luc policy ({record['policy']}): mean {record['achieved']['bits']:g} bits, "
-                  f"sparsity {record['achieved']['sparsity']:.3f}", title_justify="left")
+    achieved = record["achieved"]
+    size = record["budget"].get("size_bytes")
+    budget = f" (size budget {size:,} bytes)" if size else ""
+    table = Table(title=f"luc policy ({record['policy']}): mean {achieved['bits']:g} bits, sparsity {achieved['sparsity']:.3f}, "
+                  f"weights {achieved.get('weight_bytes', 0):,} bytes{budget}", title_justify="left")
     first = record["layers"][0].get("sensitivity", {}) if record["layers"] else {}
     probe_bits = "/".join(k for k in sorted(first.get("bits", {})) if k != "8")
     probe_sparsity = "/".join(f"{float(k):g}" for k in sorted(first.get("sparsity", {})))

@@ -81,8 +81,10 @@ def render_html(manifest: dict[str, Any], record: dict[str, Any] | None, image: 
         parts.append("<h2>Layer-wise unified compression (luc)</h2>")
         summary = [
             ["policy", record["policy"]],
-            ["budget", f"{record['budget']['bits']:g} bits, sparsity {record['budget']['sparsity']:g}"],
-            ["achieved", f"{record['achieved']['bits']:g} bits, sparsity {record['achieved']['sparsity']:g}"],
+            ["budget", f"{record['budget']['bits']:g} bits, sparsity {record['budget']['sparsity']:g}"
+             + (f", {record['budget']['size_bytes']:,} weight bytes" if record["budget"].get("size_bytes") else "")],
+            ["achieved", f"{record['achieved']['bits']:g} bits, sparsity {record['achieved']['sparsity']:g}"
+             + (f", {record['achieved']['weight_bytes']:,} weight bytes" if "weight_bytes" in record["achieved"] else "")],
             ["pruning / pattern", f"{record['pruning']} / {record['pattern']}"],
             ["quantizer", f"{record.get('quantizer', 'rtn')}, group {record['group_size']}, {'symmetric' if record['symmetric'] else 'asymmetric'}"],
             ["weight bytes", f"{record['weight_bytes_before']:,} -> {record['weight_bytes_after']:,}"],

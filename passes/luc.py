@@ -73,6 +73,12 @@ class LucOptions(BaseModel):
     )
     bits: float = Field(4.0, ge=2, le=8, description="mean weight bits over the decoder layers (the budget)")
     sparsity: float = Field(0.0, ge=0, lt=1, description="mean sparsity over the decoder layers (the budget)")
+    size_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="budget as the model's weight bytes after compression (packed layers, embedding, norms): "
+        "the mean bits are the most that fit, replacing `bits` (sized with dense code storage)",
+    )
     bit_choices: list[int] = Field([2, 3, 4, 8], description="bit-widths a layer may get (2, 3, 4, 8)")
     bits_floor: int = Field(2, description="no layer gets fewer bits")
     max_sparsity: float = Field(0.9, gt=0, lt=1, description="no layer is pruned beyond this")
@@ -150,6 +156,47 @@ def check_budget(options: LucOptions, fixed: dict[int, dict[str, float]], num_la
         )
     if options.sparsity > options.max_sparsity:
         raise BadInputError(f"luc: mean sparsity {options.sparsity:g} is above max_sparsity {options.max_sparsity:g}")
+
+
+def packed_bytes(outputs: int, inputs: int, bits: int, options: LucOptions) -> int:
+    """Bytes of one matrix packed at `bits` with dense codes: codes, float16 scales and
+    (asymmetric) uint8 zero points."""
+    groups = outputs * inputs // options.group_size
+    return outputs * inputs * bits // 8 + groups * (2 if options.symmetric else 3)
+
+
+def bits_for_size(root: nn.Module, options: LucOptions, fixed: dict[int, dict[str, float]]) -> float:
+    """The largest mean decoder-layer bits whose compressed model fits options.size_bytes:
+    weight bytes are linear in each layer's bits, plus what the bits do not change (the
+    embedding and lm_head at their own bits, norms, biases, scales). Refuses a size even
+    the lowest bit choice exceeds."""
+    assert options.size_bytes is not None
+    layers = decoder_layers(root)
+    linears = [[m for _, m in layer_linears(layer)] for layer in layers]
+    embedding = root.get_submodule("model.embed_tokens").weight
+    head = root.get_submodule("lm_head").weight
+    tied = head.data_ptr() == embedding.data_ptr()
+    constant = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in root.state_dict().values()}.values())
+    constant -= sum(m.weight.numel() * 4 for group in linears for m in group) + embedding.numel() * 4
+    constant -= 0 if tied else head.numel() * 4
+    for table, bits in ((embedding, options.embedding_bits), *(() if tied else ((head, options.head_bits or options.embedding_bits),))):
+        constant += table.numel() * 4 if bits == FP32_BITS else packed_bytes(*table.shape, bits, options)
+    # Per layer: bytes = base + slope * bits.
+    base = [sum(packed_bytes(*m.weight.shape, 0, options) for m in group) for group in linears]
+    slope = [sum(m.weight.numel() for m in group) / 8 for group in linears]
+    choices = sorted(b for b in options.bit_choices if b >= options.bits_floor)
+    free = [i for i in range(len(layers)) if "bits" not in fixed.get(i, {})]
+    spent = constant + sum(base) + sum(slope[i] * fixed[i]["bits"] for i in fixed if "bits" in fixed[i])
+    smallest = spent + sum(slope[i] for i in free) * choices[0]
+    if options.size_bytes < smallest:
+        raise BadInputError(
+            f"luc: size_bytes {options.size_bytes} cannot be met: at {choices[0]} bits (the lowest of bit choices {choices}, "
+            f"floor {options.bits_floor}) this model's weights take {int(smallest)} bytes; raise size_bytes or lower the floor"
+        )
+    # The largest slope bounds every assignment's bytes, so no knapsack outcome overshoots.
+    mean_free = min((options.size_bytes - spent) / (max(slope[i] for i in free) * len(free)), choices[-1]) if free else 0.0
+    fixed_bits = sum(fixed[i]["bits"] for i in fixed if "bits" in fixed[i])
+    return (fixed_bits + mean_free * len(free)) / len(layers)
 
 
 def check_group_size(root: nn.Module, group: int) -> None:
@@ -474,8 +521,14 @@ class Luc:
             raise BadInputError("luc: the model is already compressed; list the pass once in the recipe")
         layers = decoder_layers(root)
         fixed = layer_overrides(self.overrides, len(layers))
-        check_budget(options, fixed, len(layers))
         check_group_size(root, options.group_size)
+        if options.size_bytes is not None:
+            options = options.model_copy(update={"bits": bits_for_size(root, options, fixed)})
+            if options.policy == "uniform":  # every layer the same bits: the most that fit
+                fitting = [b for b in options.bit_choices if options.bits_floor <= b <= options.bits + 1e-9]
+                options = options.model_copy(update={"bits": float(max(fitting))})
+            self.options = options
+        check_budget(options, fixed, len(layers))
         if ctx.calibration_ids is None:
             raise UnsupportedError("luc needs calibration data; run it through edgec compile")
         segments = ctx.calibration_ids()
@@ -509,8 +562,8 @@ class Luc:
             changed=True,
             record={
                 "policy": options.policy,
-                "budget": {"bits": options.bits, "sparsity": options.sparsity},
-                "achieved": {"bits": round(achieved_bits, 4), "sparsity": round(achieved_sparsity, 4)},
+                "budget": {"bits": options.bits, "sparsity": options.sparsity, "size_bytes": options.size_bytes},
+                "achieved": {"bits": round(achieved_bits, 4), "sparsity": round(achieved_sparsity, 4), "weight_bytes": after},
                 "pruning": options.pruning,
                 "pattern": options.pattern,
                 "quantizer": options.quantizer,

@@ -204,6 +204,25 @@ def test_pass_compresses_every_linear_and_shares_the_tied_table(tmp_path: Path, 
     assert again.record["sensitivity_profile"]["source"] == "cache"
 
 
+@pytest.mark.parametrize("policy", ["sensitivity", "uniform"])
+def test_a_size_budget_sets_the_bits_and_the_model_fits_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
+    ctx = PassContext(Recipe(), calibration_ids=_segments)
+    common = {"group_size": 16, "validation_samples": 2, "quantizer": "rtn", "bit_choices": [2, 4, 8], "policy": policy}
+    sizes = {b: Luc(LucOptions(bits=b, **common), []).run(_handle(make_tiny_llama()), ctx).record["weight_bytes_after"] for b in (2, 4, 8)}
+    budget = (sizes[4] + sizes[8]) // 2
+    record = Luc(LucOptions(size_bytes=budget, **common), []).run(_handle(make_tiny_llama()), ctx).record
+    achieved = record["achieved"]["weight_bytes"]
+    assert record["weight_bytes_after"] == achieved <= budget
+    if policy == "uniform":  # every layer the most bits that fit
+        assert achieved == sizes[4] and [row["bits"] for row in record["layers"]] == [4, 4]
+    else:  # within one layer's step from 4 to 8 bits of the budget
+        assert budget - (sizes[8] - sizes[4]) / 2 < achieved and 4 < record["achieved"]["bits"] <= 8
+    assert record["budget"]["size_bytes"] == budget
+    with pytest.raises(BadInputError, match=f"size_bytes {sizes[2] - 1} cannot be met: at 2 bits .* take {sizes[2]} bytes"):
+        Luc(LucOptions(size_bytes=sizes[2] - 1, **common), []).run(_handle(make_tiny_llama()), ctx)
+
+
 def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
     ctx = PassContext(Recipe(), calibration_ids=_segments)
