@@ -97,17 +97,19 @@ def qlinear_te(
 def _matmul(x: te.Tensor, weight: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
     """y = x @ weight^T (+ bias), weight [N, K] computed by a decode block."""
     rows, cols = weight.shape
-    dtype = x.dtype
     k = te.reduce_axis((0, cols), name="k")
     lead = list(x.shape[:-1])
 
     def _out(*index: Any) -> Any:
         return te.sum(x[(*index[:-1], k)] * weight[index[-1], k], axis=k)
 
-    out = te.compute((*lead, rows), _out, name="matmul")
+    return _with_bias(te.compute((*lead, rows), _out, name="matmul"), bias)
+
+
+def _with_bias(out: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
     if bias is None:
         return out
-    return te.compute((*lead, rows), lambda *index: out[index] + bias[index[-1]].astype(dtype), name="bias_add")
+    return te.compute(out.shape, lambda *index: out[index] + bias[index[-1]].astype(out.dtype), name="bias_add")
 
 
 def qlinear_nm_te(
@@ -164,10 +166,7 @@ def qlinear_nm_gather_te(
         weight = _scaled(_code(planes, bits, n, j), scales, zeros, bits, group, dtype, n, col)
         return te.sum(x[(*at[:-1], col)] * weight, axis=j)
 
-    out = te.compute((*lead, outputs), _out, name="sparse_matmul")
-    if bias is None:
-        return out
-    return te.compute((*lead, outputs), lambda *at: out[at] + bias[at[-1]].astype(dtype), name="bias_add")
+    return _with_bias(te.compute((*lead, outputs), _out, name="sparse_matmul"), bias)
 
 
 # N:M kernels by name: the schedule pass times both per workload and keeps the faster.
