@@ -603,7 +603,7 @@ class Luc:
         records: list[dict[str, Any]] = []
         names = {id(m): n for n, m in root.named_modules()}
         for plan, layer in zip(plans, decoder_layers(root)):
-            zeros = total = packed_bytes = dense_bytes = compensated = compressed = 0
+            zeros = total = stored_bytes = dense_bytes = compensated = compressed = 0
             for _, linear in layer_linears(layer):
                 name = names[id(linear)]
                 weight, params, pruned = self._compress(linear.weight.detach().float(), name, plan, stats)
@@ -617,7 +617,7 @@ class Luc:
                     if smaller is not None and smaller.nbytes() < packed.nbytes():
                         packed = smaller
                         compressed += 1
-                packed_bytes += packed.nbytes()
+                stored_bytes += packed.nbytes()
                 set_submodule(root, name, PackedLinear(packed, linear.bias))
             records.append(
                 {
@@ -628,7 +628,7 @@ class Luc:
                     "fixed_by_override": plan.fixed,
                     "gptq_linears": compensated,
                     "parameters": total,
-                    "bytes": packed_bytes,
+                    "bytes": stored_bytes,
                     "bytes_dense_storage": dense_bytes,
                     "compressed_linears": compressed,
                     "code_bytes": total * plan.bits // 8,
