@@ -1,7 +1,7 @@
 """Export entries of a decoder-only causal LM with an explicit KV cache.
 
-Before: a Hugging Face ``LlamaForCausalLM`` whose forward hides its cache in
-Python objects (DynamicCache) that neither exporter can carry across calls.
+Before: a Hugging Face decoder-only LM (Llama, Qwen, Mistral, Phi-3, Gemma, GPT-2:
+edgec.architectures) whose forward hides its cache in Python objects (DynamicCache) that neither exporter can carry across calls.
 After: two plain tensor functions an application can drive from any runtime:
 
     prefill(input_ids[B, S])                      -> logits[B, S, V], k[L, B, KV, S, D], v[...]
@@ -20,22 +20,16 @@ what breaks exporters (bool cumsum in TVM, cache objects in torch.export).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from edgec.architectures import Architecture, architecture_of, canonicalize
 from edgec.sinks import SinkRule, calibrate
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM",)
-# RoPE variants whose inverse frequencies are fixed at load time; "dynamic"
-# and "longrope" change them with the sequence length, which a static graph
-# cannot follow.
-STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
-
 
 @dataclass(frozen=True)
 class LMShape:
@@ -49,38 +43,38 @@ class LMShape:
 
 
 def lm_shape(model: nn.Module, max_context: int) -> LMShape:
-    config = model.config
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    arch = architecture_of(model)
     return LMShape(
-        num_layers=int(config.num_hidden_layers),
-        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-        head_dim=head_dim,
-        vocab_size=int(config.vocab_size),
+        num_layers=arch.num_layers,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        vocab_size=int(model.config.vocab_size),
         max_context=max_context,
     )
 
 
-def rope_type(config: object) -> str:
-    scaling = getattr(config, "rope_scaling", None)
-    if isinstance(scaling, dict):
-        return str(scaling.get("rope_type", scaling.get("type", "default")))
-    return "default"
-
-
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _norm(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The architecture's norm, computed from the module's parameters (a pass may have
+    replaced anything around it). RMS norms compute in float32: squares overflow float16
+    beyond |x| = 256 (a no-op for float32 models). Square by multiplying: TVM's CUDA
+    codegen lowers pow to the fast __powf, which is NaN for every negative base."""
+    if kind == "layer":
+        return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, float(norm.eps))
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    # Squares overflow float16 beyond |x| = 256: normalise in float32 (a no-op for float32
-    # models). Square by multiplying: TVM's CUDA codegen lowers pow to the fast __powf,
-    # which is NaN for every negative base (measured on an H100: all outputs NaN).
     wide = x.float()
-    variance = (wide * wide).mean(-1, keepdim=True)
-    return norm.weight * (wide * torch.rsqrt(variance + eps)).to(x.dtype)
+    normed = wide * torch.rsqrt((wide * wide).mean(-1, keepdim=True) + eps)
+    if kind == "rms_offset":  # Gemma: scales by (1 + w), in float32, then casts
+        return (normed * (1.0 + norm.weight.float())).to(x.dtype)
+    return norm.weight * normed.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def attention_probs(scores: torch.Tensor) -> torch.Tensor:
@@ -137,57 +131,104 @@ def calibration_of(attn: nn.Module) -> AttentionCalibration | None:
 AttentionObserver = Callable[[int, torch.Tensor], None]
 
 
+@dataclass
+class Tables:
+    """Per-call position data: RoPE (cos, sin) per table, the mask per sliding window
+    (None: full attention), and the absolute positions of the new tokens."""
+
+    rope: list[tuple[torch.Tensor, torch.Tensor]]
+    masks: dict[int | None, torch.Tensor | None]
+    positions: torch.Tensor
+
+
 class CausalLMEntries(nn.Module):
-    """Prefill and decode entries over the submodules of a Llama-family model."""
+    """Prefill and decode entries over the submodules of a decoder-only causal LM whose
+    architectural differences are data (edgec.architectures)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
-        config = model.config
-        self.num_heads = int(config.num_attention_heads)
-        shape = lm_shape(model, int(config.max_position_embeddings))
-        self.num_kv_heads = shape.num_kv_heads
-        self.head_dim = shape.head_dim
-        rotary = model.model.rotary_emb
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.model = canonicalize(model)
+        self.arch: Architecture = architecture_of(model)
+        arch = self.arch
+        self.num_heads = arch.num_heads
+        self.num_kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.layers = model.get_submodule(arch.layout.layers)
+        # One frequency table per RoPE module (Gemma 3 has a local and a global one).
+        self.rope_of_layer: list[int] = [0] * arch.num_layers
+        self.rope_scales: list[float] = []
+        for index, table in enumerate(arch.ropes):
+            rotary = model.get_submodule(table.module)
+            self.register_buffer(f"inv_freq_{index}", rotary.inv_freq.detach().clone().float(), persistent=False)
+            self.rope_scales.append(float(getattr(rotary, "attention_scaling", 1.0)))
+            for layer in table.layers:
+                self.rope_of_layer[layer] = index
         # The norms' dtype is the compute dtype (float16 after a half cast); the entries'
         # KV and logits stay float32 at the boundary, so applications and parity see one layout.
-        self.compute_dtype = model.model.norm.weight.dtype
+        self.compute_dtype = model.get_submodule(arch.layout.final_norm).weight.dtype
         # Offsets of each layer's calibrated heads in the carried column-sum state.
         self.state_offsets: dict[int, int] = {}
         self.state_heads = 0
-        for index, layer in enumerate(model.model.layers):
-            calibration = calibration_of(layer.self_attn)
+        for index, layer in enumerate(self.layers):
+            calibration = calibration_of(self.attention(layer))
             if calibration is not None and calibration.carries_state:
                 self.state_offsets[index] = self.state_heads
                 self.state_heads += len(calibration.heads)
         # Analysis hook: called with (layer, raw probabilities [B, H, Tq, Tk]) when set.
         self.observer: AttentionObserver | None = None
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(self.compute_dtype), (emb.sin() * self.rope_scale).to(self.compute_dtype)
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.arch.layout.attention)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _norm(self.arch.norm, norm, x)
+
+    def _rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tables = []
+        for index, scale in enumerate(self.rope_scales):
+            freqs = positions.float()[:, None] * getattr(self, f"inv_freq_{index}")[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            tables.append(((emb.cos() * scale).to(self.compute_dtype), (emb.sin() * scale).to(self.compute_dtype)))
+        return tables
+
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotary = cos.shape[-1]
+        if rotary == self.head_dim:
+            return x * cos + _rotate_half(x) * sin
+        # Partial rotary (Phi): only the first `rotary` channels of each head turn.
+        turned, kept = x[..., :rotary], x[..., rotary:]
+        return torch.cat((turned * cos + _rotate_half(turned) * sin, kept), dim=-1)
+
+    def _project(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layout = self.arch.layout
+        if layout.qkv is None:
+            return getattr(attn, layout.q)(x), getattr(attn, layout.k)(x), getattr(attn, layout.v)(x)
+        fused = getattr(attn, layout.qkv)(x)
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        return fused[..., :q_width], fused[..., q_width : q_width + kv_width], fused[..., q_width + kv_width :]
 
     def _attention(
         self,
         layer_index: int,
         attn: nn.Module,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         past_k: torch.Tensor | None,
         past_v: torch.Tensor | None,
         past_sums: torch.Tensor | None,
-        causal_mask: torch.Tensor | None,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         batch, seq, _ = x.shape
-        q = attn.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._project(attn, x)
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.arch.qk_norm:
+            q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = self._apply_rope(q, *rope), self._apply_rope(k, *rope)
         if past_k is not None and past_v is not None:
             k = torch.cat((past_k, k), dim=2)
             v = torch.cat((past_v, v), dim=2)
@@ -198,9 +239,9 @@ class CausalLMEntries(nn.Module):
         v_full = v[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
         k_full = k_full.reshape(batch, self.num_heads, total, self.head_dim)
         v_full = v_full.reshape(batch, self.num_heads, total, self.head_dim)
-        scores = torch.matmul(q, k_full.transpose(2, 3)) / math.sqrt(self.head_dim)
-        if causal_mask is not None:
-            scores = scores + causal_mask
+        scores = _softcap(torch.matmul(q, k_full.transpose(2, 3)) * self.arch.attn_scale, self.arch.attn_softcap)
+        if mask is not None:
+            scores = scores + mask
         probs = attention_probs(scores)
         if self.observer is not None:
             self.observer(layer_index, probs)
@@ -210,44 +251,72 @@ class CausalLMEntries(nn.Module):
         if calibration is not None and (calibration.carries_state or past_k is None):
             probs, sums = calibration(probs, past_sums)
         out = torch.matmul(probs, v_full).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return attn.o_proj(out), k, v, sums if calibration is not None and calibration.carries_state else None
+        return getattr(attn, self.arch.layout.o)(out), k, v, sums if calibration is not None and calibration.carries_state else None
 
-    def _positions(self, seq: int, past: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """RoPE tables for the new positions, and the causal mask when there is no cache
-        (`past` None; a cache length is symbolic in an export and is never compared)."""
+    def _positions(self, seq: int, past: int | None) -> Tables:
+        """RoPE tables for the new positions and the masks each layer needs. Without a
+        cache (`past` None) every layer gets the causal mask; with one, only sliding
+        layers get a mask (their window), built by tensor arithmetic on the cache length,
+        which is symbolic in an export and is never compared in Python."""
         dtype = self.compute_dtype
-        positions = torch.arange(seq, dtype=torch.int64) + (0 if past is None else past)
-        cos, sin = self._rope(positions)
-        causal_mask: torch.Tensor | None = None
-        if past is None:
-            rows = torch.arange(seq, dtype=torch.int64)
-            # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
-            causal_mask = (rows[None, :] > rows[:, None]).to(dtype) * (-1e9 if dtype == torch.float32 else -3e4)
-        return cos, sin, causal_mask
+        offset = 0 if past is None else past
+        positions = torch.arange(seq, dtype=torch.int64) + offset
+        # A finite large negative keeps fully-masked arithmetic NaN-free in every runtime.
+        blocked = -1e9 if dtype == torch.float32 else -3e4
+        keys = torch.arange(seq, dtype=torch.int64) if past is None else torch.arange(seq + offset, dtype=torch.int64)
+        distance = positions[:, None] - keys[None, :]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for window in set(self.arch.windows):
+            hidden = distance < 0 if past is None else None
+            if window is not None:
+                outside = distance >= window
+                hidden = outside if hidden is None else hidden | outside
+            masks[window] = None if hidden is None else hidden.to(dtype) * blocked
+        return Tables(self._rope(positions) if self.arch.ropes else [], masks, positions)
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        layout = self.arch.layout
+        embedding = self.model.get_submodule(layout.embed)
+        h = embedding(input_ids)
+        if self.arch.embed_scale != 1.0 and not hasattr(embedding, "embed_scale"):
+            h = h * torch.tensor(self.arch.embed_scale, dtype=h.dtype)
+        if layout.positions is not None:
+            h = h + self.model.get_submodule(layout.positions)(positions)[None]
+        return h
 
     def _layer(
         self,
         index: int,
         h: torch.Tensor,
-        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        tables: Tables,
         past_k: torch.Tensor | None = None,
         past_v: torch.Tensor | None = None,
         past_s: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        layer = self.model.model.layers[index]
-        cos, sin, causal_mask = tables
+        layout = self.arch.layout
+        layer = self.layers[index]
+        attn = self.attention(layer)
         layer_s = None
         offset = self.state_offsets.get(index)
         if offset is not None and past_s is not None:
-            calibration = calibration_of(layer.self_attn)
+            calibration = calibration_of(attn)
             assert calibration is not None
             layer_s = past_s[offset : offset + len(calibration.heads)].transpose(0, 1).to(h.dtype)
-        attn_out, k, v, sums = self._attention(
-            index, layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, past_k, past_v, layer_s, causal_mask
-        )
+        rope = tables.rope[self.rope_of_layer[index]] if tables.rope else None
+        mask = tables.masks[self.arch.windows[index]]
+        x = self._norm(getattr(layer, layout.attn_norm), h)
+        attn_out, k, v, sums = self._attention(index, attn, x, rope, past_k, past_v, layer_s, mask)
+        if layout.post_attn_norm is not None:
+            attn_out = self._norm(getattr(layer, layout.post_attn_norm), attn_out)
         h = h + attn_out
-        h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
-        return h, k, v, sums
+        mlp_out = layer.mlp(self._norm(getattr(layer, layout.mlp_norm), h))
+        if layout.post_mlp_norm is not None:
+            mlp_out = self._norm(getattr(layer, layout.post_mlp_norm), mlp_out)
+        return h + mlp_out, k, v, sums
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        normed = self._norm(self.model.get_submodule(self.arch.layout.final_norm), h)
+        return _softcap(self.model.get_submodule(self.arch.layout.head)(normed), self.arch.final_softcap)
 
     def _run(
         self,
@@ -256,16 +325,15 @@ class CausalLMEntries(nn.Module):
         past_v: torch.Tensor | None,
         past_s: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
-        inner = self.model.model
         dtype = self.compute_dtype
         if past_k is not None and past_v is not None and dtype != torch.float32:
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
         tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[3])
-        h = inner.embed_tokens(input_ids)
+        h = self._embed(input_ids, tables.positions)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         new_s: list[torch.Tensor] = []
-        for index in range(len(inner.layers)):
+        for index in range(len(self.layers)):
             layer_k = None if past_k is None else past_k[index]
             layer_v = None if past_v is None else past_v[index]
             h, k, v, sums = self._layer(index, h, tables, layer_k, layer_v, past_s)
@@ -273,8 +341,7 @@ class CausalLMEntries(nn.Module):
             new_v.append(v)
             if sums is not None:
                 new_s.append(sums.transpose(0, 1))
-        logits = self.model.lm_head(_rms_norm(inner.norm, h))
-        outputs = [logits, torch.stack(new_k), torch.stack(new_v)]
+        outputs = [self._logits(h), torch.stack(new_k), torch.stack(new_v)]
         if new_s:
             outputs.append(torch.cat(new_s, dim=0))
         return tuple(t.float() for t in outputs) if dtype != torch.float32 else tuple(outputs)
@@ -283,7 +350,7 @@ class CausalLMEntries(nn.Module):
         """Hidden states entering layers 0..layers-1 (prefill): searches that change one
         layer restart from its input instead of re-running the layers before it."""
         tables = self._positions(input_ids.shape[1], None)
-        h = self.model.model.embed_tokens(input_ids)
+        h = self._embed(input_ids, tables.positions)
         states = [h]
         for index in range(layers - 1):
             h = self._layer(index, h, tables)[0]
@@ -293,9 +360,13 @@ class CausalLMEntries(nn.Module):
     def final_hidden(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """Run layers start..L-1 on their input `h` (prefill) and the final norm."""
         tables = self._positions(h.shape[1], None)
-        for index in range(start, len(self.model.model.layers)):
+        for index in range(start, len(self.layers)):
             h = self._layer(index, h, tables)[0]
-        return _rms_norm(self.model.model.norm, h)
+        return self._norm(self.model.get_submodule(self.arch.layout.final_norm), h)
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits from final_hidden's output (the output head and any soft-capping)."""
+        return _softcap(self.model.get_submodule(self.arch.layout.head)(normed), self.arch.final_softcap)
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """logits, k, v (and s when calibrated heads carry state)."""

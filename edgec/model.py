@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edgec.errors import BadInputError, UnsupportedError
-from edgec.lm import STATIC_ROPE_TYPES, SUPPORTED_ARCHITECTURES, rope_type
+from edgec.architectures import SUPPORTED_ARCHITECTURES, architecture_of, canonicalize, check_config
 
 FAMILY_CAUSAL_LM = "causal-lm"
 FAMILY_EXPORTED = "exported-program"
@@ -111,18 +111,20 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
     for weight in weights:
         _check_safetensors(weight)
 
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise BadInputError(f"{config_path} is not a usable model config ({str(exc).splitlines()[0]})") from None
-    kind = rope_type(config)
-    if kind not in STATIC_ROPE_TYPES:
-        raise UnsupportedError(f"{path}: RoPE type '{kind}' changes with sequence length; supported: {STATIC_ROPE_TYPES}")
     try:
-        model, loading = LlamaForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+        check_config(architecture, config)
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{path}: {exc.message}") from None
+    try:
+        model, loading = getattr(transformers, architecture).from_pretrained(
+            path, config=config, dtype=torch.float32, use_safetensors=True, output_loading_info=True
         )
     except (ValueError, OSError, RuntimeError) as exc:
         raise BadInputError(f"{path}: the weights do not fit the config ({str(exc).splitlines()[0]})") from None
@@ -131,7 +133,8 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
     if missing or loading["unexpected_keys"] or loading["mismatched_keys"]:
         problems = (missing + list(loading["unexpected_keys"]) + [str(m) for m in loading["mismatched_keys"]])[:3]
         raise BadInputError(f"{path}: weights and config disagree (e.g. {', '.join(problems)}); re-save with save_pretrained")
-    model.eval()
+    model = canonicalize(model.eval())
+    arch = architecture_of(model)
     tokenizer = None
     tokenizer_dir = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
@@ -149,14 +152,16 @@ def load_hf_dir(path: Path, name: str | None = None) -> ModelHandle:
         tokenizer_dir=tokenizer_dir,
         info={
             "parameters": params,
-            "layers": int(config.num_hidden_layers),
+            "layers": arch.num_layers,
             "hidden_size": int(config.hidden_size),
-            "attention_heads": int(config.num_attention_heads),
-            "kv_heads": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+            "attention_heads": arch.num_heads,
+            "kv_heads": arch.num_kv_heads,
+            "head_dim": arch.head_dim,
             "vocab_size": int(config.vocab_size),
             "max_position_embeddings": int(config.max_position_embeddings),
             "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
             "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+            "architecture": arch.summary(),
         },
     )
 

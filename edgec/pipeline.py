@@ -50,7 +50,8 @@ class Pass(Protocol):
     def run(self, model: ModelHandle, ctx: PassContext) -> PassResult: ...
 
 
-_LAYER_IN_NAME = re.compile(r"\.layers\.(\d+)\.")
+# Decoder layers live under `.layers.N.` (Llama and most others) or `.h.N.` (GPT-2).
+_LAYER_IN_NAME = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
 def layer_index_of(module_name: str) -> int | None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
+from edgec.architectures import architecture_of
 from edgec.lm import AttentionCalibration, CausalLMEntries, calibration_of
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.pipeline import PassContext, PassResult
@@ -97,16 +98,22 @@ HeadSet = dict[int, list[int]]
 def check_attention(model: ModelHandle) -> tuple[int, int]:
     """(layers, heads per layer) of a model whose attention edgec can rewrite; else say which module and why."""
     assert model.module is not None
-    layers = model.module.model.layers
-    for index, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
+    layout = architecture_of(model.module).layout
+    for index, layer in enumerate(model.module.get_submodule(layout.layers)):
+        attn = getattr(layer, layout.attention, None)
+        where = f"{layout.layers}.{index}.{layout.attention}"
+        if layout.qkv is not None:
+            raise UnsupportedError(
+                f"{where} ({type(attn).__name__}) projects q, k and v with one fused {layout.qkv}: act calibrates "
+                "attention probabilities per head and applies to architectures with separate q/k/v/o projections"
+            )
         missing = [name for name in PROJECTIONS if not isinstance(getattr(attn, name, None), nn.Module)]
         if attn is None or missing:
             raise UnsupportedError(
-                f"model.layers.{index}.self_attn ({type(attn).__name__}) has no separate {', '.join(missing or PROJECTIONS)}: "
+                f"{where} ({type(attn).__name__}) has no separate {', '.join(missing or PROJECTIONS)}: "
                 "act rewrites attention from its q/k/v/o projections and cannot see inside a fused kernel"
             )
-    return len(layers), int(model.module.config.num_attention_heads)
+    return architecture_of(model.module).num_layers, int(model.module.config.num_attention_heads)
 
 
 def check_heads(heads: HeadSet, layers: int, num_heads: int) -> None:
@@ -121,12 +128,14 @@ def check_heads(heads: HeadSet, layers: int, num_heads: int) -> None:
 def install(model: nn.Module, heads: HeadSet, rule: SinkRule) -> None:
     """Put the calibration on each chosen layer's attention (replacing any before)."""
     num_heads = int(model.config.num_attention_heads)
-    for index, layer in enumerate(model.model.layers):
+    layout = architecture_of(model).layout
+    for index, layer in enumerate(model.get_submodule(layout.layers)):
+        attn = getattr(layer, layout.attention)
         chosen = sorted(set(heads.get(index, [])))
         if chosen:
-            layer.self_attn.calibration = AttentionCalibration(chosen, num_heads, rule)
-        elif calibration_of(layer.self_attn) is not None:
-            del layer.self_attn.calibration
+            attn.calibration = AttentionCalibration(chosen, num_heads, rule)
+        elif calibration_of(attn) is not None:
+            del attn.calibration
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -146,7 +155,7 @@ class TaskScorer:
         self.label_ids = label_token_ids(tokenizer, labels)
         self.prompts = [list(tokenizer(e.prompt)["input_ids"]) for e in self.examples]
         self.entries = CausalLMEntries(model).eval()
-        layers = len(model.model.layers)
+        layers = len(self.entries.layers)
         self.groups: list[_Group] = []
         with torch.no_grad():
             for _, indices in sorted(by_length(self.prompts).items()):
@@ -158,13 +167,13 @@ class TaskScorer:
         with torch.no_grad():
             for group in self.groups:
                 final = self.entries.final_hidden(group.states[start_layer], start_layer)
-                last = self.model.lm_head(final[:, -1:, :])[:, 0, :]
+                last = self.entries.head(final[:, -1:, :])[:, 0, :]
                 logits[group.indices] = last[:, self.label_ids].double().numpy()
         return score(logits, self.examples)
 
     def moved_mass(self, rule: SinkRule) -> np.ndarray:
         """[layers, heads]: mean attention mass per row that calibrating the head would move."""
-        layers, heads = len(self.model.model.layers), int(self.model.config.num_attention_heads)
+        layers, heads = len(self.entries.layers), int(self.model.config.num_attention_heads)
         mass = np.zeros((layers, heads))
         rows = 0
 
@@ -221,7 +230,7 @@ def search_heads(model: ModelHandle, options: ActOptions, progress: Callable[[st
     def evaluate(heads: HeadSet) -> Scored:
         install(module, heads, rule)
         try:
-            start = min(heads) if heads else len(module.model.layers) - 1
+            start = min(heads) if heads else architecture_of(module).num_layers - 1
             return _mean([scorer(start) for scorer in scorers])
         finally:
             install(module, {}, rule)

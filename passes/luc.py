@@ -39,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from edgec.architectures import architecture_of
 from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
@@ -173,8 +174,9 @@ def bits_for_size(root: nn.Module, options: LucOptions, fixed: dict[int, dict[st
     assert options.size_bytes is not None
     layers = decoder_layers(root)
     linears = [[m for _, m in layer_linears(layer)] for layer in layers]
-    embedding = root.get_submodule("model.embed_tokens").weight
-    head = root.get_submodule("lm_head").weight
+    layout = architecture_of(root).layout
+    embedding = root.get_submodule(layout.embed).weight
+    head = root.get_submodule(layout.head).weight
     tied = head.data_ptr() == embedding.data_ptr()
     constant = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in root.state_dict().values()}.values())
     constant -= sum(m.weight.numel() * 4 for group in linears for m in group) + embedding.numel() * 4
@@ -316,7 +318,7 @@ def plan_layers(options: LucOptions, profile: dict[str, Any] | None, fixed: dict
 
 
 def decoder_layers(root: nn.Module) -> list[nn.Module]:
-    return list(root.model.layers)
+    return list(root.get_submodule(architecture_of(root).layout.layers))
 
 
 def layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -368,7 +370,7 @@ class InputStats:
             return record
 
         for name, module in root.named_modules():
-            if isinstance(module, nn.Linear) and name.startswith("model.layers."):
+            if isinstance(module, nn.Linear) and name.startswith(f"{architecture_of(root).layout.layers}."):
                 handles.append(module.register_forward_pre_hook(hook(name)))
         try:
             with torch.no_grad():
@@ -680,14 +682,15 @@ class Luc:
         options = self.options
         tied = bool(getattr(root.config, "tie_word_embeddings", False))
         record: dict[str, Any] = {"tied": tied}
-        embedding = root.get_submodule("model.embed_tokens")
-        head = root.get_submodule("lm_head")
+        layout = architecture_of(root).layout
+        embedding = root.get_submodule(layout.embed)
+        head = root.get_submodule(layout.head)
         assert isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear)
         head_bits = options.embedding_bits if options.head_bits is None else options.head_bits
         shared: PackedWeight | None = None
         if options.embedding_bits != FP32_BITS:
             shared = _packed(embedding.weight.detach().float(), options.embedding_bits, options)
-            set_submodule(root, "model.embed_tokens", PackedEmbedding(shared))
+            set_submodule(root, layout.embed, PackedEmbedding(shared))
             record["embedding"] = {"bits": options.embedding_bits, "bytes": shared.nbytes()}
         else:
             record["embedding"] = {"bits": FP32_BITS, "bytes": embedding.weight.numel() * 4}
@@ -695,13 +698,13 @@ class Luc:
             record["lm_head"] = {"bits": FP32_BITS, "shared_with_embedding": tied}
             return record
         if tied and shared is not None and head_bits == options.embedding_bits:
-            embed_module = root.get_submodule("model.embed_tokens")
+            embed_module = root.get_submodule(layout.embed)
             assert isinstance(embed_module, PackedEmbedding)
-            set_submodule(root, "lm_head", PackedLinear(embed_module.packed, head.bias))
+            set_submodule(root, layout.head, PackedLinear(embed_module.packed, head.bias))
             record["lm_head"] = {"bits": head_bits, "shared_with_embedding": True}
         else:
             packed = _packed(head.weight.detach().float(), head_bits, options)
-            set_submodule(root, "lm_head", PackedLinear(packed, head.bias))
+            set_submodule(root, layout.head, PackedLinear(packed, head.bias))
             record["lm_head"] = {"bits": head_bits, "shared_with_embedding": False, "bytes": packed.nbytes()}
         return record
 

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from edgec.architectures import architecture_of
 from edgec.errors import BadInputError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.packing import frozen, set_submodule, unique_weight_bytes
@@ -100,7 +101,8 @@ class QuantizeWeightsInt8:
         before = unique_weight_bytes(root)
         tied = bool(getattr(root.config, "tie_word_embeddings", False))
         layers: list[dict[str, object]] = []
-        embed_name = "model.embed_tokens"
+        layout = architecture_of(root).layout
+        embed_name = layout.embed
         embed_q: tuple[torch.Tensor, torch.Tensor] | None = None
         embed_group = -1
         if self.options.embeddings:
@@ -120,7 +122,7 @@ class QuantizeWeightsInt8:
             assert isinstance(opts, QuantizeWeightsInt8Options)
             if not opts.enabled:
                 continue
-            if name == "lm_head" and tied and embed_q is not None and opts.group_size == embed_group:
+            if name == layout.head and tied and embed_q is not None and opts.group_size == embed_group:
                 q, scale = embed_q  # same matrix: share the int8 table instead of storing it twice
             else:
                 q, scale = quantize_rows(linear.weight, opts.group_size)

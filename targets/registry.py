@@ -256,9 +256,32 @@ def _with_android_ndk(spec: TargetSpec, backend: str) -> TargetSpec:
     return dataclasses.replace(spec, cross_compiler=str(Path(ndk) / ANDROID_NDK_CLANG))
 
 
+@lru_cache(maxsize=1)
+def host_disabled_features() -> tuple[str, ...]:
+    """LLVM features the detected host CPU model implies but the kernel does not expose
+    (a VM that hides AMX from an Emerald Rapids guest): turned off with "-feature", so
+    "this machine's CPU" builds code this machine runs."""
+    import platform
+
+    import tvm
+    from tvm.target import codegen
+
+    from edgec.targets.agent import cpu_flags
+
+    flags = ISA_FLAGS.get(platform.machine(), {})
+    have = cpu_flags()
+    if not have:
+        return ()
+    implied = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}))}
+    return tuple(sorted(f"-{name}" for name in implied if name in flags and flags[name] not in have))
+
+
 def _fill_host(target: dict[str, Any]) -> dict[str, Any]:
     """Replace the "<host>" mcpu placeholder (also inside a nested "host" target)."""
-    return {k: (host_mcpu() if v == HOST else _fill_host(v) if isinstance(v, dict) else v) for k, v in target.items()}
+    filled = {k: (host_mcpu() if v == HOST else _fill_host(v) if isinstance(v, dict) else v) for k, v in target.items()}
+    if target.get("mcpu") == HOST and host_disabled_features():
+        filled["mattr"] = [*filled.get("mattr", []), *host_disabled_features()]
+    return filled
 
 
 def _by_name(name: str) -> TargetSpec | None:
