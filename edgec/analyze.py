@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from edgec.lm import CausalLMEntries
-from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.families import family_named
+from edgec.model import ModelHandle
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.sinks import SinkRule, find_sinks, sink_scores
 
@@ -60,7 +61,7 @@ def record_attention(module: torch.nn.Module, ids: list[int]) -> list[torch.Tens
 
 
 def check_attention_model(model: ModelHandle) -> None:
-    if model.family != FAMILY_CAUSAL_LM or model.module is None:
+    if not family_named(model.family).generates_text or model.module is None:
         raise UnsupportedError(f"{model.name} (family {model.family}) has no attention to analyse; give a causal LM")
 
 

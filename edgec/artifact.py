@@ -24,14 +24,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgec.errors import BadInputError, UnsupportedError
 
+if TYPE_CHECKING:
+    from edgec.targets.runtime import Runtime
+
 MANIFEST = "manifest.json"
-FORMAT = "edgec-artifact/1"
+# 2: the manifest carries the family's program (how entries are driven) and its section.
+FORMAT = "edgec-artifact/2"
 REFERENCE_FILE = "reference.safetensors"
 TOOL_PACKAGES: tuple[str, ...] = (
     "edgec",
@@ -149,10 +153,15 @@ def read_manifest(root: Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BadInputError(f"{path} lacks {', '.join(missing)}; the artifact is damaged, recompile it")
+    from edgec.families import check_section
+
+    check_section(root, manifest)
     return manifest
 
 
-REQUIRED_KEYS: tuple[str, ...] = ("model", "target", "backend", "backend_record", "files", "reference", "passes", "size_bytes")
+REQUIRED_KEYS: tuple[str, ...] = (
+    "model", "target", "backend", "backend_record", "files", "reference", "passes", "size_bytes", "program",
+)
 
 
 def artifact_file(root: Path, manifest: dict[str, Any], relative: str) -> Path:
@@ -186,8 +195,14 @@ def check_hashes(root: Path, manifest: dict[str, Any]) -> HashCheck:
 def tokenizer_dir(root: Path, manifest: dict[str, Any]) -> Path:
     """The tokenizer the artifact carries (always `tokenizer/` inside it)."""
     if manifest.get("tokenizer") != "tokenizer" or not any(f.startswith("tokenizer/") for f in manifest["files"]):
-        raise BadInputError(f"{root}: this artifact carries no tokenizer; `edgec run` and `eval` need a causal-LM artifact")
+        raise BadInputError(f"{root}: this artifact carries no tokenizer; compile a model directory that has one")
     return root / "tokenizer"
+
+
+def load_tokenizer(root: Path, manifest: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(root, manifest)))
 
 
 def artifact_runs_here(manifest: dict[str, Any]) -> tuple[bool, str]:
@@ -197,7 +212,7 @@ def artifact_runs_here(manifest: dict[str, Any]) -> tuple[bool, str]:
     return True, ""
 
 
-def open_runtime(root: Path, manifest: dict[str, Any]) -> Any:
+def open_runtime(root: Path, manifest: dict[str, Any]) -> Runtime:
     runs, why = artifact_runs_here(manifest)
     if not runs:
         raise UnsupportedError(f"{root}: cannot run here: {why}; deploy it to a matching device")
@@ -211,19 +226,19 @@ def open_runtime(root: Path, manifest: dict[str, Any]) -> Any:
         )
     backend = manifest["backend"]
     record = manifest["backend_record"]
+    if backend not in ("tvm", "onnx"):
+        raise UnsupportedError(f"{root}: unknown backend {backend!r} in the manifest")
     referenced = [info.get("library") or info.get("file") for info in record.get("entries", {}).values()]
     referenced += [record[key] for key in ("params_file", "weights_file") if key in record]
     for name in referenced:
         artifact_file(root, manifest, f"model/{name}")
+    from edgec.targets.runtime import Runtime
+
     if backend == "tvm":
-        from edgec.targets.backend_tvm import TVMRuntime
+        from edgec.targets.backend_tvm import use_all_cores
 
-        return TVMRuntime(root / "model", record)
-    if backend == "onnx":
-        from edgec.targets.backend_onnx import ORTRuntime
-
-        return ORTRuntime(root / "model", record)
-    raise UnsupportedError(f"{root}: unknown backend {backend!r} in the manifest")
+        use_all_cores()
+    return Runtime(root / "model", backend, record, ort_provider=record.get("ort_provider", "CPUExecutionProvider"))
 
 
 def save_reference(root: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -360,24 +360,32 @@ def profile_command(
 @app.command("run")
 @_user_errors
 def run_command(
-    artifact: Path = typer.Argument(..., help="causal-LM artifact directory"),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="tokens to generate (greedy)"),
-    as_json: bool = typer.Option(False, "--json", help="print text, tokens and speed as JSON"),
+    artifact: Path = typer.Argument(..., help="artifact directory (edgec compile -o DIR)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="causal LMs: text to continue (greedy)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="causal LMs: tokens to generate"),
+    text: list[str] = typer.Option([], "--text", "-t", help="encoders: text to embed; repeatable"),
+    inputs: Optional[str] = typer.Option(None, "--inputs", help="other families: an .npz of input name -> array (default: the reference inputs)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Greedy generation in the artifact's own runtime with the tokenizer it carries."""
-    from edgec.generate import generate_from_artifact
+    """Run an artifact in its own runtime, as its family's program says: a causal LM
+    generates from --prompt, an encoder embeds --text, other families run their entries
+    on --inputs."""
+    from edgec.artifact import open_runtime, read_manifest
+    from edgec.families import family_named
 
     _limit_threads()
-    result = generate_from_artifact(artifact, prompt, max_new_tokens)
+    manifest = read_manifest(artifact)
+    family = family_named(manifest["model"]["family"])
+    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "text": text, "inputs": inputs}
+    result = family.run(artifact, manifest, open_runtime(artifact, manifest), request)
     if as_json:
         _emit_json(result)
         return
-    out.print(result["text"])
-    err.print(
-        f"[dim]{result['new_tokens']} tokens, prefill {result['prefill_ms']:.1f} ms, "
-        f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})[/]"
-    )
+    lines, note = family.describe_run(result)
+    for line in lines:
+        out.print(line, markup=False)
+    if note:
+        err.print(f"[dim]{note}[/]")
 
 
 @app.command("inspect")
@@ -424,9 +432,13 @@ def _print_manifest(manifest: dict[str, Any]) -> None:
     out.print(f"  edgec    {manifest['edgec_version']}, built {manifest['created']}")
     parity = manifest.get("parity", {})
     out.print(f"  parity   ok={parity.get('ok')} max|diff|={parity.get('max_abs_diff')} tol={parity.get('tolerance')}")
-    if "lm" in manifest:
-        lm = manifest["lm"]
-        out.print(f"  lm       {lm['num_layers']} layers, kv {lm['num_kv_heads']}x{lm['head_dim']}, vocab {lm['vocab_size']}, max context {lm['max_context']}")
+    program = manifest["program"]
+    out.print(f"  program  {program['kind']}: entries {', '.join(program['entries'])}")
+    from edgec.families import family_named
+
+    family = family_named(model["family"])
+    if family.section_key is not None and family.section_key in manifest:
+        out.print(f"  {family.section_key:<8} {family.describe_section(manifest[family.section_key])}", markup=False)
     table = Table(title="passes", show_edge=False)
     for column in ("pass", "changed", "seconds"):
         table.add_column(column)
@@ -442,118 +454,36 @@ def _print_manifest(manifest: dict[str, Any]) -> None:
 @_user_errors
 def eval_command(
     model: str = typer.Argument(..., metavar="MODEL|ARTIFACT", help="a model (as for compile) or an artifact directory"),
-    task: str = typer.Option(
-        "ppl", "--task", help="ppl (perplexity and bits per byte), or a labelled task: wordnet, shakespeare (test-split accuracy)"
+    task: Optional[str] = typer.Option(
+        None, "--task",
+        help="causal LMs: ppl (default; perplexity and bits per byte), wordnet, shakespeare or FILE.jsonl "
+        "(test-split accuracy); encoders: similarity (needs --data pairs.tsv) or retrieval (default)",
     ),
-    data: str = typer.Option("held-out", "--data", help="ppl: 'held-out' (built-in split) or a UTF-8 .txt file"),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="ppl: 'held-out' (default) or a UTF-8 .txt file; similarity: a TSV of sentence1<TAB>sentence2<TAB>score"
+    ),
     tokens: int = typer.Option(32768, "--tokens", min=2, help="ppl: tokens to score"),
     window: int = typer.Option(256, "--window", min=8, help="ppl: tokens per scored window"),
-    seed: int = typer.Option(0, "--seed", help="labelled tasks: seed of the calibration/test split"),
-    samples: int = typer.Option(120, "--samples", min=4, help="labelled tasks: test prompts (balanced over the labels)"),
+    seed: int = typer.Option(0, "--seed", help="labelled tasks and retrieval: seed of the split / the sampled set"),
+    samples: int = typer.Option(120, "--samples", min=4, help="labelled tasks: test prompts (balanced over the labels); retrieval: queries"),
     device: Optional[str] = typer.Option(
         None, "--device", "-d", help="ppl of an artifact: run it on this device (as for deploy --device), e.g. a cross-built one"
     ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Perplexity, or accuracy on a labelled task's test split, of a model (torch) or a
-    compiled artifact (its runtime, here or on --device)."""
-    from edgec.errors import BadInputError
-    from edgec.evaluate import evaluation_ids, logits_nll_fn, runtime_logits_fn, torch_logits_fn, windows_perplexity
-    from edgec.tasks import TASK_NAMES
+    """Evaluate a model (torch) or a compiled artifact (its runtime, here or on --device)
+    with the tasks of its family: perplexity or labelled-task accuracy for causal LMs,
+    embedding similarity (Spearman) or retrieval for encoders."""
+    from edgec.families import EvalRequest, family_of_spec
 
-    if task != "ppl" and task not in TASK_NAMES:
-        raise BadInputError(f"--task {task}: unknown task; available: ppl, {', '.join(TASK_NAMES)}")
-    if device is not None and task != "ppl":
-        raise BadInputError(f"--device works with --task ppl only; score {task} on this machine (drop --device)")
     _limit_threads()
-    if task in TASK_NAMES:
-        _eval_task(model, task, seed, samples, as_json)
-        return
-    progress = Progress()
-    on_device: dict[str, Any] = {}
-    if device is None:
-        tokenizer, runtime, module, max_context, what = _open_lm(model, "eval --task ppl")
-        nll_fn = logits_nll_fn(runtime_logits_fn(runtime) if runtime is not None else torch_logits_fn(module))
-    else:
-        from edgec.deploy import deploy
-
-        manifest, tokenizer = _artifact_lm(Path(model), "eval --device")
-        max_context, what = int(manifest["lm"]["max_context"]), f"{model} on {device}"
-
-        def nll_fn(windows: list[list[int]], progress: Callable[[str], None]) -> list[float]:
-            on_device.update(deploy(Path(model), device, progress, windows=windows))
-            return list(on_device["window_nll"])
-
-    window = min(window, max_context)
-    ids, label = evaluation_ids(tokenizer, data, tokens)
-    progress(f"ppl of {what} on {label}: {len(ids)} tokens")
-    result = windows_perplexity(nll_fn, ids, tokenizer, window, label, progress)
-    payload = {"model": model, **result.to_json()}
-    if on_device:
-        payload.update(device=on_device["device"], emulated=on_device["emulated"], parity=on_device["parity"])
+    family = family_of_spec(model)
+    request = EvalRequest(task=task, data=data, tokens=tokens, window=window, seed=seed, samples=samples, device=device)
+    result = family.eval(model, request, Progress())
     if as_json:
-        _emit_json(payload)
+        _emit_json(result)
         return
-    out.print(
-        f"{what}: perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte "
-        f"over {result.tokens} tokens ({result.seconds:.1f} s)"
-    )
-
-
-def _eval_task(model: str, task: str, seed: int, samples: int, as_json: bool) -> None:
-    from edgec.tasks import build_task, evaluate_task
-
-    progress = Progress()
-    built = build_task(task, seed, 0, samples)  # the test split does not depend on the calibration size
-    tokenizer, label_logits, what = _task_scorer(model)
-    progress(f"{task} test split (seed {seed}): {len(built.test)} prompts on {what}")
-    result = evaluate_task(label_logits, tokenizer, built.test, built.labels)
-    payload = {"model": model, "task": task, "seed": seed, **result.to_json()}
-    if as_json:
-        _emit_json(payload)
-        return
-    out.print(f"{what}: {task} accuracy {result.accuracy:.3f} over {len(result.predictions)} test prompts (seed {seed}; "
-              f"chance {1 / len(built.labels):.3f})")
-
-
-def _task_scorer(model: str) -> tuple[Any, Any, str]:
-    """(tokenizer, prompts -> last-token logits, description) for a model or an artifact."""
-    from edgec.tasks import runtime_last_logits, torch_last_logits
-
-    tokenizer, runtime, module, _, what = _open_lm(model, "labelled tasks")
-    return tokenizer, runtime_last_logits(runtime) if runtime is not None else torch_last_logits(module), what
-
-
-def _open_lm(model: str, needs: str) -> tuple[Any, Any, Any, int, str]:
-    """(tokenizer, artifact runtime or None, torch module or None, max context, description)
-    of a causal-LM artifact directory or a model spec."""
-    from edgec.artifact import MANIFEST, open_runtime
-    from edgec.errors import BadInputError
-
-    path = Path(model)
-    if path.is_dir() and (path / MANIFEST).is_file():
-        manifest, tokenizer = _artifact_lm(path, needs)
-        runtime = open_runtime(path, manifest)
-        return tokenizer, runtime, None, int(manifest["lm"]["max_context"]), f"{model} ({manifest['backend']} artifact)"
-    from edgec.model import load_model
-
-    handle = load_model(model)
-    if handle.module is None or handle.tokenizer is None:
-        raise BadInputError(f"{model}: {needs} needs a causal LM with a tokenizer")
-    return handle.tokenizer, None, handle.module, int(handle.module.config.max_position_embeddings), f"{model} (torch)"
-
-
-def _artifact_lm(path: Path, needs: str) -> tuple[dict[str, Any], Any]:
-    """The manifest and tokenizer of a causal-LM artifact directory."""
-    from transformers import AutoTokenizer
-
-    from edgec.artifact import read_manifest, tokenizer_dir
-    from edgec.errors import BadInputError
-
-    manifest = read_manifest(path)
-    if manifest.get("tokenizer") is None or "lm" not in manifest:
-        raise BadInputError(f"{path}: not a causal-LM artifact with a tokenizer; {needs} needs one")
-    return manifest, AutoTokenizer.from_pretrained(str(tokenizer_dir(path, manifest)))
+    out.print(family.describe_eval(result))
 
 
 @analyze_app.command("attention")

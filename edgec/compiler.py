@@ -27,17 +27,16 @@ from edgec.artifact import (
 )
 from edgec.data import calibration_segments
 from edgec.errors import CheckFailedError, UnsupportedError
-from edgec.lm import lm_shape
-from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, load_model
-from edgec.parity import ParityResult, compare, flatten_io, reference_io, run_reference
+from edgec.families import Family, family_named
+from edgec.model import ModelHandle, load_model
+from edgec.parity import ParityResult, check, flatten_io, reference_io
 from edgec.passes import REGISTRY
 from edgec.passes.schedule import schedule_options, tuning_endpoint
 from edgec.pipeline import PassContext, PassManager
 from edgec.recipe import Recipe
 from edgec.targets.export import export_entries
 from edgec.targets.registry import ResolvedTarget, resolve_target
-
-DEFAULT_MAX_CONTEXT = 1024
+from edgec.targets.runtime import PARITY_RULE
 # float16 artifacts are compared with the float32 model: half precision alone moves
 # logits by ~1e-3 of their range, so their parity tolerance is at least this.
 FLOAT16_MIN_RTOL = 1e-2
@@ -95,29 +94,22 @@ def compile_model(
     ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
     pass_log = manager.run(model, ctx)
 
+    family = family_named(model.family)
     progress("export entries (torch.export)")
     entries = export_entries(model)
-    reference = reference_io(model, entries, recipe.parity.prompt_len)
+    reference = flatten_io(reference_io(model, entries, recipe))
+    program = family.program(model, entries, recipe)
+    section = family.section(model, entries, recipe)
     if recipe.dtype == "float16" and recipe.backend == "onnx":
         _to_float16(model)
         progress("export entries again in float16 (the reference stays float32)")
         entries = export_entries(model)
-    output_names = {e.name: e.output_names for e in entries}
 
     with staging_dir(out, force) as stage:
         model_dir = stage / "model"
         model_dir.mkdir()
-        if recipe.backend == "tvm":
-            from edgec.targets import backend_tvm as backend
-        else:
-            from edgec.targets import backend_onnx as backend  # type: ignore[no-redef]
-        if recipe.backend == "tvm":
-            backend_record = backend.build(
-                entries, target, model_dir, progress, recipe.dtype, tuning=tuning
-            )
-        else:
-            backend_record = backend.build(entries, target, model_dir, progress, recipe.dtype)
-        save_reference(stage, flatten_io(reference))
+        backend_record = build(recipe.backend, entries, target, model_dir, progress, recipe.dtype, tuning)
+        save_reference(stage, reference)
         tokenizer_dir = _copy_tokenizer(model, stage)
         manifest: dict[str, Any] = {
             "edgec_version": __version__,
@@ -135,31 +127,31 @@ def compile_model(
             "backend": recipe.backend,
             "backend_record": backend_record,
             "tools": tool_versions(),
+            "program": program,
             "reference": {
                 "file": REFERENCE_FILE,
-                "entries": {e.name: {"inputs": e.input_names, "outputs": e.output_names} for e in entries},
-                "tolerance": {"rtol": rtol, "rule": "max|artifact-torch| <= rtol x range(torch output); same argmax where top-2 margin > tolerance"},
+                "implementation": family.reference_rule(),
+                "entries": program["entries"],
+                "tolerance": {"rtol": rtol, "rule": PARITY_RULE},
             },
             "tokenizer": tokenizer_dir,
         }
-        if model.family == FAMILY_CAUSAL_LM:
-            decode_inputs = next(e.input_names for e in entries if e.name == "decode")
-            manifest["lm"] = _lm_record(model, recipe, cache=decode_inputs[1:])
+        if section is not None and family.section_key is not None:
+            manifest[family.section_key] = section.model_dump()
         files = hash_tree(stage)  # the parity run reads these files and writes none
         if device is None:
-            parity = _check_parity({**manifest, "files": files}, stage, reference, output_names, rtol, target, progress)
+            parity = _check_parity({**manifest, "files": files}, stage, reference, rtol, target, progress)
         else:
-            parity, evaluation = _verify_on_device(manifest, files, stage, model, recipe, device, progress)
+            parity, evaluation = _verify_on_device(manifest, files, stage, model, family, recipe, device, progress)
         manifest["parity"] = parity.to_json()
         if parity.ok is False:
             where = f"on {device}" if device else f"on {target.name}/{recipe.backend}"
             raise CheckFailedError(
-                f"parity check failed for {model_spec} {where}: {parity.reason} max |diff| "
-                f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:.3g}; nothing was written "
+                f"parity check failed for {model_spec} {where}: {parity.reason}; nothing was written "
                 "(report this with `edgec env`)"
             )
         if device is None:
-            evaluation = _evaluate({**manifest, "files": files}, stage, model, recipe, target, progress)
+            evaluation = _evaluate({**manifest, "files": files}, stage, model, family, recipe, target, progress)
         if evaluation is not None:
             manifest["evaluation"] = evaluation
         manifest = write_manifest(stage, manifest, files)
@@ -176,35 +168,46 @@ def compile_model(
             "max_abs_diff": parity.max_abs_diff,
             "tolerance": parity.tolerance,
             "reason": parity.reason,
+            "generation": parity.generation,
         },
         "evaluation": manifest.get("evaluation"),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
+def build(
+    backend: str, entries: list[Any], target: ResolvedTarget, out_dir: Path, progress: Callable[[str], None],
+    dtype: str, tuning: Any,
+) -> dict[str, Any]:
+    """One interface for both backends: build(entries, target, out, progress, dtype, tuning) -> record."""
+    if backend == "tvm":
+        from edgec.targets import backend_tvm as chosen
+    else:
+        from edgec.targets import backend_onnx as chosen  # type: ignore[no-redef]
+    return chosen.build(entries, target, out_dir, progress, dtype, tuning)
+
+
 def _evaluate(
     manifest: dict[str, Any],
     stage: Path,
     model: ModelHandle,
+    family: Family,
     recipe: Recipe,
     target: ResolvedTarget,
     progress: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    """Held-out perplexity of the built artifact in its own runtime (recipe `evaluate`)."""
-    if recipe.evaluate.tokens == 0 or model.tokenizer is None or model.family != FAMILY_CAUSAL_LM:
+    """The family's compile-time evaluation of the built artifact, in its own runtime."""
+    from edgec.evaluate import logits_nll_fn, runtime_logits_fn
+
+    if not family.evaluates(model, recipe):
         return None
     if not target.runs_here:
         return {
             "skipped": f"built for {target.spec.arch}: compile with --device D to measure it there, "
             "or run `edgec eval ARTIFACT --device D`"
         }
-    from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn
-
-    ids, label = evaluation_ids(model.tokenizer, "held-out", recipe.evaluate.tokens)
-    progress(f"evaluate: held-out perplexity over {len(ids)} tokens")
     runtime = open_runtime(stage, manifest)
-    result = perplexity(runtime_logits_fn(runtime), ids, model.tokenizer, recipe.evaluate.window, label, progress)
-    return result.to_json()
+    return family.evaluate(model, recipe, logits_nll_fn(runtime_logits_fn(runtime, manifest["program"])), progress)
 
 
 def _verify_on_device(
@@ -212,18 +215,16 @@ def _verify_on_device(
     files: dict[str, str],
     stage: Path,
     model: ModelHandle,
+    family: Family,
     recipe: Recipe,
     device: str,
     progress: Callable[[str], None],
 ) -> tuple[ParityResult, dict[str, Any] | None]:
-    """Parity and (for a causal LM with `evaluate.tokens`) held-out perplexity, both on
-    `device`, from the staged artifact; a manifest is written for the upload and
-    rewritten by the caller."""
+    """Parity and the family's evaluation, both on `device`, from the staged artifact; a
+    manifest is written for the upload and rewritten by the caller."""
     from edgec.deploy import deploy
-    from edgec.evaluate import evaluation_ids, windows_perplexity
 
     write_manifest(stage, manifest, files)
-    evaluates = recipe.evaluate.tokens > 0 and model.tokenizer is not None and model.family == FAMILY_CAUSAL_LM
     report: dict[str, Any] = {}
 
     def on_device(windows: list[list[int]], progress: Callable[[str], None]) -> list[float]:
@@ -231,20 +232,16 @@ def _verify_on_device(
         return list(report.get("window_nll", []))
 
     evaluation = None
-    if evaluates:
-        ids, label = evaluation_ids(model.tokenizer, "held-out", recipe.evaluate.tokens)
-        progress(f"evaluate: parity and held-out perplexity over {len(ids)} tokens on {device}")
-        result = windows_perplexity(on_device, ids, model.tokenizer, recipe.evaluate.window, label, progress)
-        evaluation = {**result.to_json(), "device": report["device"], "emulated": report["emulated"]}
+    if family.evaluates(model, recipe):
+        progress(f"parity and evaluation on {device}")
+        evaluation = family.evaluate(model, recipe, on_device, progress)
     else:
         progress(f"parity: run reference inputs on {device}")
         on_device([], progress)
-    found = report["parity"]
+    if evaluation is not None:
+        evaluation = {**evaluation, "device": report["device"], "emulated": report["emulated"]}
     emulated = " (emulated)" if report["emulated"] else ""
-    parity = ParityResult(
-        found["ok"], found["max_abs_diff"], found["tolerance"], float(found["rtol"]),
-        reason=f"checked on {report['device']}{emulated}",
-    )
+    parity = ParityResult.from_report(report["parity"], reason=f"checked on {report['device']}{emulated}")
     return parity, evaluation
 
 
@@ -252,24 +249,6 @@ def _to_float16(model: ModelHandle) -> None:
     if model.module is None:
         raise UnsupportedError(f"{model.name}: dtype float16 needs a torch model (a Hugging Face directory or zoo:NAME)")
     model.module.half()
-
-
-def _lm_record(model: ModelHandle, recipe: Recipe, cache: list[str]) -> dict[str, Any]:
-    assert model.module is not None
-    config = model.module.config
-    limit = int(config.max_position_embeddings)
-    max_context = min(recipe.max_context or DEFAULT_MAX_CONTEXT, limit)
-    shape = lm_shape(model.module, max_context)
-    tokenizer = model.tokenizer
-    return {
-        **asdict(shape),
-        "bos_token_id": getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else config.bos_token_id,
-        "eos_token_id": getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else config.eos_token_id,
-        "kv_layout": "[layers, batch, kv_heads, tokens, head_dim], float32",
-        # decode(input_ids, *cache) -> (logits, *cache); prefill(input_ids) -> (logits, *cache)
-        "cache": cache,
-        **({"sink_state_layout": "[calibrated heads, batch, tokens], float32"} if "past_s" in cache else {}),
-    }
 
 
 def _copy_tokenizer(model: ModelHandle, stage: Path) -> str | None:
@@ -284,7 +263,6 @@ def _check_parity(
     manifest: dict[str, Any],
     stage: Path,
     reference: dict[str, Any],
-    output_names: dict[str, list[str]],
     rtol: float,
     target: ResolvedTarget,
     progress: Callable[[str], None],
@@ -293,7 +271,5 @@ def _check_parity(
         return ParityResult(
             None, None, None, rtol, reason=f"built for {target.spec.arch}; parity is checked on the device at deploy"
         )
-    progress("parity: run reference inputs in the artifact's runtime")
-    runtime = open_runtime(stage, manifest)
-    actual = run_reference(runtime, reference, list(output_names))
-    return compare(reference, actual, output_names, rtol)
+    progress("parity: reference inputs and program in the artifact's runtime")
+    return check(open_runtime(stage, manifest), manifest, reference)

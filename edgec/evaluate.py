@@ -146,8 +146,13 @@ def torch_logits_fn(module: Any) -> LogitsFn:
     return run
 
 
-def runtime_logits_fn(runtime: Any) -> LogitsFn:
+def runtime_logits_fn(runtime: Any, program: dict[str, Any]) -> LogitsFn:
+    """Prefill logits of a generate program's artifact (entries and outputs by name)."""
+    from edgec.targets.runtime import Generation
+
+    generation = Generation(program)
+
     def run(ids: np.ndarray) -> np.ndarray:
-        return runtime.run("prefill", [ids])[0]
+        return np.asarray(generation.logits(runtime.run(generation.prefill, [ids]), generation.prefill))
 
     return run

@@ -1,4 +1,5 @@
-"""`edgec run`: greedy generation from a causal-LM artifact in its own runtime."""
+"""`edgec run` for causal LMs: greedy generation in the artifact's own runtime with the
+tokenizer it carries, driven by the manifest's generate program."""
 
 from __future__ import annotations
 
@@ -8,44 +9,33 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import open_runtime, read_manifest, tokenizer_dir
+from edgec.artifact import load_tokenizer
 from edgec.errors import BadInputError
-from edgec.lm import greedy_generate
+from edgec.targets.runtime import Generation
 
 
-def generate_from_artifact(root: Path, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    manifest = read_manifest(root)
-    if "lm" not in manifest or manifest.get("tokenizer") is None:
-        raise BadInputError(f"{root}: not a causal-LM artifact with a tokenizer; `edgec run` generates text only")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(root, manifest)))
-    lm = manifest["lm"]
+def generate_text(root: Path, manifest: dict[str, Any], runtime: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    program = manifest["program"]
+    tokenizer = load_tokenizer(root, manifest)
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     if not prompt_ids:
         raise BadInputError("--prompt is empty after tokenization; give some text to continue")
-    if len(prompt_ids) >= lm["max_context"]:
-        raise BadInputError(
-            f"--prompt is {len(prompt_ids)} tokens; this artifact's maximum context is {lm['max_context']}"
-        )
-    runtime = open_runtime(root, manifest)
-    timings: dict[str, float] = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+    if len(prompt_ids) >= program["max_context"]:
+        raise BadInputError(f"--prompt is {len(prompt_ids)} tokens; this artifact's maximum context is {program['max_context']}")
+    generation = Generation(program)
+    seconds = {generation.prefill: 0.0, generation.decode: 0.0}
+    decode_steps = 0
 
-    def prefill(ids: np.ndarray) -> tuple[np.ndarray, ...]:
+    def run(entry: str, args: list[Any]) -> list[np.ndarray]:
+        nonlocal decode_steps
         start = time.perf_counter()
-        outputs = runtime.run("prefill", [ids])
-        timings["prefill_s"] += time.perf_counter() - start
-        return tuple(outputs)
+        outputs = runtime.run(entry, args)
+        seconds[entry] += time.perf_counter() - start
+        decode_steps += entry == generation.decode
+        return outputs
 
-    def decode(ids: np.ndarray, *cache: np.ndarray) -> tuple[np.ndarray, ...]:
-        start = time.perf_counter()
-        outputs = runtime.run("decode", [ids, *cache])
-        timings["decode_s"] += time.perf_counter() - start
-        timings["decode_steps"] += 1
-        return tuple(outputs)
-
-    tokens = greedy_generate(prefill, decode, prompt_ids, max_new_tokens, lm["max_context"], lm.get("eos_token_id"))
-    steps = int(timings["decode_steps"])
+    tokens = generation.greedy(run, prompt_ids, max_new_tokens, program.get("eos_token_id"))
+    decode_s = seconds[generation.decode]
     return {
         "artifact": str(root),
         "backend": manifest["backend"],
@@ -53,6 +43,6 @@ def generate_from_artifact(root: Path, prompt: str, max_new_tokens: int) -> dict
         "new_tokens": len(tokens),
         "tokens": tokens,
         "text": tokenizer.decode(tokens, skip_special_tokens=True),
-        "prefill_ms": timings["prefill_s"] * 1e3,
-        "decode_tokens_per_s": steps / timings["decode_s"] if timings["decode_s"] > 0 else 0.0,
+        "prefill_ms": seconds[generation.prefill] * 1e3,
+        "decode_tokens_per_s": decode_steps / decode_s if decode_s > 0 else 0.0,
     }

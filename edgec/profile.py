@@ -58,7 +58,7 @@ def profile_artifact(
             save_result(result, out)
         return result
     session = upload_and_check(root, device, progress)
-    check_request(runs, warmup, prompt_len, new_tokens, session.manifest.get("lm", {}).get("max_context"))
+    check_request(runs, warmup, prompt_len, new_tokens, session.manifest["program"].get("max_context"))
     slow = " (emulated: slow)" if device.emulated else ""
     progress(f"{device.name}: {warmup} warm-up + {runs} timed runs{slow}")
     header = {

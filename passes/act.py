@@ -28,6 +28,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -35,15 +36,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from edgec.architectures import architecture_of
 from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
-from edgec.architectures import architecture_of
 from edgec.lm import AttentionCalibration, CausalLMEntries, calibration_of
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.pipeline import PassContext, PassResult
 from edgec.recipe import LayerOverride
 from edgec.sinks import SinkRule, sinks_to_scale
-from edgec.tasks import TASK_NAMES, Example, TaskScore, build_task, by_length, label_token_ids, score
+from edgec.tasks import TASK_NAMES, Example, TaskScore, is_task, build_task, by_length, label_token_ids, score
 from edgec.zoo import ZOO_DIR
 
 COMMITTED_SEARCHES = ZOO_DIR / "act-searches"
@@ -54,7 +55,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(["wordnet"], description=f"labelled tasks scored in the search ({', '.join(TASK_NAMES)})")
+    tasks: list[str] = Field(["wordnet"], description=f"labelled tasks scored in the search ({', '.join(TASK_NAMES)}, or FILE.jsonl)")
     samples: int = Field(64, ge=4, description="calibration prompts per task (balanced over its labels)")
     seed: int = Field(0, description="seed of the calibration/test split")
     candidates: int = Field(32, ge=0, description="heads tried one at a time, by the mass ACT would move on them (0: all)")
@@ -62,9 +63,9 @@ class SearchOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SearchOptions:
-        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        unknown = [t for t in self.tasks if not is_task(t)]
         if unknown or not self.tasks:
-            raise ValueError(f"tasks {unknown or '[]'}: edgec has {', '.join(TASK_NAMES)}")
+            raise ValueError(f"tasks {unknown or '[]'}: edgec has {', '.join(TASK_NAMES)}, or give a FILE.jsonl")
         return self
 
 
@@ -211,10 +212,12 @@ def _mean(scores: Sequence[TaskScore]) -> Scored:
 
 # ----------------------------------------------------------------------------- search
 def search_key(model: ModelHandle, options: ActOptions) -> str:
-    payload = json.dumps(
-        {"model": model.sha256, "rule": options.rule().__dict__, "search": options.search.model_dump(), "version": 2},
-        sort_keys=True,
-    )
+    key: dict[str, Any] = {"model": model.sha256, "rule": options.rule().__dict__, "search": options.search.model_dump(), "version": 2}
+    # A user's task file is keyed by its content, not its name (built-in keys stay as they were).
+    files = [Path(t).expanduser() for t in options.search.tasks if t not in TASK_NAMES]
+    if files:
+        key["files"] = [hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else str(f) for f in files]
+    payload = json.dumps(key, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgec.errors import BadInputError
-from edgec.model import FAMILY_CAUSAL_LM, FAMILY_EXPORTED, FAMILY_ONNX, ModelHandle
+from edgec.model import FAMILY_CAUSAL_LM, FAMILY_ENCODER, FAMILY_EXPORTED, FAMILY_ONNX, ModelHandle
 from edgec.pipeline import PassContext, PassResult
 from edgec.recipe import LayerOverride
 from edgec.targets.devices import RpcEndpoint, parse_device
@@ -43,7 +43,7 @@ class Schedule:
     """Measured per-workload kernel choice in the TVM build, with a reusable tuning database."""
 
     name: ClassVar[str] = "schedule"
-    families: ClassVar[tuple[str, ...]] = (FAMILY_CAUSAL_LM, FAMILY_EXPORTED, FAMILY_ONNX)
+    families: ClassVar[tuple[str, ...]] = (FAMILY_CAUSAL_LM, FAMILY_EXPORTED, FAMILY_ONNX, FAMILY_ENCODER)
     Options: ClassVar[type[BaseModel]] = ScheduleOptions
     summary: ClassVar[str] = "Edge-LLM hardware scheduling: time candidate kernels per layer workload, keep the fastest"
 

@@ -2,10 +2,11 @@
 
 Standard library + numpy + the TVM runtime or ONNX Runtime only: it must not
 import edgec, torch or the TVM compiler, because devices have none of them.
-edgec uploads this file with the artifact and calls it:
+edgec uploads this file and runtime.py (the runtime, parity rule and programs it
+shares with the host) with the artifact and calls it:
 
     python3 agent.py check  ARTIFACT_DIR      # machine, runtime versions, sha256 of every file
-    python3 agent.py parity ARTIFACT_DIR      # run the reference inputs, compare with the torch outputs
+    python3 agent.py parity ARTIFACT_DIR      # the parity rule (runtime.py) on the reference inputs and program
     python3 agent.py profile ARTIFACT_DIR RUNS WARMUP PROMPT_LEN NEW_TOKENS
                                               # latency percentiles, load time, peak RSS, per-op time, tokens/s
     python3 agent.py nll    ARTIFACT_DIR WINDOWS_JSON
@@ -27,23 +28,28 @@ from typing import Any
 
 import numpy as np
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The safetensors layout: u64 header length, JSON header, raw little-endian data."""
-    data = path.read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    base = 8 + header_len
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        array = np.frombuffer(data[base + start : base + end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-        tensors[name] = array.reshape(info["shape"]).copy()
-    return tensors
+try:
+    from edgec.targets.runtime import (
+        Generation,
+        Runtime,
+        check_parity,
+        percentiles,
+        profile_prompt,
+        read_safetensors,
+        timed,
+        tvm_with_cuda,
+    )
+except ImportError:  # on a device: runtime.py is uploaded beside this file
+    from runtime import (  # type: ignore[no-redef]
+        Generation,
+        Runtime,
+        check_parity,
+        percentiles,
+        profile_prompt,
+        read_safetensors,
+        timed,
+        tvm_with_cuda,
+    )
 
 
 def _onnx_model_dir(root: Path) -> Path:
@@ -85,36 +91,10 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def _tvm_with_cuda() -> Any:
-    """The TVM runtime with its CUDA device API: a full install registers it at import,
-    a runtime-only one (no libtvm_compiler, as on devices) does not, so load it here."""
-    import ctypes
-
-    import tvm
-
-    library = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
-    if library.is_file():
-        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-    return tvm
-
-
-def _compile_cuda_at_load(tvm: Any, arch: str) -> None:
-    """TVM 0.27 stores a CUDA module as CUDA C source and compiles it when the library
-    loads, asking for the target through the compiler library, which a runtime-only
-    install lacks. Answer with this GPU's arch instead (NVRTC, through cuda-bindings)."""
-    import tvm_ffi
-    from tvm.support import nvcc
-
-    def compile_source(code: str) -> bytearray:
-        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
-
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
-
-
 def _cuda_capability() -> str | None:
     """'sm_XY' of GPU 0, or None without a usable GPU."""
     try:
-        tvm = _tvm_with_cuda()
+        tvm = tvm_with_cuda()
         device = tvm.cuda(0)
         if not device.exist:
             return None
@@ -158,82 +138,30 @@ def check(root: Path) -> dict[str, Any]:
     }
 
 
-class _Runtime:
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        record = manifest["backend_record"]
-        model_dir = root / "model"
-        self.backend = manifest["backend"]
-        if self.backend == "tvm":
-            on_gpu = manifest["target"].get("arch") == "cuda"
-            if on_gpu:
-                tvm = _tvm_with_cuda()
-            else:
-                import tvm
-            from tvm.runtime.vm import VirtualMachine
-
-            self._tvm = tvm
-            device = tvm.cuda(0) if on_gpu else tvm.cpu()
-            if on_gpu:
-                _compile_cuda_at_load(tvm, "sm_" + str(device.compute_version).replace(".", ""))
-            stored = read_safetensors(model_dir / record["params_file"])
-            self.vms = {}
-            self.params = {}
-            for name, info in record["entries"].items():
-                library = tvm.runtime.load_module(str(model_dir / info["library"]))
-                self.vms[name] = VirtualMachine(library, device)
-                self.params[name] = [tvm.runtime.tensor(stored[key], device) for key in info["params"]]
-            self.device = device
-        else:
-            import onnxruntime as ort
-
-            model_dir = _onnx_model_dir(root)
-            self.sessions = {
-                name: ort.InferenceSession(str(model_dir / info["file"]), providers=["CPUExecutionProvider"])
-                for name, info in record["entries"].items()
-            }
-
-    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        if self.backend == "tvm":
-            tvm = self._tvm
-            args = [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
-            result = self.vms[entry]["main"](*args, *self.params[entry])
-            if isinstance(result, tvm.runtime.Tensor):
-                return [result.numpy()]
-            return [item.numpy() for item in result]
-        session = self.sessions[entry]
-        feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
-        return list(session.run(None, feed))
+def _runtime(root: Path, manifest: dict[str, Any]) -> Runtime:
+    on_gpu = manifest["target"].get("arch") == "cuda"
+    model_dir = _onnx_model_dir(root) if manifest["backend"] == "onnx" else root / "model"
+    return Runtime(model_dir, manifest["backend"], manifest["backend_record"], on_gpu=on_gpu)
 
 
 def parity(root: Path) -> dict[str, Any]:
-    """Same rule as edgec.parity: max |got - want| <= rtol x range(want) for every output."""
+    """The shared parity rule (runtime.check_parity), on this device."""
     manifest = json.loads((root / "manifest.json").read_text())
     reference = read_safetensors(root / manifest["reference"]["file"])
     rtol = float(manifest["reference"]["tolerance"]["rtol"])
-    runtime = _Runtime(root, manifest)
-    outputs = []
-    for entry, info in manifest["reference"]["entries"].items():
-        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(info["inputs"]))]
-        got = runtime.run(entry, inputs)
-        for index, name in enumerate(info["outputs"]):
-            want = reference[f"{entry}.out.{index}"].astype(np.float64)
-            have = got[index].astype(np.float64)
-            tolerance = rtol * float(want.max() - want.min()) if want.size else 0.0
-            diff = float(np.abs(want - have).max()) if want.shape == have.shape and want.size else float("inf")
-            outputs.append({"entry": entry, "output": name, "max_abs_diff": diff, "tolerance": tolerance})
-    ok = all(o["max_abs_diff"] <= o["tolerance"] for o in outputs)
-    worst = max(outputs, key=lambda o: o["max_abs_diff"] / o["tolerance"] if o["tolerance"] else float("inf"))
-    return {"ok": ok, "max_abs_diff": worst["max_abs_diff"], "tolerance": worst["tolerance"], "rtol": rtol, "outputs": outputs}
+    return check_parity(_runtime(root, manifest), manifest["program"], reference, rtol)
 
 
 def nll(root: Path, windows_json: str) -> dict[str, Any]:
     """Summed negative log-likelihood of tokens[1:] for each window, the rule of
     edgec.evaluate.window_nll; the logits (windows x vocab floats) never leave the device."""
     manifest = json.loads((root / "manifest.json").read_text())
-    runtime = _Runtime(root, manifest)
+    runtime = _runtime(root, manifest)
+    generation = Generation(manifest["program"])
     sums = []
     for number, tokens in enumerate(json.loads(windows_json), start=1):
-        logits = runtime.run("prefill", [np.asarray([tokens], dtype=np.int64)])[0][0, :-1].astype(np.float64)
+        outputs = runtime.run(generation.prefill, [np.asarray([tokens], dtype=np.int64)])
+        logits = np.asarray(generation.logits(outputs, generation.prefill))[0, :-1].astype(np.float64)
         shifted = logits - logits.max(axis=-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         targets = np.asarray(tokens[1:])
@@ -242,39 +170,7 @@ def nll(root: Path, windows_json: str) -> dict[str, Any]:
     return {"nll": sums}
 
 
-def percentiles(times_ms: list[float]) -> dict[str, float]:
-    values = np.asarray(times_ms)
-    return {
-        "p50_ms": float(np.percentile(values, 50)),
-        "p90_ms": float(np.percentile(values, 90)),
-        "p99_ms": float(np.percentile(values, 99)),
-        "mean_ms": float(values.mean()),
-        "std_ms": float(values.std()),
-        "runs": len(times_ms),
-    }
-
-
-def profile_prompt(reference: dict[str, np.ndarray], length: int) -> np.ndarray:
-    """The artifact's reference prompt, repeated to `length` tokens (same ids on every device)."""
-    ids = reference["prefill.in.0"][:1]
-    while ids.shape[1] < length:
-        ids = np.concatenate([ids, ids], axis=1)
-    return np.ascontiguousarray(ids[:, :length])
-
-
-def timed(call: Any, runs: int, warmup: int) -> list[float]:
-    """Wall time (ms) of each of `runs` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def _per_op_tvm(runtime: _Runtime, entry: str, inputs: list[np.ndarray]) -> dict[str, float]:
+def _per_op_tvm(runtime: Runtime, entry: str, inputs: list[np.ndarray]) -> dict[str, float]:
     """Per-kernel wall time from one instrumented run of the Relax VM."""
     totals: dict[str, float] = {}
     started: dict[str, float] = {}
@@ -324,35 +220,42 @@ def _report(partial: dict[str, Any]) -> None:
 
 
 def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """Latency of the program's first entry; for a generate program, prefill on a prompt of
+    `prompt_len` tokens and `new_tokens` greedy decode steps with the cache fed back by name."""
     import resource
     import tempfile
 
     manifest = json.loads((root / "manifest.json").read_text())
+    program = manifest["program"]
     reference = read_safetensors(root / manifest["reference"]["file"])
     start = time.perf_counter()
-    runtime = _Runtime(root, manifest)
+    runtime = _runtime(root, manifest)
     load_ms = (time.perf_counter() - start) * 1e3
     result: dict[str, Any] = {"machine": platform.machine(), "load_ms": load_ms, "versions": _versions()}
     _report(result)
-    if "lm" in manifest:
+    if program["kind"] == "generate":
+        generation = Generation(program)
         ids = profile_prompt(reference, prompt_len)
-        entry, inputs = "prefill", [ids]
-        result["latency"] = percentiles(timed(lambda: runtime.run("prefill", [ids]), runs, warmup))
+        entry, inputs = generation.prefill, [ids]
+        result["latency"] = percentiles(timed(lambda: runtime.run(entry, inputs), runs, warmup))
         result["prompt_tokens"] = prompt_len
         _report({"latency": result["latency"], "prompt_tokens": prompt_len, "entry": entry})
-        logits, k, v = runtime.run("prefill", [ids])
-        decode_ms = []
-        for _ in range(new_tokens):
-            token = np.asarray([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
+        decode_ms: list[float] = []
+
+        def run(name: str, args: list[Any]) -> list[np.ndarray]:
             begin = time.perf_counter()
-            logits, k, v = runtime.run("decode", [token, k, v])
-            decode_ms.append((time.perf_counter() - begin) * 1e3)
+            outputs = runtime.run(name, args)
+            if name == generation.decode:
+                decode_ms.append((time.perf_counter() - begin) * 1e3)
+            return outputs
+
+        generation.greedy(run, [int(t) for t in ids[0]], new_tokens)  # one decode call per new token
         result["decode"] = percentiles(decode_ms) if decode_ms else None
         result["decode_tokens_per_s"] = 1e3 / float(np.median(decode_ms)) if decode_ms else None
         _report({"decode": result["decode"], "decode_tokens_per_s": result["decode_tokens_per_s"]})
     else:
-        entry = next(iter(manifest["reference"]["entries"]))
-        count = len(manifest["reference"]["entries"][entry]["inputs"])
+        entry = next(iter(program["entries"]))
+        count = len(program["entries"][entry]["inputs"])
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
         result["latency"] = percentiles(timed(lambda: runtime.run(entry, inputs), runs, warmup))
         _report({"latency": result["latency"], "entry": entry})

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from edgec.targets.export import ExportedEntry
 from edgec.targets.registry import ResolvedTarget
@@ -71,8 +70,10 @@ def build(
     out_dir: Path,
     progress: Callable[[str], None],
     dtype: str = "float32",
+    tuning: Any | None = None,
 ) -> dict[str, Any]:
-    """`dtype` is recorded only: a float16 model arrives already cast (compiler)."""
+    """`dtype` is recorded only: a float16 model arrives already cast (compiler). `tuning`
+    (the schedule pass's options) is for TVM: ONNX Runtime picks its kernels at load."""
     import onnx
     import torch
 
@@ -148,21 +149,3 @@ def _entry_record(entry: ExportedEntry, proto: Any, start: float) -> dict[str, A
         "seconds": round(time.perf_counter() - start, 2),
         "ops": sorted({node.op_type for node in proto.graph.node}),
     }
-
-
-class ORTRuntime:
-    """Runs an ONNX artifact's entries in ONNX Runtime on this machine."""
-
-    def __init__(self, model_dir: Path, backend_record: dict[str, Any]) -> None:
-        import onnxruntime as ort
-
-        self.sessions: dict[str, Any] = {}
-        for name, info in backend_record["entries"].items():
-            self.sessions[name] = ort.InferenceSession(
-                str(model_dir / info["file"]), providers=[backend_record.get("ort_provider", "CPUExecutionProvider")]
-            )
-        self.input_names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
-
-    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        feed = dict(zip(self.input_names[entry], inputs))
-        return list(self.sessions[entry].run(None, feed))

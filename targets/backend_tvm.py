@@ -71,7 +71,7 @@ def build(
         if runner is not None and tuning.trials > 0 and entry.program is not None:
             from edgec.targets.tvm_tuning import choose_nm_kernels
 
-            rows = 1 if entry.name == "decode" else tuning.prefill_rows
+            rows = entry.rows_per_call or tuning.prefill_rows
             nm_kernels, nm_record = choose_nm_kernels(entry.program, tvm_target, rows, tuning.trials, runner, progress)
             if nm_record:
                 record.setdefault("nm_kernels", {})[entry.name] = nm_record
@@ -107,7 +107,7 @@ def build(
             fused = fused_module(mod, tvm_target)
             chosen = None
             if tuning is not None:
-                chosen, tuning_record = _tune(fused, entry.name, tuning, target, tvm_target, runner, progress)
+                chosen, tuning_record = _tune(fused, entry.rows_per_call, tuning, target, tvm_target, runner, progress)
                 record.setdefault("tuning", {})[entry.name] = tuning_record
             scheduled = schedule_fused(fused, tvm_target, chosen)
             record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
@@ -177,7 +177,8 @@ def _runner(options: Any, target: ResolvedTarget, progress: Callable[[str], None
 
 
 def _tune(
-    fused: Any, entry: str, options: Any, target: ResolvedTarget, tvm_target: Any, runner: Any, progress: Callable[[str], None]
+    fused: Any, rows_per_call: int | None, options: Any, target: ResolvedTarget, tvm_target: Any, runner: Any,
+    progress: Callable[[str], None],
 ) -> tuple[Any, dict[str, Any]]:
     """The schedule pass's work for one entry of a fused module (see targets/tvm_tuning.py)."""
     from edgec.targets.tvm_tuning import not_tuned, tune
@@ -188,7 +189,7 @@ def _tune(
             "timings are not ARM performance; templates used (set schedule.device=rpc://BOARD:PORT?key=K to tune "
             "on a real board)"
         )
-    rows = 1 if entry == "decode" else options.prefill_rows
+    rows = rows_per_call or options.prefill_rows
     chosen, record = tune(fused, tvm_target, rows, options.trials, progress, runner)
     return chosen, {"tuned": True, **record}
 
@@ -253,36 +254,3 @@ def _count_rules(report: dict[str, str]) -> dict[str, int]:
     for rule in report.values():
         counts[rule] = counts.get(rule, 0) + 1
     return counts
-
-
-class TVMRuntime:
-    """Runs a TVM artifact's entries in the Relax VM on this machine."""
-
-    def __init__(self, model_dir: Path, backend_record: dict[str, Any]) -> None:
-        import tvm
-        from safetensors.numpy import load_file
-        from tvm import relax
-
-        use_all_cores()
-        self._tvm = tvm
-        self.device = tvm.cpu()
-        stored = load_file(str(model_dir / backend_record["params_file"]))
-        self.vms: dict[str, Any] = {}
-        self.params: dict[str, list[Any]] = {}
-        cache: dict[str, Any] = {}
-        for name, info in backend_record["entries"].items():
-            library = tvm.runtime.load_module(str(model_dir / info["library"]))
-            self.vms[name] = relax.VirtualMachine(library, self.device)
-            tensors = []
-            for key in info["params"]:
-                if key not in cache:
-                    cache[key] = tvm.runtime.tensor(stored[key], self.device)
-                tensors.append(cache[key])
-            self.params[name] = tensors
-
-    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
-        result = self.vms[entry]["main"](*args, *self.params[entry])
-        if isinstance(result, self._tvm.runtime.Tensor):
-            return [result.numpy()]
-        return [item.numpy() for item in result]

@@ -105,7 +105,7 @@ class QemuDevice:
 
     def upload(self, root: Path, name: str) -> str:
         """Copy into the device's file system via a temporary sibling; returns the device path."""
-        from edgec.targets import agent
+        from edgec.targets.devices import AGENT_FILES
 
         parent = self.rootfs / DEVICE_ROOT / "artifacts"
         parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,8 @@ class QemuDevice:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copy2(agent.__file__, self.rootfs / DEVICE_ROOT / "agent.py")
+        for source in AGENT_FILES:
+            shutil.copy2(source, self.rootfs / DEVICE_ROOT / source.name)
         return f"/{DEVICE_ROOT}/artifacts/{name}"
 
     def host_path(self, device_path: str) -> Path:

@@ -24,9 +24,9 @@ import numpy as np
 from edgec.artifact import artifact_file, load_reference
 from edgec.deploy import check_architecture, checked_locally
 from edgec.errors import CheckFailedError, DeviceUnreachableError, UnsupportedError
-from edgec.parity import compare, run_reference, unflatten_io
-from edgec.targets.agent import percentiles, profile_prompt
+from edgec.parity import check
 from edgec.targets.devices import RpcEndpoint
+from edgec.targets.runtime import Generation, percentiles, profile_prompt
 
 UNAVAILABLE = {
     "per_op_ms": "per-kernel time needs VirtualMachine.set_instrument with a Python callback on the device; a stock RPC server runs no uploaded Python (use qemu-arm64 or ssh://)",
@@ -187,14 +187,11 @@ def deploy_rpc(
     root: Path, endpoint: RpcEndpoint, progress: Callable[[str], None], windows: list[list[int]] | None = None
 ) -> dict[str, Any]:
     manifest, remotes, _ = _open(root, endpoint, progress)
-    reference = unflatten_io(load_reference(root))
-    entries = list(manifest["reference"]["entries"])
-    output_names = {e: info["outputs"] for e, info in manifest["reference"]["entries"].items()}
-    rtol = float(manifest["reference"]["tolerance"]["rtol"])
+    reference = load_reference(root)
     results = []
     for remote in remotes:
-        progress(f"{endpoint.uri}: run the reference inputs on {remote.server}")
-        results.append(compare(reference, run_reference(remote, reference, entries), output_names, rtol))
+        progress(f"{endpoint.uri}: run the reference inputs and program on {remote.server}")
+        results.append(check(remote, manifest, reference))
     worst = max(results, key=lambda r: (not r.ok, (r.max_abs_diff or 0) / (r.tolerance or 1)))
     report: dict[str, Any] = {
         "artifact": str(root),
@@ -210,14 +207,13 @@ def deploy_rpc(
         "unavailable": {"versions": UNAVAILABLE["versions"]},
     }
     if windows:
-        from edgec.evaluate import window_nll
+        from edgec.evaluate import runtime_logits_fn, window_nll
 
         # A stock server runs no uploaded Python: the logits come back and are scored here.
         remote = remotes[0]
+        logits_of = runtime_logits_fn(remote, manifest["program"])
         progress(f"{endpoint.uri}: score {len(windows)} windows on {remote.server}")
-        report["window_nll"] = [
-            window_nll(remote.run("prefill", [np.asarray([tokens], dtype=np.int64)])[0][0], tokens) for tokens in windows
-        ]
+        report["window_nll"] = [window_nll(logits_of(np.asarray([tokens], dtype=np.int64))[0], tokens) for tokens in windows]
     return report
 
 
@@ -225,13 +221,15 @@ def profile_rpc(
     root: Path, endpoint: RpcEndpoint, runs: int, warmup: int, prompt_len: int, new_tokens: int, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     manifest, remotes, load_ms = _open(root, endpoint, progress)
-    is_lm = "lm" in manifest
+    program = manifest["program"]
+    is_lm = program["kind"] == "generate"
     reference = load_reference(root)
     if is_lm:
-        entry, inputs = "prefill", [profile_prompt(reference, prompt_len)]
+        generation = Generation(program)
+        entry, inputs = generation.prefill, [profile_prompt(reference, prompt_len)]
     else:
-        entry = next(iter(manifest["reference"]["entries"]))
-        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(manifest["reference"]["entries"][entry]["inputs"]))]
+        entry = next(iter(program["entries"]))
+        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(program["entries"][entry]["inputs"]))]
     share = [runs // len(remotes) + (1 if i < runs % len(remotes) else 0) for i in range(len(remotes))]
     latency: list[float] = []
     decode: list[float] = []
@@ -245,9 +243,11 @@ def profile_rpc(
         served.append({"server": remote.server, "runs": len(times), "p50_ms": float(np.median(times))})
     if is_lm and new_tokens > 0:
         remote = remotes[0]
-        _, k, v = remote.run_remote("prefill", inputs)
+        # The cache stays on the device: the prefill outputs feed decode by name.
+        outputs = remote.run_remote(generation.prefill, inputs)
         token = np.asarray([[int(inputs[0][0, -1])]], dtype=np.int64)
-        decode = remote.time_ms("decode", [token, k, v], new_tokens, 1)
+        args = generation.decode_args(token, outputs, generation.prefill)
+        decode = remote.time_ms(generation.decode, args, new_tokens, 1)
     result: dict[str, Any] = {
         "artifact": str(root),
         "device": endpoint.uri,

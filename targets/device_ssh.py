@@ -91,7 +91,7 @@ class SshDevice:
 
     def upload(self, root: Path, name: str) -> str:
         """Stream `root` as a tar into a temporary sibling, then swap it in; returns the device path."""
-        from edgec.targets import agent
+        from edgec.targets.devices import AGENT_FILES
 
         parent = f"{self.path}/artifacts"
         final = f"{parent}/{name}"
@@ -120,17 +120,18 @@ class SshDevice:
         if sent.returncode != 0:
             raise self._unreachable(f"unpacking into {final} failed", sent.stderr)
 
-        # The agent is swapped in the same way, so a concurrent deploy never runs half a file.
-        agent_path = f"{self.path}/agent.py"
-        agent_tmp = f"{agent_path}.tmp-{secrets.token_hex(4)}"
-        with open(agent.__file__, "rb") as source:
-            copied = subprocess.run(
-                [*ssh, f"cat > {shlex.quote(agent_tmp)} && mv {shlex.quote(agent_tmp)} {shlex.quote(agent_path)}"],
-                stdin=source,
-                capture_output=True,
-            )
-        if copied.returncode != 0:
-            raise self._unreachable(f"copying the agent to {agent_path} failed", copied.stderr)
+        # The agent files are swapped in the same way, so a concurrent deploy never runs half a file.
+        for source_path in AGENT_FILES:
+            remote_path = f"{self.path}/{source_path.name}"
+            remote_tmp = f"{remote_path}.tmp-{secrets.token_hex(4)}"
+            with open(source_path, "rb") as source:
+                copied = subprocess.run(
+                    [*ssh, f"cat > {shlex.quote(remote_tmp)} && mv {shlex.quote(remote_tmp)} {shlex.quote(remote_path)}"],
+                    stdin=source,
+                    capture_output=True,
+                )
+            if copied.returncode != 0:
+                raise self._unreachable(f"copying the agent to {remote_path} failed", copied.stderr)
         return final
 
     def agent_command(self, args: list[str]) -> list[str]:

@@ -61,12 +61,26 @@ def test_truncated_safetensors(tmp_path: Path, tiny_llama_dir: Path) -> None:
     assert nothing_left(tmp_path) == ["broken"]
 
 
-def test_unknown_architecture(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    other = tmp_path / "gpt2"
+@pytest.mark.parametrize("architecture", ["FalconForCausalLM", "T5ForConditionalGeneration"])
+def test_unknown_architecture(tmp_path: Path, architecture: str) -> None:
+    other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (other / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "x"}))
     code, text = run_cli("compile", str(other), "-o", str(tmp_path / "out"))
-    assert_clean_error(code, text, 3, "architecture 'GPT2LMHeadModel' is not supported", "LlamaForCausalLM")
+    assert_clean_error(code, text, 3, f"architecture '{architecture}' is not supported", "LlamaForCausalLM", "Gemma3ForCausalLM")
+
+
+def test_checkpoint_whose_tensors_do_not_fit_its_config_names_the_tensor(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_llama_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (edited / "config.json").write_text(json.dumps(config))
+    code, text = run_cli("compile", str(edited), "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, "tensor model.layers.0.mlp.down_proj.weight in model.safetensors", "has shape [64, 128], the config implies [64, 96]")
+    assert nothing_left(tmp_path) == ["edited"]
 
 
 def test_unknown_target_lists_known_ones(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -136,3 +136,29 @@ def test_smollm2_act_recipe_gives_a_verified_artifact_with_the_head_table(tmp_pa
     assert manifest["passes"][0]["record"]["table"] == record["table"]
     verify = invoke_json("verify", str(out))
     assert all(c["ok"] for c in verify["checks"])
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_gemma3_compiles_with_greedy_parity_and_generates_like_transformers(backend: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A real trained non-Llama checkpoint (Gemma 3 270M: QK-norm, sandwich norms, local and
+    global RoPE, sliding windows, tied 262k vocabulary)."""
+    out = tmp_path_factory.mktemp("gemma3") / backend
+    summary = compile_zoo("zoo:gemma3-270m", backend, out)
+    assert summary["parity"]["generation"]["ok"] is True and summary["parity"]["generation"]["steps"] == 32
+    prompt = "The capital of France is"
+    result = invoke_json("run", str(out), "--prompt", prompt, "--max-new-tokens", "16")
+    assert result["tokens"] == transformers_tokens("zoo:gemma3-270m", prompt, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.arm64
+def test_gemma3_compiles_for_arm64_deploys_and_profiles(tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("gemma3-arm64") / "tvm"
+    invoke_json("compile", "zoo:gemma3-270m", "--target", "arm64", "-o", str(out))
+    report = invoke_json("deploy", str(out), "--device", "qemu-arm64")
+    assert report["machine"] == "aarch64" and report["parity"]["ok"] is True, report["parity"]
+    assert report["parity"]["generation"]["steps"] == 32
+    profiled = invoke_json("profile", str(out), "--device", "qemu-arm64", "--runs", "2", "--prompt-len", "16", "--new-tokens", "4")
+    assert profiled["decode_tokens_per_s"] > 0 and profiled["emulated"] is True

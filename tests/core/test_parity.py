@@ -1,31 +1,100 @@
-"""The parity rule itself: it passes equal outputs and fails real differences."""
+"""The parity rule itself (edgec.targets.runtime, shared by host, agent and RPC): it passes
+equal outputs and fails real differences, non-finite values, decisive argmax flips and
+greedy generations that part from the reference where the reference was not near a tie."""
+
+from typing import Any
 
 import numpy as np
 
-from edgec.parity import compare
+from edgec.targets.runtime import check_parity, compare_output
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(size=(1, 4, 50)).astype(np.float32) * 5
 
 
-def outputs(logits: np.ndarray) -> dict[str, list[np.ndarray]]:
-    return {"prefill.out": [logits]}
+def test_noise_passes_and_a_shift_fails_naming_the_values() -> None:
+    assert compare_output("prefill", "logits", LOGITS, LOGITS + 1e-5, 1e-3, True)["ok"] is True
+    shifted = compare_output("prefill", "logits", LOGITS, LOGITS + 0.5, 1e-3, True)
+    assert shifted["ok"] is False and shifted["max_abs_diff"] > shifted["tolerance"]
+    assert "max |diff| 0.5 > tolerance" in shifted["why"] and "artifact" in shifted["why"]
 
 
-def test_parity_accepts_noise_and_rejects_a_shift_or_a_flipped_argmax() -> None:
-    # A decisive flip (margin > tolerance) always also breaks the absolute bound; both are reported.
-    rng = np.random.default_rng(0)
-    reference = rng.normal(size=(1, 4, 50)).astype(np.float32) * 5
-    names = {"prefill": ["logits"]}
-    ok = compare(outputs(reference), outputs(reference + 1e-5), names, rtol=1e-3)
-    assert ok.ok is True and ok.max_abs_diff < ok.tolerance
-    shifted = compare(outputs(reference), outputs(reference + 0.5), names, rtol=1e-3)
-    assert shifted.ok is False and shifted.max_abs_diff > shifted.tolerance
-    flipped = reference.copy()
-    top = flipped[0, 0].argmax()
-    flipped[0, 0, top] -= 100.0
-    result = compare(outputs(reference), outputs(flipped), names, rtol=1e-3)
-    assert result.ok is False and result.outputs[0].argmax_mismatches == 1
+def test_a_decisive_argmax_flip_within_the_bound_fails() -> None:
+    """Top-2 margin between tolerance and twice it: a flip needs no value to move more than
+    the tolerance, so only the argmax rule catches it."""
+    want = np.zeros((1, 1, 8), dtype=np.float32)
+    want[0, 0, 3], want[0, 0, 5] = 1.0, 0.985  # range 1, tolerance 0.01, margin 0.015
+    got = want.copy()
+    got[0, 0, 3], got[0, 0, 5] = 0.992, 0.993
+    result = compare_output("decode", "logits", want, got, 1e-2, True)
+    assert result["ok"] is False and result["argmax_mismatches"] == 1 and "argmax 5" in result["why"]
+    # The same values in an output that is not logits pass the bound.
+    assert compare_output("decode", "hidden", want, got, 1e-2, False)["ok"] is True
 
 
-def test_parity_fails_on_a_shape_mismatch() -> None:
-    reference = np.zeros((1, 4, 8), dtype=np.float32)
-    result = compare(outputs(reference), outputs(reference[:, :3]), {"prefill": ["logits"]}, rtol=1e-3)
-    assert result.ok is False
+def test_non_finite_values_fail_and_a_shape_mismatch_fails() -> None:
+    cache = RNG.normal(size=(2, 1, 2, 5, 4)).astype(np.float32)
+    planted = cache.copy()
+    planted[1, 0, 1, 4, 2] = np.nan
+    result = compare_output("decode", "present_k", cache, planted, 1e-3, False)
+    assert result["ok"] is False and "non-finite values in the artifact's" in result["why"] and "[1, 0, 1, 4, 2]" in result["why"]
+    # A broken reference is no pass either.
+    assert "in the reference's" in compare_output("decode", "present_k", planted, cache, 1e-3, False)["why"]
+    assert compare_output("prefill", "logits", LOGITS, LOGITS[:, :3], 1e-3, True)["ok"] is False
+
+
+class Counter:
+    """A toy 'LM' in numpy: the next token is last + 1, decisively; with `flip_after` the
+    artifact prefers last + 2 after that token (it parts from the reference there)."""
+
+    def __init__(self, vocab: int = 16, flip_after: int | None = None) -> None:
+        self.vocab, self.flip_after = vocab, flip_after
+
+    def logits(self, last: int) -> np.ndarray:
+        row = np.zeros(self.vocab, dtype=np.float32)
+        row[(last + 1) % self.vocab] = 10.0
+        if last == self.flip_after:
+            row[(last + 2) % self.vocab] = 10.5
+        return row
+
+    def run(self, entry: str, inputs: list[Any]) -> list[np.ndarray]:
+        ids = inputs[0]
+        past = inputs[1] if entry == "decode" else np.zeros((0,), dtype=np.float32)
+        rows = [self.logits(int(t)) for t in ids[0]]
+        return [np.stack(rows)[None], np.concatenate([past, ids[0].astype(np.float32)])]
+
+
+PROGRAM = {
+    "kind": "generate",
+    "entries": {"prefill": {"inputs": ["input_ids"], "outputs": ["logits", "present"]},
+                "decode": {"inputs": ["input_ids", "past"], "outputs": ["logits", "present"]}},
+    "prefill": "prefill", "decode": "decode", "token_input": "input_ids", "logits": "logits",
+    "cache": [{"input": "past", "output": "present", "tokens_axis": 0}], "max_context": 64,
+}
+
+
+def reference_of(model: Counter, margins: list[float] | None = None) -> dict[str, np.ndarray]:
+    prompt = np.asarray([[1, 2, 3, 4]], dtype=np.int64)
+    prefill = model.run("prefill", [prompt[:, :-1]])
+    decode_in = [prompt[:, -1:], prefill[1]]
+    tokens = [(4 + 1 + i) % 16 for i in range(8)]
+    return {
+        "prefill.in.0": prompt[:, :-1], "prefill.out.0": prefill[0], "prefill.out.1": prefill[1],
+        "decode.in.0": decode_in[0], "decode.in.1": decode_in[1],
+        "decode.out.0": model.run("decode", decode_in)[0], "decode.out.1": model.run("decode", decode_in)[1],
+        "generate.prompt.0": prompt, "generate.tokens.0": np.asarray(tokens),
+        "generate.margins.0": np.asarray(margins or [10.0] * 8), "generate.logits_range.0": np.asarray([10.0]),
+    }
+
+
+def test_generation_must_match_the_reference_tokens() -> None:
+    ok = check_parity(Counter(), PROGRAM, reference_of(Counter()), 1e-3)
+    assert ok["ok"] is True and ok["generation"]["matched"] == 8
+    # After token 7 the artifact says 9 where the reference says 8: step 3 of the generation.
+    parted = check_parity(Counter(flip_after=7), PROGRAM, reference_of(Counter()), 1e-3)
+    assert parted["ok"] is False and parted["reason"].startswith("greedy generation: step 3: token")
+    assert "> tolerance" in parted["reason"]
+    # Where the reference itself was at a near tie, parting is no failure.
+    near_tie = [10.0, 10.0, 10.0, 1e-4, 10.0, 10.0, 10.0, 10.0]
+    tied = check_parity(Counter(flip_after=7), PROGRAM, reference_of(Counter(), near_tie), 1e-3)
+    assert tied["ok"] is True and tied["generation"]["near_tie_at"] == 3

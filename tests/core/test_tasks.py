@@ -1,6 +1,9 @@
-"""The labelled tasks ACT's head search scores on: real data, disjoint splits, paper scoring."""
+"""The labelled tasks ACT's head search scores on: real data, a user's .jsonl file, disjoint splits, paper scoring."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,3 +58,34 @@ def test_labels_sharing_a_first_token_and_oversized_splits_are_refused() -> None
         build_task("wordnet", seed=0, calibration_size=8, test_size=400)
     with pytest.raises(BadInputError, match="unknown task 'trivia'"):
         build_task("trivia", seed=0, calibration_size=8, test_size=8)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def test_a_users_jsonl_file_is_a_task_split_by_seed(tmp_path: Path) -> None:
+    rows = [{"text": f"{word} {i}", "label": label} for label, word in (("spam", "win"), ("ham", "meet")) for i in range(12)]
+    path = write_jsonl(tmp_path / "mail.jsonl", rows)
+    task = build_task(str(path), 0, 4, 8)
+    assert task.labels == ("ham", "spam") and len(task.test) == 8 and len(task.calibration) == 4
+    assert task.test[0].prompt.endswith("\nLabel:") and "Label: spam\n\n" in task.test[0].prompt
+    texts = lambda examples: {e.prompt.rsplit("Text: ", 1)[1] for e in examples}  # noqa: E731
+    assert not texts(task.test) & texts(task.calibration)
+    assert build_task(str(path), 0, 4, 8).test == task.test and build_task(str(path), 1, 4, 8).test != task.test
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "a", "label": "x"}\nnot json\n', r"bad.jsonl:2: not a JSON object"),
+        ('{"text": "a"}\n', r'bad.jsonl:1: expected \{"text"'),
+        ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', "1 distinct label"),
+    ],
+)
+def test_a_bad_task_file_is_refused_naming_the_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(BadInputError, match=message):
+        build_task(str(path), 0, 2, 2)

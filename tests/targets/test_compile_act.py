@@ -53,7 +53,8 @@ def test_manifest_carries_the_head_table_and_the_cache_layout(built: dict[str, P
     assert record["rule"] == {"beta": 0.4, "threshold_mode": "absolute", "threshold": 0.1, "keep_first": True, "stat": "causal"}
     assert record["phases"] == ["prefill", "decode"]
     assert manifest["parity"]["ok"] is True
-    assert manifest["lm"]["cache"] == ["past_k", "past_v", "past_s"]
+    assert [c["input"] for c in manifest["lm"]["cache"]] == ["past_k", "past_v", "past_s"]
+    assert manifest["lm"]["cache"][2]["layout"] == ["calibrated_heads", "batch", "tokens"]
     assert manifest["reference"]["entries"]["prefill"]["outputs"][-1] == "present_s"
 
 

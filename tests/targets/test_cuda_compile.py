@@ -72,6 +72,7 @@ def test_act_calibrated_attention_compiles_for_cuda(planted_sink_llama_dir: Path
                                  "--set", "act.heads={0: [0, 1, 2, 3]}", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     manifest = read_manifest(out)
-    assert manifest["lm"]["cache"] == ["past_k", "past_v", "past_s"]
+    assert [c["input"] for c in manifest["lm"]["cache"]] == ["past_k", "past_v", "past_s"]
+    assert manifest["lm"]["cache"][2]["layout"] == ["calibrated_heads", "batch", "tokens"]
     library = (out / "model" / "decode.so").read_bytes()
     assert b"__global__" in library

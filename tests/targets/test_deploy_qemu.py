@@ -174,7 +174,7 @@ def test_luc_artifact_lowers_for_arm64_and_passes_parity_on_the_device(tmp_path:
     assert again["parity"]["ok"] is True and abs(again["perplexity"] - evaluation["perplexity"]) < 1e-6 * evaluation["perplexity"]
 
 
-def test_act_artifact_passes_parity_on_the_device(planted_sink_llama_dir: Path, tmp_path: Path) -> None:
+def test_act_artifact_passes_parity_and_profiles_on_the_device(planted_sink_llama_dir: Path, tmp_path: Path) -> None:
     """Calibrated attention with the carried column sums runs in the aarch64 TVM runtime
     (the ONNX graph is the one ORT runs on the host, tested in test_compile_act)."""
     out = tmp_path / "act-arm64"
@@ -187,3 +187,9 @@ def test_act_artifact_passes_parity_on_the_device(planted_sink_llama_dir: Path, 
     assert report["machine"] == "aarch64" and report["parity"]["ok"] is True
     outputs = {(o["entry"], o["output"]) for o in report["parity"]["outputs"]}
     assert ("prefill", "present_s") in outputs and ("decode", "present_s") in outputs
+    assert report["parity"]["generation"]["ok"] is True and report["parity"]["generation"]["matched"] > 0
+    # Profiling drives decode from the program's cache list: four tensors fed back, not (k, v).
+    profiled = runner.invoke(app, ["profile", str(out), "--device", "qemu-arm64", "--runs", "2", "--new-tokens", "4", "--json"])
+    assert profiled.exit_code == 0, profiled.output + profiled.stderr
+    result = json.loads(profiled.stdout)
+    assert result["decode"]["runs"] == 4 and result["decode_tokens_per_s"] > 0

@@ -1,0 +1,329 @@
+"""Running an artifact, anywhere: the one runtime, the one parity rule and the programs
+that drive entries, shared by the host (edgec), the device agent and the RPC runner.
+
+Standard library + numpy + the TVM runtime or ONNX Runtime only: this file is uploaded
+to devices beside agent.py, which have neither edgec nor torch.
+
+A *program* is data in the manifest (written by the model's family) that says how
+entries are driven:
+
+    {"kind": "forward", "entries": {...}}     each entry once on its reference inputs
+    {"kind": "generate", "entries": {...}, "prefill": "prefill", "decode": "decode",
+     "logits": "logits", "token_input": "input_ids",
+     "cache": [{"output": "present_k", "input": "past_k", "tokens_axis": 3, "layout": "..."}, ...],
+     "max_context": 1024, "eos_token_id": 2}
+                                              a greedy loop: prefill, then decode with the
+                                              cache outputs fed back as cache inputs by name
+
+`entries` maps each entry to {"inputs": [names], "outputs": [names]}. Nothing here knows
+what a family is; it reads names and roles from the program.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+PARITY_RULE = (
+    "every output finite; max |artifact-reference| <= rtol x range(reference output); same argmax where the "
+    "reference's top-2 margin > tolerance; a generate program also greedily decodes from the reference prompt "
+    "and must produce the reference's tokens until a step whose reference margin <= tolerance"
+)
+GENERATION_STEPS = 32
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+                       "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The safetensors layout: u64 header length, JSON header, raw little-endian data."""
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        array = np.frombuffer(data[base + start : base + end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = array.reshape(info["shape"]).copy()
+    return tensors
+
+
+class Runs(Protocol):
+    """Anything that runs an artifact's entries: Runtime here, RemoteTVM over RPC."""
+
+    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+def tvm_with_cuda() -> Any:
+    """The TVM runtime with its CUDA device API: a full install registers it at import,
+    a runtime-only one (no libtvm_compiler, as on devices) does not, so load it here."""
+    import ctypes
+
+    import tvm
+
+    library = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if library.is_file():
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    return tvm
+
+
+def compile_cuda_at_load(tvm: Any, arch: str) -> None:
+    """TVM 0.27 stores a CUDA module as CUDA C source and compiles it when the library
+    loads, asking for the target through the compiler library, which a runtime-only
+    install lacks. Answer with this GPU's arch instead (NVRTC, through cuda-bindings)."""
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    def compile_source(code: str) -> bytearray:
+        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
+
+
+class Runtime:
+    """An artifact's entries loaded in the TVM Relax VM or ONNX Runtime on this machine.
+
+    `model_dir`: the artifact's model/ directory (under qemu-user, the host-side path for
+    ONNX external data); `on_gpu`: a CUDA artifact (TVM)."""
+
+    def __init__(self, model_dir: Path, backend: str, record: dict[str, Any], on_gpu: bool = False,
+                 ort_provider: str = "CPUExecutionProvider") -> None:
+        self.backend = backend
+        if backend == "tvm":
+            tvm = tvm_with_cuda() if on_gpu else __import__("tvm")
+            from tvm.runtime.vm import VirtualMachine
+
+            self._tvm = tvm
+            self.device = tvm.cuda(0) if on_gpu else tvm.cpu()
+            if on_gpu:
+                compile_cuda_at_load(tvm, "sm_" + str(self.device.compute_version).replace(".", ""))
+            stored = read_safetensors(model_dir / record["params_file"])
+            self.vms: dict[str, Any] = {}
+            self.params: dict[str, list[Any]] = {}
+            on_device: dict[str, Any] = {}
+            for name, info in record["entries"].items():
+                library = tvm.runtime.load_module(str(model_dir / info["library"]))
+                self.vms[name] = VirtualMachine(library, self.device)
+                for key in info["params"]:
+                    if key not in on_device:  # a tensor shared by entries is uploaded once
+                        on_device[key] = tvm.runtime.tensor(stored[key], self.device)
+                self.params[name] = [on_device[key] for key in info["params"]]
+        elif backend == "onnx":
+            import onnxruntime as ort
+
+            self.sessions = {
+                name: ort.InferenceSession(str(model_dir / info["file"]), providers=[ort_provider])
+                for name, info in record["entries"].items()
+            }
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+
+    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if self.backend == "tvm":
+            tvm = self._tvm
+            args = [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+            result = self.vms[entry]["main"](*args, *self.params[entry])
+            if isinstance(result, tvm.runtime.Tensor):
+                return [result.numpy()]
+            return [item.numpy() for item in result]
+        session = self.sessions[entry]
+        feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
+        return list(session.run(None, feed))
+
+
+# ----------------------------------------------------------------------------- programs
+class Generation:
+    """A generate program's greedy loop over any runner, with the cache fed back by name."""
+
+    def __init__(self, program: dict[str, Any]) -> None:
+        self.program = program
+        entries = program["entries"]
+        self.prefill, self.decode = program["prefill"], program["decode"]
+        self.prefill_outputs: list[str] = entries[self.prefill]["outputs"]
+        self.decode_inputs: list[str] = entries[self.decode]["inputs"]
+        self.decode_outputs: list[str] = entries[self.decode]["outputs"]
+        self.feeds = {c["input"]: c["output"] for c in program["cache"]}
+
+    def logits(self, outputs: Sequence[Any], entry: str) -> Any:
+        names = self.prefill_outputs if entry == self.prefill else self.decode_outputs
+        return outputs[names.index(self.program["logits"])]
+
+    def decode_args(self, token: np.ndarray, outputs: Sequence[Any], entry: str) -> list[Any]:
+        """The decode inputs: the token, and each cache input from the previous call's outputs."""
+        names = self.prefill_outputs if entry == self.prefill else self.decode_outputs
+        by_name = dict(zip(names, outputs))
+        return [token if name == self.program["token_input"] else by_name[self.feeds[name]] for name in self.decode_inputs]
+
+    def greedy(
+        self,
+        run: Callable[[str, list[Any]], Sequence[Any]],
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        on_step: Callable[[int, np.ndarray], None] | None = None,
+    ) -> list[int]:
+        """Greedy tokens after `prompt_ids`; `on_step(step, last_logits)` sees each step's logits."""
+        limit = int(self.program["max_context"])
+        outputs = run(self.prefill, [np.asarray([list(prompt_ids)], dtype=np.int64)])
+        entry = self.prefill
+        generated: list[int] = []
+        length = len(prompt_ids)
+        while len(generated) < max_new_tokens and length < limit:
+            last = np.asarray(self.logits(outputs, entry))[0, -1]
+            if on_step is not None:
+                on_step(len(generated), last)
+            token = int(np.argmax(last))
+            generated.append(token)
+            if eos_token_id is not None and token == eos_token_id:
+                break
+            outputs = run(self.decode, self.decode_args(np.asarray([[token]], dtype=np.int64), outputs, entry))
+            entry = self.decode
+            length += 1
+        return generated
+
+
+def reference_prompt(reference: dict[str, np.ndarray]) -> np.ndarray:
+    """The prompt the reference generation started from ([1, T] int64)."""
+    return reference["generate.prompt.0"]
+
+
+# ----------------------------------------------------------------------------- parity
+def _tolerance(want: np.ndarray, rtol: float) -> float:
+    finite = want[np.isfinite(want)]
+    return rtol * float(finite.max() - finite.min()) if finite.size else 0.0
+
+
+def compare_output(entry: str, name: str, want: np.ndarray, got: np.ndarray, rtol: float, is_logits: bool) -> dict[str, Any]:
+    """One output against its reference: a JSON-able record with `ok` and, if not, `why`."""
+    record: dict[str, Any] = {"entry": entry, "output": name, "max_abs_diff": 0.0, "tolerance": 0.0, "argmax_mismatches": 0}
+    if want.shape != got.shape:
+        return {**record, "max_abs_diff": float("inf"), "ok": False,
+                "why": f"shape {list(got.shape)}, reference {list(want.shape)}"}
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    tolerance = _tolerance(want64, rtol)
+    record["tolerance"] = tolerance
+    for values, whose in ((got64, "the artifact's"), (want64, "the reference's")):
+        bad = ~np.isfinite(values)
+        if bad.any():  # NaN compares false with everything: never let it through a bound
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            return {**record, "max_abs_diff": float("inf"), "ok": False,
+                    "why": f"{int(bad.sum())} non-finite values in {whose} output, first {values[where]} at {list(where)}"}
+    if not want64.size:
+        return {**record, "ok": True}
+    diff = np.abs(want64 - got64)
+    worst = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), diff.shape))
+    record["max_abs_diff"] = float(diff[worst])
+    if record["max_abs_diff"] > tolerance:
+        return {**record, "ok": False, "why": f"max |diff| {record['max_abs_diff']:.3g} > tolerance {tolerance:.3g} at "
+                f"{list(worst)} (artifact {got64[worst]:.6g}, reference {want64[worst]:.6g})"}
+    if is_logits:
+        top2 = np.sort(want64, axis=-1)[..., -2:]
+        decisive = (top2[..., 1] - top2[..., 0]) > tolerance
+        flips = (want64.argmax(-1) != got64.argmax(-1)) & decisive
+        record["argmax_mismatches"] = int(flips.sum())
+        if flips.any():
+            where = tuple(int(i) for i in np.argwhere(flips)[0])
+            return {**record, "ok": False, "why": f"argmax {int(got64[where].argmax())} at {list(where)}, reference "
+                    f"{int(want64[where].argmax())} with margin {float(top2[where][1] - top2[where][0]):.3g} > tolerance {tolerance:.3g}"}
+    return {**record, "ok": True}
+
+
+def check_generation(runner: Runs, program: dict[str, Any], reference: dict[str, np.ndarray], rtol: float) -> dict[str, Any]:
+    """Greedy decoding from the reference prompt against the reference tokens: a token may
+    differ only at a step where the reference's top-2 margin is within the tolerance (a
+    near tie), after which the sequences legitimately part and comparison stops."""
+    want = [int(t) for t in reference["generate.tokens.0"]]
+    margins = [float(m) for m in reference["generate.margins.0"]]
+    tolerance = rtol * float(np.asarray(reference["generate.logits_range.0"]).reshape(-1)[0])
+    generation = Generation(program)
+    prompt = [int(t) for t in reference_prompt(reference)[0]]
+    steps: list[np.ndarray] = []
+    got = generation.greedy(lambda entry, args: runner.run(entry, list(args)), prompt, len(want),
+                            on_step=lambda step, logits: steps.append(logits))
+    record: dict[str, Any] = {"steps": len(want), "matched": 0, "tolerance": tolerance, "ok": True}
+    for step, (ours, theirs) in enumerate(zip(got, want)):
+        logits = steps[step]
+        if not np.isfinite(logits).all():
+            return {**record, "ok": False, "why": f"non-finite logits at step {step}"}
+        if ours != theirs:
+            if margins[step] <= tolerance:
+                return {**record, "near_tie_at": step}
+            return {**record, "ok": False, "why": f"step {step}: token {ours}, reference {theirs} whose margin "
+                    f"{margins[step]:.3g} > tolerance {tolerance:.3g}"}
+        record["matched"] = step + 1
+    if len(got) != len(want):
+        return {**record, "ok": False, "why": f"{len(got)} tokens, reference {len(want)}"}
+    return record
+
+
+def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.ndarray], rtol: float) -> dict[str, Any]:
+    """The parity rule (PARITY_RULE) on any runner; a JSON-able report whose `reason`
+    names the entry, the output, the step and the values of the first failure."""
+    outputs: list[dict[str, Any]] = []
+    logits_name = program.get("logits")
+    for entry, io in program["entries"].items():
+        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(io["inputs"]))]
+        got = runner.run(entry, inputs)
+        for index, name in enumerate(io["outputs"]):
+            outputs.append(compare_output(entry, name, reference[f"{entry}.out.{index}"], np.asarray(got[index]), rtol,
+                                          name == logits_name))
+    failing = [o for o in outputs if not o["ok"]]
+    generation = None
+    if program["kind"] == "generate" and "generate.tokens.0" in reference and not failing:
+        generation = check_generation(runner, program, reference, rtol)
+    pool = failing or [o for o in outputs if o["output"] == logits_name] or outputs
+    worst = max(pool, key=lambda o: o["max_abs_diff"] / o["tolerance"] if o["tolerance"] else float("inf"))
+    reason = f"{worst['entry']}.{worst['output']}: {worst['why']}" if failing else ""
+    if generation is not None and not generation["ok"]:
+        reason = f"greedy generation: {generation['why']}"
+    return {
+        "ok": not failing and (generation is None or generation["ok"]),
+        "max_abs_diff": worst["max_abs_diff"],
+        "tolerance": worst["tolerance"],
+        "rtol": rtol,
+        "reason": reason,
+        "outputs": outputs,
+        "generation": generation,
+        "rule": PARITY_RULE,
+    }
+
+
+# ----------------------------------------------------------------------------- timing
+def percentiles(times_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(times_ms)
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p90_ms": float(np.percentile(values, 90)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+        "std_ms": float(values.std()),
+        "runs": len(times_ms),
+    }
+
+
+def timed(call: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Wall time (ms) of each of `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def profile_prompt(reference: dict[str, np.ndarray], length: int) -> np.ndarray:
+    """The artifact's reference prompt, repeated to `length` tokens (same ids on every device)."""
+    ids = reference_prompt(reference)[:1] if "generate.prompt.0" in reference else reference["prefill.in.0"][:1]
+    while ids.shape[1] < length:
+        ids = np.concatenate([ids, ids], axis=1)
+    return np.ascontiguousarray(ids[:, :length])
