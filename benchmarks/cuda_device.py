@@ -40,7 +40,7 @@ def agent(command: str, artifact: Path, *args: str) -> dict[str, Any]:
 def prompt_ids(artifact: Path, length: int) -> np.ndarray:
     """The agent's profile prompt: the artifact's reference prompt, repeated to `length`."""
     sys.path.insert(0, str(AGENT.parent))
-    from agent import profile_prompt, read_safetensors
+    from runtime import profile_prompt, read_safetensors
 
     return profile_prompt(read_safetensors(artifact / "reference.safetensors"), length)
 

@@ -176,7 +176,7 @@ def compile_command(
     if parity["ok"] is None:
         out.print(f"parity    {status}")
     else:
-        out.print(f"parity    {status} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g})")
+        out.print(f"parity    {status} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g}){_generation_note(parity)}")
     evaluation = summary.get("evaluation")
     if evaluation and "perplexity" in evaluation:
         out.print(f"held-out  perplexity {evaluation['perplexity']:.3f} over {evaluation['tokens']} tokens")
@@ -186,6 +186,14 @@ def compile_command(
             _print_layer_table(entry["record"])
         if entry["name"] == "act":
             _print_act_record(entry["record"])
+
+
+def _generation_note(parity: dict[str, Any]) -> str:
+    generation = parity.get("generation")
+    if not generation:
+        return ""
+    tie = f", then a near tie at step {generation['near_tie_at']}" if "near_tie_at" in generation else ""
+    return f"; greedy decode {generation['matched']}/{generation['steps']} tokens as the reference{tie}"
 
 
 def _print_act_record(record: dict[str, Any]) -> None:
@@ -292,7 +300,10 @@ def deploy_command(
         out.print(f"deployed  {artifact} -> {result['device']}:{result['device_path']} ({result['machine']}, {where})")
         out.print(f"files     {result['hash_check']}")
         out.print(f"runtime   {', '.join(f'{k} {v}' for k, v in result['versions'].items()) or 'not reported by the device'}")
-        out.print(f"parity    {'ok' if parity['ok'] else 'FAILED'} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g})")
+        if parity["ok"]:
+            out.print(f"parity    ok (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g}){_generation_note(parity)}")
+        else:
+            out.print(f"parity    FAILED: {parity['reason']}", markup=False)
         for figure, why in result.get("unavailable", {}).items():
             out.print(f"[yellow]not available[/] {figure}: {why}")
     if not result["parity"]["ok"]:

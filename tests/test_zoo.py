@@ -154,9 +154,10 @@ def test_gemma3_compiles_with_greedy_parity_and_generates_like_transformers(back
 
 @pytest.mark.slow
 @pytest.mark.arm64
-def test_gemma3_compiles_for_arm64_deploys_and_profiles(tmp_path_factory: pytest.TempPathFactory) -> None:
-    out = tmp_path_factory.mktemp("gemma3-arm64") / "tvm"
-    invoke_json("compile", "zoo:gemma3-270m", "--target", "arm64", "-o", str(out))
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_gemma3_compiles_for_arm64_deploys_and_profiles(backend: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("gemma3-arm64") / backend
+    invoke_json("compile", "zoo:gemma3-270m", "--target", "arm64", "--backend", backend, "-o", str(out))
     report = invoke_json("deploy", str(out), "--device", "qemu-arm64")
     assert report["machine"] == "aarch64" and report["parity"]["ok"] is True, report["parity"]
     assert report["parity"]["generation"]["steps"] == 32

@@ -63,9 +63,10 @@ def test_encoder_artifact_embeds_and_scores_like_torch(artifacts: dict[str, Path
 
 
 @pytest.mark.arm64
-def test_encoder_deploys_and_profiles_on_the_emulated_device(tmp_path: Path) -> None:
-    out = tmp_path / "minilm-arm64"
-    cli_json("compile", "zoo:minilm-l6", "--target", "arm64", "-o", str(out))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_deploys_and_profiles_on_the_emulated_device(tmp_path: Path, backend: str) -> None:
+    out = tmp_path / f"minilm-arm64-{backend}"
+    cli_json("compile", "zoo:minilm-l6", "--target", "arm64", "--backend", backend, "-o", str(out))
     deployed = cli_json("deploy", str(out), "--device", "qemu-arm64")
     assert deployed["machine"] == "aarch64" and deployed["parity"]["ok"] is True
     profiled = cli_json("profile", str(out), "--device", "qemu-arm64", "--runs", "2")

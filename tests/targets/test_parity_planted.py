@@ -29,39 +29,56 @@ def rehash(root: Path, rtol: float | None = None) -> None:
 
 
 def plant_nan(artifact: Path, copy: Path) -> Path:
-    """NaN in the last layer's k projection: its present_k goes non-finite."""
+    """A NaN in every k and v projection (the weights the cache is computed from; TVM
+    stores them transposed under lifted names, so they are found by shape)."""
     shutil.copytree(artifact, copy)
     params = copy / "model" / "params.safetensors"
     tensors = load_file(str(params))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    layers = manifest["lm"]["num_layers"]
-    key = next(k for k in tensors if f"layers_{layers - 1}_self_attn_k_proj_weight" in k.replace(".", "_"))
-    tensors[key] = tensors[key].copy()
-    tensors[key][0, 0] = np.nan
+    lm = json.loads((copy / "manifest.json").read_text())["lm"]
+    kv_width = lm["num_kv_heads"] * lm["head_dim"]
+    planted = 0
+    for key, value in tensors.items():
+        if value.ndim == 2 and kv_width in value.shape and value.shape != (kv_width, kv_width):
+            tensors[key] = value.copy()
+            tensors[key][0, 0] = np.nan
+            planted += 1
+    assert planted >= 2 * lm["num_layers"]
     save_file(tensors, str(params))
     rehash(copy)
     return copy
 
 
+def flipped(logits: np.ndarray, rtol: float) -> np.ndarray | None:
+    """The logits with one position's top two swapped by moving each by 0.99 x the
+    tolerance (so no value moves by more than it) if the swapped margin then exceeds the
+    tolerance (a decisive flip), else None."""
+    top2 = np.sort(logits[0], axis=-1)[:, -2:]
+    position = int(np.argmin(top2[:, 1] - top2[:, 0]))
+    first, second = np.argsort(logits[0, position])[::-1][:2]
+    planted = logits.copy()
+    for _ in range(20):  # the tolerance depends on the planted range: iterate to its fixed point
+        tolerance = rtol * float(planted.max() - planted.min())
+        planted = logits.copy()
+        planted[0, position, second] += 0.99 * tolerance
+        planted[0, position, first] -= 0.99 * tolerance
+    tolerance = rtol * float(planted.max() - planted.min())
+    top = np.sort(planted[0, position])[-2:]
+    decisive = planted[0, position].argmax() == second and top[1] - top[0] > tolerance
+    return planted if decisive and np.abs(planted - logits).max() <= tolerance else None
+
+
 def plant_flip(artifact: Path, copy: Path) -> Path:
-    """Make the reference's second-best decode logit its best, by more than the tolerance,
-    while moving no value by more than it (every other logit down by 0.9 x tolerance, that
-    one up by as much): only the argmax rule can catch it."""
+    """Flip the reference's argmax at one prompt position by more than the tolerance while
+    moving no value by more than it: only the argmax rule can catch it. The manifest's
+    rtol is raised until such a flip exists (a tiny random model's top two are far apart)."""
     shutil.copytree(artifact, copy)
     reference_path = copy / "reference.safetensors"
     reference = load_file(str(reference_path))
-    logits = reference["decode.out.0"].astype(np.float64)
-    rtol = 0.1  # the new margin (>= 1.8 - 0.5 tolerances) beats the new tolerance (<= 1.18)
-    tolerance = rtol * float(logits.max() - logits.min())
-    row = logits[0, -1]
-    first, second = np.argsort(row)[::-1][:2]
-    assert row[first] - row[second] < 0.5 * tolerance
-    planted = row - 0.9 * tolerance
-    planted[second] = row[second] + 0.9 * tolerance
-    logits[0, -1] = planted
-    reference["decode.out.0"] = logits.astype(np.float32)
+    logits = reference["prefill.out.0"].astype(np.float64)
+    rtol, planted = next((r, f) for r in np.arange(0.05, 1.0, 0.05) if (f := flipped(logits, float(r))) is not None)
+    reference["prefill.out.0"] = planted.astype(np.float32)
     save_file(reference, str(reference_path))
-    rehash(copy, rtol)
+    rehash(copy, float(rtol))
     return copy
 
 
@@ -78,9 +95,10 @@ def test_planted_nan_and_flip_fail_verify_on_this_host(host_artifact: Path, tmp_
     nan = runner.invoke(app, ["verify", str(plant_nan(host_artifact, tmp_path / "nan")), "--json"])
     parity = json.loads(nan.stdout)["checks"][1]
     assert nan.exit_code == 4 and parity["ok"] is False and "non-finite values in the artifact's output" in parity["detail"]
+    assert parity["detail"].split(":")[0] in ("prefill.present_k", "prefill.present_v", "prefill.logits", "decode.present_k")
     flip = runner.invoke(app, ["verify", str(plant_flip(host_artifact, tmp_path / "flip")), "--json"])
     parity = json.loads(flip.stdout)["checks"][1]
-    assert flip.exit_code == 4 and parity["detail"].startswith("decode.logits: argmax") and "> tolerance" in parity["detail"]
+    assert flip.exit_code == 4 and parity["detail"].startswith("prefill.logits: argmax") and "> tolerance" in parity["detail"]
 
 
 @pytest.mark.arm64
@@ -95,4 +113,4 @@ def test_planted_nan_and_flip_fail_on_the_emulated_device(tmp_path_factory: pyte
     assert nan.exit_code == 4 and "present_k" in failing and report["ok"] is False
     flip = runner.invoke(app, ["deploy", str(plant_flip(built, root / "flip")), "--device", "qemu-arm64", "--json"])
     report = json.loads(flip.stdout)["parity"]
-    assert flip.exit_code == 4 and report["reason"].startswith("decode.logits: argmax") and "> tolerance" in report["reason"]
+    assert flip.exit_code == 4 and report["reason"].startswith("prefill.logits: argmax") and "> tolerance" in report["reason"]
