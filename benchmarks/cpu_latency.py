@@ -29,7 +29,7 @@ from edgec.lm import greedy_generate
 from edgec.model import load_model
 from edgec.passes import options_for
 from edgec.recipe import load_recipe
-from edgec.targets.agent import timed
+from edgec.targets.runtime import timed
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:

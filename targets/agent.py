@@ -29,27 +29,9 @@ from typing import Any
 import numpy as np
 
 try:
-    from edgec.targets.runtime import (
-        Generation,
-        Runtime,
-        check_parity,
-        percentiles,
-        profile_prompt,
-        read_safetensors,
-        timed,
-        tvm_with_cuda,
-    )
+    from edgec.targets import runtime as shared
 except ImportError:  # on a device: runtime.py is uploaded beside this file
-    from runtime import (  # type: ignore[no-redef]
-        Generation,
-        Runtime,
-        check_parity,
-        percentiles,
-        profile_prompt,
-        read_safetensors,
-        timed,
-        tvm_with_cuda,
-    )
+    import runtime as shared  # type: ignore[no-redef]
 
 
 def _onnx_model_dir(root: Path) -> Path:
@@ -94,7 +76,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 def _cuda_capability() -> str | None:
     """'sm_XY' of GPU 0, or None without a usable GPU."""
     try:
-        tvm = tvm_with_cuda()
+        tvm = shared.tvm_with_cuda()
         device = tvm.cuda(0)
         if not device.exist:
             return None
@@ -138,18 +120,18 @@ def check(root: Path) -> dict[str, Any]:
     }
 
 
-def _runtime(root: Path, manifest: dict[str, Any]) -> Runtime:
+def _runtime(root: Path, manifest: dict[str, Any]) -> shared.Runtime:
     on_gpu = manifest["target"].get("arch") == "cuda"
     model_dir = _onnx_model_dir(root) if manifest["backend"] == "onnx" else root / "model"
-    return Runtime(model_dir, manifest["backend"], manifest["backend_record"], on_gpu=on_gpu)
+    return shared.Runtime(model_dir, manifest["backend"], manifest["backend_record"], on_gpu=on_gpu)
 
 
 def parity(root: Path) -> dict[str, Any]:
-    """The shared parity rule (runtime.check_parity), on this device."""
+    """The shared parity rule (shared.check_parity), on this device."""
     manifest = json.loads((root / "manifest.json").read_text())
-    reference = read_safetensors(root / manifest["reference"]["file"])
+    reference = shared.read_safetensors(root / manifest["reference"]["file"])
     rtol = float(manifest["reference"]["tolerance"]["rtol"])
-    return check_parity(_runtime(root, manifest), manifest["program"], reference, rtol)
+    return shared.check_parity(_runtime(root, manifest), manifest["program"], reference, rtol)
 
 
 def nll(root: Path, windows_json: str) -> dict[str, Any]:
@@ -157,7 +139,7 @@ def nll(root: Path, windows_json: str) -> dict[str, Any]:
     edgec.evaluate.window_nll; the logits (windows x vocab floats) never leave the device."""
     manifest = json.loads((root / "manifest.json").read_text())
     runtime = _runtime(root, manifest)
-    generation = Generation(manifest["program"])
+    generation = shared.Generation(manifest["program"])
     sums = []
     for number, tokens in enumerate(json.loads(windows_json), start=1):
         outputs = runtime.run(generation.prefill, [np.asarray([tokens], dtype=np.int64)])
@@ -170,7 +152,7 @@ def nll(root: Path, windows_json: str) -> dict[str, Any]:
     return {"nll": sums}
 
 
-def _per_op_tvm(runtime: Runtime, entry: str, inputs: list[np.ndarray]) -> dict[str, float]:
+def _per_op_tvm(runtime: shared.Runtime, entry: str, inputs: list[np.ndarray]) -> dict[str, float]:
     """Per-kernel wall time from one instrumented run of the Relax VM."""
     totals: dict[str, float] = {}
     started: dict[str, float] = {}
@@ -227,17 +209,17 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
 
     manifest = json.loads((root / "manifest.json").read_text())
     program = manifest["program"]
-    reference = read_safetensors(root / manifest["reference"]["file"])
+    reference = shared.read_safetensors(root / manifest["reference"]["file"])
     start = time.perf_counter()
     runtime = _runtime(root, manifest)
     load_ms = (time.perf_counter() - start) * 1e3
     result: dict[str, Any] = {"machine": platform.machine(), "load_ms": load_ms, "versions": _versions()}
     _report(result)
     if program["kind"] == "generate":
-        generation = Generation(program)
-        ids = profile_prompt(reference, prompt_len)
+        generation = shared.Generation(program)
+        ids = shared.profile_prompt(reference, prompt_len)
         entry, inputs = generation.prefill, [ids]
-        result["latency"] = percentiles(timed(lambda: runtime.run(entry, inputs), runs, warmup))
+        result["latency"] = shared.percentiles(shared.timed(lambda: runtime.run(entry, inputs), runs, warmup))
         result["prompt_tokens"] = prompt_len
         _report({"latency": result["latency"], "prompt_tokens": prompt_len, "entry": entry})
         decode_ms: list[float] = []
@@ -250,14 +232,14 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
             return outputs
 
         generation.greedy(run, [int(t) for t in ids[0]], new_tokens)  # one decode call per new token
-        result["decode"] = percentiles(decode_ms) if decode_ms else None
+        result["decode"] = shared.percentiles(decode_ms) if decode_ms else None
         result["decode_tokens_per_s"] = 1e3 / float(np.median(decode_ms)) if decode_ms else None
         _report({"decode": result["decode"], "decode_tokens_per_s": result["decode_tokens_per_s"]})
     else:
         entry = next(iter(program["entries"]))
         count = len(program["entries"][entry]["inputs"])
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
-        result["latency"] = percentiles(timed(lambda: runtime.run(entry, inputs), runs, warmup))
+        result["latency"] = shared.percentiles(shared.timed(lambda: runtime.run(entry, inputs), runs, warmup))
         _report({"latency": result["latency"], "entry": entry})
     result["entry"] = entry
     with tempfile.TemporaryDirectory() as workdir:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,22 @@ def wait_for_port(port: int, what: str, process: subprocess.Popen[bytes] | None 
             if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
                 pytest.fail(f"{what} did not start listening on port {port}")
             time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def host_rpc_server(key: str | None = None) -> Iterator[str]:
+    """A stock TVM RPC server on loopback (this host as a device); yields its rpc:// URI."""
+    port = free_port()
+    command = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+    process = subprocess.Popen(
+        command + (["--key", key] if key else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for_port(port, "the stock RPC server", process)
+        yield f"rpc://127.0.0.1:{port}?{f'key={key}&' if key else ''}arch=x86_64"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
 
 
 def make_tiny_llama(seed: int = 0) -> torch.nn.Module:

@@ -6,10 +6,6 @@ to edgec."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,7 @@ from edgec.cli import app
 from edgec.families import FAMILIES, Family, register
 from edgec.model import ModelHandle, sha256_files
 from edgec.targets.export import ExportedEntry
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import host_rpc_server
 
 runner = CliRunner()
 
@@ -74,17 +70,8 @@ def cli_json(*args: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def host_rpc() -> Iterator[str]:
-    """A stock TVM RPC server on loopback: this host as a device."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_for_port(port, "the stock RPC server", process)
-        yield f"rpc://127.0.0.1:{port}?arch=x86_64"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    with host_rpc_server() as uri:
+        yield uri
 
 
 @pytest.mark.compile

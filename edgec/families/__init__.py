@@ -151,8 +151,26 @@ class Family:
         return lines, f"{times} ({result['backend']})"
 
 
-def entry_io(entries: list[ExportedEntry]) -> dict[str, dict[str, list[str]]]:
-    return {e.name: {"inputs": list(e.input_names), "outputs": list(e.output_names)} for e in entries}
+def entry_io(entries: list[ExportedEntry]) -> dict[str, dict[str, Any]]:
+    """Each entry's input and output names, and its input shapes (null: a dynamic dimension)."""
+    return {
+        e.name: {"inputs": list(e.input_names), "outputs": list(e.output_names), "input_shapes": input_shapes(e)}
+        for e in entries
+    }
+
+
+def input_shapes(entry: ExportedEntry) -> dict[str, list[int | None]]:
+    if entry.onnx_model is not None:
+        declared = {v.name: v.type.tensor_type.shape.dim for v in entry.onnx_model.graph.input}
+        return {name: [d.dim_value if d.HasField("dim_value") else None for d in declared[name]] for name in entry.input_names}
+    if entry.dynamic_shapes is not None:
+        return {
+            name: [None if axis in dynamic else int(size) for axis, size in enumerate(example.shape)]
+            for name, example, dynamic in zip(entry.input_names, entry.example, entry.dynamic_shapes)
+        }
+    assert entry.program is not None  # a .pt2: its placeholders say which sizes are symbolic
+    values = {n.name: n.meta.get("val") for n in entry.program.graph.nodes if n.op == "placeholder"}
+    return {name: [d if isinstance(d, int) else None for d in values[name].shape] for name in entry.input_names}
 
 
 def _summary(value: np.ndarray) -> dict[str, Any]:

@@ -109,17 +109,6 @@ def _example_for(node: torch.fx.Node) -> torch.Tensor:
     return torch.zeros(shape, dtype=value.dtype)
 
 
-
-def _example_for(node: torch.fx.Node) -> torch.Tensor:
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        raise UnsupportedError(f"input {node.name} of the .pt2 is not a tensor; edgec lowers tensor inputs only")
-    shape = [int(d) if isinstance(d, int) else 2 for d in value.shape]
-    if value.dtype.is_floating_point:
-        return torch.randn(shape, dtype=value.dtype)
-    return torch.zeros(shape, dtype=value.dtype)
-
-
 def load_pt2(path: Path, trust_pickle: bool) -> ModelHandle:
     if not trust_pickle:
         raise BadInputError(
@@ -145,7 +134,6 @@ def load_pt2(path: Path, trust_pickle: bool) -> ModelHandle:
     )
 
 
-
 def load_onnx(path: Path) -> ModelHandle:
     import onnx
 
@@ -165,7 +153,6 @@ def load_onnx(path: Path) -> ModelHandle:
         onnx_path=path,
         info={"parameters": params, "inputs": [i.name for i in model.graph.input]},
     )
-
 
 
 register(ExportedProgramFamily())

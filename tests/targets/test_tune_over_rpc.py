@@ -6,10 +6,6 @@ go into a database of that device, which a second compile reuses."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +14,7 @@ from typer.testing import CliRunner
 
 from edgec.artifact import read_manifest
 from edgec.cli import app
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, host_rpc_server
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -28,17 +24,8 @@ RECIPE = "target: cpu\npasses:\n  - name: schedule\n    options: {trials: 2, pre
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1), "--key", KEY],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_for_port(port, "the stock RPC server", process)
-        yield f"rpc://127.0.0.1:{port}?key={KEY}&arch=x86_64"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    with host_rpc_server(KEY) as uri:
+        yield uri
 
 
 def _compile(model: Path, out: Path, *args: str) -> tuple[int, str]:
