@@ -301,14 +301,3 @@ def torch_last_logits(module: Any) -> Callable[[list[list[int]]], np.ndarray]:
             return entries.prefill(torch.tensor(prompts))[0][:, -1].double().numpy()
 
     return run
-
-
-def runtime_last_logits(runtime: Any, program: dict[str, Any]) -> Callable[[list[list[int]]], np.ndarray]:
-    from edgec.evaluate import runtime_logits_fn
-
-    logits_of = runtime_logits_fn(runtime, program)
-
-    def run(prompts: list[list[int]]) -> np.ndarray:
-        return np.asarray(logits_of(np.asarray(prompts, dtype=np.int64))[:, -1], dtype=np.float64)
-
-    return run
