@@ -15,6 +15,9 @@ APT_PACKAGES := python3.11-venv g++ python3.11-doc wordnet-base gcc-aarch64-linu
                 libc6-dev-arm64-cross qemu-user-static mmdebstrap file openssh-server openssh-client
 BINFMT    := /proc/sys/fs/binfmt_misc
 DEMO_PORT := 9091
+# Test processes (pytest-xdist; each test file stays in one, so its fixtures are built once).
+# Compiles and the emulator are mostly single-threaded: two workers fill CI's two cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install apt binfmt python demo test test-slow clean
 
@@ -63,10 +66,10 @@ demo: install
 # The fast, compile and arm64 tiers on the small built-in models (CI runs this);
 # the slow tier (SmolLM2-135M end to end, long searches) is `make test-slow`.
 test: install
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 test-slow: install
-	$(PY) -m pytest tests -m slow
+	$(PY) -m pytest tests -m slow -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

@@ -13,12 +13,14 @@ or Ctrl-C removes the temporary directory, so nothing half-written remains.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,15 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgec.errors import BadInputError, UnsupportedError
+from edgec.errors import BadInputError, CheckFailedError, UnsupportedError
 
 if TYPE_CHECKING:
     from edgec.targets.runtime import Runtime
 
 MANIFEST = "manifest.json"
 # 2: the manifest carries the family's program (how entries are driven) and its section.
-FORMAT = "edgec-artifact/2"
+# 3: the manifest carries its own digest.
+FORMAT = "edgec-artifact/3"
 REFERENCE_FILE = "reference.safetensors"
+# float16 artifacts are compared with the float32 model: half precision alone moves
+# logits by ~1e-3 of their range, so their parity tolerance is at least this.
+FLOAT16_MIN_RTOL = 1e-2
 TOOL_PACKAGES: tuple[str, ...] = (
     "edgec",
     "torch",
@@ -91,13 +97,18 @@ def check_output_dir(out: Path, force: bool, protected: tuple[Path, ...] = ()) -
         keep_resolved = keep.resolve()
         if resolved == keep_resolved or resolved in keep_resolved.parents:
             raise BadInputError(f"-o {out} would replace the input model {keep}; choose another path")
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"-o {out} is a file; give a directory path")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInputError(f"-o {out} is a file or a link; give a directory path")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise BadInputError(f"-o {out} exists and is not empty; pass --force to replace it or choose another path")
-        if not (out / MANIFEST).is_file():
+        foreign = foreign_files(out)
+        if foreign is None:
             raise BadInputError(f"-o {out} is not an edgec artifact; --force only replaces artifacts, choose another path")
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise BadInputError(f"-o {out} holds files edgec did not write ({shown}); --force replaces only edgec's own "
+                                "files: move them out or choose another path")
     parent = resolved.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -107,14 +118,61 @@ def check_output_dir(out: Path, force: bool, protected: tuple[Path, ...] = ()) -
         raise BadInputError(f"-o {out}: cannot write in {parent} ({exc.strerror}); choose another path") from None
 
 
+def foreign_files(out: Path) -> list[str] | None:
+    """Files under `out` that its manifest does not list (sorted); None if `out` holds no
+    edgec manifest at all. What --force may replace is exactly an artifact with none."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("edgec-artifact/"):
+        return None
+    listed = set(manifest.get("files") or {}) | {MANIFEST}
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and str(p.relative_to(out)) not in listed)
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """An exclusive hold on the output path (a lock file beside it) for a whole compile;
+    a second edgec writing the same path is refused at once, naming the holder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BadInputError(f"-o {out} is being written by another edgec ({holder}); "
+                                "wait for it to finish or choose another path") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file between our open and our lock: take the new one
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to `out` when the block finishes without error."""
+    """A temporary sibling of `out`, renamed to `out` when the block finishes without error.
+    The output is checked again at the end: whatever appeared there meanwhile is replaced
+    only if it is edgec's own artifact and --force was given."""
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        check_output_dir(out, force)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "replaced")
@@ -133,11 +191,56 @@ def write_manifest(root: Path, manifest: dict[str, Any], files: dict[str, str] |
     manifest["format"] = FORMAT
     manifest["files"] = hash_tree(root) if files is None else files
     manifest["size_bytes"] = sum((root / name).stat().st_size for name in manifest["files"])
+    manifest["digest"] = manifest_digest(manifest)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, without the digest itself: an edit to the
+    target, the tolerance or a file hash after the compile no longer goes unnoticed."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ELF e_machine -> the architecture name targets use.
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv64"}
+
+
+def elf_machine(path: Path) -> str | None:
+    """The architecture a shared library was built for (None if it is not ELF)."""
+    with open(path, "rb") as handle:
+        head = handle.read(20)
+    if head[:4] != b"\x7fELF" or len(head) < 20:
+        return None
+    number = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    return _ELF_MACHINES.get(number, f"ELF machine {number}")
+
+
+def self_check(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """What in the manifest contradicts itself or the files it names (each a sentence)."""
+    problems = []
+    if manifest.get("digest") != manifest_digest(manifest):
+        problems.append(f"{MANIFEST} does not match its digest: it was edited after the compile")
+    recipe = manifest.get("recipe", {})
+    rtol = float(recipe.get("parity", {}).get("rtol", -1))
+    if recipe.get("dtype") == "float16":
+        rtol = max(rtol, FLOAT16_MIN_RTOL)
+    recorded = manifest["reference"].get("tolerance", {}).get("rtol")
+    if recorded != rtol:
+        problems.append(f"the parity tolerance rtol={recorded} is not the one its recipe gives ({rtol})")
+    arch = manifest["target"].get("arch")
+    for relative in manifest["files"]:
+        if relative.endswith(".so") and (root / relative).is_file():
+            built = elf_machine(root / relative)
+            if built is not None and built != arch:
+                problems.append(f"{relative} is built for {built}, but the manifest's target {manifest['target'].get('name')} is {arch}")
+    return problems
+
+
+def read_manifest(root: Path, check_self: bool = True) -> dict[str, Any]:
+    """The artifact's manifest, refused if it is damaged, from another format or (unless
+    `check_self` is off, for verify to list every problem) contradicts itself."""
     path = root / MANIFEST
     if not root.is_dir():
         raise BadInputError(f"{root} is not an artifact directory (edgec compile -o DIR makes one)")
@@ -153,6 +256,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BadInputError(f"{path} lacks {', '.join(missing)}; the artifact is damaged, recompile it")
+    problems = self_check(root, manifest) if check_self else []
+    if problems:
+        raise CheckFailedError(f"{root}: {problems[0]}; recompile it (edgec verify {root} lists every problem)")
     from edgec.families import check_section
 
     check_section(root, manifest)
@@ -212,7 +318,42 @@ def artifact_runs_here(manifest: dict[str, Any]) -> tuple[bool, str]:
     return True, ""
 
 
-def open_runtime(root: Path, manifest: dict[str, Any]) -> Runtime:
+def checked_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Refuse (exit 4) an artifact whose files differ from its manifest. Fast path: a file
+    whose size and modification time are those recorded when it last hashed clean is not
+    read again (`edgec verify` always hashes everything)."""
+    from edgec.cache import cache_root
+
+    record_path = cache_root() / "verified" / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24] + ".json")
+
+    def stats() -> dict[str, list[int]]:
+        found = {}
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path != root / MANIFEST:
+                info = path.stat()
+                found[str(path.relative_to(root))] = [info.st_size, info.st_mtime_ns]
+        return found
+
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    now = stats()
+    if record.get("digest") == manifest.get("digest") and record.get("files") == now:
+        return
+    hashes = check_hashes(root, manifest)
+    if not hashes.ok:
+        changed = hashes.mismatched + hashes.missing + hashes.unexpected
+        raise CheckFailedError(f"{root} does not match its manifest ({', '.join(changed[:3])}); nothing was run (edgec verify {root})")
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"digest": manifest.get("digest"), "files": now}))
+    os.replace(tmp, record_path)
+
+
+def open_runtime(root: Path, manifest: dict[str, Any], check_files: bool = True) -> Runtime:
+    """A runtime for the artifact's entries, after its files were checked against the
+    manifest (`check_files=False` only where they were just hashed)."""
     runs, why = artifact_runs_here(manifest)
     if not runs:
         raise UnsupportedError(f"{root}: cannot run here: {why}; deploy it to a matching device")
@@ -232,6 +373,8 @@ def open_runtime(root: Path, manifest: dict[str, Any]) -> Runtime:
     referenced += [record[key] for key in ("params_file", "weights_file") if key in record]
     for name in referenced:
         artifact_file(root, manifest, f"model/{name}")
+    if check_files:
+        checked_files(root, manifest)
     from edgec.targets.runtime import Runtime
 
     if backend == "tvm":

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import EXIT_CODES, EXIT_INTERRUPTED, EdgecError, UnsupportedError, note_interrupts, was_interrupted
+from edgec.errors import EXIT_CODES, EdgecError, UnsupportedError, interrupt_exit, note_interrupts, was_interrupted
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -39,6 +39,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from edgec import __version__
+
+        out.print(f"edgec {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print edgec's version and exit"),
+) -> None:
+    """Compile trained models for edge targets with Apache TVM and ONNX Runtime."""
+
+
 zoo_app = typer.Typer(help="Built-in models (zoo:NAME).", no_args_is_help=True)
 targets_app = typer.Typer(help="Targets edgec compiles for.", no_args_is_help=True)
 cache_app = typer.Typer(help="The cache directory (converted models, later tuning databases).", no_args_is_help=True)
@@ -68,15 +85,19 @@ def _user_errors(func: F) -> F:
             err.print(f"[bold red]error:[/] {exc.message}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[bold red]interrupted:[/] nothing was written")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(_interrupted()) from None
         except Exception:
             if not was_interrupted():  # a bug: keep its traceback
                 raise
-            err.print("[bold red]interrupted:[/] nothing was written")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(_interrupted()) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted() -> int:
+    name, code = interrupt_exit()
+    err.print(f"[bold red]interrupted ({name}):[/] stopped; nothing half-written was left")
+    return code
 
 
 class Progress:
@@ -107,11 +128,13 @@ def _limit_threads() -> None:
         os.environ.setdefault("TVM_NUM_THREADS", threads)
 
 
-_COMPILE_EXAMPLES = (
-    "Examples: edgec compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny --json  |  "
-    "edgec compile ./my-llama --backend onnx --recipe recipes/int8-weights.yaml  |  "
-    "edgec compile zoo:tiny-lm --set passes=quantize-weights-int8 --set quantize-weights-int8.group_size=32 --dry-run"
-)
+_COMPILE_EXAMPLES = "\n\n".join([
+    "Examples:",
+    "  edgec compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny --json",
+    "  edgec compile ./my-llama --backend onnx --recipe recipes/int8-weights.yaml",
+    "  edgec compile zoo:tiny-lm --target arm64 --target-opt mcpu=cortex-a76 --dry-run",
+    "  edgec compile zoo:tiny-lm --set passes=quantize-weights-int8 --set quantize-weights-int8.group_size=32 --dry-run --json",
+])
 
 
 @app.command("compile", epilog=_COMPILE_EXAMPLES)
@@ -125,7 +148,9 @@ def compile_command(
     target_opt: list[str] = typer.Option([], "--target-opt", help="override a TVM target field, e.g. mcpu=cortex-a76; repeatable"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default artifacts/<model>-<target>-<backend>)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the fully resolved recipe and exit"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="run every check that needs no model (target, fields, passes, device, output) and print the resolved plan"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a .pt2 MODEL (torch.export.load unpickles it)"),
     device: Optional[str] = typer.Option(
@@ -135,7 +160,7 @@ def compile_command(
     ),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against torch."""
-    from edgec.compiler import compile_model, default_output
+    from edgec.compiler import compile_model, default_output, plan_compile
     from edgec.passes import options_for
     from edgec.recipe import load_recipe
 
@@ -152,13 +177,19 @@ def compile_command(
         key, value = option.split("=", 1)
         sets.append(f"target_options.{key}={value}")
     resolved = load_recipe(recipe, sets, options_for)
+    out_dir = output or default_output(model, resolved.target, resolved.backend)
     if dry_run:
+        plan = plan_compile(model, resolved, out_dir, force, device).to_json(model, resolved)
+        if as_json:
+            _emit_json(plan)
+            return
         import yaml
 
+        err.print(f"[cyan]{plan['target_resolved']}[/]")
+        err.print(f"would write {plan['output']}; every check that needs no model passed (--dry-run)")
         sys.stdout.write(yaml.safe_dump(resolved.model_dump(), sort_keys=False))
         return
     _limit_threads()
-    out_dir = output or default_output(model, resolved.target, resolved.backend)
     progress = Progress()
     summary = compile_model(
         model, resolved, out_dir, force, progress, on_target=lambda t: err.print(f"[cyan]{t.how}[/]"),
@@ -283,6 +314,10 @@ def deploy_command(
         ..., "--device", "-d",
         help="qemu-arm64 | ssh://user@host[:port]/dir[?python=P] | rpc://host:port[?key=K] | tracker://host:port?key=K",
     ),
+    timeout: float = typer.Option(
+        1800.0, "--timeout", min=1.0,
+        help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Upload an artifact to a device, check its files and runtime versions there, run parity there.
@@ -291,7 +326,7 @@ def deploy_command(
     """
     from edgec.deploy import deploy
 
-    result = deploy(artifact, device, Progress())
+    result = deploy(artifact, device, Progress(), timeout)
     if as_json:
         _emit_json(result)
     else:
@@ -327,6 +362,10 @@ def profile_command(
     save: Optional[Path] = typer.Option(
         None, "--out", "-o", help="write the result file here (JSON; also partial results, marked incomplete, if the device dies)"
     ),
+    timeout: float = typer.Option(
+        1800.0, "--timeout", min=1.0,
+        help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Latency p50/p90/p99, load time, peak memory, per-op time and tokens/s on a device.
@@ -336,7 +375,7 @@ def profile_command(
     """
     from edgec.profile import compare, plot_per_op, profile_artifact
 
-    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress(), save)
+    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress(), save, timeout)
     if plot is not None:
         if not result.get("per_op_ms"):
             raise UnsupportedError(f"--plot: {result['device']} gives no per-op times ({result.get('unavailable', {}).get('per_op_ms', 'none measured')})")

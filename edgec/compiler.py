@@ -10,23 +10,25 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from edgec import __version__
 from edgec.artifact import (
+    FLOAT16_MIN_RTOL,
     REFERENCE_FILE,
     check_output_dir,
     hash_tree,
     open_runtime,
+    output_lock,
     save_reference,
     staging_dir,
     tool_versions,
     write_manifest,
 )
 from edgec.data import calibration_segments
-from edgec.errors import CheckFailedError, UnsupportedError
+from edgec.errors import BadInputError, CheckFailedError, UnsupportedError
 from edgec.families import Family, family_named
 from edgec.model import ModelHandle, load_model
 from edgec.parity import ParityResult, check, flatten_io, reference_io
@@ -37,9 +39,6 @@ from edgec.recipe import Recipe
 from edgec.targets.export import export_entries
 from edgec.targets.registry import ResolvedTarget, resolve_target
 from edgec.targets.runtime import PARITY_RULE
-# float16 artifacts are compared with the float32 model: half precision alone moves
-# logits by ~1e-3 of their range, so their parity tolerance is at least this.
-FLOAT16_MIN_RTOL = 1e-2
 
 
 def default_output(model_spec: str, target: str, backend: str) -> Path:
@@ -52,22 +51,52 @@ def _calibration(model: ModelHandle, recipe: Recipe) -> Callable[[], list[list[i
     if model.tokenizer is None:
         return None
     spec = recipe.calibration
+    positions = getattr(getattr(model.module, "config", None), "max_position_embeddings", None)
+    if recipe.passes and positions is not None and spec.seq_len > int(positions):
+        # Checked before any pass runs: a learned-position model (GPT-2) fails deep inside
+        # torch on a longer segment, and a RoPE model would be calibrated out of range.
+        raise BadInputError(f"calibration.seq_len {spec.seq_len} is longer than the model's {positions} positions; "
+                            f"set calibration.seq_len <= {positions} (--set calibration.seq_len={positions})")
     return lambda: calibration_segments(model.tokenizer, spec.data, spec.samples, spec.seq_len)
 
 
-def compile_model(
-    model_spec: str,
-    recipe: Recipe,
-    out: Path,
-    force: bool,
-    progress: Callable[[str], None],
-    on_target: Callable[[ResolvedTarget], None] = lambda target: None,
-    trust_pickle: bool = False,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """`device`: check parity and measure the held-out perplexity on that device (as for
-    `edgec deploy --device`) instead of on this machine -- how a cross-built artifact
-    gets verified before it is written."""
+@dataclass(frozen=True)
+class Plan:
+    """What a compile will do, checked before any model is loaded (also `--dry-run`)."""
+
+    target: ResolvedTarget
+    manager: PassManager
+    tuning: Any
+    rtol: float
+    out: Path
+
+    def to_json(self, model_spec: str, recipe: Recipe) -> dict[str, Any]:
+        return {
+            "model": model_spec,
+            "output": str(self.out),
+            "target": self.target.name,
+            "target_resolved": self.target.how,
+            "backend": recipe.backend,
+            "dtype": recipe.dtype,
+            "passes": [spec.name for spec in recipe.passes],
+            "parity_rtol": self.rtol,
+            "recipe": recipe.model_dump(),
+        }
+
+
+def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device: str | None = None) -> Plan:
+    """Every check that needs no model: the model path, the target and its fields, the
+    device URI, the dtype, each pass against the target, the tuning device and the output."""
+    local_input = Path(model_spec).expanduser()
+    if model_spec.startswith("zoo:"):
+        from edgec.zoo import ZOO
+
+        if model_spec.removeprefix("zoo:") not in ZOO:
+            raise BadInputError(f"{model_spec} is not a built-in model; known: {', '.join('zoo:' + n for n in ZOO)}")
+    elif not local_input.exists():
+        raise BadInputError(
+            f"{model_spec} does not exist; give a Hugging Face model directory, a .pt2 or .onnx file, or zoo:NAME (edgec zoo list)"
+        )
     target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
     if device is not None:
         from edgec.deploy import open_device
@@ -84,77 +113,99 @@ def compile_model(
     if tuning is not None and tuning.device is not None and tuning.trials > 0 and recipe.backend == "tvm":
         tuning_endpoint(tuning.device, target.spec.arch, target.name)  # the device to time kernels on, before any work
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
+    check_output_dir(out, force, (local_input,) if local_input.exists() else ())
+    return Plan(target, manager, tuning, rtol, out)
+
+
+def compile_model(
+    model_spec: str,
+    recipe: Recipe,
+    out: Path,
+    force: bool,
+    progress: Callable[[str], None],
+    on_target: Callable[[ResolvedTarget], None] = lambda target: None,
+    trust_pickle: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """`device`: check parity and measure the held-out perplexity on that device (as for
+    `edgec deploy --device`) instead of on this machine -- how a cross-built artifact
+    gets verified before it is written."""
+    plan = plan_compile(model_spec, recipe, out, force, device)
+    target, manager, tuning, rtol = plan.target, plan.manager, plan.tuning, plan.rtol
     on_target(target)
     local_input = Path(model_spec).expanduser()
-    check_output_dir(out, force, (local_input,) if local_input.exists() else ())
-    started = time.perf_counter()
-    progress(f"load {model_spec}")
-    model = load_model(model_spec, trust_pickle)
-    manager.check(model)
-    ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
-    pass_log = manager.run(model, ctx)
+    # Held from the output check to the rename: a second compile to the same path fails fast
+    # instead of silently replacing this one's result (or a file that appeared meanwhile).
+    with output_lock(out):
+        check_output_dir(out, force, (local_input,) if local_input.exists() else ())
+        started = time.perf_counter()
+        progress(f"load {model_spec}")
+        model = load_model(model_spec, trust_pickle)
+        manager.check(model)
+        ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
+        pass_log = manager.run(model, ctx)
 
-    family = family_named(model.family)
-    progress("export entries (torch.export)")
-    entries = export_entries(model)
-    reference = flatten_io(reference_io(model, entries, recipe))
-    program = family.program(model, entries, recipe)
-    section = family.section(model, entries, recipe)
-    if recipe.dtype == "float16" and recipe.backend == "onnx":
-        _to_float16(model)
-        progress("export entries again in float16 (the reference stays float32)")
+        family = family_named(model.family)
+        progress("export entries (torch.export)")
         entries = export_entries(model)
+        reference = flatten_io(reference_io(model, entries, recipe))
+        program = family.program(model, entries, recipe)
+        section = family.section(model, entries, recipe)
+        if recipe.dtype == "float16" and recipe.backend == "onnx":
+            _to_float16(model)
+            progress("export entries again in float16 (the reference stays float32)")
+            entries = export_entries(model)
 
-    with staging_dir(out, force) as stage:
-        model_dir = stage / "model"
-        model_dir.mkdir()
-        backend_record = build(recipe.backend, entries, target, model_dir, progress, recipe.dtype, tuning)
-        save_reference(stage, reference)
-        tokenizer_dir = _copy_tokenizer(model, stage)
-        manifest: dict[str, Any] = {
-            "edgec_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": {
-                "name": model.name,
-                "family": model.family,
-                "architecture": model.architecture,
-                "sha256": model.sha256,
-                "info": model.info,
-            },
-            "recipe": recipe.model_dump(),
-            "passes": [asdict(entry) for entry in pass_log],
-            "target": target.to_json(),
-            "backend": recipe.backend,
-            "backend_record": backend_record,
-            "tools": tool_versions(),
-            "program": program,
-            "reference": {
-                "file": REFERENCE_FILE,
-                "implementation": family.reference_rule(),
-                "entries": program["entries"],
-                "tolerance": {"rtol": rtol, "rule": PARITY_RULE},
-            },
-            "tokenizer": tokenizer_dir,
-        }
-        if section is not None and family.section_key is not None:
-            manifest[family.section_key] = section.model_dump()
-        files = hash_tree(stage)  # the parity run reads these files and writes none
-        if device is None:
-            parity = _check_parity({**manifest, "files": files}, stage, reference, rtol, target, progress)
-        else:
-            parity, evaluation = _verify_on_device(manifest, files, stage, model, family, recipe, device, progress)
-        manifest["parity"] = parity.to_json()
-        if parity.ok is False:
-            where = f"on {device}" if device else f"on {target.name}/{recipe.backend}"
-            raise CheckFailedError(
-                f"parity check failed for {model_spec} {where}: {parity.reason}; nothing was written "
-                "(report this with `edgec env`)"
-            )
-        if device is None:
-            evaluation = _evaluate({**manifest, "files": files}, stage, model, family, recipe, target, progress)
-        if evaluation is not None:
-            manifest["evaluation"] = evaluation
-        manifest = write_manifest(stage, manifest, files)
+        with staging_dir(out, force) as stage:
+            model_dir = stage / "model"
+            model_dir.mkdir()
+            backend_record = build(recipe.backend, entries, target, model_dir, progress, recipe.dtype, tuning)
+            save_reference(stage, reference)
+            tokenizer_dir = _copy_tokenizer(model, stage)
+            manifest: dict[str, Any] = {
+                "edgec_version": __version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "model": {
+                    "name": model.name,
+                    "family": model.family,
+                    "architecture": model.architecture,
+                    "sha256": model.sha256,
+                    "info": model.info,
+                },
+                "recipe": recipe.model_dump(),
+                "passes": [asdict(entry) for entry in pass_log],
+                "target": target.to_json(),
+                "backend": recipe.backend,
+                "backend_record": backend_record,
+                "tools": tool_versions(),
+                "program": program,
+                "reference": {
+                    "file": REFERENCE_FILE,
+                    "implementation": family.reference_rule(),
+                    "entries": program["entries"],
+                    "tolerance": {"rtol": rtol, "rule": PARITY_RULE},
+                },
+                "tokenizer": tokenizer_dir,
+            }
+            if section is not None and family.section_key is not None:
+                manifest[family.section_key] = section.model_dump()
+            files = hash_tree(stage)  # the parity run reads these files and writes none
+            if device is None:
+                parity = _check_parity({**manifest, "files": files}, stage, reference, rtol, target, progress)
+            else:
+                parity, evaluation = _verify_on_device(manifest, files, stage, model, family, recipe, device, progress)
+            manifest["parity"] = parity.to_json()
+            if parity.ok is False:
+                where = f"on {device}" if device else f"on {target.name}/{recipe.backend}"
+                raise CheckFailedError(
+                    f"parity check failed for {model_spec} {where}: {parity.reason}; nothing was written "
+                    "(report this with `edgec env`)"
+                )
+            if device is None:
+                evaluation = _evaluate({**manifest, "files": files}, stage, model, family, recipe, target, progress)
+            if evaluation is not None:
+                manifest["evaluation"] = evaluation
+            manifest = write_manifest(stage, manifest, files)
     return {
         "artifact": str(out),
         "model": model.name,
@@ -206,7 +257,7 @@ def _evaluate(
             "skipped": f"built for {target.spec.arch}: compile with --device D to measure it there, "
             "or run `edgec eval ARTIFACT --device D`"
         }
-    runtime = open_runtime(stage, manifest)
+    runtime = open_runtime(stage, manifest, check_files=False)  # hashed a moment ago
     return family.evaluate(model, recipe, logits_nll_fn(runtime_logits_fn(runtime, manifest["program"])), progress)
 
 
@@ -272,4 +323,4 @@ def _check_parity(
             None, None, None, rtol, reason=f"built for {target.spec.arch}; parity is checked on the device at deploy"
         )
     progress("parity: reference inputs and program in the artifact's runtime")
-    return check(open_runtime(stage, manifest), manifest, reference)
+    return check(open_runtime(stage, manifest, check_files=False), manifest, reference)

@@ -17,7 +17,7 @@ EXIT_UNSUPPORTED = 3
 EXIT_CHECK_FAILED = 4
 EXIT_MISSING_DEPENDENCY = 5
 EXIT_DEVICE_UNREACHABLE = 6
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + the signal: Ctrl-C (SIGINT) 130, SIGTERM 143, SIGHUP 129
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "ok",
@@ -26,29 +26,41 @@ EXIT_CODES: dict[int, str] = {
     EXIT_CHECK_FAILED: "parity or accuracy check failed (also: verify found a mismatch)",
     EXIT_MISSING_DEPENDENCY: "missing optional dependency",
     EXIT_DEVICE_UNREACHABLE: "device unreachable",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C; SIGTERM gives 143, SIGHUP 129); nothing was written",
 }
-
+# How CI, docker and systemd stop a process, and a closed terminal: handled as Ctrl-C is.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _interrupted = threading.Event()
+_by_signal: list[signal.Signals] = []
 
 
 def note_interrupts() -> None:
-    """Remember a Ctrl-C even where a native library turns the KeyboardInterrupt into an
-    error of its own (TVM's FFI re-raises it as RuntimeError inside schedule primitives),
-    so the CLI still exits as interrupted and fallbacks that catch TVM errors do not
-    swallow it. Main thread only (where Python runs signal handlers)."""
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so every `finally` runs
+    (staging directories removed, child process groups ended), and remember the signal
+    even where a native library turns the KeyboardInterrupt into an error of its own
+    (TVM's FFI re-raises it as RuntimeError inside schedule primitives), so the CLI still
+    exits as interrupted and fallbacks that catch TVM errors do not swallow it. Main
+    thread only (where Python runs signal handlers)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         _interrupted.set()
+        _by_signal.append(signal.Signals(signum))
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, handler)
 
 
 def was_interrupted() -> bool:
     return _interrupted.is_set()
+
+
+def interrupt_exit() -> tuple[str, int]:
+    """The signal's name and the conventional exit code (128 + its number)."""
+    stop = _by_signal[0] if _by_signal else signal.SIGINT
+    return stop.name, 128 + int(stop)
 
 
 class EdgecError(Exception):

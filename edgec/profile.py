@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgec.deploy import DeviceDied, open_device, upload_and_check
+from edgec.deploy import DEFAULT_TIMEOUT_S, DeviceDied, open_device, upload_and_check
 from edgec.errors import BadInputError, DeviceUnreachableError
 from edgec.targets.devices import RpcEndpoint
 
@@ -45,9 +45,11 @@ def profile_artifact(
     new_tokens: int,
     progress: Callable[[str], None],
     out: Path | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Profile on the device; with `out`, the result file is written, and if the device dies
-    mid-profile, what it measured so far is saved there marked "complete": false."""
+    mid-profile, what it measured so far is saved there marked "complete": false.
+    `timeout_s` bounds each step of the agent (qemu-arm64, ssh://)."""
     check_request(runs, warmup, prompt_len, new_tokens, None)
     device = open_device(device_spec)
     if isinstance(device, RpcEndpoint):
@@ -57,7 +59,7 @@ def profile_artifact(
         if out is not None:
             save_result(result, out)
         return result
-    session = upload_and_check(root, device, progress)
+    session = upload_and_check(root, device, progress, timeout_s)
     check_request(runs, warmup, prompt_len, new_tokens, session.manifest["program"].get("max_context"))
     slow = " (emulated: slow)" if device.emulated else ""
     progress(f"{device.name}: {warmup} warm-up + {runs} timed runs{slow}")

@@ -59,7 +59,8 @@ class EvaluateSpec(Strict):
 class Recipe(Strict):
     target: str = "cpu"
     backend: Literal["tvm", "onnx"] = "tvm"
-    target_options: dict[str, str] = Field(default_factory=dict)
+    # TVM target fields as TVM types them (num-cores is a number, mattr a list); checked by TVM and LLVM before any work.
+    target_options: dict[str, bool | int | float | str | list[str]] = Field(default_factory=dict)
     dtype: Literal["float32", "float16"] = Field(
         "float32", description="compute dtype of the artifact; float16 where the target's capability table allows it (GPUs)"
     )

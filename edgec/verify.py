@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgec.artifact import artifact_runs_here, check_hashes, load_reference, open_runtime, read_manifest
+from edgec.artifact import artifact_runs_here, check_hashes, load_reference, open_runtime, read_manifest, self_check
 from edgec.parity import check as check_parity
 
 
 def verify_artifact(root: Path) -> dict[str, Any]:
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, check_self=False)
     checks: list[dict[str, Any]] = []
+    problems = self_check(root, manifest)
+    checks.append({"name": "manifest", "ok": not problems,
+                   "detail": "; ".join(problems) or "digest, tolerance and library architectures agree"})
     hashes = check_hashes(root, manifest)
     problems = [f"changed: {n}" for n in hashes.mismatched] + [f"missing: {n}" for n in hashes.missing]
     problems += [f"not in manifest: {n}" for n in hashes.unexpected]
@@ -23,12 +26,12 @@ def verify_artifact(root: Path) -> dict[str, Any]:
         }
     )
     runs, why = artifact_runs_here(manifest)
-    if not hashes.ok:
-        checks.append({"name": "parity", "ok": None, "detail": "skipped: files do not match the manifest"})
+    if not hashes.ok or problems:
+        checks.append({"name": "parity", "ok": None, "detail": "skipped: the artifact does not match its manifest"})
     elif not runs:
         checks.append({"name": "parity", "ok": None, "detail": f"skipped: {why}"})
     else:
-        parity = check_parity(open_runtime(root, manifest), manifest, load_reference(root))
+        parity = check_parity(open_runtime(root, manifest, check_files=False), manifest, load_reference(root))
         generation = parity.generation
         steps = f"; greedy decode {generation['matched']}/{generation['steps']} tokens as the reference" if generation else ""
         detail = parity.reason if not parity.ok else (

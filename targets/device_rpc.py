@@ -13,9 +13,12 @@ evenly, and the result lists which server measured what.
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +52,42 @@ def reachable(endpoint: RpcEndpoint) -> None:
         raise DeviceUnreachableError(f"{endpoint.uri}: unreachable: {exc.strerror or exc}") from None
 
 
-class RemoteTVM:
-    """One RPC session holding an artifact's libraries and parameters on the device."""
+class _Expired(BaseException):
+    """Raised by SIGALRM inside a stalled RPC call; a BaseException so that no `except
+    Exception` on the way (TVM's, ours) turns it into another failure."""
 
-    def __init__(self, session: Any, server: str) -> None:
+
+@contextmanager
+def waiting(seconds: float, what: str, setting: str) -> Iterator[None]:
+    """Exit 6 naming `what` if the block takes longer than `seconds`. TVM's RPC client
+    blocks in C++ with no timeout of its own, but a system call interrupted by a signal
+    makes it run Python's signal handlers, so SIGALRM's reaches it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Expired:
+        raise DeviceUnreachableError(f"{what}: no answer within {seconds:g} s (set ?{setting}=S in the device URI to wait longer)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class RemoteTVM:
+    """One RPC session holding an artifact's libraries and parameters on the device;
+    each call on it is bounded by the endpoint's `timeout=`."""
+
+    def __init__(self, session: Any, server: str, timeout_s: float = 600.0) -> None:
         self.session = session
         self.server = server
+        self.timeout_s = timeout_s
         self.device = session.cpu()
         self.vms: dict[str, Any] = {}
         self.params: dict[str, list[Any]] = {}
@@ -62,6 +95,10 @@ class RemoteTVM:
     def upload(self, root: Path, manifest: dict[str, Any], stored: dict[str, np.ndarray]) -> float:
         """Upload every library, check it by reading it back, load it; the params in `stored`
         go as tensors. Returns load ms."""
+        with waiting(self.timeout_s, f"{self.server}: uploading the libraries", "timeout"):
+            return self._upload(root, manifest, stored)
+
+    def _upload(self, root: Path, manifest: dict[str, Any], stored: dict[str, np.ndarray]) -> float:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -95,18 +132,20 @@ class RemoteTVM:
 
     def run_remote(self, entry: str, inputs: list[Any]) -> list[Any]:
         """Outputs stay on the device (decode can take prefill's cache without a round trip)."""
-        vm = self._prepare(entry, inputs)
-        vm.invoke_stateful("main")
-        outputs = vm.get_outputs("main")
+        with waiting(self.timeout_s, f"{self.server}: running {entry}", "timeout"):
+            vm = self._prepare(entry, inputs)
+            vm.invoke_stateful("main")
+            outputs = vm.get_outputs("main")
         return list(outputs) if isinstance(outputs, tuple | list) else [outputs]
 
     def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return [x.numpy() for x in self.run_remote(entry, inputs)]
 
     def time_ms(self, entry: str, inputs: list[Any], runs: int, warmup: int) -> list[float]:
-        vm = self._prepare(entry, inputs)
-        timer = vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=runs + warmup)
-        return [float(seconds) * 1e3 for seconds in timer("main").results[warmup:]]
+        with waiting(self.timeout_s, f"{self.server}: timing {entry}", "timeout"):
+            vm = self._prepare(entry, inputs)
+            timer = vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=runs + warmup)
+            return [float(seconds) * 1e3 for seconds in timer("main").results[warmup:]]
 
 
 def sessions(endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int | None = None) -> list[RemoteTVM]:
@@ -115,25 +154,18 @@ def sessions(endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int 
     from tvm import rpc
 
     reachable(endpoint)
+    handshake = f"{endpoint.uri}: the {'tracker' if endpoint.tracker else 'RPC server'} accepted the connection but"
     try:
         if not endpoint.tracker:
-            session = rpc.connect(endpoint.host, endpoint.port, key=endpoint.key, session_timeout=int(endpoint.timeout_s))
-            return [RemoteTVM(session, _server_id(session, f"{endpoint.host}:{endpoint.port}"))]
-        tracker = rpc.connect_tracker(endpoint.host, endpoint.port)
-        queue = tracker.summary().get("queue_info", {})
-        free = int(queue.get(endpoint.key, {}).get("free", 0))
-        deadline = time.monotonic() + 30
-        while free == 0 and endpoint.key in queue and time.monotonic() < deadline:
-            time.sleep(1)  # servers of the key are busy or re-registering after a session
-            queue = tracker.summary().get("queue_info", {})
-            free = int(queue.get(endpoint.key, {}).get("free", 0))
-        if free == 0:
-            known = ", ".join(sorted(queue)) or "none"
-            raise DeviceUnreachableError(f"{endpoint.uri}: the tracker has no free server with key {endpoint.key!r} (keys there: {known})")
-        progress(f"{endpoint.uri}: {free} free device(s) with key {endpoint.key}")
-        count = free if limit is None else min(free, limit)
-        found = [tracker.request(endpoint.key, session_timeout=int(endpoint.timeout_s), max_retry=2) for _ in range(count)]
-        return [RemoteTVM(s, _server_id(s, f"device {i}")) for i, s in enumerate(found)]
+            with waiting(endpoint.connect_timeout_s, f"{handshake} did not complete the RPC handshake", "connect_timeout"):
+                session = rpc.connect(endpoint.host, endpoint.port, key=endpoint.key, session_timeout=int(endpoint.timeout_s))
+                server = _server_id(session, f"{endpoint.host}:{endpoint.port}")
+            return [RemoteTVM(session, server, endpoint.timeout_s)]
+        with waiting(endpoint.connect_timeout_s, f"{handshake} did not answer as a TVM tracker", "connect_timeout"):
+            tracker = rpc.connect_tracker(endpoint.host, endpoint.port)
+        # + 30 s: the tracker may need that long to hand out a server busy with a session
+        with waiting(endpoint.connect_timeout_s + 30, f"{handshake} did not hand out a server", "connect_timeout"):
+            return _from_tracker(tracker, endpoint, progress, limit)
     except DeviceUnreachableError:
         raise
     except Exception as exc:  # TVM raises InternalError/RuntimeError with the reason in the text
@@ -141,6 +173,23 @@ def sessions(endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int 
         if "cannot find server that matches key" in text:
             raise DeviceUnreachableError(f"{endpoint.uri}: wrong key: the server does not accept key {endpoint.key!r}") from None
         raise DeviceUnreachableError(f"{endpoint.uri}: RPC failed: {text.strip().splitlines()[-1] if text.strip() else type(exc).__name__}") from None
+
+
+def _from_tracker(tracker: Any, endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int | None) -> list[RemoteTVM]:
+    queue = tracker.summary().get("queue_info", {})
+    free = int(queue.get(endpoint.key, {}).get("free", 0))
+    deadline = time.monotonic() + 30
+    while free == 0 and endpoint.key in queue and time.monotonic() < deadline:
+        time.sleep(1)  # servers of the key are busy or re-registering after a session
+        queue = tracker.summary().get("queue_info", {})
+        free = int(queue.get(endpoint.key, {}).get("free", 0))
+    if free == 0:
+        known = ", ".join(sorted(queue)) or "none"
+        raise DeviceUnreachableError(f"{endpoint.uri}: the tracker has no free server with key {endpoint.key!r} (keys there: {known})")
+    progress(f"{endpoint.uri}: {free} free device(s) with key {endpoint.key}")
+    count = free if limit is None else min(free, limit)
+    found = [tracker.request(endpoint.key, session_timeout=int(endpoint.timeout_s), max_retry=2) for _ in range(count)]
+    return [RemoteTVM(s, _server_id(s, f"device {i}"), endpoint.timeout_s) for i, s in enumerate(found)]
 
 
 def _server_id(session: Any, fallback: str) -> str:

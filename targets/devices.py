@@ -3,10 +3,13 @@
     qemu-arm64                          the emulated aarch64 user space (targets/device_qemu.py)
     ssh://user@host[:port]/path[?python=P&identity=KEY&known_hosts=F]
                                         a machine with Python: edgec uploads its agent
-    rpc://host:port[?key=K&arch=A&timeout=S]      a stock TVM RPC server (python3 -m tvm.exec.rpc_server)
-    tracker://host:port?key=K[&arch=A&timeout=S]  every free server of key K behind a TVM RPC tracker
+    rpc://host:port[?key=K&arch=A&timeout=S&connect_timeout=S]
+                                        a stock TVM RPC server (python3 -m tvm.exec.rpc_server)
+    tracker://host:port?key=K[&arch=A&timeout=S&connect_timeout=S]
+                                        every free server of key K behind a TVM RPC tracker
     (a stock server cannot say what machine it is: arch= declares it, default aarch64;
-    timeout= bounds each RPC session, default 600 s)
+    timeout= bounds each call on the device, default 600 s; connect_timeout= bounds the
+    connection and the RPC handshake, default 30 s; past either: exit 6)
 
 Devices with Python (qemu-arm64, ssh) run the device-side agent (targets/agent.py):
 hashes, versions, parity, latency, memory and per-op time. A stock TVM RPC server
@@ -16,6 +19,8 @@ the server can do (TVM artifacts, time_evaluator timings) and says what is missi
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +67,7 @@ class RpcEndpoint:
     arch: str
     tracker: bool
     timeout_s: float = 600.0
+    connect_timeout_s: float = 30.0
     options: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -71,6 +77,16 @@ class RpcEndpoint:
 
 def _query(text: str) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+
+def _seconds(uri: str, query: dict[str, str], name: str, default: float) -> float:
+    try:
+        value = float(query.get(name, default))
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise BadInputError(f"--device {uri}: {name}={query[name]!r} is not a positive number of seconds")
+    return value
 
 
 def parse_device(uri: str) -> AgentDevice | RpcEndpoint:
@@ -93,12 +109,9 @@ def parse_device(uri: str) -> AgentDevice | RpcEndpoint:
         key = query.get("key", "")
         if parts.scheme == "tracker" and not key:
             raise BadInputError(f"--device {uri}: a tracker hands out servers by key; add ?key=K")
-        try:
-            timeout_s = float(query.get("timeout", "600"))
-        except ValueError:
-            raise BadInputError(f"--device {uri}: timeout={query['timeout']!r} is not a number of seconds") from None
+        timeout_s, connect_timeout_s = (_seconds(uri, query, name, default) for name, default in (("timeout", 600), ("connect_timeout", 30)))
         arch = query.get("arch", DEFAULT_RPC_ARCH)
-        return RpcEndpoint(text, parts.hostname, port, key, arch, parts.scheme == "tracker", timeout_s)
+        return RpcEndpoint(text, parts.hostname, port, key, arch, parts.scheme == "tracker", timeout_s, connect_timeout_s)
     if parts.scheme == "ssh":
         from edgec.targets.device_ssh import SshDevice
 
@@ -109,6 +122,14 @@ def parse_device(uri: str) -> AgentDevice | RpcEndpoint:
             query.get("python", "python3"), query.get("identity"), known_hosts=query.get("known_hosts"),
         )
     raise BadInputError(f"--device {uri}: unknown scheme {parts.scheme!r}; known forms: {FORMS}")
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """End the process and whatever it started (it leads its own session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def run_streaming(argv: list[str], timeout_s: float, on_line: Callable[[str], None]) -> subprocess.CompletedProcess[str]:
@@ -129,7 +150,7 @@ def run_streaming(argv: list[str], timeout_s: float, on_line: Callable[[str], No
 
     def kill() -> None:
         killed.set()
-        process.kill()
+        _kill_group(process)
 
     timer = threading.Timer(timeout_s, kill)
     timer.start()
@@ -141,8 +162,8 @@ def run_streaming(argv: list[str], timeout_s: float, on_line: Callable[[str], No
         process.wait()
     finally:
         timer.cancel()
-        if process.poll() is None:  # interrupted here (Ctrl-C): its own session would outlive us
-            process.kill()
+        if process.poll() is None:  # interrupted here (a signal): its own session would outlive us
+            _kill_group(process)
             process.wait()
         reader.join(timeout=5)
     result = subprocess.CompletedProcess(argv, process.returncode, "".join(lines), "".join(stderr))

@@ -190,7 +190,7 @@ class ResolvedTarget:
     tvm_target: dict[str, Any]
     how: str  # one line saying what the request resolved to
     backend: str
-    options: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -303,7 +303,32 @@ def closest_name(request: str) -> str | None:
     return found[0] if found else None
 
 
-def resolve_target(request: str, backend: str, options: dict[str, str] | None = None) -> ResolvedTarget:
+def _check_user_fields(tvm_target: dict[str, Any], what: str) -> None:
+    """Fields a user set are checked before any work: TVM refuses unknown ones, and LLVM is
+    asked whether it knows the mcpu for the triple (TVM itself accepts any name and
+    silently builds for a generic CPU)."""
+    import tvm
+    from tvm.target import codegen
+
+    try:
+        tvm.target.Target(tvm_target)
+    except (ValueError, RuntimeError) as exc:  # TVM raises these for a bad target
+        raise BadInputError(f"{what}: TVM rejects it ({str(exc).splitlines()[0].split(' Target creation')[0]})") from None
+    for part in (tvm_target, tvm_target.get("host")):
+        if not isinstance(part, dict) or part.get("kind") != "llvm" or "mcpu" not in part:
+            continue
+        triple = str(part.get("mtriple") or codegen.llvm_get_system_triple())
+        mcpu = str(part["mcpu"])
+        if not codegen.llvm_is_valid_cpu(mcpu, triple):
+            import difflib
+
+            known = [str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))]
+            near = difflib.get_close_matches(mcpu, known, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise BadInputError(f"{what}: LLVM knows no CPU {mcpu!r} for {triple}; {hint}({len(known)} known, e.g. {', '.join(known[:4])})")
+
+
+def resolve_target(request: str, backend: str, options: dict[str, Any] | None = None) -> ResolvedTarget:
     """alias -> spec, or a raw TVM target as JSON ('{"kind": "llvm", ...}')."""
     options = dict(options or {})
     text = request.strip()
@@ -318,7 +343,7 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
 
         try:
             tvm.target.Target(raw)
-        except (ValueError, RuntimeError, tvm.error.TVMError) as exc:
+        except (ValueError, RuntimeError) as exc:  # TVM raises these for a bad target
             raise BadInputError(f"--target {request!r}: TVM rejects it ({str(exc).splitlines()[0]})") from None
         if raw["kind"] != "llvm":
             raise UnsupportedError(f"--target {request!r}: edgec lowers raw targets of kind 'llvm' only for now")
@@ -350,6 +375,8 @@ def resolve_target(request: str, backend: str, options: dict[str, str] | None = 
         )
     tvm_target = _fill_host(spec.tvm_target)
     for key, value in options.items():
-        tvm_target[key] = value
+        tvm_target[key] = [v for v in value.split(",") if v] if key == "mattr" and isinstance(value, str) else value
+    if options or spec.name == "raw":
+        _check_user_fields(tvm_target, f"--target-opt {' '.join(f'{k}={v}' for k, v in options.items())}" if options else f"--target {request!r}")
     described = ", ".join(f"{k}={v}" for k, v in tvm_target.items())
     return ResolvedTarget(spec, tvm_target, f"target {how} -> {described}; runs on {spec.arch}; backend {backend}", backend, options)

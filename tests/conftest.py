@@ -121,5 +121,15 @@ def planted_sink_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Tests share one cache (the converted SmolLM2 is 541 MB): the user's, unless CI says otherwise.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_run_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache for the whole test run (the device root file system, converted zoo models,
+    tuning records), never the user's: what a test leaves there cannot leak into their builds,
+    and what they have cached cannot make a test pass."""
+    cache = tmp_path_factory.getbasetemp() / "edgec-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEC_CACHE_DIR", str(cache))
+        yield cache

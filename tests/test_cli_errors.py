@@ -134,15 +134,42 @@ def test_weights_that_do_not_fit_the_config(tmp_path: Path, tiny_llama_dir: Path
 
 
 def test_raw_tvm_target_json(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    code, text = run_cli("compile", str(tiny_llama_dir), "--target", '{"kind": "llvm", "mcpu": "no-such-cpu-x"}', "--dry-run")
-    assert code == 0 and "no-such-cpu-x" in text
+    code, text = run_cli("compile", str(tiny_llama_dir), "--target", '{"kind": "llvm", "mcpu": "znver4"}', "--dry-run", "-o", str(tmp_path / "o"))
+    assert code == 0 and "znver4" in text
     code, text = run_cli("compile", str(tiny_llama_dir), "--target", '{"mcpu": "x"}', "-o", str(tmp_path / "o"))
     assert_clean_error(code, text, 2, "JSON object with a 'kind'")
 
 
-def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "expected_code", "needle"),
+    [
+        # TVM alone accepts any mcpu and silently builds for a generic CPU.
+        (["--target", "arm64", "--target-opt", "mcpu=cortx-a76"], 2, "LLVM knows no CPU 'cortx-a76' for aarch64-linux-gnu; did you mean cortex-a76"),
+        (["--target", '{"kind": "llvm", "mcpu": "no-such-cpu-x"}'], 2, "LLVM knows no CPU 'no-such-cpu-x'"),
+        (["--target", "arm64", "--target-opt", "no-such-field=1"], 2, "Unknown config option 'no-such-field'"),
+        (["--target", "arm65"], 2, "unknown target 'arm65'; did you mean 'arm64'?"),
+        (["--target", "cpu", "--set", "dtype=float16"], 3, "dtype float16: target cpu with backend tvm computes in float32 only"),
+        (["--device", "rpc://127.0.0.1:1?timeout=soon"], 2, "timeout='soon' is not a positive number of seconds"),
+    ],
+)
+def test_dry_run_refuses_what_compile_would_refuse(tmp_path: Path, tiny_llama_dir: Path, args: list[str], expected_code: int, needle: str) -> None:
+    for dry in (["--dry-run"], []):  # the same message, whether dry or not, before any model is loaded
+        code, text = run_cli("compile", str(tiny_llama_dir), *args, *dry, "-o", str(tmp_path / "o"))
+        assert_clean_error(code, text, expected_code, needle)
+        assert "load " not in text
+    assert nothing_left(tmp_path) == []
+
+
+def test_dry_run_prints_the_resolved_plan_and_writes_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
     code, text = run_cli("compile", str(tiny_llama_dir), "--dry-run", "--set", "passes=quantize-weights-int8", "-o", str(tmp_path / "o"))
     assert code == 0 and "name: quantize-weights-int8" in text and "group_size: 0" in text and "rtol: 0.001" in text
+    result = runner.invoke(app, ["compile", str(tiny_llama_dir), "--dry-run", "--json", "--target", "arm64", "--target-opt", "mcpu=cortex-a76",
+                                 "-o", str(tmp_path / "o")])
+    plan = json.loads(result.stdout)
+    assert plan["output"] == str(tmp_path / "o") and plan["target"] == "arm64" and "mcpu=cortex-a76" in plan["target_resolved"]
+    assert plan["recipe"]["target_options"] == {"mcpu": "cortex-a76"} and plan["passes"] == []
+    code, text = run_cli("compile", str(tmp_path / "missing-model"), "--dry-run")
+    assert_clean_error(code, text, 2, "missing-model does not exist")
     assert nothing_left(tmp_path) == []
 
 

@@ -48,3 +48,10 @@ def test_inspect_hf_directory(tiny_llama_dir: Path) -> None:
 def test_help_documents_exit_codes() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "Exit codes" in result.output and "parity" in result.output
+
+
+def test_version_is_the_package_version() -> None:
+    from edgec import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"edgec {__version__}"

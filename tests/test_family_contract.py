@@ -81,7 +81,7 @@ def test_a_toy_family_compiles_verifies_runs_and_profiles_on_this_host(toy_dir: 
     assert summary["parity"]["ok"] is True
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["family"] == "toy-mlp" and manifest["program"]["kind"] == "forward"
-    assert [c["ok"] for c in cli_json("verify", str(out))["checks"]] == [True, True]
+    assert [c["ok"] for c in cli_json("verify", str(out))["checks"]] == [True, True, True]
     inputs = tmp_path / "x.npz"
     x = np.linspace(-1, 1, 20, dtype=np.float32).reshape(5, 4)
     np.savez(inputs, x=x)

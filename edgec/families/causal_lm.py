@@ -157,10 +157,14 @@ class CausalLM(Family):
             "eos_token_id": section.eos_token_id,
         }
 
+    @staticmethod
+    def _max_context(model: ModelHandle, recipe: Recipe) -> int:
+        assert model.module is not None
+        return min(recipe.max_context or DEFAULT_MAX_CONTEXT, int(model.module.config.max_position_embeddings))
+
     def section(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> LMSection:
         assert model.module is not None
-        config = model.module.config
-        max_context = min(recipe.max_context or DEFAULT_MAX_CONTEXT, int(config.max_position_embeddings))
+        max_context = self._max_context(model, recipe)
         shape = lm_shape(model.module, max_context)
         decode = next(e for e in entries if e.name == "decode")
         cache = []
@@ -171,7 +175,7 @@ class CausalLM(Family):
             else:
                 dims = [shape.num_layers, None, shape.num_kv_heads, None, shape.head_dim]
                 cache.append(CacheTensor(input=past, output=present, layout=KV_LAYOUT, shape=dims, tokens_axis=3))
-        tokenizer = model.tokenizer
+        tokenizer, config = model.tokenizer, model.module.config
         return LMSection(
             architecture=model.architecture,
             num_layers=shape.num_layers,
@@ -201,7 +205,9 @@ class CausalLM(Family):
 
         ids, label = evaluation_ids(model.tokenizer, "held-out", recipe.evaluate.tokens)
         progress(f"evaluate: held-out perplexity over {len(ids)} tokens")
-        return windows_perplexity(score, ids, model.tokenizer, recipe.evaluate.window, label, progress).to_json()
+        # The window never outruns the positions the artifact accepts (GPT-2 has 1024, tiny ones fewer).
+        window = min(recipe.evaluate.window, self._max_context(model, recipe))
+        return windows_perplexity(score, ids, model.tokenizer, window, label, progress).to_json()
 
     def run(self, root: Path, manifest: dict[str, Any], runtime: Any, request: dict[str, Any]) -> dict[str, Any]:
         from edgec.generate import generate_text

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgec.artifact import open_runtime, read_manifest
+from edgec.artifact import manifest_digest, open_runtime, read_manifest
 from edgec.cli import app
 from edgec.lm import greedy_generate
 from tests.conftest import make_tiny_llama
@@ -63,7 +64,7 @@ def test_verify_passes_and_one_changed_byte_fails_it(artifacts: dict, backend: s
     shutil.copytree(out, copy)
     ok = runner.invoke(app, ["verify", str(copy), "--json"])
     report = json.loads(ok.stdout)
-    assert ok.exit_code == 0 and [c["ok"] for c in report["checks"]] == [True, True]
+    assert ok.exit_code == 0 and [c["ok"] for c in report["checks"]] == [True, True, True]
     weights = copy / ("model/params.safetensors" if backend == "tvm" else "model/weights.bin")
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -72,12 +73,56 @@ def test_verify_passes_and_one_changed_byte_fails_it(artifacts: dict, backend: s
     assert bad.exit_code == 4 and "changed: " + str(weights.relative_to(copy)) in bad.output
 
 
+def _reseal(manifest: dict) -> None:
+    manifest["digest"] = manifest_digest(manifest)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda m: m["target"].update(name="rpi5"), "manifest.json does not match its digest: it was edited after the compile"),
+        (lambda m: (m["reference"]["tolerance"].update(rtol=1e9), _reseal(m)), "the parity tolerance rtol=1000000000.0 is not the one its recipe gives (0.001)"),
+        (lambda m: (m["target"].update(arch="aarch64"), _reseal(m)), "model/decode.so is built for x86_64, but the manifest's target cpu is aarch64"),
+    ],
+    ids=["edited", "tolerance", "architecture"],
+)
+def test_a_tampered_manifest_fails_verify_and_is_not_run(artifacts: dict, tmp_path: Path, edit: Any, needle: str) -> None:
+    out, _ = artifacts["tvm"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    verify = runner.invoke(app, ["verify", str(copy), "--json"])
+    assert verify.exit_code == 4
+    checks = {c["name"]: c for c in json.loads(verify.stdout)["checks"]}
+    assert checks["manifest"]["ok"] is False and needle in checks["manifest"]["detail"]
+    run = runner.invoke(app, ["run", str(copy), "--inputs", str(tmp_path / "unused.npz")])
+    assert run.exit_code == 4 and needle in run.output and "Traceback" not in run.output
+
+
+def test_run_refuses_a_changed_file_even_after_a_clean_run(artifacts: dict, tmp_path: Path) -> None:
+    out, _ = artifacts["onnx"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # The files hash clean (and are recorded so), then the tokenizer-less model is refused.
+    clean = runner.invoke(app, ["run", str(copy), "--prompt", "x"])
+    assert clean.exit_code == 2 and "carries no tokenizer" in clean.output
+    weights = copy / "model" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0x01
+    weights.write_bytes(bytes(data))
+    changed = runner.invoke(app, ["run", str(copy), "--prompt", "x"])
+    assert changed.exit_code == 4 and "does not match its manifest (model/weights.bin)" in changed.output
+
+
 def test_manifest_cannot_point_outside_the_artifact(artifacts: dict, tmp_path: Path) -> None:
     out, _ = artifacts["tvm"]
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["backend_record"]["entries"]["prefill"]["library"] = "../../elsewhere.so"
+    manifest["digest"] = manifest_digest(manifest)  # even a manifest whose digest agrees
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["verify", str(copy)])
     assert result.exit_code == 2 and "not one of its hashed files" in result.output

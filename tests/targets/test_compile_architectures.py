@@ -5,6 +5,7 @@ generation in the artifact's runtime against torch."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,60 @@ def test_architecture_deploys_with_greedy_decode_parity_on_the_emulated_device(
     assert deployed.exit_code == 0, deployed.output + deployed.stderr
     parity = json.loads(deployed.stdout)["parity"]
     assert parity["ok"] is True and parity["generation"]["matched"] == 32
+
+
+LUC_RECIPE = """
+target: cpu
+calibration: {samples: 6, seq_len: 64}
+evaluate: {tokens: 512, window: 128}
+passes:
+  - name: luc
+    options: {bits: 4, sparsity: 0.3, bit_choices: [4, 8], group_size: 16, embedding_bits: 4, probe_samples: 2, validation_samples: 2}
+"""
+ZOO_TINY_LM = Path(__file__).resolve().parents[2] / "edgec" / "zoo" / "tiny-lm"
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random checkpoints that carry zoo:tiny-lm's tokenizer (vocabulary 4096), so the
+    passes that calibrate on text can run on them."""
+    root = tmp_path_factory.mktemp("with-tokenizer")
+    saved = {}
+    for architecture in ("Gemma3ForCausalLM", "GPT2LMHeadModel", "Qwen3ForCausalLM"):
+        saved[architecture] = root / architecture
+        make_model(architecture, vocab_size=4096).save_pretrained(saved[architecture], safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(ZOO_TINY_LM / name, saved[architecture] / name)
+    return saved
+
+
+# luc compresses by the layout: Gemma 3's tied scaled embedding and sandwich norms, GPT-2's
+# Conv1D linears and learned positions.
+@pytest.mark.parametrize(
+    ("architecture", "backend"),
+    [("Gemma3ForCausalLM", "onnx"), ("GPT2LMHeadModel", "onnx"),
+     pytest.param("Qwen3ForCausalLM", "tvm", marks=pytest.mark.slow), pytest.param("Gemma3ForCausalLM", "tvm", marks=pytest.mark.slow)],
+)
+def test_luc_compresses_beyond_llama_with_greedy_parity(with_tokenizer: dict[str, Path], architecture: str, backend: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "luc.yaml"
+    recipe.write_text(LUC_RECIPE)
+    out = tmp_path / "artifact"
+    result = runner.invoke(app, ["compile", str(with_tokenizer[architecture]), "--recipe", str(recipe), "--backend", backend, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["parity"]["ok"] is True and summary["parity"]["generation"]["matched"] == 32
+    record = summary["passes"][0]["record"]
+    assert len(record["layers"]) == 2 and record["achieved"]["bits"] == 4.0 and abs(record["achieved"]["sparsity"] - 0.3) < 0.02
+    assert record["weight_bytes_after"] < record["weight_bytes_before"] / 5
+    # The tiny configs have 64 positions: the recipe's 128-token evaluation window is held to them.
+    assert summary["evaluation"]["window"] == 64 and summary["evaluation"]["tokens"] >= 500
+
+
+def test_calibration_longer_than_the_positions_is_refused_before_work(with_tokenizer: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "luc.yaml"
+    recipe.write_text(LUC_RECIPE)
+    out = tmp_path / "artifact"
+    result = runner.invoke(app, ["compile", str(with_tokenizer["GPT2LMHeadModel"]), "--recipe", str(recipe),
+                                 "--set", "calibration.seq_len=100", "--backend", "onnx", "-o", str(out)])
+    assert result.exit_code == 2 and "calibration.seq_len 100 is longer than the model's 64 positions" in result.output
+    assert not out.exists() and "Traceback" not in result.output

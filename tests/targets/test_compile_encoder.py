@@ -55,7 +55,7 @@ def test_encoder_artifact_embeds_and_scores_like_torch(artifacts: dict[str, Path
         "inputs": ["input_ids", "attention_mask"], "outputs": ["sentence_embedding"],
         "input_shapes": {"input_ids": [None, None], "attention_mask": [None, None]},
     }}}
-    assert [c["ok"] for c in cli_json("verify", str(out))["checks"]] == [True, True]
+    assert [c["ok"] for c in cli_json("verify", str(out))["checks"]] == [True, True, True]
     ran = cli_json("run", str(out), "--text", "A phone runs the model.", "--text", "Edge devices are small.")
     assert ran["size"] == 384 and all(abs(n - 1.0) < 1e-5 for n in ran["norms"])
     for task, extra, figure in (("similarity", ["--data", str(pairs)], "spearman"), ("retrieval", ["--samples", "60"], "mrr")):

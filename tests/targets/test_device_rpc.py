@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,22 @@ def test_rpc_bad_inputs_exit_with_the_device_code(devices: dict[str, int], artif
     assert onnx.exit_code == 3 and "TVM libraries only" in onnx.output
     host = runner.invoke(app, ["deploy", str(artifacts["host"]), "--device", _uri(devices)])
     assert host.exit_code == 3 and "(x86_64) but" in host.output and "is aarch64" in host.output
+
+
+@pytest.mark.parametrize("scheme", ["rpc", "tracker"])
+def test_a_listener_that_never_answers_is_given_up_on_after_connect_timeout(artifacts: dict[str, Path], scheme: str) -> None:
+    """A peer that accepts the connection and then says nothing used to hang deploy forever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"{scheme}://127.0.0.1:{silent.getsockname()[1]}?key=k&connect_timeout=2"
+        started = time.monotonic()
+        result = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", uri])
+        waited = time.monotonic() - started
+    assert result.exit_code == 6, result.output
+    assert "accepted the connection but did not" in result.output and "no answer within 2 s" in result.output
+    assert "connect_timeout=S" in result.output and "Traceback" not in result.output
+    assert waited < 60, f"deploy waited {waited:.0f} s on a silent peer"
 
 
 def test_device_up_refuses_other_addresses_and_busy_ports(devices: dict[str, int]) -> None:

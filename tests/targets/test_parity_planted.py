@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from edgec.artifact import hash_tree
+from edgec.artifact import hash_tree, manifest_digest
 from edgec.cli import app
 
 runner = CliRunner()
@@ -24,7 +24,8 @@ def rehash(root: Path, rtol: float | None = None) -> None:
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["files"] = hash_tree(root)
     if rtol is not None:
-        manifest["reference"]["tolerance"]["rtol"] = rtol
+        manifest["reference"]["tolerance"]["rtol"] = manifest["recipe"]["parity"]["rtol"] = rtol
+    manifest["digest"] = manifest_digest(manifest)
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -93,11 +94,11 @@ def host_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 @pytest.mark.compile
 def test_planted_nan_and_flip_fail_verify_on_this_host(host_artifact: Path, tmp_path: Path) -> None:
     nan = runner.invoke(app, ["verify", str(plant_nan(host_artifact, tmp_path / "nan")), "--json"])
-    parity = json.loads(nan.stdout)["checks"][1]
+    parity = next(c for c in json.loads(nan.stdout)["checks"] if c["name"] == "parity")
     assert nan.exit_code == 4 and parity["ok"] is False and "non-finite values in the artifact's output" in parity["detail"]
     assert parity["detail"].split(":")[0] in ("prefill.present_k", "prefill.present_v", "prefill.logits", "decode.present_k")
     flip = runner.invoke(app, ["verify", str(plant_flip(host_artifact, tmp_path / "flip")), "--json"])
-    parity = json.loads(flip.stdout)["checks"][1]
+    parity = next(c for c in json.loads(flip.stdout)["checks"] if c["name"] == "parity")
     assert flip.exit_code == 4 and parity["detail"].startswith("prefill.logits: argmax") and "> tolerance" in parity["detail"]
 
 
