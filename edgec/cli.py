@@ -733,20 +733,56 @@ def env_command(as_json: bool = typer.Option(False, "--json", help="print as JSO
     from edgec.artifact import tool_versions
     from edgec.cache import cache_root
 
+    from edgec.targets.agent import cpu_flags
+    from edgec.targets.registry import host_mcpu
+
     data = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu": {"llvm_mcpu": host_mcpu(), "flags": sorted(cpu_flags())},
         "cache_dir": str(cache_root()),
         "versions": tool_versions(),
+        "tools": _tool_versions_on_path(),
     }
     if as_json:
         _emit_json(data)
         return
     out.print(f"platform   {data['platform']} ({data['machine']}, {data['cpu_count']} cpus)")
+    out.print(f"cpu        LLVM mcpu {data['cpu']['llvm_mcpu']}; flags {' '.join(data['cpu']['flags']) or 'unknown'}")
     out.print(f"cache      {data['cache_dir']}")
-    for package, version in data["versions"].items():
+    for package, version in {**data["versions"], **data["tools"]}.items():
         out.print(f"{package:<16} {version}")
+
+
+def _tool_versions_on_path() -> dict[str, str]:
+    """LLVM (as TVM links it), the compilers, the emulator and the GPU, for bug reports."""
+    import shutil
+    import subprocess
+
+    found: dict[str, str] = {}
+    try:
+        from tvm.target import codegen
+
+        found["llvm (tvm)"] = str(codegen.llvm_version_major())
+    except Exception as exc:  # a TVM without LLVM still runs ONNX artifacts
+        found["llvm (tvm)"] = f"unavailable ({type(exc).__name__})"
+    commands = {
+        "g++": ["g++", "--version"],
+        "aarch64 g++": ["aarch64-linux-gnu-g++", "--version"],
+        "qemu-aarch64": ["qemu-aarch64-static", "--version"],
+        "gpu": ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+    }
+    for name, argv in commands.items():
+        if shutil.which(argv[0]) is None:
+            found[name] = "not found"
+            continue
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            found[name] = (result.stdout.strip().splitlines() or ["?"])[0]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            found[name] = f"failed ({exc})"
+    return found
 
 
 @cache_app.command("list")

@@ -115,12 +115,17 @@ def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
     return line
 
 
-def _explain(error: ValidationError, where: str, root: yaml.Node | None, prefix: Sequence[str | int] = ()) -> str:
+def _explain(
+    error: ValidationError, where: str, root: yaml.Node | None, prefix: Sequence[str | int] = (),
+    set_by: dict[tuple[str | int, ...], str] | None = None,
+) -> str:
     first = error.errors()[0]
     loc = [*prefix, *first["loc"]]
     key = ".".join(str(p) for p in loc) or "<top level>"
-    line = _line_of(root, loc) if root is not None else None
-    at = f"{where}:{line}" if line is not None else where
+    # A value that came from --set is blamed on the --set, not on the recipe line it replaced.
+    given = next((text for path, text in (set_by or {}).items() if tuple(loc[: len(path)]) == path), None)
+    line = _line_of(root, loc) if root is not None and given is None else None
+    at = f"--set {given}" if given is not None else f"{where}:{line}" if line is not None else where
     if first["type"] == "extra_forbidden":
         return f"{at}: unknown key '{key}'; check the spelling (edgec compile --dry-run shows every valid key)"
     return f"{at}: bad value for '{key}': {first['msg']}"
@@ -133,9 +138,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_set(data: dict[str, Any], assignment: str) -> None:
+def apply_set(data: dict[str, Any], assignment: str) -> tuple[str | int, ...]:
     """Apply one `--set key=value`: a recipe field (`backend=onnx`, `parity.rtol=1e-4`)
-    or a pass option (`PASS.option=value`, the pass must be in the recipe)."""
+    or a pass option (`PASS.option=value`, the pass must be in the recipe). Returns the
+    path it set in the recipe's data."""
     if "=" not in assignment:
         raise BadInputError(f"--set {assignment!r}: expected key=value, e.g. --set backend=onnx")
     key, raw = assignment.split("=", 1)
@@ -145,7 +151,7 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
     if parts[0] == "passes" and len(parts) == 1:
         names = [n.strip() for n in str(raw).split(",") if n.strip()]
         data["passes"] = [{"name": n} for n in names]
-        return
+        return ("passes",)
     if parts[0] in Recipe.model_fields:
         target: dict[str, Any] = data
         for part in parts[:-1]:
@@ -153,8 +159,8 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
             if not isinstance(target, dict):
                 raise BadInputError(f"--set {key}: '{part}' is not a section")
         target[parts[-1]] = value
-        return
-    for spec in data.get("passes", []) or []:
+        return tuple(parts)
+    for index, spec in enumerate(data.get("passes", []) or []):
         if isinstance(spec, dict) and spec.get("name") == parts[0]:
             if len(parts) < 2:
                 raise BadInputError(f"--set {key}: pass options are set as PASS.option=value (or PASS.section.option=value)")
@@ -164,7 +170,7 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
                 if not isinstance(options, dict):
                     raise BadInputError(f"--set {key}: '{part}' is not a section of {parts[0]}'s options")
             options[parts[-1]] = value
-            return
+            return ("passes", index, "options", *parts[1:])
     fields = ", ".join(Recipe.model_fields)
     raise BadInputError(
         f"--set {key}: '{parts[0]}' is neither a recipe key ({fields}) nor a pass in this recipe; "
@@ -198,12 +204,11 @@ def load_recipe(
         if not isinstance(loaded, dict):
             raise BadInputError(f"{path}: a recipe is a mapping of keys (target, backend, passes, ...)")
         data = loaded
-    for assignment in sets:
-        apply_set(data, assignment)
+    set_by = {apply_set(data, assignment): assignment for assignment in sets}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise BadInputError(_explain(exc, where, root)) from None
+        raise BadInputError(_explain(exc, where, root, set_by=set_by)) from None
     if options_for is not None:
         for index, spec in enumerate(recipe.passes):
             options_model = options_for(spec.name)
@@ -214,7 +219,7 @@ def load_recipe(
             try:
                 spec.options = options_model.model_validate(spec.options).model_dump()
             except ValidationError as exc:
-                raise BadInputError(_explain(exc, where, root, ["passes", index, "options"])) from None
+                raise BadInputError(_explain(exc, where, root, ["passes", index, "options"], set_by)) from None
             for o_index, override in enumerate(spec.overrides):
                 merged = {**spec.options, **override.options}
                 try:

@@ -55,3 +55,16 @@ def test_version_is_the_package_version() -> None:
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"edgec {__version__}"
+
+
+def test_env_names_llvm_the_compilers_the_emulator_and_the_cpu() -> None:
+    import platform
+    import shutil
+
+    result = runner.invoke(app, ["env", "--json"])
+    assert result.exit_code == 0, result.output
+    env = json.loads(result.stdout)
+    assert int(env["tools"]["llvm (tvm)"]) >= 15
+    assert ("qemu-aarch64 version" in env["tools"]["qemu-aarch64"]) == (shutil.which("qemu-aarch64-static") is not None)
+    expected = {"x86_64": "sse2", "aarch64": "asimd"}.get(platform.machine())
+    assert expected is None or expected in env["cpu"]["flags"]

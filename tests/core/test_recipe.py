@@ -74,3 +74,15 @@ def test_an_n_m_pattern_stays_a_pattern_in_files_and_in_set(tmp_path: Path) -> N
     for recipe in (from_file, from_set):
         options = recipe.passes[0].options
         assert options["pattern"] == "2:4" and options["group_size"] == 16
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_on_the_recipe_line(tmp_path: Path) -> None:
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "luc-w4-s30.yaml"
+    with pytest.raises(BadInputError, match=r"^--set luc\.bits=abc: bad value for 'passes\.0\.options\.bits'"):
+        load_recipe(recipe, ["luc.bits=abc"], options_for)
+    with pytest.raises(BadInputError, match=r"^--set calibration\.samples=-3: bad value for 'calibration\.samples'"):
+        load_recipe(recipe, ["calibration.samples=-3"], options_for)
+    # A bad value the file holds is still named by its line, whatever else --set changed.
+    path = write(tmp_path, "passes:\n  - name: quantize-weights-int8\n    options:\n      group_size: many\n")
+    with pytest.raises(BadInputError, match=r"recipe.yaml:4: bad value for 'passes.0.options.group_size'"):
+        load_recipe(path, ["backend=onnx", "parity.rtol=0.01"], options_for)

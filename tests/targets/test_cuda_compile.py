@@ -32,7 +32,7 @@ def test_tvm_cuda_artifact_holds_a_cuda_module(tiny_llama_dir: Path, tmp_path: P
     assert manifest["target"]["tvm_target"]["kind"] == "cuda" and manifest["target"]["tvm_target"]["arch"] == arch
     verify = runner.invoke(app, ["verify", str(out), "--json"])
     checks = {c["name"]: c["ok"] for c in json.loads(verify.stdout)["checks"]}
-    assert verify.exit_code == 0 and checks == {"hashes": True, "parity": None}
+    assert verify.exit_code == 0 and checks == {"manifest": True, "hashes": True, "parity": None}
 
 
 def test_onnx_cuda_artifact_records_the_cuda_provider(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_float16_cuda_artifact_stores_half_weights(tiny_llama_dir: Path, tmp_pat
 def test_float16_is_refused_where_the_capability_table_lacks_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cpu-fp16"
     result = runner.invoke(app, ["compile", str(tiny_llama_dir), "--target", "cpu", "--set", "dtype=float16", "-o", str(out)])
-    assert result.exit_code != 0
+    assert result.exit_code == 3
     assert "float16" in result.output and "float32 only" in result.output and "Traceback" not in result.output
     assert not out.exists()
 
