@@ -111,6 +111,19 @@ def test_profile_refuses_zero_runs(arm64_artifacts: dict[str, Path]) -> None:
     assert result.exit_code == 2 and "--runs 0" in result.output
 
 
+def _child_running(parent: int, needle: bytes) -> int | None:
+    """The pid of a child of `parent` whose command line holds `needle`: only a process
+    this test started is ever killed (never one of another test or user)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and needle in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def test_a_device_dying_mid_profile_leaves_partial_results_marked_incomplete(arm64_artifacts: dict[str, Path], tmp_path: Path) -> None:
     """The emulator is killed while it profiles (as a board losing power would be): exit 6,
     and what the device measured before that is saved, marked incomplete."""
@@ -129,8 +142,7 @@ def test_a_device_dying_mid_profile_leaves_partial_results_marked_incomplete(arm
         deadline = time.monotonic() + 300
         agent_pid = None
         while agent_pid is None and time.monotonic() < deadline and profile.poll() is None:
-            found = subprocess.run(["pgrep", "-f", "agent.py profile"], capture_output=True, text=True).stdout.split()
-            agent_pid = int(found[0]) if found else None
+            agent_pid = _child_running(profile.pid, b"agent.py\x00profile")
             time.sleep(0.5)
         assert agent_pid is not None, "the agent never started profiling"
         time.sleep(20)  # past the load, into the timed runs
