@@ -72,14 +72,16 @@ class DeviceSession:
     timeout_s: float
     partial: dict[str, Any] = field(default_factory=dict)
 
-    def agent(self, command: str, *args: str) -> dict[str, Any]:
-        return run_agent(self.device, command, self.device_dir, list(args), self.timeout_s, self.partial)
+    def agent(self, command: str, *args: str, on_partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        return run_agent(self.device, command, self.device_dir, list(args), self.timeout_s, self.partial, on_partial)
 
 
 def run_agent(
-    device: AgentDevice, command: str, device_dir: str, extra: list[str], timeout_s: float, partial: dict[str, Any] | None = None
+    device: AgentDevice, command: str, device_dir: str, extra: list[str], timeout_s: float, partial: dict[str, Any] | None = None,
+    on_partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the agent; lines {"partial": {...}} it prints on the way are merged into `partial`."""
+    """Run the agent; lines {"partial": {...}} it prints on the way are merged into `partial`
+    (and shown to `on_partial` as they arrive)."""
     partial = {} if partial is None else partial
 
     def on_line(line: str) -> None:
@@ -89,6 +91,8 @@ def run_agent(
             return
         if isinstance(message, dict) and isinstance(message.get("partial"), dict):
             partial.update(message["partial"])
+            if on_partial is not None:
+                on_partial(message["partial"])
 
     result = run_streaming(device.agent_command([command, device_dir, *extra]), timeout_s, on_line)
     if result.returncode != 0:

@@ -72,7 +72,11 @@ def profile_artifact(
         "size_bytes": session.manifest["size_bytes"],
     }
     try:
-        measured = session.agent("profile", str(runs), str(warmup), str(prompt_len), str(new_tokens))
+        def loaded(figures: dict[str, Any]) -> None:
+            if "load_ms" in figures:
+                progress(f"{device.name}: loaded in {figures['load_ms']:.0f} ms; timing")
+
+        measured = session.agent("profile", str(runs), str(warmup), str(prompt_len), str(new_tokens), on_partial=loaded)
     except DeviceDied as died:
         partial = {**header, **died.partial, "complete": False, "error": died.message}
         saved = out or Path(f"edgec-profile-{root.name}-incomplete.json")

@@ -9,7 +9,9 @@
                                         every free server of key K behind a TVM RPC tracker
     (a stock server cannot say what machine it is: arch= declares it, default aarch64;
     timeout= bounds each call on the device, default 600 s; connect_timeout= bounds the
-    connection and the RPC handshake, default 30 s; past either: exit 6)
+    connection and the RPC handshake, default 180 s, as a stock server starts a worker
+    process per session, which under emulation takes a minute when the host is busy;
+    past either: exit 6)
 
 Devices with Python (qemu-arm64, ssh) run the device-side agent (targets/agent.py):
 hashes, versions, parity, latency, memory and per-op time. A stock TVM RPC server
@@ -67,7 +69,7 @@ class RpcEndpoint:
     arch: str
     tracker: bool
     timeout_s: float = 600.0
-    connect_timeout_s: float = 30.0
+    connect_timeout_s: float = 180.0
     options: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -109,7 +111,7 @@ def parse_device(uri: str) -> AgentDevice | RpcEndpoint:
         key = query.get("key", "")
         if parts.scheme == "tracker" and not key:
             raise BadInputError(f"--device {uri}: a tracker hands out servers by key; add ?key=K")
-        timeout_s, connect_timeout_s = (_seconds(uri, query, name, default) for name, default in (("timeout", 600), ("connect_timeout", 30)))
+        timeout_s, connect_timeout_s = (_seconds(uri, query, name, default) for name, default in (("timeout", 600), ("connect_timeout", 180)))
         arch = query.get("arch", DEFAULT_RPC_ARCH)
         return RpcEndpoint(text, parts.hostname, port, key, arch, parts.scheme == "tracker", timeout_s, connect_timeout_s)
     if parts.scheme == "ssh":

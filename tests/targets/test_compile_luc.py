@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from edgec.artifact import read_manifest
 from edgec.cli import app
+from tests.conftest import dense_perplexity
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -69,7 +70,9 @@ def test_summary_has_policy_size_perplexity_and_parity(built: dict, backend: str
     assert record["achieved"]["sparsity"] == pytest.approx(0.3, abs=0.01)
     assert all(set(row["sensitivity"]["bits"]) == {"2", "3", "4", "8"} for row in record["layers"])
     evaluation = summary["evaluation"]
-    assert evaluation["tokens"] > 400 and 1 < evaluation["perplexity"] < 200
+    dense = dense_perplexity(512, evaluation["window"])
+    # 4 bits and 30% sparsity cost a little: more than nothing, far less than a broken model.
+    assert evaluation["tokens"] > 400 and dense < evaluation["perplexity"] < 2 * dense, (evaluation, dense)
     assert read_manifest(out)["evaluation"] == evaluation
 
 

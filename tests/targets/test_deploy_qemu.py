@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from edgec.cli import app
 from edgec.targets.device_qemu import QemuDevice
+from tests.conftest import dense_perplexity
 
 pytestmark = pytest.mark.arm64
 runner = CliRunner()
@@ -145,7 +146,15 @@ def test_a_device_dying_mid_profile_leaves_partial_results_marked_incomplete(arm
             agent_pid = _child_running(profile.pid, b"agent.py\x00profile")
             time.sleep(0.5)
         assert agent_pid is not None, "the agent never started profiling"
-        time.sleep(20)  # past the load, into the timed runs
+        assert profile.stdout is not None
+        seen = ""
+        while "loaded in" not in seen and time.monotonic() < deadline:  # past the load, into the timed runs
+            line = profile.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert "loaded in" in seen, seen
+        time.sleep(2)
         subprocess.run(["kill", "-KILL", str(agent_pid)], check=False)
         output, _ = profile.communicate(timeout=120)
     finally:
@@ -173,7 +182,9 @@ def test_luc_artifact_lowers_for_arm64_and_passes_parity_on_the_device(tmp_path:
     # Verified and measured on the device before the artifact was written.
     assert summary["parity"]["ok"] is True and "qemu-arm64 (emulated)" in summary["parity"]["reason"]
     evaluation = summary["evaluation"]
-    assert evaluation["device"] == "qemu-arm64" and evaluation["tokens"] == 256 and 1 < evaluation["perplexity"] < 200
+    assert evaluation["device"] == "qemu-arm64" and evaluation["tokens"] == 256
+    dense = dense_perplexity(256, evaluation["window"])
+    assert dense < evaluation["perplexity"] < 2 * dense, (evaluation, dense)
     assert summary["passes"][0]["record"]["layers"] and summary["size_bytes"] > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["evaluation"] == evaluation and manifest["parity"]["ok"] is True
