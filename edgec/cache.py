@@ -79,9 +79,22 @@ def list_entries() -> list[CacheEntry]:
     return entries
 
 
+def in_use() -> set[str]:
+    """Kinds whose entries a running process needs: `devices` (the emulated user space, and
+    the pid files that `edgec device status` and `down` find its servers by) while a
+    server edgec started is alive."""
+    if not (cache_root() / "devices" / "run").is_dir():
+        return set()  # no server was ever started (and known_servers() would create the directory)
+    from edgec.device_server import known_servers
+
+    return {"devices"} if known_servers() else set()
+
+
 def clean(kind: str | None = None) -> list[CacheEntry]:
-    """Remove every entry (or those of one kind); returns what was removed."""
-    removed = [e for e in list_entries() if kind is None or e.kind == kind]
+    """Remove every entry (or those of one kind) that no running device needs; returns
+    what was removed."""
+    busy = in_use()
+    removed = [e for e in list_entries() if (kind is None or e.kind == kind) and e.kind not in busy]
     for entry in removed:
         with locked(entry.path.parent / f".{entry.key}.lock"):
             # Rename first: an interrupted delete must not leave a half entry that looks complete.

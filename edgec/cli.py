@@ -802,10 +802,13 @@ def cache_list(as_json: bool = typer.Option(False, "--json", help="print as JSON
 @cache_app.command("clean")
 def cache_clean(kind: Optional[str] = typer.Option(None, "--kind", help="only this kind (e.g. models)")) -> None:
     """Remove cached entries (they are rebuilt on next use)."""
-    from edgec.cache import clean
+    from edgec.cache import clean, in_use
 
+    busy = in_use()
     removed = clean(kind)
     err.print(f"removed {len(removed)} entries ({sum(e.size_bytes for e in removed) / 1e6:.1f} MB)")
+    if busy and (kind is None or kind in busy):
+        err.print(f"kept {', '.join(sorted(busy))}: a device edgec started is running (edgec device status; device down first)")
 
 
 def main() -> None:

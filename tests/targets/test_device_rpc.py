@@ -85,6 +85,19 @@ def test_device_status_lists_listening_servers(devices: dict[str, int]) -> None:
     assert servers[devices["direct"]]["uri"] == f"rpc://127.0.0.1:{devices['direct']}?key={DIRECT_KEY}"
 
 
+def test_cache_clean_never_removes_a_running_device(devices: dict[str, int]) -> None:
+    """`cache clean` once removed the emulated user space and the pid files under a running
+    server, which then kept listening, invisible to `device status` and `down`."""
+    from edgec.cache import cache_root
+
+    rootfs = [p for p in (cache_root() / "devices").iterdir() if p.name.startswith("qemu-arm64-")]
+    result = runner.invoke(app, ["cache", "clean", "--kind", "devices"])
+    assert result.exit_code == 0 and "kept devices: a device edgec started is running" in result.output
+    assert rootfs and all(p.is_dir() for p in rootfs)
+    status = json.loads(runner.invoke(app, ["device", "status", "--json"]).stdout)
+    assert {devices[name] for name in ("direct", "pool-a", "pool-b")} <= {s["port"] for s in status}
+
+
 def test_rpc_deploy_passes_parity_on_a_stock_server(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
     result = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", _uri(devices), "--json"])
     assert result.exit_code == 0, result.output
