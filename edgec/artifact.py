@@ -165,9 +165,8 @@ def output_lock(out: Path) -> Iterator[None]:
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` when the block finishes without error.
-    The output is checked again at the end: whatever appeared there meanwhile is replaced
-    only if it is edgec's own artifact and --force was given."""
-    check_output_dir(out, force)
+    The caller checked `out` (under `output_lock`); it is checked again at the end: whatever
+    appeared there meanwhile is replaced only if it is edgec's own artifact and --force was given."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

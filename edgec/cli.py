@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgec.errors import EXIT_CODES, EdgecError, UnsupportedError, interrupt_exit, note_interrupts, was_interrupted
+from edgec.targets.devices import DEFAULT_TIMEOUT_S
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -315,7 +316,7 @@ def deploy_command(
         help="qemu-arm64 | ssh://user@host[:port]/dir[?python=P] | rpc://host:port[?key=K] | tracker://host:port?key=K",
     ),
     timeout: float = typer.Option(
-        1800.0, "--timeout", min=1.0,
+        DEFAULT_TIMEOUT_S, "--timeout", min=1.0,
         help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
     ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
@@ -363,7 +364,7 @@ def profile_command(
         None, "--out", "-o", help="write the result file here (JSON; also partial results, marked incomplete, if the device dies)"
     ),
     timeout: float = typer.Option(
-        1800.0, "--timeout", min=1.0,
+        DEFAULT_TIMEOUT_S, "--timeout", min=1.0,
         help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
     ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),

@@ -17,9 +17,7 @@ from typing import Any
 
 from edgec.artifact import MANIFEST, check_hashes, read_manifest
 from edgec.errors import BadInputError, CheckFailedError, DeviceUnreachableError, UnsupportedError
-from edgec.targets.devices import AgentDevice, RpcEndpoint, parse_device, run_streaming
-
-DEFAULT_TIMEOUT_S = 1800.0
+from edgec.targets.devices import DEFAULT_TIMEOUT_S, AgentDevice, RpcEndpoint, parse_device, run_streaming
 
 
 class DeviceDied(DeviceUnreachableError):

@@ -37,6 +37,8 @@ AGENT_FILES: tuple[Path, ...] = (Path(__file__).with_name("agent.py"), Path(__fi
 
 FORMS = "qemu-arm64, ssh://user@host[:port]/path, rpc://host:port[?key=K], tracker://host:port?key=K"
 DEFAULT_RPC_ARCH = "aarch64"
+# Seconds one step of the agent (upload check, parity, profile) may take on qemu-arm64 or ssh://.
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 class AgentDevice(Protocol):
