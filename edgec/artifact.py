@@ -13,14 +13,12 @@ or Ctrl-C removes the temporary directory, so nothing half-written remains.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgec.errors import BadInputError, CheckFailedError, UnsupportedError
+from edgec.locks import exclusive
 
 if TYPE_CHECKING:
     from edgec.targets.runtime import Runtime
@@ -136,30 +135,9 @@ def output_lock(out: Path) -> Iterator[None]:
     """An exclusive hold on the output path (a lock file beside it) for a whole compile;
     a second edgec writing the same path is refused at once, naming the holder."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise BadInputError(f"-o {out} is being written by another edgec ({holder}); "
-                                "wait for it to finish or choose another path") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # else the holder removed the file between our open and our lock: take the new one
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode())
+    with exclusive(out.parent / f".{out.name}.lock",
+                   lambda holder: f"-o {out} is being written by another edgec ({holder}); wait for it to finish or choose another path"):
         yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 @contextmanager

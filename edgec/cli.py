@@ -655,7 +655,7 @@ def device_up(
 
 @device_app.command("status")
 def device_status(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
-    """Servers edgec started that are still running."""
+    """Servers edgec started that still have a process, and whether one listens on the port."""
     from edgec.device_server import known_servers
 
     servers = known_servers()
@@ -666,7 +666,8 @@ def device_status(as_json: bool = typer.Option(False, "--json", help="print as J
         out.print("no device is up (edgec device up qemu-arm64)")
     for state in servers:
         listening = "listening" if state["listening"] else "NOT listening"
-        out.print(f"{state['device']:<12} pid {state['pid']:<8} {state['uri']}  {listening}")
+        out.print(f"{state['device']:<12} pid {state['pid']:<8} {state['uri']}  {listening} "
+                  f"({len(state['pids'])} process{'es' if len(state['pids']) > 1 else ''})")
 
 
 @device_app.command("down")
@@ -680,6 +681,39 @@ def device_down(
 
     for state in down(device, port):
         out.print(f"{device} down: pid {state['pid']}, port {state['port']}")
+
+
+@device_app.command("clean")
+@_user_errors
+def device_clean(
+    device: str = typer.Argument("qemu-arm64", help="qemu-arm64 or ssh://user@host/dir (as given to --device)"),
+    keep_mb: int = typer.Option(0, "--keep-mb", min=0, help="keep the newest uploads that fit in this many MB (0: remove all)"),
+    as_json: bool = typer.Option(False, "--json", help="print what was removed as JSON"),
+) -> None:
+    """Remove artifacts uploaded to a device by earlier deploys (and interrupted uploads).
+
+    Every deploy already trims the device's uploads to EDGEC_DEVICE_UPLOADS_MB (default 2048), oldest first; this frees the rest now.
+
+    \b
+    Examples:
+      edgec device clean
+      edgec device clean ssh://pi@board.local/home/pi/edgec --keep-mb 500
+    """
+    from edgec.deploy import open_device, prune_uploads
+    from edgec.errors import BadInputError
+    from edgec.targets.devices import DEFAULT_TIMEOUT_S, RpcEndpoint
+
+    target = open_device(device)
+    if isinstance(target, RpcEndpoint):
+        raise BadInputError(f"{device}: a stock RPC server keeps each upload in a temporary directory of its session; there is nothing to clean")
+    if target.local_uploads is None:
+        target.install_agent()
+    result = prune_uploads(target, keep_mb, DEFAULT_TIMEOUT_S)
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(f"{device}: removed {len(result['removed'])} upload(s), {result['freed_bytes'] / 1e6:.1f} MB; "
+              f"{len(result['kept'])} kept, {result['kept_bytes'] / 1e6:.1f} MB")
 
 
 @targets_app.command("list")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ def run_agent(
 
 def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S) -> DeviceSession:
     """Refuse a wrong architecture before uploading; upload; check hashes, runtime versions and ISA features on the device."""
+    cap_mb = uploads_cap_mb()
     manifest = checked_locally(root)
     if manifest["target"]["arch"] != "cuda":  # a GPU is found by the agent's check, on the device
         progress(f"{device.name}: ask the device what it is")
@@ -124,7 +126,39 @@ def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], 
         problems.append(f"the artifact needs features the device lacks: {', '.join(check['missing_features'])}")
     if problems:
         raise UnsupportedError(f"{device.name}: " + "; ".join(problems))
-    return DeviceSession(manifest, device, device_dir, check, timeout_s)
+    session = DeviceSession(manifest, device, device_dir, check, timeout_s)
+    pruned = prune_uploads(device, cap_mb, timeout_s, keep=device_dir.rsplit("/", 1)[-1])
+    if pruned["removed"]:
+        progress(f"{device.name}: removed {len(pruned['removed'])} older upload(s), {pruned['freed_bytes'] / 1e6:.0f} MB, "
+                 f"to keep uploads under {cap_mb} MB ({UPLOADS_CAP_ENV})")
+    return session
+
+
+UPLOADS_CAP_ENV = "EDGEC_DEVICE_UPLOADS_MB"
+UPLOADS_CAP_MB = 2048
+
+
+def uploads_cap_mb() -> int:
+    """How much a device keeps of earlier uploads (the newest first) after each deploy."""
+    text = os.environ.get(UPLOADS_CAP_ENV, str(UPLOADS_CAP_MB))
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise BadInputError(f"{UPLOADS_CAP_ENV}={text!r}: give a whole number of megabytes (0 keeps only the newest upload)")
+    return value
+
+
+def prune_uploads(device: AgentDevice, cap_mb: int, timeout_s: float, keep: str | None = None) -> dict[str, Any]:
+    """Remove interrupted uploads and the oldest artifacts on the device (never `keep`) until
+    the rest fit in `cap_mb`, with the agent's own code: here when the device's files are on
+    this machine (the emulator's), else by the agent on the device."""
+    if device.local_uploads is not None:
+        from edgec.targets.agent import prune
+
+        return prune(device.local_uploads, cap_mb * 1_000_000, keep)
+    return run_agent(device, "prune", device.uploads, [str(cap_mb * 1_000_000), *([keep] if keep else [])], timeout_s)
 
 
 def open_device(spec: str) -> AgentDevice | RpcEndpoint:

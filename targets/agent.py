@@ -11,6 +11,8 @@ shares with the host) with the artifact and calls it:
                                               # latency percentiles, load time, peak RSS, per-op time, tokens/s
     python3 agent.py nll    ARTIFACT_DIR WINDOWS_JSON
                                               # summed NLL of each token window (perplexity on the device)
+    python3 agent.py prune  UPLOADS_DIR CAP_BYTES [KEEP_NAME]
+                                              # remove the oldest uploads until they fit in CAP_BYTES
 
 Each command prints one JSON object on stdout.
 """
@@ -252,12 +254,50 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
     return result
 
 
+# An upload whose deploy was killed before its rename is this old at least before it is removed,
+# so that a deploy still uploading beside this one keeps its temporary directory.
+STALE_UPLOAD_S = 3600.0
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def prune(uploads: Path, cap_bytes: int, keep: str | None) -> dict[str, Any]:
+    """Remove interrupted uploads, then the least recently uploaded artifacts (never `keep`)
+    until the rest fit in `cap_bytes`."""
+    import shutil
+
+    removed: list[dict[str, Any]] = []
+    entries = [p for p in uploads.iterdir() if p.is_dir()] if uploads.is_dir() else []
+    now = time.time()
+    for path in entries:
+        if path.name.startswith(".") and ".tmp-" in path.name and now - path.stat().st_mtime > STALE_UPLOAD_S:
+            removed.append({"name": path.name, "bytes": _size(path)})
+            shutil.rmtree(path, ignore_errors=True)
+    uploaded = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+    sizes = {p.name: _size(p) for p in uploaded}
+    total = sum(sizes.values())
+    for path in uploaded:
+        if total <= cap_bytes:
+            break
+        if path.name == keep:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append({"name": path.name, "bytes": sizes[path.name]})
+        total -= sizes[path.name]
+    return {"removed": removed, "freed_bytes": sum(r["bytes"] for r in removed), "kept_bytes": total,
+            "kept": [p.name for p in uploaded if p.exists()]}
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile", "nll"):
-        print(json.dumps({"error": "usage: agent.py check|parity|profile|nll ARTIFACT_DIR [...]"}))
+    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile", "nll", "prune"):
+        print(json.dumps({"error": "usage: agent.py check|parity|profile|nll|prune ARTIFACT_DIR [...]"}))
         return 2
     root = Path(argv[2])
-    if argv[1] == "check":
+    if argv[1] == "prune":
+        result = prune(root, int(argv[3]), argv[4] if len(argv) > 4 else None)
+    elif argv[1] == "check":
         result = check(root)
     elif argv[1] == "parity":
         result = parity(root)

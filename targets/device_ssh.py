@@ -27,6 +27,7 @@ class SshDevice:
     """A machine with Python behind sshd; the agent runs there as the URI's user."""
 
     emulated = False
+    local_uploads = None  # the uploads live on the remote machine: the agent prunes them there
 
     def __init__(
         self,
@@ -89,11 +90,13 @@ class SshDevice:
             raise self._unreachable("cannot ask the device what it is" if result.returncode == SSH_FAILED else "`uname -m` failed", result.stderr)
         return machine
 
+    @property
+    def uploads(self) -> str:
+        return f"{self.path}/artifacts"
+
     def upload(self, root: Path, name: str) -> str:
         """Stream `root` as a tar into a temporary sibling, then swap it in; returns the device path."""
-        from edgec.targets.devices import AGENT_FILES
-
-        parent = f"{self.path}/artifacts"
+        parent = self.uploads
         final = f"{parent}/{name}"
         tmp = f"{parent}/.{name}.tmp-{secrets.token_hex(4)}"
         q_parent, q_final, q_tmp = shlex.quote(parent), shlex.quote(final), shlex.quote(tmp)
@@ -119,20 +122,26 @@ class SshDevice:
             raise self._unreachable(f"cannot read {root} to upload it", tar_err)
         if sent.returncode != 0:
             raise self._unreachable(f"unpacking into {final} failed", sent.stderr)
+        self.install_agent()
+        return final
 
-        # The agent files are swapped in the same way, so a concurrent deploy never runs half a file.
+    def install_agent(self) -> None:
+        """The agent files, each swapped in whole, so a concurrent deploy never runs half a file."""
+        from edgec.targets.devices import AGENT_FILES
+
+        ssh = self._ssh()
         for source_path in AGENT_FILES:
             remote_path = f"{self.path}/{source_path.name}"
             remote_tmp = f"{remote_path}.tmp-{secrets.token_hex(4)}"
             with open(source_path, "rb") as source:
                 copied = subprocess.run(
-                    [*ssh, f"cat > {shlex.quote(remote_tmp)} && mv {shlex.quote(remote_tmp)} {shlex.quote(remote_path)}"],
+                    [*ssh, f"mkdir -p {shlex.quote(self.path)} && cat > {shlex.quote(remote_tmp)}"
+                           f" && mv {shlex.quote(remote_tmp)} {shlex.quote(remote_path)}"],
                     stdin=source,
                     capture_output=True,
                 )
             if copied.returncode != 0:
                 raise self._unreachable(f"copying the agent to {remote_path} failed", copied.stderr)
-        return final
 
     def agent_command(self, args: list[str]) -> list[str]:
         # ssh hands the remote shell one string, so every word is quoted for it.

@@ -51,8 +51,22 @@ class AgentDevice(Protocol):
         """`uname -m` of the device, asked before anything is uploaded."""
         ...
 
+    @property
+    def uploads(self) -> str:
+        """The device directory that holds uploaded artifacts."""
+        ...
+
+    @property
+    def local_uploads(self) -> Path | None:
+        """That directory as a path on this machine, where it is one (the emulator's)."""
+        ...
+
     def upload(self, root: Path, name: str) -> str:
         """Copy the artifact and the agent to the device (complete or not at all); the device path."""
+        ...
+
+    def install_agent(self) -> None:
+        """Copy the agent files alone (what `device clean` runs)."""
         ...
 
     def agent_command(self, args: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ port and an arm64 artifact are refused with the documented exit codes."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -119,6 +120,39 @@ def test_arm64_artifact_is_refused_before_upload(sshd: Sshd, artifacts: dict[str
     assert result.exit_code == 3 and "built for arm64 (aarch64)" in result.output, result.output
     uploads = sshd.device_dir / "artifacts"
     assert not uploads.exists() or not [p for p in uploads.iterdir() if p.name.startswith(artifact.name)]
+
+
+def test_uploads_are_trimmed_to_the_cap_and_device_clean_removes_the_rest(
+    sshd: Sshd, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device used to keep every upload, interrupted ones included, until its disk filled."""
+    uploads = sshd.device_dir / "artifacts"
+    stale, live = uploads / ".killed.tmp-0000", uploads / ".uploading.tmp-1111"
+    for path in (stale, live):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "weights.bin").write_bytes(b"\0" * 4096)
+    two_hours_ago = os.stat(stale).st_mtime - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    monkeypatch.setenv("EDGEC_DEVICE_UPLOADS_MB", "0")
+    try:
+        paths = []
+        for name in ("cpu-onnx", "cpu-tvm"):
+            result = runner.invoke(app, ["deploy", str(artifacts[name]), "--device", sshd.uri(), "--json"])
+            assert result.exit_code == 0, result.output
+            paths.append(Path(json.loads(result.stdout)["device_path"]))
+        assert not paths[0].exists() and paths[1].is_dir()
+        assert not stale.exists() and live.is_dir()  # a deploy may still be writing that one
+        clean = runner.invoke(app, ["device", "clean", sshd.uri(), "--json"])
+        assert clean.exit_code == 0, clean.output
+        report = json.loads(clean.stdout)
+        assert [r["name"] for r in report["removed"]] == [paths[1].name] and report["kept"] == []
+        assert not paths[1].exists() and (sshd.device_dir / "agent.py").is_file()
+        monkeypatch.setenv("EDGEC_DEVICE_UPLOADS_MB", "lots")
+        refused = runner.invoke(app, ["deploy", str(artifacts["cpu-onnx"]), "--device", sshd.uri()])
+        assert refused.exit_code == 2 and "EDGEC_DEVICE_UPLOADS_MB='lots'" in refused.output, refused.output
+        assert [p.name for p in uploads.iterdir()] == [live.name]
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
 
 
 def test_ssh_options(monkeypatch: pytest.MonkeyPatch) -> None:
