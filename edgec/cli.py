@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgec.capture import Collected, third_party_output
 from edgec.errors import EXIT_CODES, EdgecError, UnsupportedError, interrupt_exit, note_interrupts, was_interrupted
 from edgec.targets.devices import DEFAULT_TIMEOUT_S
 
@@ -50,11 +51,31 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+# -1 quiet (results and errors only), 0 normal, 1 verbose (also third-party output).
+_verbosity = 0
+
+
 @app.callback()
 def _options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print edgec's version and exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print results and errors only (no progress)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also print what TVM, compilers and libraries wrote (hidden by default)"),
 ) -> None:
-    """Compile trained models for edge targets with Apache TVM and ONNX Runtime."""
+    """Compile trained models for edge targets with Apache TVM and ONNX Runtime.
+
+    Put -q / -v before the command: edgec -v compile zoo:tiny-lm
+    """
+    global _verbosity
+    if quiet and verbose:
+        from edgec.errors import BadInputError
+
+        err.print(f"[bold red]error:[/] {BadInputError('-q and -v contradict each other; give one').message}")
+        raise typer.Exit(2)
+    _verbosity = -1 if quiet else 1 if verbose else 0
+    if _verbosity < 1:
+        # Library progress bars (the GGUF reader's, the Hub's) would interleave with edgec's own.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 zoo_app = typer.Typer(help="Built-in models (zoo:NAME).", no_args_is_help=True)
@@ -80,19 +101,44 @@ def _user_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         note_interrupts()
+        collected = Collected()
         try:
-            return func(*args, **kwargs)
+            with third_party_output() as collected:
+                result = func(*args, **kwargs)
+            _report_third_party(collected)
+            return result
         except EdgecError as exc:
+            _report_third_party(collected)
             err.print(f"[bold red]error:[/] {exc.message}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            _report_third_party(collected)
             raise typer.Exit(_interrupted()) from None
-        except Exception:
-            if not was_interrupted():  # a bug: keep its traceback
+        except Exception as exc:
+            if isinstance(exc, typer.Exit):  # a command's own exit code (a failed check)
+                _report_third_party(collected)
                 raise
+            if not was_interrupted():  # a bug: keep its traceback, and everything a library said before it
+                _report_third_party(collected, everything=True)
+                raise
+            _report_third_party(collected)
             raise typer.Exit(_interrupted()) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report_third_party(collected: Collected, everything: bool = False) -> None:
+    """Third-party output held back during the command: a count, or (-v, or after a bug) each
+    distinct line once with its count."""
+    if not collected.total or (_verbosity < 0 and not everything):
+        return
+    if _verbosity > 0 or everything:
+        err.print(f"[dim]third-party output ({collected.total} lines, {len(collected.counts)} distinct):[/]")
+        for line in collected.lines():
+            err.print(f"  {line}", style="dim", markup=False)
+        return
+    err.print(f"[dim]{collected.total} lines of third-party output hidden ({len(collected.counts)} distinct); "
+              "edgec -v ... shows them[/]")
 
 
 def _interrupted() -> int:
@@ -101,14 +147,21 @@ def _interrupted() -> int:
     return code
 
 
+def _note(message: str) -> None:
+    """A message about the work, not its result: left out with -q."""
+    if _verbosity >= 0:
+        err.print(message)
+
+
 class Progress:
-    """Timestamped progress lines on stderr."""
+    """Timestamped progress lines on stderr (none with -q)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - self.start:7.1f}s[/] {message}")
+        if _verbosity >= 0:
+            err.print(f"[dim]{time.perf_counter() - self.start:7.1f}s[/] {message}")
 
 
 def _emit_json(data: Any) -> None:
@@ -193,7 +246,7 @@ def compile_command(
     _limit_threads()
     progress = Progress()
     summary = compile_model(
-        model, resolved, out_dir, force, progress, on_target=lambda t: err.print(f"[cyan]{t.how}[/]"),
+        model, resolved, out_dir, force, progress, on_target=lambda t: _note(f"[cyan]{t.how}[/]"),
         trust_pickle=trust_pickle, device=device,
     )
     if as_json:
@@ -205,6 +258,7 @@ def compile_command(
     out.print(f"target    {summary['target']} / {summary['backend']}")
     out.print(f"size      {summary['size_bytes'] / 1e6:.2f} MB")
     out.print(f"passes    {', '.join(p['name'] for p in summary['passes']) or '(none)'}")
+    out.print(f"time      {time.perf_counter() - progress.start:.1f} s")
     if parity["ok"] is None:
         out.print(f"parity    {status}")
     else:
@@ -381,7 +435,7 @@ def profile_command(
         if not result.get("per_op_ms"):
             raise UnsupportedError(f"--plot: {result['device']} gives no per-op times ({result.get('unavailable', {}).get('per_op_ms', 'none measured')})")
         plot_per_op(result, plot)
-        err.print(f"per-op chart written to {plot}")
+        _note(f"per-op chart written to {plot}")
     if compare_with is not None:
         result["compare"] = compare(result, compare_with)
     if as_json:
@@ -436,7 +490,7 @@ def run_command(
     for line in lines:
         out.print(line, markup=False)
     if note:
-        err.print(f"[dim]{note}[/]")
+        _note(f"[dim]{note}[/]")
 
 
 @app.command("inspect")
