@@ -284,9 +284,9 @@ def tokenizer_dir(root: Path, manifest: dict[str, Any]) -> Path:
 
 
 def load_tokenizer(root: Path, manifest: dict[str, Any]) -> Any:
-    from transformers import AutoTokenizer
+    from edgec.model import load_tokenizer_files
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir(root, manifest)))
+    return load_tokenizer_files(tokenizer_dir(root, manifest))
 
 
 def artifact_runs_here(manifest: dict[str, Any]) -> tuple[bool, str]:

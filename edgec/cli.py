@@ -22,7 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 from edgec.capture import Collected, third_party_output
-from edgec.errors import EXIT_CODES, EdgecError, UnsupportedError, interrupt_exit, note_interrupts, was_interrupted
+from edgec.errors import (
+    EXIT_CODES,
+    EdgecError,
+    UnsupportedError,
+    interrupt_exit,
+    missing_dependency,
+    note_interrupts,
+    was_interrupted,
+)
 from edgec.targets.devices import DEFAULT_TIMEOUT_S
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
@@ -114,6 +122,14 @@ def _user_errors(func: F) -> F:
         except KeyboardInterrupt:
             _report_third_party(collected)
             raise typer.Exit(_interrupted()) from None
+        except ModuleNotFoundError as exc:
+            missing = missing_dependency(exc.name or "")
+            if missing is None:  # not one of edgec's dependencies: a bug
+                _report_third_party(collected, everything=True)
+                raise
+            _report_third_party(collected)
+            err.print(f"[bold red]error:[/] {missing.message}")
+            raise typer.Exit(missing.exit_code) from None
         except Exception as exc:
             if isinstance(exc, typer.Exit):  # a command's own exit code (a failed check)
                 _report_third_party(collected)

@@ -28,7 +28,7 @@ from edgec.artifact import (
     write_manifest,
 )
 from edgec.data import calibration_segments
-from edgec.errors import BadInputError, CheckFailedError, UnsupportedError
+from edgec.errors import BadInputError, CheckFailedError, UnsupportedError, require_modules
 from edgec.families import Family, family_named
 from edgec.model import ModelHandle, load_model
 from edgec.parity import ParityResult, check, flatten_io, reference_io
@@ -84,6 +84,10 @@ class Plan:
         }
 
 
+# What each backend imports to build and to check parity.
+BACKEND_MODULES = {"tvm": ("tvm",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
+
+
 def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device: str | None = None) -> Plan:
     """Every check that needs no model: the model path, the target and its fields, the
     device URI, the dtype, each pass against the target, the tuning device and the output."""
@@ -98,6 +102,7 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
             f"{model_spec} does not exist; give a Hugging Face model directory, a .pt2 or .onnx file, or zoo:NAME (edgec zoo list)"
         )
     target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
+    require_modules(*BACKEND_MODULES.get(recipe.backend, ()))
     if device is not None:
         from edgec.deploy import open_device
 

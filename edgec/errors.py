@@ -89,5 +89,48 @@ class MissingDependencyError(EdgecError):
     exit_code = EXIT_MISSING_DEPENDENCY
 
 
+# Modules edgec imports where they are needed: their package, and what needs them.
+DEPENDENCIES = {
+    "onnxruntime": ("onnxruntime", "the ONNX backend and ONNX parity"),
+    "onnx": ("onnx", "the ONNX backend"),
+    "onnxscript": ("onnxscript", "the ONNX exporter"),
+    "tvm": ("apache-tvm", "the TVM backend"),
+    "transformers": ("transformers", "Hugging Face models"),
+    "safetensors": ("safetensors", "reading weights"),
+    "matplotlib": ("matplotlib", "--plot"),
+}
+
+
+def missing_dependency(module: str) -> MissingDependencyError | None:
+    """The error for one of edgec's dependencies that is not installed, naming its pinned
+    version; None for any other module (whose absence is a bug)."""
+    from pathlib import Path
+
+    top = module.split(".")[0]
+    if top not in DEPENDENCIES:
+        return None
+    package, needed_by = DEPENDENCIES[top]
+    pinned = package
+    lock = Path(__file__).resolve().parent.parent / "requirements.lock"
+    if lock.is_file():
+        pinned = next((line.strip() for line in lock.read_text().splitlines() if line.lower().startswith(f"{package}==")), package)
+    return MissingDependencyError(f"{package} is not installed (needed by {needed_by}): `make demo` installs the pinned set, "
+                                  f"or pip install '{pinned}'")
+
+
+def require_modules(*modules: str) -> None:
+    """Refuse (exit 5) before any work when a dependency the job will import is missing."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ValueError, ImportError):  # ValueError: blocked in sys.modules
+            found = False
+        missing = missing_dependency(module)
+        if not found and missing is not None:
+            raise missing
+
+
 class DeviceUnreachableError(EdgecError):
     exit_code = EXIT_DEVICE_UNREACHABLE

@@ -95,6 +95,22 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def load_tokenizer_files(path: Path) -> Any:
+    """transformers' tokenizer from a directory, or a one-line error naming the directory: a
+    deleted or mismatched tokenizer file otherwise surfaces as a traceback from deep inside
+    the tokenizer conversion."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        listed = ", ".join(sorted(p.name for p in path.iterdir() if "token" in p.name or p.name in ("vocab.txt", "merges.txt")))
+        raise BadInputError(
+            f"{path}: its tokenizer cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+            f"found {listed or 'no tokenizer files'}: restore the files save_pretrained wrote (tokenizer.json with tokenizer_config.json)"
+        ) from None
+
+
 def load_model(spec: str, trust_pickle: bool = False) -> ModelHandle:
     """Resolve MODEL (path or zoo:NAME) into a ModelHandle through the family that
     recognises it, or fail with a clear message."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.errors import UnsupportedError
 from edgec.targets.export import ExportedEntry
 from edgec.targets.registry import ResolvedTarget
 
@@ -76,12 +77,21 @@ def build(
             if nm_record:
                 record.setdefault("nm_kernels", {})[entry.name] = nm_record
         progress(f"tvm: import {entry.name}")
-        if entry.onnx_model is not None:
-            from tvm.relax.frontend.onnx import from_onnx
+        try:
+            if entry.onnx_model is not None:
+                from tvm.relax.frontend.onnx import from_onnx
 
-            mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
-        else:
-            mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=convert_map(nm_kernels))
+                mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
+            else:
+                mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=convert_map(nm_kernels))
+        except tvm.error.OpNotImplemented as exc:  # the ONNX importer's word for an operator it lacks
+            ops = str(exc).split(":", 1)[-1].strip()
+            raise UnsupportedError(f"entry {entry.name}: TVM's ONNX importer has no lowering for {ops}; try --backend onnx") from None
+        except AssertionError as exc:  # the torch importer's
+            if "Unsupported function type" not in str(exc):
+                raise
+            ops = str(exc).split("[", 1)[-1].rstrip("]") if "[" in str(exc) else str(exc)
+            raise UnsupportedError(f"entry {entry.name}: TVM's PyTorch importer has no lowering for {ops}; try --backend onnx") from None
         mod, params = relax.frontend.detach_params(mod)
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)

@@ -199,3 +199,41 @@ def test_ctrl_c_during_compile_leaves_nothing(tmp_path: Path, tiny_llama_dir: Pa
     assert process.returncode == 130, seen + rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert nothing_left(tmp_path) == []
+
+
+def test_a_deleted_tokenizer_file_is_named_not_a_traceback(tmp_path: Path) -> None:
+    import shutil
+
+    import edgec.zoo
+
+    model = tmp_path / "model"
+    shutil.copytree(Path(edgec.zoo.__file__).parent / "tiny-lm", model)
+    (model / "tokenizer.json").unlink()
+    code, text = run_cli("compile", str(model), "--backend", "onnx", "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 2, f"{model}: its tokenizer cannot be loaded", "found special_tokens_map.json, tokenizer_config.json",
+                       "restore the files save_pretrained wrote")
+    assert nothing_left(tmp_path) == ["model"]
+
+
+def test_a_missing_onnxruntime_exits_5_before_any_work(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    blocked = (
+        "import sys; sys.modules['onnxruntime'] = None; from edgec.cli import app; "
+        f"sys.argv = ['edgec', 'compile', {str(tiny_llama_dir)!r}, '--backend', 'onnx', '-o', {str(tmp_path / 'out')!r}]; app()"
+    )
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=300)
+    assert_clean_error(result.returncode, result.stderr, 5, "onnxruntime is not installed", "pip install 'onnxruntime==")
+    assert "load" not in result.stderr  # refused before the model was loaded
+    assert nothing_left(tmp_path) == []
+
+
+def test_an_onnx_operator_tvm_cannot_lower_is_unsupported_and_names_it(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Det", ["x"], ["y"])], "det",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "det.onnx")
+    code, text = run_cli("compile", str(tmp_path / "det.onnx"), "--backend", "tvm", "-o", str(tmp_path / "out"))
+    assert_clean_error(code, text, 3, "TVM's ONNX importer has no lowering for Det", "try --backend onnx")
+    assert nothing_left(tmp_path) == ["det.onnx"]

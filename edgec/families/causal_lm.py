@@ -21,7 +21,7 @@ from edgec.architectures import SUPPORTED_ARCHITECTURES, architecture_of, canoni
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.families import EvalRequest, Family, Progress, Section, entry_io, register
 from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry, lm_shape
-from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, check_safetensors, read_config, sha256_files
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, check_safetensors, load_tokenizer_files, read_config, sha256_files
 from edgec.recipe import Recipe
 from edgec.targets.export import ExportedEntry
 from edgec.targets.runtime import GENERATION_STEPS, Generation
@@ -344,7 +344,7 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
         )
     weights = safetensors_weights(path)
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -371,7 +371,7 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
     tokenizer = None
     tokenizer_dir = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer_files(path)
         tokenizer_dir = path
     return ModelHandle(
         name=name or str(path),

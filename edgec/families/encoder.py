@@ -23,7 +23,7 @@ from torch import nn
 
 from edgec.errors import BadInputError, MissingDependencyError, UnsupportedError
 from edgec.families import EvalRequest, Family, Progress, Section, register
-from edgec.model import FAMILY_ENCODER, ModelHandle, read_config, sha256_files
+from edgec.model import FAMILY_ENCODER, ModelHandle, load_tokenizer_files, read_config, sha256_files
 from edgec.recipe import Recipe
 from edgec.targets.export import ExportedEntry
 
@@ -134,7 +134,7 @@ class Encoder(Family):
 
     def load(self, path: Path, name: str | None, trust_pickle: bool) -> ModelHandle:
         import transformers
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from edgec.families.causal_lm import check_tensors, safetensors_weights
 
@@ -170,7 +170,7 @@ class Encoder(Family):
             raise BadInputError(f"{path}: weights and config disagree (e.g. {', '.join(problems)}); re-save with save_pretrained")
         tokenizer = None
         if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() or (path / "vocab.txt").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer_files(path)
         return ModelHandle(
             name=name or str(path),
             family=FAMILY_ENCODER,
