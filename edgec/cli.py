@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 usage / bad input, 3 unsupported model/op/target,
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -122,6 +123,15 @@ def _user_errors(func: F) -> F:
         except KeyboardInterrupt:
             _report_third_party(collected)
             raise typer.Exit(_interrupted()) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                _report_third_party(collected, everything=True)
+                raise
+            _report_third_party(collected)
+            where = f" writing {exc.filename}" if exc.filename else ""
+            err.print(f"[bold red]error:[/] no space left on the disk{where}: free some (edgec cache clean frees the cache) "
+                      "or write elsewhere (-o, EDGEC_CACHE_DIR); nothing half-written was left")
+            raise typer.Exit(2) from None
         except ModuleNotFoundError as exc:
             missing = missing_dependency(exc.name or "")
             if missing is None:  # not one of edgec's dependencies: a bug

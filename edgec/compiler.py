@@ -119,7 +119,28 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
         tuning_endpoint(tuning.device, target.spec.arch, target.name)  # the device to time kernels on, before any work
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     check_output_dir(out, force, (local_input,) if local_input.exists() else ())
+    if local_input.exists():
+        # A pass that declares the widths it stores weights at (luc, int8) makes them smaller.
+        compresses = any(getattr(REGISTRY[spec.name], "weight_bits", None) is not None for spec in manager.specs)
+        _check_free_space(local_input, out, compresses)
     return Plan(target, manager, tuning, rtol, out)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".pt2", ".bin", ".data")
+
+
+def _check_free_space(source: Path, out: Path, compresses: bool) -> None:
+    """Refuse before any work when the output's disk cannot hold even the weights: the artifact
+    stores them once more (after a compressing pass, down to about a quarter at 4 bits)."""
+    import shutil
+
+    files = [source] if source.is_file() else [p for p in source.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    needed = sum(p.stat().st_size for p in files) // (4 if compresses else 1)
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise BadInputError(f"-o {out}: the artifact needs at least {needed / 1e6:.1f} MB and its disk has {free / 1e6:.1f} MB free; "
+                            "free some or write elsewhere")
 
 
 def compile_model(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,31 @@ def test_an_onnx_operator_tvm_cannot_lower_is_unsupported_and_names_it(tmp_path:
     code, text = run_cli("compile", str(tmp_path / "det.onnx"), "--backend", "tvm", "-o", str(tmp_path / "out"))
     assert_clean_error(code, text, 3, "TVM's ONNX importer has no lowering for Det", "try --backend onnx")
     assert nothing_left(tmp_path) == ["det.onnx"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB file system of its own (tmpfs; `make test` runs as root, as sshd's tests need)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_disk_too_small_for_the_weights_is_refused_before_work(small_disk: Path, tiny_llama_dir: Path) -> None:
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 128 * 1024))  # 128 KiB left, the weights are 331 kB
+    code, text = run_cli("compile", str(tiny_llama_dir), "--backend", "onnx", "-o", str(small_disk / "out"))
+    assert_clean_error(code, text, 2, "the artifact needs at least 0.3 MB and its disk has 0.1 MB free")
+    assert "load" not in text and nothing_left(small_disk) == ["filler"]
+
+
+def test_a_disk_that_fills_during_the_write_gives_one_line_and_leaves_nothing(small_disk: Path, tiny_llama_dir: Path) -> None:
+    weights = (tiny_llama_dir / "model.safetensors").stat().st_size
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"\0" * (free - weights - 48 * 1024))  # passes the estimate; the artifact is larger
+    code, text = run_cli("compile", str(tiny_llama_dir), "--backend", "onnx", "-o", str(small_disk / "out"))
+    assert_clean_error(code, text, 2, "no space left on the disk", "nothing half-written was left")
+    assert nothing_left(small_disk) == ["filler"]
