@@ -56,7 +56,9 @@ def checked_locally(root: Path) -> dict[str, Any]:
     manifest = read_manifest(root)
     hashes = check_hashes(root, manifest)
     if not hashes.ok:
-        raise CheckFailedError(f"{root} does not match its manifest ({', '.join(hashes.mismatched + hashes.missing)}); nothing uploaded")
+        problems = ([f"changed: {n}" for n in hashes.mismatched] + [f"missing: {n}" for n in hashes.missing]
+                    + [f"not in the manifest: {n}" for n in hashes.unexpected])
+        raise CheckFailedError(f"{root} does not match its manifest ({', '.join(problems)}); nothing uploaded")
     return manifest
 
 
@@ -116,7 +118,7 @@ def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], 
         check_architecture(root, manifest, device.name, device.machine())
     digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:12]
     progress(f"{device.name}: upload {manifest['size_bytes'] / 1e6:.1f} MB")
-    device_dir = device.upload(root, f"{root.name}-{digest}")
+    device_dir = device.upload(root, f"{root.name}-{digest}", timeout_s)
     progress(f"{device.name}: check files, runtime versions and CPU features on the device")
     check = run_agent(device, "check", device_dir, [], timeout_s)
     if not check["hashes_ok"]:

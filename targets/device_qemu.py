@@ -117,8 +117,9 @@ class QemuDevice:
         """Where the user space is (or will be) cached: cleaning never builds it."""
         return cache_root() / "devices" / rootfs_key() / DEVICE_ROOT / "artifacts"
 
-    def upload(self, root: Path, name: str) -> str:
-        """Copy into the device's file system via a temporary sibling; returns the device path."""
+    def upload(self, root: Path, name: str, timeout_s: float) -> str:
+        """Copy into the device's file system via a temporary sibling; returns the device path.
+        (A local copy: `timeout_s` is for devices behind a network.)"""
         parent = self.host_path(self.uploads)
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))

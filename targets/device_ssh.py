@@ -94,7 +94,7 @@ class SshDevice:
     def uploads(self) -> str:
         return f"{self.path}/artifacts"
 
-    def upload(self, root: Path, name: str) -> str:
+    def upload(self, root: Path, name: str, timeout_s: float) -> str:
         """Stream `root` as a tar into a temporary sibling, then swap it in; returns the device path."""
         parent = self.uploads
         final = f"{parent}/{name}"
@@ -110,7 +110,13 @@ class SshDevice:
         tar = subprocess.Popen(["tar", "-C", str(root), "-cf", "-", "."], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert tar.stdout is not None
         try:
-            sent = subprocess.run([*ssh, f"mkdir -p {q_parent} && {remote}"], stdin=tar.stdout, capture_output=True)
+            sent = subprocess.run([*ssh, f"mkdir -p {q_parent} && {remote}"], stdin=tar.stdout, capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            tar.kill()
+            raise DeviceUnreachableError(
+                f"{self.name}: the upload of {root} did not finish within {timeout_s:.0f} s (--timeout S); nothing was run, "
+                "and what reached the device is removed there or by a later deploy's clean-up"
+            ) from None
         finally:
             # Closed here so tar gets SIGPIPE instead of blocking if ssh exits early.
             tar.stdout.close()

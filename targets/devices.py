@@ -61,8 +61,9 @@ class AgentDevice(Protocol):
         """That directory as a path on this machine, where it is one (the emulator's)."""
         ...
 
-    def upload(self, root: Path, name: str) -> str:
-        """Copy the artifact and the agent to the device (complete or not at all); the device path."""
+    def upload(self, root: Path, name: str, timeout_s: float) -> str:
+        """Copy the artifact and the agent to the device (complete or not at all) within
+        `timeout_s`; the device path."""
         ...
 
     def install_agent(self) -> None:

@@ -10,6 +10,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,29 @@ def test_uploads_are_trimmed_to_the_cap_and_device_clean_removes_the_rest(
         assert [p.name for p in uploads.iterdir()] == [live.name]
     finally:
         shutil.rmtree(live, ignore_errors=True)
+
+
+def test_an_upload_that_outlasts_its_bound_is_given_up_on(sshd: Sshd, artifacts: dict[str, Path]) -> None:
+    """The ssh upload used to have no bound at all: a stalled link hung deploy forever. No
+    ssh session to a real sshd completes in 10 ms, so this upload outlasts its bound."""
+    from edgec.errors import DeviceUnreachableError
+    from edgec.targets.devices import parse_device
+
+    device = parse_device(sshd.uri())
+    started = time.monotonic()
+    with pytest.raises(DeviceUnreachableError, match=r"did not finish within 0 s \(--timeout S\); nothing was run"):
+        device.upload(artifacts["cpu-onnx"], "bounded", 0.01)
+    assert time.monotonic() - started < 10
+    uploads = sshd.device_dir / "artifacts"
+    assert not (uploads / "bounded").exists()
+
+
+def test_an_artifact_with_a_file_its_manifest_does_not_list_is_not_uploaded(sshd: Sshd, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    artifact = tmp_path / "extra"
+    shutil.copytree(artifacts["cpu-onnx"], artifact)
+    (artifact / "notes.txt").write_text("added after the compile")
+    result = runner.invoke(app, ["deploy", str(artifact), "--device", sshd.uri()])
+    assert result.exit_code == 4 and "(not in the manifest: notes.txt); nothing uploaded" in result.output, result.output
 
 
 def test_ssh_options(monkeypatch: pytest.MonkeyPatch) -> None:
