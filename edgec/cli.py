@@ -163,8 +163,8 @@ def _report_third_party(collected: Collected, everything: bool = False) -> None:
         for line in collected.lines():
             err.print(f"  {line}", style="dim", markup=False)
         return
-    err.print(f"[dim]{collected.total} lines of third-party output hidden ({len(collected.counts)} distinct); "
-              "edgec -v ... shows them[/]")
+    lines = "1 line" if collected.total == 1 else f"{collected.total} lines"
+    err.print(f"[dim]{lines} of third-party output hidden ({len(collected.counts)} distinct); edgec -v ... shows them[/]")
 
 
 def _interrupted() -> int:
