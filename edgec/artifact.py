@@ -329,9 +329,10 @@ def checked_files(root: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, record_path)
 
 
-def open_runtime(root: Path, manifest: dict[str, Any], check_files: bool = True) -> Runtime:
+def open_runtime(root: Path, manifest: dict[str, Any], check_files: bool = True, threads: int | None = None) -> Runtime:
     """A runtime for the artifact's entries, after its files were checked against the
-    manifest (`check_files=False` only where they were just hashed)."""
+    manifest (`check_files=False` only where they were just hashed); `threads`: the CPU
+    threads its kernels use (default: every core)."""
     runs, why = artifact_runs_here(manifest)
     if not runs:
         raise UnsupportedError(f"{root}: cannot run here: {why}; deploy it to a matching device")
@@ -359,7 +360,7 @@ def open_runtime(root: Path, manifest: dict[str, Any], check_files: bool = True)
         from edgec.targets.backend_tvm import use_all_cores
 
         use_all_cores()
-    return Runtime(root / "model", backend, record, ort_provider=record.get("ort_provider", "CPUExecutionProvider"))
+    return Runtime(root / "model", backend, record, ort_provider=record.get("ort_provider", "CPUExecutionProvider"), threads=threads)
 
 
 def save_reference(root: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -519,6 +519,45 @@ def run_command(
         _note(f"[dim]{note}[/]")
 
 
+@app.command("bench")
+@_user_errors
+def bench_command(
+    artifact: Path = typer.Argument(..., help="artifact directory that runs on this machine"),
+    threads: str = typer.Option(str(os.cpu_count() or 1), "--threads", "-t", help="CPU threads, a comma list to sweep (e.g. 1,2,4)"),
+    prompt_len: str = typer.Option("64", "--prompt-len", "-p", help="causal LMs: prompt tokens, a comma list to sweep"),
+    new_tokens: str = typer.Option("16", "--new-tokens", "-n", help="causal LMs: greedy decode steps, a comma list to sweep (0: prefill only)"),
+    runs: int = typer.Option(5, "--runs", "-r", help="timed repetitions of each point"),
+    warmup: int = typer.Option(1, "--warmup", help="untimed repetitions before them"),
+    output_format: str = typer.Option("table", "--format", "-o", help="table, csv or json"),
+) -> None:
+    """Time an artifact on this machine over a sweep, like llama-bench: latency percentiles and decode tokens/s.
+
+    \b
+    Examples:
+      edgec bench artifacts/tiny-cpu
+      edgec bench artifacts/tiny-cpu -t 1,2 -p 16,64,128 -n 0,32 --format csv > sweep.csv
+    """
+    from edgec.bench import COLUMNS, FORMATS, HEADERS, as_csv, bench, flat_rows, parse_sweep
+    from edgec.errors import BadInputError
+
+    if output_format not in FORMATS:
+        raise BadInputError(f"--format {output_format!r}: give one of {', '.join(FORMATS)}")
+    sweep = (parse_sweep(threads, "--threads", 1), parse_sweep(prompt_len, "--prompt-len", 1), parse_sweep(new_tokens, "--new-tokens", 0))
+    result = bench(artifact, *sweep, runs, warmup, Progress())
+    if output_format == "json":
+        _emit_json(result)
+        return
+    if output_format == "csv":
+        sys.stdout.write(as_csv(result))
+        return
+    table = Table(title=f"{result['artifact']} ({result['target']} / {result['backend']}), {runs} runs after {warmup} warm-up")
+    for header in HEADERS:
+        table.add_column(header, justify="right")
+    for row in flat_rows(result):
+        table.add_row(*(f"{row[c]:.{1 if c == 'decode_tokens_per_s' else 2}f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS))
+    out.print(table)
+
+
 @app.command("inspect")
 @_user_errors
 def inspect_command(

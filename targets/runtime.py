@@ -95,12 +95,14 @@ class Runtime:
     ONNX external data); `on_gpu`: a CUDA artifact (TVM)."""
 
     def __init__(self, model_dir: Path, backend: str, record: dict[str, Any], on_gpu: bool = False,
-                 ort_provider: str = "CPUExecutionProvider") -> None:
+                 ort_provider: str = "CPUExecutionProvider", threads: int | None = None) -> None:
         self.backend = backend
         if backend == "tvm":
             tvm = tvm_with_cuda() if on_gpu else __import__("tvm")
             from tvm.runtime.vm import VirtualMachine
 
+            if threads is not None:  # 1: the pool on the (big) cores, with this many threads
+                tvm.get_global_func("runtime.config_threadpool")(1, threads)
             self._tvm = tvm
             self.device = tvm.cuda(0) if on_gpu else tvm.cpu()
             if on_gpu:
@@ -119,8 +121,11 @@ class Runtime:
         elif backend == "onnx":
             import onnxruntime as ort
 
+            options = ort.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
             self.sessions = {
-                name: ort.InferenceSession(str(model_dir / info["file"]), providers=[ort_provider])
+                name: ort.InferenceSession(str(model_dir / info["file"]), options, providers=[ort_provider])
                 for name, info in record["entries"].items()
             }
         else:
