@@ -68,8 +68,9 @@ demo: install
 test: install
 	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=30
 
+# The slow tier spreads test by test: most of it is in one file (tests/test_zoo.py).
 test-slow: install
-	$(PY) -m pytest tests -m slow -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(PY) -m pytest tests -m slow -n $(TEST_WORKERS) --dist load --durations=30
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

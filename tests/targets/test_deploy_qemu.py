@@ -71,8 +71,8 @@ def test_unknown_device_and_damaged_artifact(arm64_artifacts: dict[str, Path], t
 def test_corrupted_upload_runs_nothing(arm64_artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     real_upload = QemuDevice.upload
 
-    def corrupting_upload(self: QemuDevice, root: Path, name: str) -> str:
-        device_dir = real_upload(self, root, name)
+    def corrupting_upload(self: QemuDevice, root: Path, name: str, timeout_s: float) -> str:
+        device_dir = real_upload(self, root, name, timeout_s)
         weights = self.host_path(device_dir) / "model" / "weights.bin"
         data = bytearray(weights.read_bytes())
         data[100] ^= 0xFF  # one flipped byte on the way to the device
