@@ -109,7 +109,10 @@ def _listeners(port: int) -> set[int]:
 
 
 def _port_taken(port: int) -> bool:
+    """Something listens on the port. Connections of an earlier server still in TIME_WAIT do
+    not count: the stock server binds with SO_REUSEADDR, and so does this probe."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
-from edgec.device_server import _listeners
+from edgec.device_server import _listeners, _port_taken
 from tests.conftest import free_port
 
 runner = CliRunner()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _status(port: int) -> list[dict]:
@@ -56,7 +46,7 @@ def test_two_ups_on_one_port_at_once_leave_one_server_and_a_clear_refusal() -> N
         assert not _status(port + 1) and not _listeners(port + 1)
     finally:
         runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(port)])
-    assert not _listeners(port) and _port_free(port)
+    assert not _listeners(port) and not _port_taken(port)
 
 
 @pytest.mark.arm64
@@ -75,7 +65,7 @@ def test_a_server_whose_first_process_was_killed_is_still_listed_and_stopped() -
     finally:
         down = runner.invoke(app, ["device", "down", "qemu-arm64", "--port", str(port)])
     assert down.exit_code == 0, down.output
-    assert not _listeners(port) and _port_free(port) and not _status(port)
+    assert not _listeners(port) and not _port_taken(port) and not _status(port)
 
 
 def test_a_state_file_naming_someone_elses_process_is_dropped_and_nothing_is_killed(tmp_path: Path) -> None:
