@@ -80,6 +80,24 @@ def _members(pgid: int, marker: str) -> list[int]:
     return sorted(members)
 
 
+def _group_alive(pgid: int) -> bool:
+    """Some process of the group still has a running thread. An exiting process drops its
+    command line (its memory) before its sockets, and its main thread can be a zombie while
+    other threads still hold them: waiting on `_members` alone returned while the port was
+    still listened on."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if _stat(entry.name)[1] != pgid:
+                continue
+            if any(_stat(f"{entry.name}/task/{task.name}")[0] not in "ZX" for task in (entry / "task").iterdir()):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
 def _listeners(port: int) -> set[int]:
     """Processes holding a listening TCP socket on `port`, from the kernel's tables (no
     connection is made: a server registered with a tracker counts one as a session)."""
@@ -226,18 +244,21 @@ def _start(device: str, port: int, key: str, host: str, tracker: str | None, pro
 
 
 def _stop(state: dict[str, Any]) -> None:
-    """End the server's process group, then forget it."""
+    """End the server's process group, then forget it. The group is checked to be the
+    server's (`_members`) before it is signalled; then every process of it is waited for,
+    down to its last thread, so the port is free when this returns."""
     pgid, marker = int(state["pid"]), state.get("rootfs", "tvm.exec.rpc_server")
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        if not _members(pgid, marker):
-            break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while _members(pgid, marker) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    if _members(pgid, marker):
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
     path = _state_path(state["device"], int(state["port"]))
     path.unlink(missing_ok=True)
     path.with_suffix(".pid").unlink(missing_ok=True)
