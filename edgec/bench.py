@@ -1,8 +1,11 @@
 """`edgec bench ARTIFACT`: the artifact's latency on this machine, llama-bench style.
 
-One row per point of the sweep (threads x prompt length x new tokens): prefill (or the
-program's first entry) and greedy decode timed over repeated runs after warm-up, with
-the same percentiles as `edgec profile`. No device needed: the artifact must run here.
+One row per point of the sweep (threads x batch x prompt length x new tokens): prefill
+(or the program's first entry) and greedy decode timed over repeated runs after warm-up,
+with the same percentiles as `edgec profile`. A batch of B repeats the reference rows (the
+prompt, for LMs) B times along the batch axis, which the artifact must declare dynamic;
+decode tokens/s counts the B tokens each step makes. No device needed: the artifact must
+run here.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,9 @@ from edgec.targets import runtime as shared
 
 FORMATS = ("table", "csv", "json")
 # The table's short headers for COLUMNS (the CSV and JSON keep the long names).
-HEADERS = ("thr", "prompt", "new", "p50 ms", "p90 ms", "p99 ms", "decode p50", "decode p90", "tok/s")
+HEADERS = ("thr", "batch", "prompt", "new", "p50 ms", "p90 ms", "p99 ms", "decode p50", "decode p90", "tok/s")
 # latency: the prefill, or the program's first entry (as `edgec profile` names it).
-COLUMNS = ("threads", "prompt_tokens", "new_tokens", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+COLUMNS = ("threads", "batch", "prompt_tokens", "new_tokens", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
            "decode_p50_ms", "decode_p90_ms", "decode_tokens_per_s")
 
 
@@ -42,6 +46,7 @@ def parse_sweep(text: str, option: str, minimum: int) -> list[int]:
 def bench(
     root: Path,
     threads: Sequence[int],
+    batches: Sequence[int],
     prompt_lens: Sequence[int],
     new_tokens: Sequence[int],
     runs: int,
@@ -59,54 +64,74 @@ def bench(
     if generate and max(prompt_lens) + max(new_tokens) > int(program["max_context"]):
         raise BadInputError(f"--prompt-len {max(prompt_lens)} + --new-tokens {max(new_tokens)} exceeds the artifact's "
                             f"max context {program['max_context']}")
+    entries = [program["prefill"], program["decode"]] if generate else [next(iter(program["entries"]))]
+    if max(batches) > 1:
+        _require_dynamic_batch(program, entries, max(batches))
     reference = shared.read_safetensors(root / manifest["reference"]["file"])
     rows: list[dict[str, Any]] = []
     checked = False
     for count in threads:
         runtime = open_runtime(root, manifest, check_files=not checked, threads=count)
         checked = True
-        if not generate:
-            entry = next(iter(program["entries"]))
-            inputs = [reference[f"{entry}.in.{i}"] for i in range(len(program["entries"][entry]["inputs"]))]
-            progress(f"{count} thread(s): {entry}, {runs} runs")
-            latency = shared.percentiles(shared.timed(lambda: runtime.run(entry, inputs), runs, warmup))
-            rows.append({"threads": count, "entry": entry, "latency": latency})
-            continue
-        generation = shared.Generation(program)
-        for length in prompt_lens:
-            ids = shared.profile_prompt(reference, length)
-            progress(f"{count} thread(s): prefill of {length} tokens, {runs} runs")
-            prefill = shared.percentiles(shared.timed(lambda: runtime.run(generation.prefill, [ids]), runs, warmup))
-            for steps in new_tokens:
-                decode_ms: list[float] = []
-                if steps:
-                    progress(f"{count} thread(s): {steps} decode steps after {length} tokens, {runs} runs")
-                    for index in range(warmup + runs):
-                        times: list[float] = []
-                        generation.greedy(_timing(runtime, generation.decode, times), [int(t) for t in ids[0]], steps)
-                        if index >= warmup:
-                            decode_ms += times
-                decode = shared.percentiles(decode_ms) if decode_ms else None
-                rows.append({
-                    "threads": count, "prompt_tokens": length, "new_tokens": steps, "latency": prefill, "decode": decode,
-                    "decode_tokens_per_s": 1e3 / float(np.median(decode_ms)) if decode_ms else None,
-                })
+        for batch in batches:
+            if not generate:
+                entry = entries[0]
+                inputs = [_rows(reference[f"{entry}.in.{i}"], batch) for i in range(len(program["entries"][entry]["inputs"]))]
+                progress(f"{count} thread(s), batch {batch}: {entry}, {runs} runs")
+                latency = shared.percentiles(shared.timed(lambda: runtime.run(entry, inputs), runs, warmup))
+                rows.append({"threads": count, "batch": batch, "entry": entry, "latency": latency})
+                continue
+            generation = shared.Generation(program)
+            for length in prompt_lens:
+                ids = _rows(shared.profile_prompt(reference, length), batch)
+                progress(f"{count} thread(s), batch {batch}: prefill of {length} tokens, {runs} runs")
+                prefill = shared.percentiles(shared.timed(lambda: runtime.run(generation.prefill, [ids]), runs, warmup))
+                for steps in new_tokens:
+                    decode_ms: list[float] = []
+                    if steps:
+                        progress(f"{count} thread(s), batch {batch}: {steps} decode steps after {length} tokens, {runs} runs")
+                        for index in range(warmup + runs):
+                            times = _decode_ms(runtime, generation, ids, steps)
+                            if index >= warmup:
+                                decode_ms += times
+                    rows.append({
+                        "threads": count, "batch": batch, "prompt_tokens": length, "new_tokens": steps, "latency": prefill,
+                        "decode": shared.percentiles(decode_ms) if decode_ms else None,
+                        "decode_tokens_per_s": batch * 1e3 / float(np.median(decode_ms)) if decode_ms else None,
+                    })
     return {"artifact": str(root), "backend": manifest["backend"], "target": manifest["target"]["name"],
             "runs": runs, "warmup": warmup, "cpu_count": os.cpu_count(), "rows": rows}
 
 
-def _timing(runtime: shared.Runtime, decode: str, times: list[float]) -> Callable[[str, list[Any]], Sequence[Any]]:
-    """A runner for Generation.greedy that records each decode call's wall time (ms)."""
-    import time
+def _require_dynamic_batch(program: dict[str, Any], entries: list[str], batch: int) -> None:
+    # Inputs are batch-first, except cache tensors, whose layout names their batch axis.
+    axes = {c["input"]: c["layout"].index("batch") for c in program.get("cache", []) if "batch" in c.get("layout", [])}
+    for entry in entries:
+        for name, shape in program["entries"][entry].get("input_shapes", {}).items():
+            axis = axes.get(name, 0)
+            if len(shape) > axis and shape[axis] is not None:
+                raise BadInputError(f"--batch {batch}: input {name!r} of entry {entry!r} has a fixed batch of {shape[axis]} "
+                                    f"(shape {shape}); sweep batch only on an artifact exported with a dynamic one")
 
-    def run(name: str, args: list[Any]) -> Sequence[Any]:
+
+def _rows(array: np.ndarray, batch: int) -> np.ndarray:
+    """`batch` rows along axis 0, the reference's rows repeated in turn."""
+    return np.ascontiguousarray(np.take(array, np.arange(batch) % array.shape[0], axis=0))
+
+
+def _decode_ms(runtime: shared.Runtime, generation: shared.Generation, ids: np.ndarray, steps: int) -> list[float]:
+    """Each greedy decode step's wall time (ms) after a prefill of `ids` ([B, T]), all rows at once."""
+    outputs = runtime.run(generation.prefill, [ids])
+    entry = generation.prefill
+    times = []
+    for _ in range(steps):
+        token = np.argmax(np.asarray(generation.logits(outputs, entry))[:, -1], axis=-1).astype(np.int64)[:, None]
+        args = generation.decode_args(token, outputs, entry)
         start = time.perf_counter()
-        outputs = runtime.run(name, args)
-        if name == decode:
-            times.append((time.perf_counter() - start) * 1e3)
-        return outputs
-
-    return run
+        outputs = runtime.run(generation.decode, args)
+        times.append((time.perf_counter() - start) * 1e3)
+        entry = generation.decode
+    return times
 
 
 def flat_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -115,7 +140,7 @@ def flat_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     for row in result["rows"]:
         decode = row.get("decode") or {}
         flat.append({
-            "threads": row["threads"], "prompt_tokens": row.get("prompt_tokens", ""), "new_tokens": row.get("new_tokens", ""),
+            "threads": row["threads"], "batch": row["batch"], "prompt_tokens": row.get("prompt_tokens", ""), "new_tokens": row.get("new_tokens", ""),
             "latency_p50_ms": row["latency"]["p50_ms"], "latency_p90_ms": row["latency"]["p90_ms"],
             "latency_p99_ms": row["latency"]["p99_ms"], "decode_p50_ms": decode.get("p50_ms", ""),
             "decode_p90_ms": decode.get("p90_ms", ""), "decode_tokens_per_s": row.get("decode_tokens_per_s") or "",

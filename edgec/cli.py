@@ -454,16 +454,17 @@ def profile_command(
     Over a stock TVM RPC server (rpc://, tracker://) only time_evaluator timings exist;
     the output lists each unavailable figure and why.
     """
-    from edgec.profile import compare, plot_per_op, profile_artifact
+    from edgec.profile import compare, plot_per_op, profile_artifact, read_baseline
 
+    baseline = read_baseline(compare_with) if compare_with is not None else None
     result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress(), save, timeout)
     if plot is not None:
         if not result.get("per_op_ms"):
             raise UnsupportedError(f"--plot: {result['device']} gives no per-op times ({result.get('unavailable', {}).get('per_op_ms', 'none measured')})")
         plot_per_op(result, plot)
         _note(f"per-op chart written to {plot}")
-    if compare_with is not None:
-        result["compare"] = compare(result, compare_with)
+    if baseline is not None:
+        result["compare"] = compare(result, baseline)
     if as_json:
         _emit_json(result)
         return
@@ -524,6 +525,7 @@ def run_command(
 def bench_command(
     artifact: Path = typer.Argument(..., help="artifact directory that runs on this machine"),
     threads: str = typer.Option(str(os.cpu_count() or 1), "--threads", "-t", help="CPU threads, a comma list to sweep (e.g. 1,2,4)"),
+    batch: str = typer.Option("1", "--batch", "-b", help="rows per call (the reference rows repeated), a comma list to sweep; needs a dynamic batch axis"),
     prompt_len: str = typer.Option("64", "--prompt-len", "-p", help="causal LMs: prompt tokens, a comma list to sweep"),
     new_tokens: str = typer.Option("16", "--new-tokens", "-n", help="causal LMs: greedy decode steps, a comma list to sweep (0: prefill only)"),
     runs: int = typer.Option(5, "--runs", "-r", help="timed repetitions of each point"),
@@ -536,13 +538,14 @@ def bench_command(
     Examples:
       edgec bench artifacts/tiny-cpu
       edgec bench artifacts/tiny-cpu -t 1,2 -p 16,64,128 -n 0,32 --format csv > sweep.csv
+      edgec bench artifacts/tiny-cpu -b 1,4,8 -n 16
     """
     from edgec.bench import COLUMNS, FORMATS, HEADERS, as_csv, bench, flat_rows, parse_sweep
     from edgec.errors import BadInputError
 
     if output_format not in FORMATS:
         raise BadInputError(f"--format {output_format!r}: give one of {', '.join(FORMATS)}")
-    sweep = (parse_sweep(threads, "--threads", 1), parse_sweep(prompt_len, "--prompt-len", 1), parse_sweep(new_tokens, "--new-tokens", 0))
+    sweep = (parse_sweep(threads, "--threads", 1), parse_sweep(batch, "--batch", 1), parse_sweep(prompt_len, "--prompt-len", 1), parse_sweep(new_tokens, "--new-tokens", 0))
     result = bench(artifact, *sweep, runs, warmup, Progress())
     if output_format == "json":
         _emit_json(result)

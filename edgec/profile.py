@@ -105,13 +105,19 @@ def plot_per_op(result: dict[str, Any], path: Path, top: int = 15) -> None:
     plt.close(fig)
 
 
-def compare(result: dict[str, Any], old_path: Path) -> dict[str, float]:
+def read_baseline(old_path: Path) -> dict[str, Any]:
+    """The earlier result `--compare` names, read before the device is touched: a typo
+    must not cost a whole profiling run."""
     try:
         old = json.loads(old_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"--compare {old_path}: not a readable profile result ({exc})") from None
-    if "latency" not in old:
-        raise BadInputError(f"--compare {old_path}: not an edgec profile result (no 'latency')")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"--compare {old_path}: not a readable profile result ({exc}); give a file written by `edgec profile --out`") from None
+    if not isinstance(old, dict) or not isinstance(old.get("latency"), dict):
+        raise BadInputError(f"--compare {old_path}: not an edgec profile result (no 'latency'); give a file written by `edgec profile --out`")
+    return old
+
+
+def compare(result: dict[str, Any], old: dict[str, Any]) -> dict[str, float]:
     ratios = {f"latency {key} (new/old)": result["latency"][key] / old["latency"][key] for key in ("p50_ms", "p90_ms", "mean_ms") if old["latency"].get(key)}
     if result.get("decode_tokens_per_s") and old.get("decode_tokens_per_s"):
         ratios["decode tokens/s (new/old)"] = result["decode_tokens_per_s"] / old["decode_tokens_per_s"]

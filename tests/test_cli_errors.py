@@ -266,3 +266,13 @@ def test_a_disk_that_fills_during_the_write_gives_one_line_and_leaves_nothing(sm
     code, text = run_cli("compile", str(tiny_llama_dir), "--backend", "onnx", "-o", str(small_disk / "out"))
     assert_clean_error(code, text, 2, "no space left on the disk", "nothing half-written was left")
     assert nothing_left(small_disk) == ["filler"]
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"entry": "decode"}'])
+def test_an_unusable_compare_file_is_refused_before_the_artifact_or_device_is_touched(tmp_path: Path, content: str | None) -> None:
+    baseline = tmp_path / "before.json"
+    if content is not None:
+        baseline.write_text(content)
+    code, text = run_cli("profile", str(tmp_path / "no-artifact"), "--device", "qemu-arm64", "--compare", str(baseline))
+    assert_clean_error(code, text, 2, f"--compare {baseline}", "edgec profile --out")
+    assert "no-artifact" not in text.replace(str(baseline), "")
