@@ -116,7 +116,12 @@ def test_smollm2_luc_recipe_gives_a_verified_compressed_artifact(tmp_path: Path)
     # The model files (packed weights, scales, both libraries) are at most a sixth of the fp32 weights.
     model_bytes = sum(f.stat().st_size for f in (tmp_path / "luc" / "model").iterdir())
     assert model_bytes <= record["weight_bytes_before"] / 6
-    assert summary["evaluation"]["tokens"] >= 4000 and summary["evaluation"]["perplexity"] > 1
+    # Bounded by the dense model, measured now on the same held-out tokens: 4 bits and 30%
+    # sparsity cost perplexity (README: 33.75 against 24.36, 1.39x); a wrong pack, scale or
+    # mask costs far more than 1.6x.
+    dense = invoke_json("eval", "zoo:smollm2-135m", "--task", "ppl", "--data", "held-out", "--tokens", str(summary["evaluation"]["tokens"]))
+    assert summary["evaluation"]["tokens"] == dense["tokens"] >= 4000
+    assert dense["perplexity"] < summary["evaluation"]["perplexity"] < 1.6 * dense["perplexity"], (summary["evaluation"], dense)
 
 
 @pytest.mark.slow
@@ -131,11 +136,16 @@ def test_smollm2_act_recipe_gives_a_verified_artifact_with_the_head_table(tmp_pa
     search = record["search"]
     assert search["source"] == "committed" and search["tasks"] == ["wordnet"] and search["seed"] == 0
     assert 0 < record["calibrated_heads"] <= 8 and record["table"]
-    assert search["calibrated"]["accuracy"] > search["baseline"]["accuracy"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["passes"][0]["record"]["table"] == record["table"]
     verify = invoke_json("verify", str(out))
     assert all(c["ok"] for c in verify["checks"])
+    # Measured now, on the test split the search never saw: the calibrated artifact scores
+    # above the plain model (README, seed 0: 0.742 against 0.708 over 120 prompts).
+    with_act = invoke_json("eval", str(out), "--task", "wordnet", "--seed", "0", "--samples", "120")
+    without = invoke_json("eval", "zoo:smollm2-135m", "--task", "wordnet", "--seed", "0", "--samples", "120")
+    assert with_act["n"] == without["n"] == 120
+    assert with_act["accuracy"] > without["accuracy"], (with_act, without)
 
 
 @pytest.mark.slow
