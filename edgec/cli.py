@@ -32,6 +32,8 @@ from edgec.errors import (
     note_interrupts,
     was_interrupted,
 )
+from edgec.progress import Progress as Reporter
+from edgec.progress import bars_closed
 from edgec.targets.devices import DEFAULT_TIMEOUT_S
 
 # torch.export internals on torch 2.13 warn about their own deprecated API on every export.
@@ -112,7 +114,7 @@ def _user_errors(func: F) -> F:
         note_interrupts()
         collected = Collected()
         try:
-            with third_party_output() as collected:
+            with third_party_output() as collected, bars_closed():
                 result = func(*args, **kwargs)
             _report_third_party(collected)
             return result
@@ -179,15 +181,9 @@ def _note(message: str) -> None:
         err.print(message)
 
 
-class Progress:
-    """Timestamped progress lines on stderr (none with -q)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if _verbosity >= 0:
-            err.print(f"[dim]{time.perf_counter() - self.start:7.1f}s[/] {message}")
+def Progress() -> Reporter:  # noqa: N802 - reads as the reporter it builds
+    """Timestamped progress on stderr, bars for counted work on a terminal (none with -q)."""
+    return Reporter(err, quiet=_verbosity < 0)
 
 
 def _emit_json(data: Any) -> None:

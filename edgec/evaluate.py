@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import BadInputError
+from edgec.progress import advance
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -85,8 +86,7 @@ def logits_nll_fn(logits_fn: LogitsFn) -> WindowsNllFn:
         nlls = []
         for number, tokens in enumerate(windows, start=1):
             nlls.append(window_nll(logits_fn(np.asarray([tokens], dtype=np.int64))[0], tokens))
-            if number % 16 == 0:
-                progress(f"ppl: {number}/{len(windows)} windows")
+            advance(progress, "ppl windows", number, len(windows))
         return nlls
 
     return run

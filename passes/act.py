@@ -44,6 +44,7 @@ from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.pipeline import PassContext, PassResult
 from edgec.recipe import LayerOverride
 from edgec.sinks import SinkRule, sinks_to_scale
+from edgec.progress import advance
 from edgec.tasks import TASK_NAMES, Example, TaskScore, is_task, build_task, by_length, label_token_ids, score
 from edgec.zoo import ZOO_DIR
 
@@ -250,8 +251,7 @@ def search_heads(model: ModelHandle, options: ActOptions, progress: Callable[[st
         result = evaluate({layer: [head]})
         log.append({"layer": layer, "head": head, "moved_mass": round(float(mass[layer, head]), 5), **result.to_json(),
                     "helps": result.beats(baseline)})
-        if number % 8 == 0 or number == len(candidates):
-            progress(f"act search: {number}/{len(candidates)} heads scored, {sum(r['helps'] for r in log)} help")
+        advance(progress, "act search: heads scored", number, len(candidates), f"{sum(r['helps'] for r in log)} help")
     helpful = sorted((r for r in log if r["helps"]), key=lambda r: (-r["accuracy"], r["label_nll"]))
     chosen: HeadSet = {}
     current = baseline

@@ -57,6 +57,7 @@ from edgec.packing import (
 )
 from edgec.passes.prune import GroupQuant, obs_compress, parse_pattern, pattern_sparsity, sparsegpt, wanda
 from edgec.pipeline import PassContext, PassResult, override_matches
+from edgec.progress import advance
 from edgec.recipe import LayerOverride
 from edgec.zoo import ZOO_DIR
 
@@ -429,7 +430,7 @@ def measure_profile(
                     linear.weight.data = original
         row["bits"]["8"] = 0.0
         rows.append(row)
-        progress(f"luc: sensitivity of layer {index + 1}/{len(layers)}")
+        advance(progress, "luc: layer sensitivity", index + 1, len(layers))
     return {"base_loss": base, "measure": "calibration loss increase, one layer compressed", "layers": rows}
 
 
@@ -604,7 +605,7 @@ class Luc:
         options = self.options
         records: list[dict[str, Any]] = []
         names = {id(m): n for n, m in root.named_modules()}
-        for plan, layer in zip(plans, decoder_layers(root)):
+        for number, (plan, layer) in enumerate(zip(plans, decoder_layers(root)), start=1):
             zeros = total = stored_bytes = dense_bytes = compensated = compressed = 0
             for _, linear in layer_linears(layer):
                 name = names[id(linear)]
@@ -637,7 +638,7 @@ class Luc:
                     "code_bytes_if_sparse_stored": sparse_code_bytes(total, zeros, plan.bits, options.pattern),
                 }
             )
-            progress(f"luc: layer {plan.index + 1}/{len(plans)}: {plan.bits} bits, sparsity {plan.sparsity:.2f}")
+            advance(progress, "luc: layers compressed", number, len(plans), f"{plan.bits} bits, sparsity {plan.sparsity:.2f}")
         return records
 
     def _compress(

@@ -21,6 +21,7 @@ from edgec.errors import BadInputError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.packing import frozen, set_submodule, unique_weight_bytes
 from edgec.pipeline import PassContext, PassResult, options_for_module
+from edgec.progress import advance
 from edgec.recipe import LayerOverride
 
 
@@ -128,8 +129,7 @@ class QuantizeWeightsInt8:
                 q, scale = quantize_rows(linear.weight, opts.group_size)
             set_submodule(root, name, Int8Linear(q, scale, linear.bias))
             layers.append({"module": name, "group_size": opts.group_size, "shape": list(q.shape)})
-            if done % 20 == 0:
-                ctx.progress(f"{self.name}: {done}/{len(linears)} linears")
+            advance(ctx.progress, f"{self.name}: linears", done, len(linears))
         after = unique_weight_bytes(root)
         return PassResult(
             changed=bool(layers),

@@ -34,6 +34,7 @@ from tvm.sym import Analyzer
 from tvm.target import Target
 
 from edgec.cache import cache_root, locked
+from edgec.progress import advance
 from edgec.targets.tvm_schedule import CpuScheduleConfig, schedule_prim_func, workload_key
 
 DATABASE_VERSION = 1
@@ -245,6 +246,13 @@ def tune(
         kernels.append({"function": gvar.name_hint, "workload": key})
     measured = 0
     summaries: dict[str, dict[str, Any]] = {}
+    # Counted up front, so the progress is a share of all the timing this compile will do.
+    to_time = {key: candidates(base, _is_packed(func))[:trials] for key, (_, func) in workloads.items()
+               if trials > 0 and database.get(f"{key}@{rows}") is None}
+    total = sum(len(options) for options in to_time.values())
+    if total:
+        progress(f"tune on {runner.where}: {total} candidate schedules over {len(to_time)} of {len(workloads)} workloads "
+                 f"({len(workloads) - len(to_time)} in the tuning database)")
     for number, (key, (name, func)) in enumerate(sorted(workloads.items()), start=1):
         db_key = f"{key}@{rows}"
         record = database.get(db_key)
@@ -252,12 +260,13 @@ def tune(
         if record is None and trials > 0:
             source = "measured"
             results = []
-            options = candidates(base, _is_packed(func))[:trials]
+            options = to_time.get(key) or candidates(base, _is_packed(func))[:trials]
             for index, candidate in enumerate(options, start=1):
-                progress(f"tune on {runner.where}: workload {number}/{len(workloads)} ({name}, {rows} rows): candidate {index}/{len(options)}")
                 us, rule = measure_us(func, candidate.config(base), target, rows, runner)
                 results.append({**candidate.to_json(), "us": round(us, 2), "rule": rule})
                 measured += 1
+                advance(progress, f"tune on {runner.where} ({rows} rows)", measured, total,
+                        f"workload {number}/{len(workloads)} {name}: candidate {index}/{len(options)}")
             best = min(results, key=lambda r: r["us"])
             record = {"shapes": _describe(func), "rows": rows, "candidates": results, "best": best}
             database.put(db_key, record)
