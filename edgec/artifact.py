@@ -30,6 +30,7 @@ import numpy as np
 
 from edgec.errors import BadInputError, CheckFailedError, UnsupportedError
 from edgec.locks import exclusive
+from edgec.targets.signature import SIGNATURE
 
 if TYPE_CHECKING:
     from edgec.targets.runtime import Runtime
@@ -79,11 +80,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Beside the files the manifest lists: the manifest, and a signature of it (`edgec sign`).
+UNLISTED = (MANIFEST, SIGNATURE)
+
+
 def hash_tree(root: Path) -> dict[str, str]:
     return {
         str(path.relative_to(root)): sha256_file(path)
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path != root / MANIFEST
+        if path.is_file() and str(path.relative_to(root)) not in UNLISTED
     }
 
 
@@ -126,7 +131,7 @@ def foreign_files(out: Path) -> list[str] | None:
         return None
     if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("edgec-artifact/"):
         return None
-    listed = set(manifest.get("files") or {}) | {MANIFEST}
+    listed = set(manifest.get("files") or {}) | set(UNLISTED)
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and str(p.relative_to(out)) not in listed)
 
 
@@ -307,7 +312,7 @@ def checked_files(root: Path, manifest: dict[str, Any]) -> None:
     def stats() -> dict[str, list[int]]:
         found = {}
         for path in sorted(root.rglob("*")):
-            if path.is_file() and path != root / MANIFEST:
+            if path.is_file() and str(path.relative_to(root)) not in UNLISTED:
                 info = path.stat()
                 found[str(path.relative_to(root))] = [info.st_size, info.st_mtime_ns]
         return found

@@ -209,6 +209,7 @@ _COMPILE_EXAMPLES = "\n\n".join([
     "  edgec compile zoo:tiny-lm --target cpu --backend tvm -o artifacts/tiny --json",
     "  edgec compile ./my-llama --backend onnx --recipe recipes/int8-weights.yaml",
     "  edgec compile zoo:tiny-lm --target arm64 --target-opt mcpu=cortex-a76 --dry-run",
+    "  edgec compile zoo:tiny-lm --target arm64 --sign release.key   (edgec keygen release.key makes one)",
     "  edgec compile zoo:tiny-lm --set passes=quantize-weights-int8 --set quantize-weights-int8.group_size=32 --dry-run --json",
 ])
 
@@ -234,6 +235,9 @@ def compile_command(
         help="check parity and held-out perplexity on this device instead of here (as for deploy --device): "
         "how a cross-built artifact is verified before it is written",
     ),
+    sign: Optional[Path] = typer.Option(
+        None, "--sign", help="sign the manifest with this ed25519 private key (edgec keygen); deploy --trust KEY.pub checks it on the device"
+    ),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against torch."""
     from edgec.compiler import compile_model, default_output, plan_compile
@@ -256,6 +260,11 @@ def compile_command(
     out_dir = output or default_output(model, resolved.target, resolved.backend)
     if dry_run:
         plan = plan_compile(model, resolved, out_dir, force, device).to_json(model, resolved)
+        if sign is not None:
+            from edgec.signing import load_private_key
+
+            load_private_key(sign)
+            plan["sign"] = str(sign)
         if as_json:
             _emit_json(plan)
             return
@@ -269,7 +278,7 @@ def compile_command(
     progress = Progress()
     summary = compile_model(
         model, resolved, out_dir, force, progress, on_target=lambda t: _note(f"[cyan]{t.how}[/]"),
-        trust_pickle=trust_pickle, device=device,
+        trust_pickle=trust_pickle, device=device, sign=sign,
     )
     if as_json:
         _emit_json(summary)
@@ -281,6 +290,8 @@ def compile_command(
     out.print(f"size      {summary['size_bytes'] / 1e6:.2f} MB")
     out.print(f"passes    {', '.join(p['name'] for p in summary['passes']) or '(none)'}")
     out.print(f"time      {time.perf_counter() - progress.start:.1f} s")
+    if summary.get("signed_by"):
+        out.print(f"signed    by {summary['signed_by']} (signature.json)")
     if parity["ok"] is None:
         out.print(f"parity    {status}")
     else:
@@ -339,22 +350,82 @@ def _print_layer_table(record: dict[str, Any]) -> None:
     out.print(table)
 
 
+def _trusted(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from edgec.signing import trusted_key
+
+    return trusted_key(path)
+
+
+@app.command("keygen")
+@_user_errors
+def keygen_command(
+    key: Path = typer.Argument(..., help="where to write the private key (PEM, mode 0600); the public key goes to KEY.pub"),
+    force: bool = typer.Option(False, "--force", help="replace an existing key (what it signed will no longer verify)"),
+    as_json: bool = typer.Option(False, "--json", help="print the paths and fingerprint as JSON"),
+) -> None:
+    """Make an ed25519 key pair for signing artifacts.
+
+    \b
+    Examples:
+      edgec keygen ~/.edgec/release.key
+      edgec compile zoo:tiny-lm --target arm64 --sign ~/.edgec/release.key -o artifacts/tiny-arm64
+      edgec deploy artifacts/tiny-arm64 -d qemu-arm64 --trust ~/.edgec/release.key.pub
+    """
+    from edgec.signing import generate_key
+
+    public, print_ = generate_key(key, force)
+    if as_json:
+        _emit_json({"private_key": str(key), "public_key": str(public), "fingerprint": print_})
+        return
+    out.print(f"private key {key} (keep it secret)")
+    out.print(f"public key  {public} ({print_}): give it to --trust")
+
+
+@app.command("sign")
+@_user_errors
+def sign_command(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    key: Path = typer.Option(..., "--key", "-k", help="ed25519 private key (PEM; edgec keygen or openssl genpkey -algorithm ed25519)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Sign an artifact's manifest (which lists every file's sha256) after checking the files
+    against it; `verify`, `deploy` and `profile --trust KEY.pub` check the signature."""
+    from edgec.artifact import check_hashes, read_manifest
+    from edgec.errors import CheckFailedError
+    from edgec.signing import load_private_key, sign_artifact
+
+    private = load_private_key(key)
+    manifest = read_manifest(artifact)
+    hashes = check_hashes(artifact, manifest)
+    if not hashes.ok:
+        changed = hashes.mismatched + hashes.missing + hashes.unexpected
+        raise CheckFailedError(f"{artifact} does not match its manifest ({', '.join(changed[:3])}); not signed (edgec verify {artifact})")
+    signer = sign_artifact(artifact, private)
+    if as_json:
+        _emit_json({"artifact": str(artifact), "signed_by": signer})
+        return
+    out.print(f"signed    {artifact}/signature.json by {signer}")
+
+
 @app.command("verify")
 @_user_errors
 def verify_command(
     artifact: Path = typer.Argument(..., help="artifact directory"),
+    trust: Optional[Path] = typer.Option(None, "--trust", help="an ed25519 public key (edgec keygen's KEY.pub) the artifact must be signed by"),
     as_json: bool = typer.Option(False, "--json", help="print the checks as JSON"),
 ) -> None:
     """Re-hash every file against the manifest and re-run the reference inputs where possible."""
     from edgec.verify import verify_artifact
 
-    report = verify_artifact(artifact)
+    report = verify_artifact(artifact, _trusted(trust))
     if as_json:
         _emit_json(report)
     else:
         for check in report["checks"]:
             mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]skipped[/]"}[check["ok"]]
-            out.print(f"{check['name']:<8} {mark}  {check['detail']}")
+            out.print(f"{check['name']:<9} {mark}  {check['detail']}")
     if not report["ok"]:
         from edgec.errors import EXIT_CHECK_FAILED
 
@@ -395,6 +466,9 @@ def deploy_command(
         DEFAULT_TIMEOUT_S, "--timeout", min=1.0,
         help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
     ),
+    trust: Optional[Path] = typer.Option(
+        None, "--trust", help="an ed25519 public key (edgec keygen's KEY.pub): run nothing unless the artifact is signed by it, checked on the device"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Upload an artifact to a device, check its files and runtime versions there, run parity there.
@@ -403,7 +477,7 @@ def deploy_command(
     """
     from edgec.deploy import deploy
 
-    result = deploy(artifact, device, Progress(), timeout)
+    result = deploy(artifact, device, Progress(), timeout, trusted=_trusted(trust))
     if as_json:
         _emit_json(result)
     else:
@@ -411,6 +485,8 @@ def deploy_command(
         where = "emulated" if result["emulated"] else "real"
         out.print(f"deployed  {artifact} -> {result['device']}:{result['device_path']} ({result['machine']}, {where})")
         out.print(f"files     {result['hash_check']}")
+        if result.get("signature"):
+            out.print(f"signature {result['signature']}")
         out.print(f"runtime   {', '.join(f'{k} {v}' for k, v in result['versions'].items()) or 'not reported by the device'}")
         if parity["ok"]:
             out.print(f"parity    ok (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g}){_generation_note(parity)}")
@@ -443,6 +519,9 @@ def profile_command(
         DEFAULT_TIMEOUT_S, "--timeout", min=1.0,
         help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
     ),
+    trust: Optional[Path] = typer.Option(
+        None, "--trust", help="an ed25519 public key (edgec keygen's KEY.pub): run nothing unless the artifact is signed by it, checked on the device"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Latency p50/p90/p99, load time, peak memory, per-op time and tokens/s on a device.
@@ -453,7 +532,7 @@ def profile_command(
     from edgec.profile import compare, plot_per_op, profile_artifact, read_baseline
 
     baseline = read_baseline(compare_with) if compare_with is not None else None
-    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress(), save, timeout)
+    result = profile_artifact(artifact, device, runs, warmup, prompt_len, new_tokens, Progress(), save, timeout, _trusted(trust))
     if plot is not None:
         if not result.get("per_op_ms"):
             raise UnsupportedError(f"--plot: {result['device']} gives no per-op times ({result.get('unavailable', {}).get('per_op_ms', 'none measured')})")

@@ -152,11 +152,18 @@ def compile_model(
     on_target: Callable[[ResolvedTarget], None] = lambda target: None,
     trust_pickle: bool = False,
     device: str | None = None,
+    sign: Path | None = None,
 ) -> dict[str, Any]:
     """`device`: check parity and measure the held-out perplexity on that device (as for
     `edgec deploy --device`) instead of on this machine -- how a cross-built artifact
-    gets verified before it is written."""
+    gets verified before it is written. `sign`: an ed25519 private key (PEM) that signs
+    the manifest, read before any work."""
     plan = plan_compile(model_spec, recipe, out, force, device)
+    signer = None
+    if sign is not None:
+        from edgec.signing import load_private_key
+
+        signer = load_private_key(sign)
     target, manager, tuning, rtol = plan.target, plan.manager, plan.tuning, plan.rtol
     on_target(target)
     local_input = Path(model_spec).expanduser()
@@ -232,6 +239,11 @@ def compile_model(
             if evaluation is not None:
                 manifest["evaluation"] = evaluation
             manifest = write_manifest(stage, manifest, files)
+            signed_by = None
+            if signer is not None:
+                from edgec.signing import sign_artifact
+
+                signed_by = sign_artifact(stage, signer)
     return {
         "artifact": str(out),
         "model": model.name,
@@ -248,6 +260,7 @@ def compile_model(
             "generation": parity.generation,
         },
         "evaluation": manifest.get("evaluation"),
+        "signed_by": signed_by,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -19,6 +19,7 @@ from typing import Any
 from edgec.artifact import MANIFEST, check_hashes, read_manifest
 from edgec.errors import BadInputError, CheckFailedError, DeviceUnreachableError, UnsupportedError
 from edgec.targets.devices import DEFAULT_TIMEOUT_S, AgentDevice, RpcEndpoint, parse_device, run_streaming
+from edgec.targets.signature import fingerprint, signature_problem
 
 
 class DeviceDied(DeviceUnreachableError):
@@ -109,8 +110,11 @@ def run_agent(
     raise DeviceUnreachableError(f"{device.name}: the device agent answered `{command}` with no JSON")
 
 
-def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S) -> DeviceSession:
-    """Refuse a wrong architecture before uploading; upload; check hashes, runtime versions and ISA features on the device."""
+def upload_and_check(
+    root: Path, device: AgentDevice, progress: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S, trusted: str | None = None,
+) -> DeviceSession:
+    """Refuse a wrong architecture before uploading; upload; check the signature (with
+    `trusted`, an ed25519 public key in hex), hashes, runtime versions and ISA features on the device."""
     cap_mb = uploads_cap_mb()
     manifest = checked_locally(root)
     if manifest["target"]["arch"] != "cuda":  # a GPU is found by the agent's check, on the device
@@ -119,8 +123,12 @@ def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], 
     digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:12]
     progress(f"{device.name}: upload {manifest['size_bytes'] / 1e6:.1f} MB")
     device_dir = device.upload(root, f"{root.name}-{digest}", timeout_s)
-    progress(f"{device.name}: check files, runtime versions and CPU features on the device")
-    check = run_agent(device, "check", device_dir, [], timeout_s)
+    signed = "the signature, " if trusted is not None else ""
+    progress(f"{device.name}: check {signed}files, runtime versions and CPU features on the device")
+    check = run_agent(device, "check", device_dir, [trusted] if trusted is not None else [], timeout_s)
+    if trusted is not None and check.get("signature_ok") is not True:
+        problem = check.get("signature_problem", "the device's agent did not check the signature")
+        raise CheckFailedError(f"{device.name}: {problem}; nothing was run")
     if not check["hashes_ok"]:
         raise CheckFailedError(f"{device.name}: corrupted upload ({', '.join(check['mismatched'])} differ on the device); nothing was run")
     problems = _check_versions(manifest, check["versions"])
@@ -138,6 +146,17 @@ def upload_and_check(root: Path, device: AgentDevice, progress: Callable[[str], 
 
 UPLOADS_CAP_ENV = "EDGEC_DEVICE_UPLOADS_MB"
 UPLOADS_CAP_MB = 2048
+
+
+def check_signature_here(root: Path, trusted: str | None) -> str | None:
+    """For a stock RPC server, which runs no edgec code: the signature is checked on this
+    machine before anything is uploaded."""
+    if trusted is None:
+        return None
+    problem = signature_problem(root, trusted)
+    if problem is not None:
+        raise CheckFailedError(f"{root}: {problem}; nothing was uploaded")
+    return f"signed by {fingerprint(trusted)}, checked on this machine (a stock RPC server runs no edgec code)"
 
 
 def uploads_cap_mb() -> int:
@@ -175,15 +194,18 @@ def deploy(
     progress: Callable[[str], None],
     timeout_s: float = DEFAULT_TIMEOUT_S,
     windows: list[list[int]] | None = None,
+    trusted: str | None = None,
 ) -> dict[str, Any]:
     """Upload, check and run the reference inputs on the device. With `windows` (token
-    windows of a causal LM), also their summed NLL per window, as `window_nll`."""
+    windows of a causal LM), also their summed NLL per window, as `window_nll`. With
+    `trusted` (an ed25519 public key, hex), nothing runs unless the artifact is signed by it."""
     device = open_device(device_spec)
     if isinstance(device, RpcEndpoint):
         from edgec.targets.device_rpc import deploy_rpc
 
-        return deploy_rpc(root, device, progress, windows)
-    session = upload_and_check(root, device, progress, timeout_s)
+        signature = check_signature_here(root, trusted)
+        return {**deploy_rpc(root, device, progress, windows), **({"signature": signature} if signature else {})}
+    session = upload_and_check(root, device, progress, timeout_s, trusted)
     slow = " (emulated: slow, and not ARM performance)" if device.emulated else ""
     progress(f"{device.name}: run the reference inputs{slow}")
     parity = session.agent("parity")
@@ -198,6 +220,8 @@ def deploy(
         "hash_check": "sha256 of every file, computed on the device",
         "parity": parity,
     }
+    if trusted is not None:
+        report["signature"] = f"signed by {fingerprint(trusted)}, checked on the device"
     if windows:
         report["window_nll"] = []
         for chunk in _chunks(windows, NLL_TOKENS_PER_CALL):

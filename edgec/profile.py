@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgec.deploy import DEFAULT_TIMEOUT_S, DeviceDied, open_device, upload_and_check
+from edgec.deploy import DEFAULT_TIMEOUT_S, DeviceDied, check_signature_here, open_device, upload_and_check
 from edgec.errors import BadInputError, DeviceUnreachableError
 from edgec.targets.devices import RpcEndpoint
 
@@ -46,20 +46,23 @@ def profile_artifact(
     progress: Callable[[str], None],
     out: Path | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    trusted: str | None = None,
 ) -> dict[str, Any]:
     """Profile on the device; with `out`, the result file is written, and if the device dies
     mid-profile, what it measured so far is saved there marked "complete": false.
-    `timeout_s` bounds each step of the agent (qemu-arm64, ssh://)."""
+    `timeout_s` bounds each step of the agent (qemu-arm64, ssh://); with `trusted` (an
+    ed25519 public key, hex), nothing runs unless the artifact is signed by it."""
     check_request(runs, warmup, prompt_len, new_tokens, None)
     device = open_device(device_spec)
     if isinstance(device, RpcEndpoint):
         from edgec.targets.device_rpc import profile_rpc
 
+        check_signature_here(root, trusted)
         result = profile_rpc(root, device, runs, warmup, prompt_len, new_tokens, progress)
         if out is not None:
             save_result(result, out)
         return result
-    session = upload_and_check(root, device, progress, timeout_s)
+    session = upload_and_check(root, device, progress, timeout_s, trusted)
     check_request(runs, warmup, prompt_len, new_tokens, session.manifest["program"].get("max_context"))
     slow = " (emulated: slow)" if device.emulated else ""
     progress(f"{device.name}: {warmup} warm-up + {runs} timed runs{slow}")

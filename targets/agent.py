@@ -5,7 +5,8 @@ import edgec, torch or the TVM compiler, because devices have none of them.
 edgec uploads this file and runtime.py (the runtime, parity rule and programs it
 shares with the host) with the artifact and calls it:
 
-    python3 agent.py check  ARTIFACT_DIR      # machine, runtime versions, sha256 of every file
+    python3 agent.py check  ARTIFACT_DIR [KEY] # machine, runtime versions, sha256 of every file;
+                                              # with KEY (ed25519 public key, hex), the signature
     python3 agent.py parity ARTIFACT_DIR      # the parity rule (runtime.py) on the reference inputs and program
     python3 agent.py profile ARTIFACT_DIR RUNS WARMUP PROMPT_LEN NEW_TOKENS
                                               # latency percentiles, load time, peak RSS, per-op time, tokens/s
@@ -32,8 +33,10 @@ import numpy as np
 
 try:
     from edgec.targets import runtime as shared
-except ImportError:  # on a device: runtime.py is uploaded beside this file
+    from edgec.targets.signature import signature_problem
+except ImportError:  # on a device: runtime.py and signature.py are uploaded beside this file
     import runtime as shared  # type: ignore[no-redef]
+    from signature import signature_problem  # type: ignore[no-redef]
 
 
 def _onnx_model_dir(root: Path) -> Path:
@@ -103,7 +106,13 @@ def missing_features(target: dict[str, Any], gpu: str | None = None) -> list[str
     return [name for name in required if name not in flags]
 
 
-def check(root: Path) -> dict[str, Any]:
+def check(root: Path, trusted: str | None = None) -> dict[str, Any]:
+    """Before anything of the artifact runs: with `trusted`, its signature first (the
+    hashes are only as good as the manifest that lists them)."""
+    if trusted is not None:
+        problem = signature_problem(root, trusted)
+        if problem is not None:
+            return {"signature_ok": False, "signature_problem": problem}
     manifest = json.loads((root / "manifest.json").read_text())
     mismatched = []
     for name, expected in manifest["files"].items():
@@ -119,6 +128,7 @@ def check(root: Path) -> dict[str, Any]:
         "hashes_ok": not mismatched,
         "mismatched": mismatched,
         "missing_features": missing_features(manifest["target"], gpu),
+        "signature_ok": True if trusted is not None else None,
     }
 
 
@@ -298,7 +308,7 @@ def main(argv: list[str]) -> int:
     if argv[1] == "prune":
         result = prune(root, int(argv[3]), argv[4] if len(argv) > 4 else None)
     elif argv[1] == "check":
-        result = check(root)
+        result = check(root, argv[3] if len(argv) > 3 else None)
     elif argv[1] == "parity":
         result = parity(root)
     elif argv[1] == "nll":

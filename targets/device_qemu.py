@@ -25,10 +25,11 @@ from edgec.errors import MissingDependencyError
 
 SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "libstdc++6", "libgcc-s1", "coreutils")
-# cloudpickle and psutil: the stock TVM RPC server (`edgec device up`) needs them.
+# cloudpickle and psutil: the stock TVM RPC server (`edgec device up`) needs them;
+# cryptography (with cffi, pycparser): the agent checks ed25519 signatures (`--trust`).
 DEVICE_WHEELS = (
     "apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy==2.4.6", "onnxruntime==1.32.0",
-    "cloudpickle==3.1.3", "psutil==7.2.2",
+    "cloudpickle==3.1.3", "psutil==7.2.2", "cryptography==50.0.2", "cffi==2.1.1", "pycparser==3.12",
 )
 SITE = "/opt/edgec-site"
 QEMU = "qemu-aarch64-static"

@@ -32,8 +32,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from edgec.errors import BadInputError
 
-# What a device with Python runs: the agent and the runtime it shares with the host.
-AGENT_FILES: tuple[Path, ...] = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("runtime.py"))
+# What a device with Python runs: the agent, and the runtime and signature check it shares with the host.
+AGENT_FILES: tuple[Path, ...] = tuple(Path(__file__).with_name(name) for name in ("agent.py", "runtime.py", "signature.py"))
 
 FORMS = "qemu-arm64, ssh://user@host[:port]/path, rpc://host:port[?key=K], tracker://host:port?key=K"
 DEFAULT_RPC_ARCH = "aarch64"
