@@ -8,6 +8,7 @@ whether each pass accepts the model family.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from edgec.model import ModelHandle, load_model
 from edgec.parity import ParityResult, check, flatten_io, reference_io
 from edgec.passes import REGISTRY
 from edgec.passes.schedule import schedule_options, tuning_endpoint
-from edgec.pipeline import PassContext, PassManager
+from edgec.pipeline import PassContext, PassLogEntry, PassManager
 from edgec.recipe import Recipe
 from edgec.targets.export import export_entries
 from edgec.targets.registry import ResolvedTarget, resolve_target
@@ -176,7 +177,7 @@ def compile_model(
         model = load_model(model_spec, trust_pickle)
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
-        pass_log = manager.run(model, ctx)
+        pass_log = _run_passes(manager, model, ctx, recipe)
 
         family = family_named(model.family)
         progress("export entries (torch.export)")
@@ -263,6 +264,16 @@ def compile_model(
         "signed_by": signed_by,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _run_passes(manager: PassManager, model: ModelHandle, ctx: PassContext, recipe: Recipe) -> list[PassLogEntry]:
+    """The recipe's passes, resumed from the pass cache where an earlier run got to
+    (EDGEC_PASS_CACHE=0 turns the cache off)."""
+    if not manager.specs or model.module is None or os.environ.get("EDGEC_PASS_CACHE", "1") == "0":
+        return manager.run(model, ctx)
+    from edgec.pass_cache import PassCache, base_key
+
+    return manager.run(model, ctx, PassCache(model.module), base_key(model.sha256, recipe))
 
 
 def build(

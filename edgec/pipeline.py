@@ -12,7 +12,7 @@ import fnmatch
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
@@ -89,6 +89,14 @@ class PassLogEntry:
     changed: bool
     seconds: float
     record: dict[str, Any]
+    # The output came from the pass cache (an earlier run's); `seconds` is that run's.
+    cached: bool = False
+
+
+class PassCacheLike(Protocol):
+    def load(self, key: str, root: Any) -> list[dict[str, Any]] | None: ...
+
+    def save(self, key: str, root: Any, log: list[dict[str, Any]]) -> None: ...
 
 
 class PassFailed(EdgecError):
@@ -138,10 +146,23 @@ class PassManager:
                     "(`edgec targets show` lists what it does)"
                 )
 
-    def run(self, model: ModelHandle, ctx: PassContext) -> list[PassLogEntry]:
+    def run(self, model: ModelHandle, ctx: PassContext, cache: PassCacheLike | None = None, base_key: str = "") -> list[PassLogEntry]:
+        """With `cache`, the longest prefix of the passes whose output an earlier run stored
+        (keys chained from `base_key`) is loaded instead of run, and each pass run now is stored."""
         self.check(model)
         log: list[PassLogEntry] = []
-        for number, spec in enumerate(self.specs, start=1):
+        keys = self.keys(base_key)
+        first = 0
+        if cache is not None and model.module is not None:
+            for done in range(len(self.specs), 0, -1):
+                entries = cache.load(keys[done - 1], model.module)
+                if entries is not None:
+                    log = [PassLogEntry(**{**entry, "cached": True}) for entry in entries]
+                    first = done
+                    ctx.progress(f"passes {', '.join(e.name for e in log)}: output of an earlier run, from the pass cache "
+                                 f"({len(self.specs) - done} to run)")
+                    break
+        for number, spec in enumerate(self.specs[first:], start=first + 1):
             cls = self.registry[spec.name]
             options = cls.Options.model_validate(spec.options)
             instance = cls(options, spec.overrides)
@@ -160,4 +181,17 @@ class PassManager:
                     record=result.record,
                 )
             )
+            if cache is not None and model.module is not None:
+                cache.save(keys[number - 1], model.module, [asdict(entry) for entry in log])
         return log
+
+    def keys(self, base_key: str) -> list[str]:
+        """The pass-cache key after each pass: the base, then every pass so far with its options."""
+        from edgec.pass_cache import chain_key
+
+        keys, key = [], base_key
+        for spec in self.specs:
+            options = self.registry[spec.name].Options.model_validate(spec.options).model_dump()
+            key = chain_key(key, {"pass": spec.name, "options": options, "overrides": [o.model_dump() for o in spec.overrides]})
+            keys.append(key)
+        return keys

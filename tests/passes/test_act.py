@@ -158,6 +158,8 @@ def test_search_keeps_only_heads_that_help_and_is_cached(tmp_path: Path, monkeyp
     baseline = (search["baseline"]["accuracy"], -search["baseline"]["label_nll"])
     assert calibrated > baseline
     assert record["calibrated_heads"] == len(kept)
+    # The search's own cache (the pass cache off, or the pass would not run at all).
+    monkeypatch.setenv("EDGEC_PASS_CACHE", "0")
     again = runner.invoke(app, [*args, "--force", *[x for s in sets for x in ("--set", s)]])
     assert json.loads(again.stdout)["passes"][0]["record"]["search"]["source"] == "cache"
     # The artifact's test-split score, against torch with and without the kept heads.
