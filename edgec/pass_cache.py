@@ -112,6 +112,7 @@ class PassCache:
         # Identity and version of every loaded tensor: a pass that replaces or edits one
         # in place changes them; the others need not be stored.
         self.loaded = {name: _stamp(t) for name, t in _tensors(root).items()}
+        self.structure = {(name, type(module)) for name, module in root.named_modules()}
         # The last entry stored or loaded, and the model's stamps then: a pass that changes
         # nothing (schedule only records) is stored as a pointer to it, not as a copy.
         self.last: tuple[str, dict[str, tuple[int, int]], list[dict[str, Any]]] | None = None
@@ -146,6 +147,9 @@ class PassCache:
     def save(self, key: str, root: nn.Module, log: list[dict[str, Any]]) -> None:
         """Store the model's state after the passes in `log`; a failure to store (a full
         disk) costs the cache entry, never the compile."""
+        kinds = {cls for cls, _, _ in _kinds().values()}
+        if any((name, type(m)) not in self.structure and type(m) not in kinds for name, m in root.named_modules()):
+            return  # a module no entry could rebuild: this pass's output is not stored
         modules = _modules(root)
         current = _tensors(root)
         stamps = {name: _stamp(t) for name, t in current.items()}

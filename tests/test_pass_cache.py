@@ -104,3 +104,18 @@ def test_a_compile_stopped_after_its_passes_resumes_from_them(tmp_path: Path) ->
     assert summary["parity"]["ok"] is True
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [(p["name"], p["cached"]) for p in manifest["passes"]] == [("luc", True), ("act", True)]
+
+
+def test_a_module_no_entry_could_rebuild_is_not_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stored, it would load as tensors with nowhere to go: the output is recomputed instead."""
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
+    module = load_model("zoo:tiny-lm").module
+    assert module is not None
+    cache = PassCache(module)
+    module.model.layers[0].mlp.extra = torch.nn.Linear(2, 2)
+    cache.save("unknown-module", module, [])
+    del module.model.layers[0].mlp.extra
+    module.model.norm.weight.data = module.model.norm.weight.data * 2  # a known change: stored
+    cache.save("changed-norm", module, [])
+    assert not (tmp_path / "passes" / "unknown-module").exists()
+    assert json.loads((tmp_path / "passes" / "changed-norm" / "record.json").read_text())["changed"] == ["model.norm.weight"]
