@@ -350,6 +350,9 @@ def _print_layer_table(record: dict[str, Any]) -> None:
     out.print(table)
 
 
+_TRUST_HELP = "an ed25519 public key (edgec keygen's KEY.pub): run nothing unless the artifact is signed by it, checked on the device"
+
+
 def _trusted(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -375,12 +378,12 @@ def keygen_command(
     """
     from edgec.signing import generate_key
 
-    public, print_ = generate_key(key, force)
+    public, fingerprint = generate_key(key, force)
     if as_json:
-        _emit_json({"private_key": str(key), "public_key": str(public), "fingerprint": print_})
+        _emit_json({"private_key": str(key), "public_key": str(public), "fingerprint": fingerprint})
         return
     out.print(f"private key {key} (keep it secret)")
-    out.print(f"public key  {public} ({print_}): give it to --trust")
+    out.print(f"public key  {public} ({fingerprint}): give it to --trust")
 
 
 @app.command("sign")
@@ -466,9 +469,7 @@ def deploy_command(
         DEFAULT_TIMEOUT_S, "--timeout", min=1.0,
         help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
     ),
-    trust: Optional[Path] = typer.Option(
-        None, "--trust", help="an ed25519 public key (edgec keygen's KEY.pub): run nothing unless the artifact is signed by it, checked on the device"
-    ),
+    trust: Optional[Path] = typer.Option(None, "--trust", help=_TRUST_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Upload an artifact to a device, check its files and runtime versions there, run parity there.
@@ -519,9 +520,7 @@ def profile_command(
         DEFAULT_TIMEOUT_S, "--timeout", min=1.0,
         help="seconds each step on a qemu-arm64 or ssh:// device may take before it is given up (exit 6); rpc:// and tracker:// take ?timeout=S",
     ),
-    trust: Optional[Path] = typer.Option(
-        None, "--trust", help="an ed25519 public key (edgec keygen's KEY.pub): run nothing unless the artifact is signed by it, checked on the device"
-    ),
+    trust: Optional[Path] = typer.Option(None, "--trust", help=_TRUST_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Latency p50/p90/p99, load time, peak memory, per-op time and tokens/s on a device.
