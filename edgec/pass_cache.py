@@ -31,6 +31,7 @@ from torch import nn
 from edgec.cache import cache_root
 from edgec.lm import AttentionCalibration
 from edgec.packing import PackedEmbedding, PackedLinear, PackedWeight, planes_of, set_submodule
+from edgec.passes.quantize_weights_int8 import Int8Embedding, Int8Linear
 from edgec.sinks import SinkRule
 
 ENTRY_VERSION = 1
@@ -48,18 +49,12 @@ def _packed(settings: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Packe
                         int(settings["bits"]), int(settings["group"]), tensors.get("index"), int(settings["keep"]), int(settings["span"]))
 
 
-def _int8_kinds() -> dict[str, tuple[type[nn.Module], Callable[..., Any], Callable[..., nn.Module]]]:
-    from edgec.passes.quantize_weights_int8 import Int8Embedding, Int8Linear
+# A module kind: its class, its settings, and how to build it again from them and its own
+# tensors (names relative to the module).
+Kind = tuple[type[nn.Module], Callable[[Any], dict[str, Any]], Callable[[dict[str, Any], dict[str, torch.Tensor]], nn.Module]]
 
-    return {
-        "Int8Linear": (Int8Linear, lambda m: {}, lambda s, t: Int8Linear(t["qweight"], t["scale"], t.get("bias"))),
-        "Int8Embedding": (Int8Embedding, lambda m: {}, lambda s, t: Int8Embedding(t["qweight"], t["scale"])),
-    }
-
-
-# The modules a pass may put into a model: class, its settings, and how to build it again
-# from them and its own tensors (names relative to the module).
-KINDS: dict[str, tuple[type[nn.Module], Callable[..., Any], Callable[..., nn.Module]]] = {
+# The modules a pass may put into a model.
+KINDS: dict[str, Kind] = {
     "PackedLinear": (PackedLinear, _packed_settings, lambda s, t: PackedLinear(_packed(s, t), t.get("bias"))),
     "PackedEmbedding": (PackedEmbedding, _packed_settings, lambda s, t: PackedEmbedding(_packed(s, t))),
     "AttentionCalibration": (
@@ -67,11 +62,9 @@ KINDS: dict[str, tuple[type[nn.Module], Callable[..., Any], Callable[..., nn.Mod
         lambda m: {"heads": m.heads, "num_heads": m.num_heads, "rule": dict(m.rule.__dict__)},
         lambda s, t: AttentionCalibration(list(s["heads"]), int(s["num_heads"]), SinkRule(**s["rule"])),
     ),
+    "Int8Linear": (Int8Linear, lambda m: {}, lambda s, t: Int8Linear(t["qweight"], t["scale"], t.get("bias"))),
+    "Int8Embedding": (Int8Embedding, lambda m: {}, lambda s, t: Int8Embedding(t["qweight"], t["scale"])),
 }
-
-
-def _kinds() -> dict[str, tuple[type[nn.Module], Callable[..., Any], Callable[..., nn.Module]]]:
-    return {**KINDS, **_int8_kinds()}
 
 
 # ----------------------------------------------------------------------------- keys
@@ -131,13 +124,12 @@ class PassCache:
         params = {name: nn.Parameter(tensor, requires_grad=False) for name, tensor in tensors.items()}
         for alias, original in record["aliases"].items():
             params[alias] = params[original]
-        kinds = _kinds()
-        if any(module["kind"] not in kinds for module in record["modules"]):
+        if any(module["kind"] not in KINDS for module in record["modules"]):
             return None
         for module in record["modules"]:
             prefix = f"{module['name']}."
             own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-            set_submodule(root, module["name"], kinds[module["kind"]][2](module["settings"], own))
+            set_submodule(root, module["name"], KINDS[module["kind"]][2](module["settings"], own))
         missing, unexpected = root.load_state_dict({k: p.data for k, p in params.items()}, strict=False)
         if unexpected or set(record["changed"]) & set(missing):
             raise RuntimeError(f"pass cache entry {key} does not fit the model (unexpected {unexpected[:3]})")
@@ -147,8 +139,8 @@ class PassCache:
     def save(self, key: str, root: nn.Module, log: list[dict[str, Any]]) -> None:
         """Store the model's state after the passes in `log`; a failure to store (a full
         disk) costs the cache entry, never the compile."""
-        kinds = {cls for cls, _, _ in _kinds().values()}
-        if any((name, type(m)) not in self.structure and type(m) not in kinds for name, m in root.named_modules()):
+        known = {cls for cls, _, _ in KINDS.values()}
+        if any((name, type(m)) not in self.structure and type(m) not in known for name, m in root.named_modules()):
             return  # a module no entry could rebuild: this pass's output is not stored
         modules = _modules(root)
         current = _tensors(root)
@@ -210,9 +202,8 @@ def _follow(directory: Path, key: str) -> str:
 
 def _modules(root: nn.Module) -> list[dict[str, Any]]:
     """The allow-listed modules in the model, with their settings."""
-    kinds = _kinds()
-    by_class = {cls: name for name, (cls, _, _) in kinds.items()}
-    return [{"name": name, "kind": by_class[type(m)], "settings": kinds[by_class[type(m)]][1](m)}
+    by_class = {cls: name for name, (cls, _, _) in KINDS.items()}
+    return [{"name": name, "kind": by_class[type(m)], "settings": KINDS[by_class[type(m)]][1](m)}
             for name, m in root.named_modules() if type(m) in by_class]
 
 
