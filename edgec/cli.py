@@ -428,7 +428,7 @@ def verify_command(
     else:
         for check in report["checks"]:
             mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]skipped[/]"}[check["ok"]]
-            out.print(f"{check['name']:<9} {mark}  {check['detail']}")
+            out.print(f"{check['name']:<8} {mark}  {check['detail']}")
     if not report["ok"]:
         from edgec.errors import EXIT_CHECK_FAILED
 
