@@ -44,12 +44,16 @@ def generate_key(path: Path, force: bool) -> tuple[Path, str]:
     return public_path, fingerprint(_raw(key.public_key()))
 
 
+def _read_key(path: Path, option: str, fix: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"{option} {path}: cannot read it ({exc.strerror}); {fix}") from None
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """The ed25519 private key at `path`, or one line saying what is wrong with it."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"--sign {path}: cannot read it ({exc.strerror}); make a key with `edgec keygen {path}`") from None
+    data = _read_key(path, "--sign", f"make a key with `edgec keygen {path}`")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -64,10 +68,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def trusted_key(path: Path) -> str:
     """The ed25519 public key at `path` (PEM) as raw hex, the form the check takes."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"--trust {path}: cannot read it ({exc.strerror}); give the .pub file `edgec keygen` wrote") from None
+    data = _read_key(path, "--trust", "give the .pub file `edgec keygen` wrote")
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:
