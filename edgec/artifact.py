@@ -211,6 +211,11 @@ def self_check(root: Path, manifest: dict[str, Any]) -> list[str]:
     recorded = manifest["reference"].get("tolerance", {}).get("rtol")
     if recorded != rtol:
         problems.append(f"the parity tolerance rtol={recorded} is not the one its recipe gives ({rtol})")
+    # Artifacts from before the floor have neither (0.0: no floor).
+    atol = float(recipe.get("parity", {}).get("atol", 0.0))
+    recorded_atol = manifest["reference"].get("tolerance", {}).get("atol", 0.0)
+    if recorded_atol != atol:
+        problems.append(f"the parity tolerance atol={recorded_atol} is not the one its recipe gives ({atol})")
     arch = manifest["target"].get("arch")
     # A GPU target's library holds host code for the machine that built it: CPU targets only.
     for relative in manifest["files"] if arch in _ELF_MACHINES.values() else []:
@@ -371,7 +376,7 @@ def open_runtime(root: Path, manifest: dict[str, Any], check_files: bool = True,
 def save_reference(root: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(root / REFERENCE_FILE))
+    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(root / REFERENCE_FILE))
 
 
 def load_reference(root: Path) -> dict[str, np.ndarray]:

@@ -107,12 +107,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors(func: F) -> F:
-    """User errors become one line on stderr and their exit code; no traceback."""
+    """User errors become one line on stderr and their exit code; no traceback. With
+    `--json` the same failure is also one JSON object on stdout, for scripts."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         note_interrupts()
         collected = Collected()
+        as_json = bool(kwargs.get("as_json", False))
         try:
             with third_party_output() as collected, bars_closed():
                 result = func(*args, **kwargs)
@@ -120,28 +122,27 @@ def _user_errors(func: F) -> F:
             return result
         except EdgecError as exc:
             _report_third_party(collected)
-            err.print(f"[bold red]error:[/] {exc.message}")
-            raise typer.Exit(exc.exit_code) from None
+            if was_interrupted():  # e.g. a run that a signal broke, reported as a failed check
+                raise _failed_interrupted(as_json) from None
+            raise _failed(exc.message, exc.exit_code, as_json) from None
         except KeyboardInterrupt:
             _report_third_party(collected)
-            raise typer.Exit(_interrupted()) from None
+            raise _failed_interrupted(as_json) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 _report_third_party(collected, everything=True)
                 raise
             _report_third_party(collected)
             where = f" writing {exc.filename}" if exc.filename else ""
-            err.print(f"[bold red]error:[/] no space left on the disk{where}: free some (edgec cache clean frees the cache) "
-                      "or write elsewhere (-o, EDGEC_CACHE_DIR); nothing half-written was left")
-            raise typer.Exit(2) from None
+            raise _failed(f"no space left on the disk{where}: free some (edgec cache clean frees the cache) "
+                          "or write elsewhere (-o, EDGEC_CACHE_DIR); nothing half-written was left", 2, as_json) from None
         except ModuleNotFoundError as exc:
             missing = missing_dependency(exc.name or "")
             if missing is None:  # not one of edgec's dependencies: a bug
                 _report_third_party(collected, everything=True)
                 raise
             _report_third_party(collected)
-            err.print(f"[bold red]error:[/] {missing.message}")
-            raise typer.Exit(missing.exit_code) from None
+            raise _failed(missing.message, missing.exit_code, as_json) from None
         except Exception as exc:
             if isinstance(exc, typer.Exit):  # a command's own exit code (a failed check)
                 _report_third_party(collected)
@@ -150,9 +151,28 @@ def _user_errors(func: F) -> F:
                 _report_third_party(collected, everything=True)
                 raise
             _report_third_party(collected)
-            raise typer.Exit(_interrupted()) from None
+            raise _failed_interrupted(as_json) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# The `kind` of a failure in --json output, by exit code (EXIT_CODES has the sentences).
+FAILURE_KINDS = {2: "bad-input", 3: "unsupported", 4: "check-failed", 5: "missing-dependency", 6: "device-unreachable"}
+
+
+def _failed(message: str, code: int, as_json: bool) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code, "kind": FAILURE_KINDS.get(code, "error")}), flush=True)
+    return typer.Exit(code)
+
+
+def _failed_interrupted(as_json: bool) -> typer.Exit:
+    code = _interrupted()
+    if as_json:
+        name, _ = interrupt_exit()
+        print(json.dumps({"error": f"interrupted ({name})", "exit_code": code, "kind": "interrupted"}), flush=True)
+    return typer.Exit(code)
 
 
 def _report_third_party(collected: Collected, everything: bool = False) -> None:
@@ -211,13 +231,15 @@ _COMPILE_EXAMPLES = "\n\n".join([
     "  edgec compile zoo:tiny-lm --target arm64 --target-opt mcpu=cortex-a76 --dry-run",
     "  edgec compile zoo:tiny-lm --target arm64 --sign release.key   (edgec keygen release.key makes one)",
     "  edgec compile zoo:tiny-lm --set passes=quantize-weights-int8 --set quantize-weights-int8.group_size=32 --dry-run --json",
+    "  edgec compile detector.onnx --input-shape image=1x3x640x640 --target arm64 --backend onnx",
+    "  edgec compile encoder.onnx --dim batch=1 --reference-inputs real-batch.npz",
 ])
 
 
 @app.command("compile", epilog=_COMPILE_EXAMPLES)
 @_user_errors
 def compile_command(
-    model: str = typer.Argument(..., help="HF causal-LM dir, .pt2 file, .onnx file, or zoo:NAME (edgec zoo list)"),
+    model: str = typer.Argument(..., help="Hugging Face model dir, .pt2 file, .onnx file, or zoo:NAME (edgec zoo list)"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="cpu, x86_64, arm64, ... (edgec targets list) or raw TVM JSON"),
     backend: Optional[str] = typer.Option(None, "--backend", "-b", help="tvm or onnx (default tvm)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (see recipes/)"),
@@ -228,8 +250,15 @@ def compile_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="run every check that needs no model (target, fields, passes, device, output) and print the resolved plan"
     ),
-    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout (a failure: one JSON object with error, exit_code, kind)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a .pt2 MODEL (torch.export.load unpickles it)"),
+    input_shape: list[str] = typer.Option(
+        [], "--input-shape", help="an .onnx MODEL: fix an input's shape, NAME=1x3x320x320; repeatable (recipe: inputs.shapes)"
+    ),
+    dim: list[str] = typer.Option([], "--dim", help="an .onnx MODEL: fix a symbolic dimension, NAME=SIZE (batch=1); repeatable (recipe: inputs.dims)"),
+    reference_inputs: Optional[Path] = typer.Option(
+        None, "--reference-inputs", help="an .onnx MODEL: real inputs for the parity check, an .npz of input name -> array"
+    ),
     device: Optional[str] = typer.Option(
         None, "--device", "-d",
         help="check parity and held-out perplexity on this device instead of here (as for deploy --device): "
@@ -239,10 +268,11 @@ def compile_command(
         None, "--sign", help="sign the manifest with this ed25519 private key (edgec keygen); deploy --trust KEY.pub checks it on the device"
     ),
 ) -> None:
-    """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against torch."""
+    """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against its reference
+    (torch; ONNX Runtime's CPU provider for an .onnx MODEL)."""
     from edgec.compiler import compile_model, default_output, plan_compile
     from edgec.passes import options_for
-    from edgec.recipe import load_recipe
+    from edgec.recipe import load_recipe, with_inputs
 
     sets = list(set_)
     if target is not None:
@@ -256,7 +286,7 @@ def compile_command(
             raise BadInputError(f"--target-opt {option!r}: expected key=value, e.g. mcpu=cortex-a76")
         key, value = option.split("=", 1)
         sets.append(f"target_options.{key}={value}")
-    resolved = load_recipe(recipe, sets, options_for)
+    resolved = with_inputs(load_recipe(recipe, sets, options_for), input_shape, dim, reference_inputs)
     out_dir = output or default_output(model, resolved.target, resolved.backend)
     if dry_run:
         plan = plan_compile(model, resolved, out_dir, force, device).to_json(model, resolved)

@@ -81,6 +81,7 @@ class Plan:
             "dtype": recipe.dtype,
             "passes": [spec.name for spec in recipe.passes],
             "parity_rtol": self.rtol,
+            "parity_atol": recipe.parity.atol,
             "recipe": recipe.model_dump(),
         }
 
@@ -175,12 +176,13 @@ def compile_model(
         started = time.perf_counter()
         progress(f"load {model_spec}")
         model = load_model(model_spec, trust_pickle)
+        family = family_named(model.family)
+        family.prepare(model, recipe, progress)
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
         pass_log = _run_passes(manager, model, ctx, recipe)
 
-        family = family_named(model.family)
-        progress("export entries (torch.export)")
+        progress("export entries")
         entries = export_entries(model)
         reference = flatten_io(reference_io(model, entries, recipe))
         program = family.program(model, entries, recipe)
@@ -217,7 +219,7 @@ def compile_model(
                     "file": REFERENCE_FILE,
                     "implementation": family.reference_rule(),
                     "entries": program["entries"],
-                    "tolerance": {"rtol": rtol, "rule": PARITY_RULE},
+                    "tolerance": {"rtol": rtol, "atol": recipe.parity.atol, "rule": PARITY_RULE},
                 },
                 "tokenizer": tokenizer_dir,
             }

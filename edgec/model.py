@@ -41,6 +41,9 @@ class ModelHandle:
     exported: torch.export.ExportedProgram | None = None
     onnx_path: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # What the family's `prepare` made of the model for this compile (a cleaned graph,
+    # the reference inputs): the family's own business.
+    prepared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:

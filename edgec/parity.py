@@ -54,5 +54,6 @@ class ParityResult:
 
 def check(runner: Runs, manifest: dict[str, Any], reference: dict[str, np.ndarray]) -> ParityResult:
     """The parity rule for an artifact's manifest on any runner."""
-    rtol = float(manifest["reference"]["tolerance"]["rtol"])
-    return ParityResult.from_report(check_parity(runner, manifest["program"], reference, rtol))
+    tolerance = manifest["reference"]["tolerance"]
+    return ParityResult.from_report(check_parity(runner, manifest["program"], reference, float(tolerance["rtol"]),
+                                                 float(tolerance.get("atol", 0.0))))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgec.errors import BadInputError
 
@@ -47,8 +47,43 @@ class CalibrationSpec(Strict):
 
 
 class ParitySpec(Strict):
-    rtol: float = Field(1e-3, gt=0, description="max |artifact - torch| allowed, as a fraction of the torch logits' range")
+    rtol: float = Field(1e-3, gt=0, description="max |artifact - reference| allowed, as a fraction of each reference output's range")
+    atol: float = Field(
+        1e-5, ge=0, description="the tolerance's absolute floor: a near-constant output is not held to a fraction of its tiny range"
+    )
     prompt_len: int = Field(16, ge=2, description="tokens in the reference prefill input")
+
+
+class InputsSpec(Strict):
+    """The inputs of a graph model (.onnx, .pt2): fixed shapes, sizes for its symbolic
+    dimensions, and real reference inputs. What is not given is made up realistically."""
+
+    shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="input name -> its full shape, fixed in the artifact (--input-shape x=1x3x224x224)"
+    )
+    dims: dict[str, int] = Field(
+        default_factory=dict, description="symbolic dimension name -> size, fixed in the artifact (--dim batch=1)"
+    )
+    file: str | None = Field(None, description=".npz of input name -> array, used as the reference inputs (--reference-inputs)")
+
+    @field_validator("shapes")
+    @classmethod
+    def _positive_shapes(cls, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, shape in shapes.items():
+            if any(size < 1 for size in shape):
+                raise ValueError(f"input {name}: every size must be >= 1, got {shape}")
+        return shapes
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, dims: dict[str, int]) -> dict[str, int]:
+        for name, size in dims.items():
+            if size < 1:
+                raise ValueError(f"dimension {name}: size must be >= 1, got {size}")
+        return dims
+
+    def given(self) -> bool:
+        return bool(self.shapes or self.dims or self.file)
 
 
 class EvaluateSpec(Strict):
@@ -67,6 +102,7 @@ class Recipe(Strict):
     max_context: int | None = Field(None, ge=16, description="longest sequence the artifact accepts; default min(model, 1024)")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     parity: ParitySpec = Field(default_factory=ParitySpec)
+    inputs: InputsSpec = Field(default_factory=InputsSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     passes: list[PassSpec] = Field(default_factory=list)
 
@@ -229,3 +265,25 @@ def load_recipe(
                         _explain(exc, where, root, ["passes", index, "overrides", o_index, "options"])
                     ) from None
     return recipe
+
+
+def with_inputs(recipe: Recipe, shapes: Sequence[str], dims: Sequence[str], file: Path | None) -> Recipe:
+    """The recipe with `--input-shape NAME=1x3x320x320`, `--dim NAME=N` and
+    `--reference-inputs FILE.npz` applied over its `inputs:` section."""
+    merged = recipe.inputs.model_dump()
+    for option in shapes:
+        name, _, text = option.rpartition("=")
+        sizes = text.lower().split("x")
+        if not name or not all(size.isdigit() and int(size) >= 1 for size in sizes):
+            raise BadInputError(f"--input-shape {option!r}: expected NAME=SIZExSIZE..., sizes integers >= 1, e.g. image=1x3x320x320")
+        merged["shapes"][name] = [int(size) for size in sizes]
+    for option in dims:
+        name, _, text = option.rpartition("=")
+        if not name or not text.isdigit() or int(text) < 1:
+            raise BadInputError(f"--dim {option!r}: expected NAME=SIZE with SIZE an integer >= 1, e.g. --dim batch=1")
+        merged["dims"][name] = int(text)
+    if file is not None:
+        if not file.expanduser().is_file():
+            raise BadInputError(f"--reference-inputs {file} does not exist; give an .npz of input name -> array")
+        merged["file"] = str(file.expanduser())
+    return recipe.model_copy(update={"inputs": InputsSpec.model_validate(merged)})

@@ -142,8 +142,9 @@ def parity(root: Path) -> dict[str, Any]:
     """The shared parity rule (shared.check_parity), on this device."""
     manifest = json.loads((root / "manifest.json").read_text())
     reference = shared.read_safetensors(root / manifest["reference"]["file"])
-    rtol = float(manifest["reference"]["tolerance"]["rtol"])
-    return shared.check_parity(_runtime(root, manifest), manifest["program"], reference, rtol)
+    tolerance = manifest["reference"]["tolerance"]
+    return shared.check_parity(_runtime(root, manifest), manifest["program"], reference, float(tolerance["rtol"]),
+                               float(tolerance.get("atol", 0.0)))
 
 
 def nll(root: Path, windows_json: str) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgec.errors import UnsupportedError
+from edgec.errors import EdgecError, UnsupportedError
 from edgec.targets.export import ExportedEntry
 from edgec.targets.registry import ResolvedTarget
 
@@ -37,6 +38,66 @@ def _tvm_target(target: ResolvedTarget) -> Any:
     import tvm
 
     return tvm.target.Target(target.tvm_target)
+
+
+def _compile(mod: Any, entry: ExportedEntry, tvm_target: Any, tuning: Any, target: ResolvedTarget, runner: Any,
+             record: dict[str, Any], progress: Callable[[str], None]) -> Any:
+    """GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules,
+    applied once: the scheduled module is both reported and compiled."""
+    import tvm
+
+    from edgec.targets.tvm_schedule import finish_pipeline, fused_module, schedule_fused, schedule_report
+
+    if tvm_target.kind.name != "llvm":
+        return tvm.compile(mod, tvm_target, relax_pipeline="default")
+    fused = fused_module(mod, tvm_target)
+    chosen = None
+    if tuning is not None:
+        chosen, tuning_record = _tune(fused, entry.rows_per_call, tuning, target, tvm_target, runner, progress)
+        record.setdefault("tuning", {})[entry.name] = tuning_record
+    scheduled = schedule_fused(fused, tvm_target, chosen)
+    record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
+    record.setdefault("float_tensor_shapes", {})[entry.name] = float_tensor_shapes(scheduled)
+    return tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
+
+
+@contextmanager
+def _refused_as_unsupported(entry: ExportedEntry, stage: str) -> Iterator[None]:
+    """A graph from outside (an .onnx file) that TVM cannot import or build is refused,
+    exit 3, naming the node TVM's importer was on and its reason; ONNX Runtime, which
+    computed the reference, runs it. A torch entry's failure stays a bug (traceback)."""
+    if entry.onnx_model is None:
+        yield
+        return
+    import tvm
+
+    try:
+        yield
+    except EdgecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the importer raises anything from KeyError to TVMError
+        if isinstance(exc, tvm.error.OpNotImplemented):  # the importer's word for an operator it lacks
+            ops = str(exc).split(":", 1)[-1].strip()
+            raise UnsupportedError(f"entry {entry.name}: TVM's ONNX importer has no lowering for {ops}; "
+                                   "--backend onnx runs it (ONNX Runtime computed the reference)") from None
+        node = _node_being_imported(exc)
+        where = f" at node {node.name or '(unnamed)'} ({node.op_type})" if node is not None else ""
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+        raise UnsupportedError(f"entry {entry.name}: TVM cannot {stage} this graph{where}: {reason}; "
+                               "--backend onnx runs it (ONNX Runtime computed the reference)") from None
+
+
+def _node_being_imported(exc: BaseException) -> Any | None:
+    """The ONNX node TVM's importer was converting when it failed (its loop's `node`)."""
+    found = None
+    trace = exc.__traceback__
+    while trace is not None:
+        frame = trace.tb_frame
+        if frame.f_code.co_name == "_construct_nodes" and "node" in frame.f_locals:
+            found = frame.f_locals["node"]
+        trace = trace.tb_next
+    return found
 
 
 def build(
@@ -59,7 +120,6 @@ def build(
     from tvm.relax.frontend.torch import from_exported_program
 
     from edgec.targets.tvm_packed import convert_map
-    from edgec.targets.tvm_schedule import finish_pipeline, fused_module, schedule_fused, schedule_report
 
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
@@ -77,21 +137,19 @@ def build(
             if nm_record:
                 record.setdefault("nm_kernels", {})[entry.name] = nm_record
         progress(f"tvm: import {entry.name}")
-        try:
-            if entry.onnx_model is not None:
-                from tvm.relax.frontend.onnx import from_onnx
+        if entry.onnx_model is not None:
+            from tvm.relax.frontend.onnx import from_onnx
 
+            with _refused_as_unsupported(entry, "import"):
                 mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
-            else:
+        else:
+            try:
                 mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=convert_map(nm_kernels))
-        except tvm.error.OpNotImplemented as exc:  # the ONNX importer's word for an operator it lacks
-            ops = str(exc).split(":", 1)[-1].strip()
-            raise UnsupportedError(f"entry {entry.name}: TVM's ONNX importer has no lowering for {ops}; try --backend onnx") from None
-        except AssertionError as exc:  # the torch importer's
-            if "Unsupported function type" not in str(exc):
-                raise
-            ops = str(exc).split("[", 1)[-1].rstrip("]") if "[" in str(exc) else str(exc)
-            raise UnsupportedError(f"entry {entry.name}: TVM's PyTorch importer has no lowering for {ops}; try --backend onnx") from None
+            except AssertionError as exc:  # the torch importer's word for an operator it lacks
+                if "Unsupported function type" not in str(exc):
+                    raise
+                ops = str(exc).split("[", 1)[-1].rstrip("]") if "[" in str(exc) else str(exc)
+                raise UnsupportedError(f"entry {entry.name}: TVM's PyTorch importer has no lowering for {ops}; try --backend onnx") from None
         mod, params = relax.frontend.detach_params(mod)
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
@@ -108,23 +166,11 @@ def build(
             digest = hashlib.sha256(array.tobytes() + str(array.dtype).encode() + str(array.shape).encode()).hexdigest()
             if digest not in by_digest:
                 by_digest[digest] = f"{entry.name}/{name}"
-                stored[by_digest[digest]] = np.ascontiguousarray(array)
+                stored[by_digest[digest]] = np.asarray(array, order="C")
             keys.append(by_digest[digest])
         progress(f"tvm: build {entry.name} for {_describe(tvm_target)}")
-        # GPUs get TVM's own pipeline (dlight GPU schedules); CPUs get edgec's schedules,
-        # applied once: the scheduled module is both reported and compiled.
-        if tvm_target.kind.name == "llvm":
-            fused = fused_module(mod, tvm_target)
-            chosen = None
-            if tuning is not None:
-                chosen, tuning_record = _tune(fused, entry.rows_per_call, tuning, target, tvm_target, runner, progress)
-                record.setdefault("tuning", {})[entry.name] = tuning_record
-            scheduled = schedule_fused(fused, tvm_target, chosen)
-            record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
-            record.setdefault("float_tensor_shapes", {})[entry.name] = float_tensor_shapes(scheduled)
-            executable = tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
-        else:
-            executable = tvm.compile(mod, tvm_target, relax_pipeline="default")
+        with _refused_as_unsupported(entry, "build"):
+            executable = _compile(mod, entry, tvm_target, tuning, target, runner, record, progress)
         library = f"{entry.name}.so"
         if target.spec.cross_compiler is not None:
             from tvm.support import cc

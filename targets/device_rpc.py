@@ -125,7 +125,7 @@ class RemoteTVM:
     def _prepare(self, entry: str, inputs: list[Any]) -> Any:
         import tvm
 
-        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+        args = [x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs]
         vm = self.vms[entry]
         vm.set_input("main", *args, *self.params[entry])
         return vm

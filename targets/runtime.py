@@ -30,7 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 
 PARITY_RULE = (
-    "every output finite; max |artifact-reference| <= rtol x range(reference output); same argmax where the "
+    "every output finite; max |artifact-reference| <= max(rtol x range(reference output), atol); an entry that "
+    "fails to run fails; same argmax where the "
     "reference's top-2 margin > tolerance; a generate program also greedily decodes from the reference prompt "
     "and must produce the reference's tokens until a step whose reference margin <= tolerance"
 )
@@ -134,7 +135,7 @@ class Runtime:
     def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if self.backend == "tvm":
             tvm = self._tvm
-            args = [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+            args = [tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs]
             result = self.vms[entry]["main"](*args, *self.params[entry])
             if isinstance(result, tvm.runtime.Tensor):
                 return [result.numpy()]
@@ -201,19 +202,22 @@ def reference_prompt(reference: dict[str, np.ndarray]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- parity
-def _tolerance(want: np.ndarray, rtol: float) -> float:
+def _tolerance(want: np.ndarray, rtol: float, atol: float) -> float:
+    """Relative to the output's range, never below `atol`: a near-constant output (a saturated
+    softmax, a fully masked row) would otherwise be held to float noise."""
     finite = want[np.isfinite(want)]
-    return rtol * float(finite.max() - finite.min()) if finite.size else 0.0
+    return max(rtol * float(finite.max() - finite.min()) if finite.size else 0.0, atol)
 
 
-def compare_output(entry: str, name: str, want: np.ndarray, got: np.ndarray, rtol: float, is_logits: bool) -> dict[str, Any]:
+def compare_output(entry: str, name: str, want: np.ndarray, got: np.ndarray, rtol: float, is_logits: bool,
+                   atol: float = 0.0) -> dict[str, Any]:
     """One output against its reference: a JSON-able record with `ok` and, if not, `why`."""
     record: dict[str, Any] = {"entry": entry, "output": name, "max_abs_diff": 0.0, "tolerance": 0.0, "argmax_mismatches": 0}
     if want.shape != got.shape:
         return {**record, "max_abs_diff": float("inf"), "ok": False,
                 "why": f"shape {list(got.shape)}, reference {list(want.shape)}"}
     got64, want64 = got.astype(np.float64), want.astype(np.float64)
-    tolerance = _tolerance(want64, rtol)
+    tolerance = _tolerance(want64, rtol, atol)
     record["tolerance"] = tolerance
     for values, whose in ((got64, "the artifact's"), (want64, "the reference's")):
         bad = ~np.isfinite(values)
@@ -269,17 +273,41 @@ def check_generation(runner: Runs, program: dict[str, Any], reference: dict[str,
     return record
 
 
-def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.ndarray], rtol: float) -> dict[str, Any]:
+def reference_cases(reference: dict[str, np.ndarray], entry: str) -> list[str]:
+    """The reference runs of an entry: `ENTRY`, then `ENTRY@2`, `ENTRY@3`, ... where the
+    family recorded more (a dimension left dynamic, checked at a second size)."""
+    cases, k = [entry], 2
+    while f"{entry}@{k}.in.0" in reference:
+        cases.append(f"{entry}@{k}")
+        k += 1
+    return cases
+
+
+def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.ndarray], rtol: float,
+                 atol: float = 0.0) -> dict[str, Any]:
     """The parity rule (PARITY_RULE) on any runner; a JSON-able report whose `reason`
-    names the entry, the output, the step and the values of the first failure."""
+    names the entry, the output, the step and the values of the first failure. An entry
+    that raises (a runtime that cannot run what was built) is a failed check, with the
+    runtime's error, not a crash."""
     outputs: list[dict[str, Any]] = []
     logits_name = program.get("logits")
     for entry, io in program["entries"].items():
-        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(io["inputs"]))]
-        got = runner.run(entry, inputs)
-        for index, name in enumerate(io["outputs"]):
-            outputs.append(compare_output(entry, name, reference[f"{entry}.out.{index}"], np.asarray(got[index]), rtol,
-                                          name == logits_name))
+        for case in reference_cases(reference, entry):
+            inputs = [reference[f"{case}.in.{i}"] for i in range(len(io["inputs"]))]
+            try:
+                got = runner.run(entry, inputs)
+            except Exception as exc:  # noqa: BLE001 - TVM, ORT and RPC each raise their own kind
+                if hasattr(exc, "exit_code"):  # edgec's own (an unreachable device): not the artifact's fault
+                    raise
+                said = " ".join(str(exc).split())[:400]  # TVM's messages span lines; the call is on the first
+                shapes = ", ".join(f"{name} {list(x.shape)}" for name, x in zip(io["inputs"], inputs))
+                outputs.append({"entry": case, "output": "*", "max_abs_diff": float("inf"), "tolerance": 0.0,
+                                "argmax_mismatches": 0, "ok": False,
+                                "why": f"the runtime failed on inputs {shapes}: {type(exc).__name__}: {said}"})
+                continue
+            for index, name in enumerate(io["outputs"]):
+                outputs.append(compare_output(case, name, reference[f"{case}.out.{index}"], np.asarray(got[index]), rtol,
+                                              name == logits_name, atol))
     failing = [o for o in outputs if not o["ok"]]
     generation = None
     if program["kind"] == "generate" and "generate.tokens.0" in reference and not failing:
@@ -294,6 +322,7 @@ def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.
         "max_abs_diff": worst["max_abs_diff"],
         "tolerance": worst["tolerance"],
         "rtol": rtol,
+        "atol": atol,
         "reason": reason,
         "outputs": outputs,
         "generation": generation,
@@ -331,4 +360,4 @@ def profile_prompt(reference: dict[str, np.ndarray], length: int) -> np.ndarray:
     ids = reference_prompt(reference)[:1] if "generate.prompt.0" in reference else reference["prefill.in.0"][:1]
     while ids.shape[1] < length:
         ids = np.concatenate([ids, ids], axis=1)
-    return np.ascontiguousarray(ids[:, :length])
+    return np.asarray(ids[:, :length], order="C")

@@ -1,7 +1,8 @@
 """Model families: the one place that knows what kind of model something is.
 
 A family (one module each: causal_lm, graph, ...) says
-  * how it recognises and loads a model (`recognise`, `load`),
+  * how it recognises and loads a model (`recognise`, `load`), and what a recipe changes
+    about it before export (`prepare`: fixed input shapes, a cleaned graph),
   * its entries, each with input/output names and dynamic dimensions (`entries`),
   * the reference run: realistic inputs and the reference implementation's outputs
     (`reference`),
@@ -73,6 +74,14 @@ class Family:
 
     def load(self, path: Path, name: str | None, trust_pickle: bool) -> ModelHandle:
         raise NotImplementedError
+
+    def prepare(self, model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
+        """Whatever the recipe changes about the model before passes and export (fixed input
+        shapes, a cleaned graph), kept in `model.prepared`. By default: nothing, and the
+        recipe's `inputs` section, which this family does not read, is refused."""
+        if recipe.inputs.given():
+            raise BadInputError(f"{model.name}: --input-shape, --dim and --reference-inputs (recipe `inputs:`) apply to .onnx "
+                                f"models; a {self.name} model's inputs are the family's own")
 
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
         raise NotImplementedError

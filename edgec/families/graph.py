@@ -1,7 +1,8 @@
 """Graph families: a model that arrives as a graph, not as weights plus an architecture.
 
     exported-program   a torch.export .pt2 file (its own reference: the program in torch)
-    onnx-graph         an .onnx file (its reference: the ONNX specification's evaluator)
+    onnx-graph         an .onnx file (its reference: ONNX Runtime's CPU provider on the
+                       graph as given; cleaned and shape-fixed before it is built)
 
 Each has one entry, `main`, driven by a `forward` program.
 """
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from edgec.errors import BadInputError, UnsupportedError
-from edgec.families import Family, register
+from edgec.families import Family, Progress, register
 from edgec.model import FAMILY_EXPORTED, FAMILY_ONNX, ModelHandle, sha256_files
 from edgec.recipe import Recipe
 from edgec.targets.export import ExportedEntry
@@ -48,55 +49,81 @@ class OnnxGraph(Family):
     def load(self, path: Path, name: str | None, trust_pickle: bool) -> ModelHandle:
         return load_onnx(path)
 
+    def prepare(self, model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
+        """The user's shapes written into the graph, then the graph cleaned (edgec.onnx_cleanup);
+        the reference inputs: the user's file, or made up from what the graph says."""
+        import onnx
+
+        from edgec import onnx_cleanup, onnx_inputs
+
+        assert model.onnx_path is not None
+        proto = onnx.load(str(model.onnx_path))
+        inputs = onnx_inputs.fix_shapes(proto, recipe.inputs, model.name)
+        progress("onnx: infer shapes, fold constants, lift Constant weights (onnxscript optimizer)")
+        cleaned = onnx_cleanup.clean(proto)
+        progress(f"onnx: {cleaned.note}")
+        if recipe.inputs.file is not None:
+            first = onnx_inputs.read_inputs(recipe.inputs.file, inputs)
+            taken = onnx_inputs.sizes_of(inputs, first)
+        else:
+            taken = onnx_inputs.sizes_for(inputs, 0)
+            first = onnx_inputs.make_inputs(proto, inputs, taken, seed=0)
+        cases = [first]
+        if onnx_inputs.symbolic(inputs):
+            # Other sizes than the first case's (+1 where the user's file happened to use them).
+            second = {key: size + (size == taken.get(key)) for key, size in onnx_inputs.sizes_for(inputs, 1).items()}
+            cases.append(onnx_inputs.make_inputs(proto, inputs, second, seed=1))
+        model.prepared = {"graph": cleaned.model, "inputs": inputs, "cases": cases}
+        model.info["parameters"] = onnx_cleanup.parameters(cleaned.model)
+        model.info["cleanup"] = cleaned.note
+        model.info["reference_inputs"] = f"--reference-inputs {recipe.inputs.file}" if recipe.inputs.file else "made from the graph (seed 0)"
+
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
-        return [_onnx_entry(model)]
+        if not model.prepared:
+            from edgec.recipe import Recipe
+
+            self.prepare(model, Recipe(), lambda message: None)
+        first = tuple(torch.from_numpy(x) for x in model.prepared["cases"][0])
+        graph = model.prepared["graph"]
+        names = [i.name for i in model.prepared["inputs"]]
+        return [ExportedEntry("main", None, None, first, None, names, [o.name for o in graph.graph.output], onnx_model=graph)]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
-        """The ONNX specification's own evaluator (onnx.reference), independent of both
-        backends, so ORT is never checked against itself."""
-        from onnx.reference import ReferenceEvaluator
+        """ONNX Runtime's CPU provider on the graph as the user gave it (the de facto reference:
+        onnx.reference computes BatchNormalization with batch statistics when a node carries
+        `momentum`, which other frameworks export). A second case, at other sizes of the
+        dimensions left symbolic, is kept only if the graph runs at them."""
+        import onnxruntime as ort
 
+        assert model.onnx_path is not None
+        (entry,) = entries
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model.onnx_path), options, providers=["CPUExecutionProvider"])
         io: dict[str, list[np.ndarray]] = {}
-        for entry in entries:
-            evaluator = ReferenceEvaluator(entry.onnx_model)
-            feed = {name: t.numpy() for name, t in zip(entry.input_names, entry.example)}
-            io[f"{entry.name}.in"] = [t.numpy() for t in entry.example]
-            io[f"{entry.name}.out"] = [np.asarray(x) for x in evaluator.run(entry.output_names, feed)]
+        for index, inputs in enumerate(model.prepared["cases"]):
+            feed = dict(zip(entry.input_names, inputs))
+            try:
+                outputs = session.run(entry.output_names, feed)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidArgument / RuntimeException
+                if index:  # the graph takes one size only there: checked at the first
+                    break
+                shapes = ", ".join(f"{n}={'x'.join(map(str, x.shape))}" for n, x in feed.items())
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise BadInputError(f"{model.name}: the reference (ONNX Runtime) cannot run it on inputs {shapes} ({first[:300]}); "
+                                    "give the sizes it takes with --input-shape NAME=AxBxC or --dim NAME=N, "
+                                    "or real inputs with --reference-inputs FILE.npz") from None
+            key = entry.name if index == 0 else f"{entry.name}@{index + 1}"
+            io[f"{key}.in"] = list(inputs)
+            io[f"{key}.out"] = [np.asarray(x) for x in outputs]
+        # Which input shapes parity runs: two sizes where a dimension stays symbolic.
+        model.info["checked_shapes"] = [
+            {name: list(x.shape) for name, x in zip(entry.input_names, io[key])} for key in io if key.endswith(".in")
+        ]
         return io
 
     def reference_rule(self) -> str:
-        return "onnx.reference"
-
-
-_ONNX_DTYPES: dict[int, torch.dtype] = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16}
-
-
-def _onnx_entry(model: ModelHandle) -> ExportedEntry:
-    """An .onnx input is already a graph: its entry carries the model and example inputs
-    built from its declared input types (symbolic dimensions become 2)."""
-    import onnx
-
-    assert model.onnx_path is not None
-    proto = onnx.load(str(model.onnx_path))
-    initializers = {t.name for t in proto.graph.initializer}
-    example: list[torch.Tensor] = []
-    names: list[str] = []
-    generator = torch.Generator().manual_seed(0)
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        dtype = _ONNX_DTYPES.get(tensor_type.elem_type)
-        if dtype is None:
-            raise UnsupportedError(f"{model.name}: input {value.name} has ONNX type {tensor_type.elem_type}; edgec feeds float/int/bool inputs")
-        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tensor_type.shape.dim]
-        if dtype.is_floating_point:
-            example.append(torch.randn(shape, generator=generator).to(dtype))
-        else:
-            example.append(torch.zeros(shape, dtype=dtype))
-        names.append(value.name)
-    outputs = [o.name for o in proto.graph.output]
-    return ExportedEntry("main", None, None, tuple(example), None, names, outputs, onnx_model=proto)
+        return "onnxruntime CPUExecutionProvider"
 
 
 def _example_for(node: torch.fx.Node) -> torch.Tensor:
@@ -141,9 +168,11 @@ def load_onnx(path: Path) -> ModelHandle:
         # Checking by path lets the checker find external data next to the file.
         onnx.checker.check_model(str(path))
         model = onnx.load(str(path), load_external_data=False)
+        initializers = {t.name for t in model.graph.initializer}
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError, ValueError) as exc:
         raise BadInputError(f"{path} is not a valid ONNX model ({str(exc).splitlines()[0]})") from None
-    params = sum(int(torch.Size(t.dims).numel()) for t in model.graph.initializer)
+    from edgec.onnx_cleanup import parameters
+
     return ModelHandle(
         name=str(path),
         family=FAMILY_ONNX,
@@ -151,7 +180,7 @@ def load_onnx(path: Path) -> ModelHandle:
         source=path,
         sha256=sha256_files([path]),
         onnx_path=path,
-        info={"parameters": params, "inputs": [i.name for i in model.graph.input]},
+        info={"parameters": parameters(model), "inputs": [i.name for i in model.graph.input if i.name not in initializers]},
     )
 
 

@@ -98,3 +98,30 @@ def test_generation_must_match_the_reference_tokens() -> None:
     near_tie = [10.0, 10.0, 10.0, 1e-4, 10.0, 10.0, 10.0, 10.0]
     tied = check_parity(Counter(flip_after=7), PROGRAM, reference_of(Counter(), near_tie), 1e-3)
     assert tied["ok"] is True and tied["generation"]["near_tie_at"] == 3
+
+
+def test_a_near_constant_output_is_held_to_the_absolute_floor_not_to_its_range() -> None:
+    """A fully saturated output varies by 1e-9: rtol x range alone would make float noise a failure."""
+    want = (0.5 + 1e-9 * RNG.normal(size=(2, 8))).astype(np.float64)
+    got = want + 3e-7
+    assert compare_output("main", "probs", want, got, 1e-3, False)["ok"] is False
+    floored = compare_output("main", "probs", want, got, 1e-3, False, atol=1e-5)
+    assert floored["ok"] is True and floored["tolerance"] == 1e-5
+    # The floor is a floor: a real error above it still fails, and prints `>`.
+    broken = compare_output("main", "probs", want, want + 1e-3, 1e-3, False, atol=1e-5)
+    assert broken["ok"] is False and "> tolerance 1e-05" in broken["why"]
+
+
+class Raising:
+    def run(self, entry: str, inputs: list[Any]) -> list[np.ndarray]:
+        raise ValueError("Mismatched lv3.ndim on argument #1 when calling:\n  `fused_less_add_where(...)`,\n  expected 0")
+
+
+def test_an_entry_the_runtime_cannot_run_is_a_failed_check_naming_it() -> None:
+    program = {"kind": "forward", "entries": {"main": {"inputs": ["x"], "outputs": ["y"]}}}
+    reference = {"main.in.0": np.zeros((1, 4), np.float32), "main.out.0": np.zeros((1, 4), np.float32),
+                 "main@2.in.0": np.zeros((3, 4), np.float32), "main@2.out.0": np.zeros((3, 4), np.float32)}
+    report = check_parity(Raising(), program, reference, 1e-3, 1e-5)
+    assert report["ok"] is False and [o["entry"] for o in report["outputs"]] == ["main", "main@2"]
+    assert report["reason"].startswith("main.*: the runtime failed on inputs x [1, 4]: ValueError: Mismatched lv3.ndim")
+    assert "expected 0" in report["reason"] and "\n" not in report["reason"]
