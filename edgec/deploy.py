@@ -18,6 +18,7 @@ from typing import Any
 
 from edgec.artifact import MANIFEST, check_hashes, read_manifest
 from edgec.errors import BadInputError, CheckFailedError, DeviceUnreachableError, UnsupportedError
+from edgec.targets.agent import AGENT_FAILED
 from edgec.targets.devices import DEFAULT_TIMEOUT_S, AgentDevice, RpcEndpoint, parse_device, run_streaming
 from edgec.targets.signature import fingerprint, signature_problem
 
@@ -97,6 +98,11 @@ def run_agent(
                 on_partial(message["partial"])
 
     result = run_streaming(device.agent_command([command, device_dir, *extra]), timeout_s, on_line)
+    if result.returncode == AGENT_FAILED:
+        said = next((m["agent_error"] for m in map(_json_or_none, reversed(result.stdout.splitlines()))
+                     if isinstance(m, dict) and "agent_error" in m), None)
+        if said is not None:  # the device answered: what failed there was the artifact's run
+            raise CheckFailedError(f"{device.name}: `{command}` failed on the device: {said}")
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode}" if result.returncode < 0 else "no output"])[-1]
         raise DeviceDied(f"{device.name}: the device agent stopped during `{command}` (exit {result.returncode}): {last}", partial)
@@ -108,6 +114,13 @@ def run_agent(
         if isinstance(answer, dict) and "partial" not in answer:
             return answer
     raise DeviceUnreachableError(f"{device.name}: the device agent answered `{command}` with no JSON")
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def upload_and_check(

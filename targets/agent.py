@@ -49,19 +49,19 @@ def _onnx_model_dir(root: Path) -> Path:
 
 
 def _versions() -> dict[str, str]:
+    """Runtime versions from the installed packages' metadata: importing TVM to ask it takes
+    half a minute on an emulated core (and seconds on a small board) before anything runs."""
+    from importlib import metadata
+
     versions = {"python": platform.python_version(), "numpy": np.__version__}
-    try:
-        import tvm
-
-        versions["tvm"] = tvm.__version__
-    except ImportError:
-        versions["tvm"] = "missing"
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        versions["onnxruntime"] = "missing"
+    for key, package in (("tvm", "apache-tvm"), ("onnxruntime", "onnxruntime")):
+        try:
+            versions[key] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # built from source: no metadata, ask the module
+            try:
+                versions[key] = str(__import__(key).__version__)
+            except ImportError:
+                versions[key] = "missing"
     return versions
 
 
@@ -301,10 +301,25 @@ def prune(uploads: Path, cap_bytes: int, keep: str | None) -> dict[str, Any]:
             "kept": [p.name for p in uploaded if p.exists()]}
 
 
+# The agent ran and failed (an exception): the host reports it as a failed check, with
+# this error, and keeps "unreachable" for a device that did not answer.
+AGENT_FAILED = 3
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] not in ("check", "parity", "profile", "nll", "prune"):
         print(json.dumps({"error": "usage: agent.py check|parity|profile|nll|prune ARTIFACT_DIR [...]"}))
         return 2
+    try:
+        result = _command(argv)
+    except Exception as exc:  # noqa: BLE001 - whatever the runtime raised, said in one line
+        print(json.dumps({"agent_error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}), flush=True)
+        return AGENT_FAILED
+    print(json.dumps(result))
+    return 0
+
+
+def _command(argv: list[str]) -> dict[str, Any]:
     root = Path(argv[2])
     if argv[1] == "prune":
         result = prune(root, int(argv[3]), argv[4] if len(argv) > 4 else None)
@@ -317,8 +332,7 @@ def main(argv: list[str]) -> int:
     else:
         runs, warmup, prompt_len, new_tokens = (int(x) for x in argv[3:7])
         result = profile(root, runs, warmup, prompt_len, new_tokens)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ because TVM's default pipeline leaves every loop nest unscheduled.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import io
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -61,31 +63,42 @@ def _compile(mod: Any, entry: ExportedEntry, tvm_target: Any, tuning: Any, targe
     return tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
 
 
-@contextmanager
-def _refused_as_unsupported(entry: ExportedEntry, stage: str) -> Iterator[None]:
-    """A graph from outside (an .onnx file) that TVM cannot import or build is refused,
-    exit 3, naming the node TVM's importer was on and its reason; ONNX Runtime, which
-    computed the reference, runs it. A torch entry's failure stays a bug (traceback)."""
+def _refused_as_unsupported(entry: ExportedEntry, stage: str, work: Callable[[], Any]) -> Any:
+    """`work()`; for a graph from outside (an .onnx file) that TVM cannot import or build, a
+    refusal, exit 3, naming the node TVM's importer was on and its reason (ONNX Runtime,
+    which computed the reference, runs it). A torch entry's failure stays a bug (traceback)."""
     if entry.onnx_model is None:
-        yield
-        return
+        return work()
     import tvm
 
+    refusal = None
     try:
-        yield
+        # The importer prints the failing operator's inputs on stdout (where --json goes).
+        with redirect_stdout(io.StringIO()):
+            return work()
     except EdgecError:
         raise
     except Exception as exc:  # noqa: BLE001 - the importer raises anything from KeyError to TVMError
-        if isinstance(exc, tvm.error.OpNotImplemented):  # the importer's word for an operator it lacks
-            ops = str(exc).split(":", 1)[-1].strip()
-            raise UnsupportedError(f"entry {entry.name}: TVM's ONNX importer has no lowering for {ops}; "
-                                   "--backend onnx runs it (ONNX Runtime computed the reference)") from None
-        node = _node_being_imported(exc)
-        where = f" at node {node.name or '(unnamed)'} ({node.op_type})" if node is not None else ""
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
-        raise UnsupportedError(f"entry {entry.name}: TVM cannot {stage} this graph{where}: {reason}; "
-                               "--backend onnx runs it (ONNX Runtime computed the reference)") from None
+        refusal = _refusal(entry, stage, exc, tvm.error.OpNotImplemented)
+    # Raised out here, with the failed import's frames gone: they hold its block builder, which
+    # warns when destroyed, and that must happen while third-party output is still collected.
+    gc.collect()
+    raise UnsupportedError(refusal)
+
+
+def _refusal(entry: ExportedEntry, stage: str, exc: Exception, not_implemented: type) -> str:
+    hint = "--backend onnx runs it (ONNX Runtime computed the reference)"
+    if isinstance(exc, not_implemented):  # the importer's word for an operator it lacks
+        return f"entry {entry.name}: TVM's ONNX importer has no lowering for {str(exc).split(':', 1)[-1].strip()}; {hint}"
+    node = _node_being_imported(exc)
+    where = f" at node {node.name or '(unnamed)'} ({node.op_type})" if node is not None else ""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+    symbolic = sorted({d.dim_param or "?" for value in entry.onnx_model.graph.input
+                       for d in value.type.tensor_type.shape.dim if not d.HasField("dim_value")})
+    fix = (f"fixing its symbolic dimensions ({', '.join(symbolic)}) with --dim NAME=N or --input-shape lets edgec "
+           "fold shape computations TVM cannot import; or " if symbolic else "")
+    return f"entry {entry.name}: TVM cannot {stage} this graph{where}: {reason}; {fix}{hint}"
 
 
 def _node_being_imported(exc: BaseException) -> Any | None:
@@ -140,8 +153,9 @@ def build(
         if entry.onnx_model is not None:
             from tvm.relax.frontend.onnx import from_onnx
 
-            with _refused_as_unsupported(entry, "import"):
-                mod = from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
+            mod = _refused_as_unsupported(
+                entry, "import", lambda: from_onnx(entry.onnx_model, keep_params_in_input=True, sanitize_input_names=False)
+            )
         else:
             try:
                 mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=convert_map(nm_kernels))
@@ -169,8 +183,9 @@ def build(
                 stored[by_digest[digest]] = np.asarray(array, order="C")
             keys.append(by_digest[digest])
         progress(f"tvm: build {entry.name} for {_describe(tvm_target)}")
-        with _refused_as_unsupported(entry, "build"):
-            executable = _compile(mod, entry, tvm_target, tuning, target, runner, record, progress)
+        executable = _refused_as_unsupported(
+            entry, "build", lambda: _compile(mod, entry, tvm_target, tuning, target, runner, record, progress)
+        )
         library = f"{entry.name}.so"
         if target.spec.cross_compiler is not None:
             from tvm.support import cc

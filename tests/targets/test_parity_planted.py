@@ -115,3 +115,38 @@ def test_planted_nan_and_flip_fail_on_the_emulated_device(tmp_path_factory: pyte
     flip = runner.invoke(app, ["deploy", str(plant_flip(built, root / "flip")), "--device", "qemu-arm64", "--json"])
     report = json.loads(flip.stdout)["parity"]
     assert flip.exit_code == 4 and report["reason"].startswith("prefill.logits: argmax") and "> tolerance" in report["reason"]
+
+
+def plant_wrong_input(artifact: Path, copy: Path) -> Path:
+    """Reference ids stored as float32: the built module refuses them when it runs."""
+    shutil.copytree(artifact, copy)
+    reference_path = copy / "reference.safetensors"
+    reference = load_file(str(reference_path))
+    reference["main.in.0"] = reference["main.in.0"].astype(np.float32)
+    save_file(reference, str(reference_path))
+    rehash(copy)
+    return copy
+
+
+@pytest.mark.arm64
+def test_a_module_that_fails_to_run_is_a_failed_check_here_and_on_the_device(tmp_path: Path) -> None:
+    """Not a traceback, not "device unreachable" (exit 6): exit 4 with the runtime's own words."""
+    from tests.onnx_corpus import build
+
+    (tmp_path / "corpus").mkdir()
+    graph = build(tmp_path / "corpus")["text-mask-opset17"]
+    for target in ("cpu", "arm64"):
+        result = runner.invoke(app, ["compile", str(graph), "--target", target, "-o", str(tmp_path / target)])
+        assert result.exit_code == 0, result.output + result.stderr
+    host = runner.invoke(app, ["verify", str(plant_wrong_input(tmp_path / "cpu", tmp_path / "cpu-bad")), "--json"])
+    parity = next(c for c in json.loads(host.stdout)["checks"] if c["name"] == "parity")
+    assert host.exit_code == 4 and parity["detail"].startswith("main.*: the runtime failed on inputs input_ids [1, 16]")
+    bad = plant_wrong_input(tmp_path / "arm64", tmp_path / "arm64-bad")
+    deployed = runner.invoke(app, ["deploy", str(bad), "--device", "qemu-arm64", "--json"])
+    report = json.loads(deployed.stdout)["parity"]
+    assert deployed.exit_code == 4 and report["reason"].startswith("main.*: the runtime failed on inputs input_ids [1, 16]")
+    # Outside parity (profile times the first entry on the reference inputs) the agent's own
+    # failure is reported the same way, naming the command and the error it raised.
+    profiled = runner.invoke(app, ["profile", str(bad), "--device", "qemu-arm64", "--runs", "1"])
+    text = profiled.output + profiled.stderr
+    assert profiled.exit_code == 4 and "`profile` failed on the device:" in text and "Traceback" not in text, text
