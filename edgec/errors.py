@@ -93,7 +93,8 @@ class MissingDependencyError(EdgecError):
 DEPENDENCIES = {
     "onnxruntime": ("onnxruntime", "the ONNX backend and ONNX parity"),
     "onnx": ("onnx", "the ONNX backend"),
-    "onnxscript": ("onnxscript", "the ONNX exporter"),
+    "onnxscript": ("onnxscript", "the ONNX exporter and .onnx clean-up"),
+    "onnx_ir": ("onnx-ir", ".onnx clean-up"),
     "tvm": ("apache-tvm", "the TVM backend"),
     "transformers": ("transformers", "Hugging Face models"),
     "safetensors": ("safetensors", "reading weights"),
