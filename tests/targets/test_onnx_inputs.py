@@ -16,28 +16,10 @@ from typer.testing import CliRunner
 
 from edgec.artifact import load_reference, read_manifest
 from edgec.cli import app
+from tests.onnx_corpus import VOCAB, TextClassifier
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
-VOCAB = 100
-
-
-class TextClassifier(torch.nn.Module):
-    """Embedding, one masked attention, masked mean pooling: the mask matters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB, 16)
-        self.query = torch.nn.Linear(16, 16)
-        self.head = torch.nn.Linear(16, 3)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
-        scores = (self.query(h) @ h.transpose(1, 2)) / 4.0
-        scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e9).softmax(-1)
-        h = scores @ h
-        mask = attention_mask[..., None].float()
-        return self.head((h * mask).sum(1) / mask.sum(1))
 
 
 @pytest.fixture(scope="module")
