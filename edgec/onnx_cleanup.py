@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from edgec.targets.runtime import one_line
+
 # Elements above which a Constant is a weight (lifted); smaller ones are shapes and scalars.
 LIFT_MIN_ELEMENTS = 16
 # ONNX float element types (float, float16, double, bfloat16): weights, not shapes.
@@ -22,8 +24,6 @@ FLOAT_TYPES = (1, 10, 11, 16)
 @dataclass(frozen=True)
 class Cleaned:
     model: Any  # onnx.ModelProto
-    nodes_before: int
-    nodes_after: int
     note: str  # what was done, or why the graph was kept as it was
 
 
@@ -44,11 +44,9 @@ def clean(proto: Any) -> Cleaned:
         weights_after = len(model.graph.initializers)
         cleaned = ir.to_proto(model)
     except Exception as exc:  # noqa: BLE001 - the optimizer's failure is no reason to refuse the model
-        first = " ".join(str(exc).split())[:200]
-        return Cleaned(proto, before, before, f"kept as given: the optimizer failed ({type(exc).__name__}: {first})")
+        return Cleaned(proto, f"kept as given: the optimizer failed ({one_line(exc, limit=250)})")
     after = len(cleaned.graph.node)
-    return Cleaned(cleaned, before, after,
-                   f"{before} -> {after} nodes (shapes inferred, constants folded), initializers {weights_before} -> {weights_after}")
+    return Cleaned(cleaned, f"{before} -> {after} nodes (shapes inferred, constants folded), initializers {weights_before} -> {weights_after}")
 
 
 def parameters(proto: Any) -> int:

@@ -313,7 +313,7 @@ def main(argv: list[str]) -> int:
     try:
         result = _command(argv)
     except Exception as exc:  # noqa: BLE001 - whatever the runtime raised, said in one line
-        print(json.dumps({"agent_error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}), flush=True)
+        print(json.dumps({"agent_error": shared.one_line(exc, limit=2000)}), flush=True)
         return AGENT_FAILED
     print(json.dumps(result))
     return 0

@@ -202,6 +202,11 @@ def reference_prompt(reference: dict[str, np.ndarray]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- parity
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """`Type: message` on one line (TVM's and ORT's messages span lines), at most `limit` characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:limit]
+
+
 def _tolerance(want: np.ndarray, rtol: float, atol: float) -> float:
     """Relative to the output's range, never below `atol`: a near-constant output (a saturated
     softmax, a fully masked row) would otherwise be held to float noise."""
@@ -299,11 +304,9 @@ def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.
             except Exception as exc:  # noqa: BLE001 - TVM, ORT and RPC each raise their own kind
                 if hasattr(exc, "exit_code"):  # edgec's own (an unreachable device): not the artifact's fault
                     raise
-                said = " ".join(str(exc).split())[:400]  # TVM's messages span lines; the call is on the first
                 shapes = ", ".join(f"{name} {list(x.shape)}" for name, x in zip(io["inputs"], inputs))
                 outputs.append({"entry": case, "output": "*", "max_abs_diff": float("inf"), "tolerance": 0.0,
-                                "argmax_mismatches": 0, "ok": False,
-                                "why": f"the runtime failed on inputs {shapes}: {type(exc).__name__}: {said}"})
+                                "argmax_mismatches": 0, "ok": False, "why": f"the runtime failed on inputs {shapes}: {one_line(exc)}"})
                 continue
             for index, name in enumerate(io["outputs"]):
                 outputs.append(compare_output(case, name, reference[f"{case}.out.{index}"], np.asarray(got[index]), rtol,
