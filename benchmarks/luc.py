@@ -157,8 +157,6 @@ def ablation(models: list[str], tokens: int, group_sizes: list[int]) -> None:
             bits = ""
             if changes is not None:
                 options = {**spec.options, **changes}
-                if model == "zoo:tiny-lm" and "group_size" not in changes:
-                    options["group_size"] = 16
                 calibration = recipe.calibration
                 segments = lambda: calibration_segments(handle.tokenizer, calibration.data, calibration.samples, calibration.seq_len)  # noqa: E731
                 result = Luc(LucOptions(**options), []).run(handle, PassContext(Recipe(), calibration_ids=segments))
@@ -173,7 +171,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["zoo:tiny-lm", "zoo:smollm2-135m"])
     parser.add_argument("--bits", type=float, default=4.0)
     parser.add_argument("--sparsity", type=float, default=0.3)
-    parser.add_argument("--group-size", type=int, default=32, help="tiny-lm always uses 16 (its MLP is 688 wide)")
+    parser.add_argument("--group-size", type=int, default=32, help="input channels per scale; a width it does not divide gets a ragged last group")
     parser.add_argument("--pruning", default="wanda", choices=["wanda", "sparsegpt"])
     parser.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (then --sparsity 0.5)")
     parser.add_argument("--asymmetric", action="store_true")

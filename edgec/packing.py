@@ -6,8 +6,13 @@ One quantized matrix W[N, K] (N outputs, K inputs, the nn.Linear layout) is stor
   row n sits in byte k // (8 / w) at bit (k % (8 / w)) * w, low bits first. 3-bit codes
   are a 2-bit plane plus a 1-bit plane (code = plane0 | plane1 << 2), so every width
   costs exactly `bits` bits per weight.
-- scales: float16 [N, K / group].
-- zeros: uint8 [N, K / group] (asymmetric), or none (symmetric: zero point 2^(bits-1)).
+- scales: float16 [N, ceil(K / group)].
+- zeros: uint8 [N, ceil(K / group)] (asymmetric), or none (symmetric: zero point 2^(bits-1)).
+
+A K that `group` does not divide (688 inputs in groups of 32) gets a ragged last group:
+the codes are stored for K rounded up to whole groups, the tail holding the zero code, so
+it decodes to 0 and every kernel may read it; the ops take K from their input (x's last
+axis), as ONNX Runtime's MatMulNBits and llama.cpp treat a short last block.
 
 W[n, k] = (code[n, k] - zero[n, k // group]) * scale[n, k // group]. A pruned weight is
 code == zero, so it decodes to exactly 0.
@@ -51,12 +56,20 @@ class PackedWeight:
     index: torch.Tensor | None = None
     keep: int = 0
     span: int = 0
+    # The real input width when the last group is ragged (0: the stored width).
+    cols: int = 0
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def stored_shape(self) -> tuple[int, int]:
+        """(N, K rounded up to whole groups): the width the codes are stored for."""
         rows, packed = self.planes[0].shape
         stored = packed * 8 // PLANE_WIDTHS[self.bits][0]
         return rows, stored * self.span // self.keep if self.index is not None else stored
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, stored = self.stored_shape
+        return rows, self.cols or stored
 
     def nbytes(self) -> int:
         tensors = [*self.planes, self.scales] + [t for t in (self.zeros, self.index) if t is not None]
@@ -114,7 +127,8 @@ def compress_nm(packed: PackedWeight, keep: int, span: int) -> PackedWeight | No
     a block with more than `keep` nonzero codes, an M without an index width, or a width
     the kept codes do not fill whole bytes of."""
     rows, cols = packed.shape
-    if packed.index is not None or span not in INDEX_WIDTH or cols % span:
+    # A ragged tail would put kept positions past K, where the gather kernel reads x.
+    if packed.index is not None or span not in INDEX_WIDTH or cols % span or cols != packed.stored_shape[1]:
         return None
     kept = cols // span * keep
     if any(kept % (8 // width) for width in (*PLANE_WIDTHS[packed.bits], INDEX_WIDTH[span])):
@@ -207,15 +221,24 @@ def quantize(
 ) -> PackedWeight:
     """Group quantization of W[N, K] to packed codes; zeros in W stay exactly zero.
 
-    params: (scale, zero) [N, K / group] chosen elsewhere (GPTQ fixes them group by group
-    while it quantizes); default round-to-nearest with group_params."""
+    params: (scale, zero) [N, ceil(K / group)] chosen elsewhere (GPTQ fixes them group by
+    group while it quantizes); default round-to-nearest with group_params. A ragged last
+    group is padded with zeros, which change no group's parameters (every range holds 0;
+    the ternary scale averages nonzero weights) and take the zero code."""
     rows, cols = weight.shape
-    grouped = weight.detach().float().reshape(rows, cols // group, group)
+    stored = padded_width(cols, group)
+    padded = torch.nn.functional.pad(weight.detach().float(), (0, stored - cols))
+    grouped = padded.reshape(rows, stored // group, group)
     scale, zero = params if params is not None else group_params(grouped, bits, symmetric)
     codes = round_to_codes(grouped, scale[..., None], zero[..., None], bits, symmetric)
-    codes = codes.reshape(rows, cols).to(torch.int32)
+    codes = codes.reshape(rows, stored).to(torch.int32)
     zeros = None if symmetric else zero.to(torch.uint8)
-    return PackedWeight(pack_codes(codes, bits), scale.half(), zeros, bits, group)
+    return PackedWeight(pack_codes(codes, bits), scale.half(), zeros, bits, group, cols=0 if stored == cols else cols)
+
+
+def padded_width(cols: int, group: int) -> int:
+    """`cols` rounded up to whole groups: the width packed codes are stored for."""
+    return -(-cols // group) * group
 
 
 def planes_of(plane0: T, plane1: T | None) -> list[T]:
@@ -235,9 +258,10 @@ def qlinear(
     bits: int,
     group: int,
 ) -> torch.Tensor:
-    """y = x @ W^T + bias with W packed; the reference every backend kernel is checked against."""
+    """y = x @ W^T + bias with W packed; the reference every backend kernel is checked against.
+    K is x's width: the columns stored past it (a ragged last group) are not read."""
     weight = dequantize(planes_of(plane0, plane1), scales, zeros, bits, group).to(x.dtype)
-    return nn.functional.linear(x, weight, bias)
+    return nn.functional.linear(x, weight[:, : x.shape[-1]], bias)
 
 
 @qlinear.register_fake
@@ -261,7 +285,7 @@ def qlinear_nm(
 ) -> torch.Tensor:
     """qlinear with N:M compressed codes (see the module docstring)."""
     weight = dequantize(planes_of(plane0, plane1), scales, zeros, bits, group, index, keep, span).to(x.dtype)
-    return nn.functional.linear(x, weight, bias)
+    return nn.functional.linear(x, weight[:, : x.shape[-1]], bias)
 
 
 @qlinear_nm.register_fake
@@ -322,14 +346,16 @@ class _PackedStore(nn.Module):
         self.group = packed.group
         self.keep = packed.keep
         self.span = packed.span
+        self.cols = packed.cols
 
     @property
     def packed(self) -> PackedWeight:
         planes = planes_of(self.plane0, self.plane1)
-        return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
+        return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span, self.cols)
 
     def weight_fp32(self) -> torch.Tensor:
-        return dequantize(self.packed.planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
+        weight = dequantize(self.packed.planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
+        return weight[:, : self.packed.shape[1]]
 
 
 class PackedLinear(_PackedStore):
@@ -352,4 +378,6 @@ class PackedEmbedding(_PackedStore):
         self.num_embeddings, self.embedding_dim = packed.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.ops.edgec.qembedding(ids, self.plane0, self.plane1, self.scales, self.zeros, self.bits, self.group)
+        rows = torch.ops.edgec.qembedding(ids, self.plane0, self.plane1, self.scales, self.zeros, self.bits, self.group)
+        # A ragged last group: the op decodes whole groups; the slice is an ordinary graph op.
+        return rows[..., : self.embedding_dim] if self.cols else rows

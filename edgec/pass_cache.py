@@ -41,12 +41,13 @@ RECORD = "record.json"
 
 # ----------------------------------------------------------------------------- modules
 def _packed_settings(module: PackedLinear | PackedEmbedding) -> dict[str, Any]:
-    return {"bits": module.bits, "group": module.group, "keep": module.keep, "span": module.span}
+    return {"bits": module.bits, "group": module.group, "keep": module.keep, "span": module.span, "cols": module.cols}
 
 
 def _packed(settings: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PackedWeight:
     return PackedWeight(planes_of(tensors["plane0"], tensors.get("plane1")), tensors["scales"], tensors.get("zeros"),
-                        int(settings["bits"]), int(settings["group"]), tensors.get("index"), int(settings["keep"]), int(settings["span"]))
+                        int(settings["bits"]), int(settings["group"]), tensors.get("index"), int(settings["keep"]), int(settings["span"]),
+                        int(settings["cols"]))
 
 
 # A module kind: its class, its settings, and how to build it again from them and its own

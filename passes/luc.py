@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.packing import (
+    padded_width,
     INDEX_WIDTH,
     SUPPORTED_BITS,
     PackedEmbedding,
@@ -163,8 +163,9 @@ def check_budget(options: LucOptions, fixed: dict[int, dict[str, float]], num_la
 def packed_bytes(outputs: int, inputs: int, bits: int, options: LucOptions) -> int:
     """Bytes of one matrix packed at `bits` with dense codes: codes, float16 scales and
     (asymmetric) uint8 zero points."""
-    groups = outputs * inputs // options.group_size
-    return outputs * inputs * bits // 8 + groups * (2 if options.symmetric else 3)
+    stored = padded_width(inputs, options.group_size)
+    groups = outputs * stored // options.group_size
+    return outputs * stored * bits // 8 + groups * (2 if options.symmetric else 3)
 
 
 def bits_for_size(root: nn.Module, options: LucOptions, fixed: dict[int, dict[str, float]]) -> float:
@@ -200,16 +201,6 @@ def bits_for_size(root: nn.Module, options: LucOptions, fixed: dict[int, dict[st
     mean_free = min((options.size_bytes - spent) / (max(slope[i] for i in free) * len(free)), choices[-1]) if free else 0.0
     fixed_bits = sum(fixed[i]["bits"] for i in fixed if "bits" in fixed[i])
     return (fixed_bits + mean_free * len(free)) / len(layers)
-
-
-def check_group_size(root: nn.Module, group: int) -> None:
-    widths = sorted({m.in_features for m in root.modules() if isinstance(m, nn.Linear)})
-    bad = [w for w in widths if w % group != 0]
-    if bad:
-        common = math.gcd(*widths)
-        fits = max(g for g in (8, 16, 32, 64, 128) if common % g == 0) if common % 8 == 0 else None
-        hint = f"use group_size {fits}" if fits else "no group size of 8 or more divides them all"
-        raise BadInputError(f"luc: group_size {group} does not divide the input widths {bad} of this model; {hint}")
 
 
 def layer_overrides(overrides: Sequence[LayerOverride], num_layers: int) -> dict[int, dict[str, float]]:
@@ -383,7 +374,7 @@ class InputStats:
 
 def fake_quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
     packed = quantize(weight, bits, group, symmetric)
-    return dequantize(packed.planes, packed.scales, packed.zeros, bits, group)
+    return dequantize(packed.planes, packed.scales, packed.zeros, bits, group)[:, : weight.shape[1]]
 
 
 def profile_key(model: ModelHandle, segments: list[list[int]], options: LucOptions) -> str:
@@ -487,9 +478,6 @@ def _storage_note(options: LucOptions, compress: tuple[int, int] | None, records
 def _packed(
     weight: torch.Tensor, bits: int, options: LucOptions, params: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> PackedWeight:
-    cols = weight.shape[1]
-    if cols % options.group_size != 0:
-        raise BadInputError(f"luc: group_size {options.group_size} does not divide a layer's {cols} input channels; pick a divisor")
     return quantize(weight, bits, options.group_size, options.symmetric, params)
 
 
@@ -524,7 +512,6 @@ class Luc:
             raise BadInputError("luc: the model is already compressed; list the pass once in the recipe")
         layers = decoder_layers(root)
         fixed = layer_overrides(self.overrides, len(layers))
-        check_group_size(root, options.group_size)
         if options.size_bytes is not None:
             options = options.model_copy(update={"bits": bits_for_size(root, options, fixed)})
             if options.policy == "uniform":  # every layer the same bits: the most that fit

@@ -118,7 +118,7 @@ def obs_compress(
     rows, cols = work.shape
     if quant is not None:
         block = max(block // quant.group, 1) * quant.group
-        scales = torch.zeros(rows, cols // quant.group, dtype=torch.float64)
+        scales = torch.zeros(rows, -(-cols // quant.group), dtype=torch.float64)  # a ragged last group counts
         zeros = torch.zeros_like(scales)
     hessian = gram.double().clone()
     dead = torch.diag(hessian) == 0

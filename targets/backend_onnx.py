@@ -116,7 +116,7 @@ def build(
     if packed:
         from edgec.targets.onnx_packed import lowering_note
 
-        record["packed_weights"] = {str(bits): lowering_note(bits) for bits in packed}
+        record["packed_weights"] = {str(bits): lowering_note(bits, group) for bits, group in packed}
     share_external_data(models, out_dir / WEIGHTS_FILE)
     for name, proto in models.items():
         onnx.save_model(proto, str(out_dir / f"{name}.onnx"))
@@ -127,17 +127,17 @@ def build(
     return record
 
 
-def _packed_bits(entries: list[ExportedEntry]) -> list[int]:
-    """The bit-widths of edgec::qlinear calls in the entries (to say how each is lowered)."""
+def _packed_bits(entries: list[ExportedEntry]) -> list[tuple[int, int]]:
+    """The (bits, group) of edgec::qlinear calls in the entries (to say how each is lowered)."""
     import torch
 
-    found: set[int] = set()
+    found: set[tuple[int, int]] = set()
     for entry in entries:
         if entry.program is None:
             continue
         for node in entry.program.graph.nodes:
             if node.op == "call_function" and node.target is torch.ops.edgec.qlinear.default:
-                found.add(int(node.args[6]))
+                found.add((int(node.args[6]), int(node.args[7])))
     return sorted(found, reverse=True)
 
 

@@ -3,10 +3,14 @@
 - `edgec::qlinear` at 2, 4 or 8 bits -> one com.microsoft MatMulNBits: its B input is
   our [N, K * bits / 8] planes reshaped to [N, K / group, group * bits / 8] (the same
   bytes), scales cast to the activation dtype, uint8 zero points packed per row.
-- `edgec::qlinear` at 3 bits (MatMulNBits has no 3-bit kernel) -> the planes decoded
+- `edgec::qlinear` at 3 bits (MatMulNBits has no 3-bit kernel), or in groups that are
+  not a power of two >= 16 (its CPU kernel's only block sizes) -> the planes decoded
   with standard ops, then MatMul. The file stays 3-bit; ONNX Runtime folds the decode
   when the session loads, so in memory that weight is fp32 (the compile report says so).
 - `edgec::qembedding` -> Gather of the packed rows, then the same standard-op decode.
+- A ragged last group (K not a multiple of the group): MatMulNBits takes K = x's width
+  and ceil(K / group) blocks, its own rule for a short last block; the decode route
+  slices the padded columns off.
 
 onnx 1.23 ships no schema for com.microsoft ops and onnxscript needs one to trace a
 call, so MATMUL_NBITS carries a local schema (nothing is registered globally).
@@ -101,9 +105,11 @@ def _packed_zero_points(zeros: Any, rows: int, blocks: int, bits: int) -> Any:
 
 def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias: Any, bits: int, group: int) -> Any:
     rows = int(plane0.shape[0])
-    cols = int(plane0.shape[1]) * 8 // PLANE_WIDTHS[bits][0]
-    if bits in MATMUL_NBITS_BITS:
-        blocks = cols // group
+    stored = int(plane0.shape[1]) * 8 // PLANE_WIDTHS[bits][0]
+    # K is x's width; the codes are stored for whole groups (a ragged last group is padded).
+    cols = int(x.shape[-1])
+    if runs_as_matmul_nbits(bits, group):
+        blocks = stored // group
         packed = op.Reshape(plane0, _ints([rows, blocks, group * bits // 8]))
         attributes = {"K": cols, "N": rows, "bits": bits, "block_size": group}
         scale = op.CastLike(scales, x)
@@ -114,6 +120,8 @@ def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias
     else:
         planes = planes_of(plane0, plane1)
         weight = _decode(planes, scales, zeros, bits, group, x)
+        if cols != stored:
+            weight = op.Slice(weight, _ints([0]), _ints([cols]), _ints([1]))
         out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     return out if bias is None else op.Add(out, op.CastLike(bias, x))
 
@@ -136,7 +144,13 @@ def translation_table() -> dict[Any, Any]:
     }
 
 
-def lowering_note(bits: int) -> str:
-    if bits in MATMUL_NBITS_BITS:
+def runs_as_matmul_nbits(bits: int, group: int) -> bool:
+    """MatMulNBits' CPU kernel takes 2, 4 and 8 bits in blocks of a power of two >= 16."""
+    return bits in MATMUL_NBITS_BITS and group >= 16 and group & (group - 1) == 0
+
+
+def lowering_note(bits: int, group: int) -> str:
+    if runs_as_matmul_nbits(bits, group):
         return f"{bits}-bit: MatMulNBits (packed in the file and in memory)"
-    return f"{bits}-bit: packed in the file, decoded by standard ops that ONNX Runtime folds to fp32 at load"
+    why = "" if bits not in MATMUL_NBITS_BITS else f" (MatMulNBits takes groups of a power of two >= 16, not {group})"
+    return f"{bits}-bit: packed in the file, decoded by standard ops that ONNX Runtime folds to fp32 at load{why}"

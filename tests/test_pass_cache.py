@@ -23,7 +23,8 @@ from edgec.recipe import Recipe, load_recipe
 from tests.test_output_safety import wait_for
 
 # luc (packed weights, a tied embedding and head that share them) then act (modules with
-# no tensors): both kinds of module a pass puts in; cheap settings (no search, RTN).
+# no tensors): both kinds of module a pass puts in; cheap settings (no search, RTN). Groups
+# of 96 leave a ragged last group in every width (256, 688), the embedding's too.
 RECIPE = """\
 target: cpu
 backend: onnx
@@ -31,7 +32,7 @@ calibration: {data: train, samples: 8, seq_len: 64}
 evaluate: {tokens: 0}
 passes:
   - name: luc
-    options: {policy: uniform, bits: 4, sparsity: 0.3, group_size: 16, quantizer: rtn}
+    options: {policy: uniform, bits: 4, sparsity: 0.3, group_size: 96, quantizer: rtn}
   - name: act
     options: {heads: {0: [0, 1], 2: [3]}}
 """
@@ -68,6 +69,7 @@ def test_the_stored_output_of_the_passes_is_the_model_they_made(tmp_path: Path, 
     # The tied embedding and head share their packed planes, as the exporters need.
     assert loaded.lm_head.plane0 is loaded.model.embed_tokens.plane0
     assert made.lm_head.plane0 is made.model.embed_tokens.plane0
+    assert loaded.model.embed_tokens.embedding_dim == 256 and loaded.model.layers[0].mlp.down_proj.in_features == 688
     ids = torch.arange(3, 40).reshape(1, -1)
     with torch.no_grad():
         assert torch.equal(made(ids).logits, loaded(ids).logits)

@@ -223,13 +223,51 @@ def test_a_size_budget_sets_the_bits_and_the_model_fits_it(tmp_path: Path, monke
         Luc(LucOptions(size_bytes=sizes[2] - 1, **common), []).run(_handle(make_tiny_llama()), ctx)
 
 
-def test_pass_refuses_a_second_run_and_a_group_that_does_not_divide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pass_refuses_too_few_calibration_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
     ctx = PassContext(Recipe(), calibration_ids=_segments)
-    with pytest.raises(BadInputError, match="group_size 48 does not divide"):
-        Luc(LucOptions(group_size=48), []).run(_handle(make_tiny_llama()), ctx)
     with pytest.raises(BadInputError, match="set calibration.samples above 8"):
         Luc(LucOptions(group_size=16, validation_samples=8), []).run(_handle(make_tiny_llama()), ctx)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_ragged_last_group_is_padded_with_zero_codes_and_never_read(symmetric: bool) -> None:
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(8, 40, generator=generator)
+    weight[weight.abs() < 0.3] = 0.0
+    packed = quantize(weight, 4, 16, symmetric)
+    assert packed.shape == (8, 40) and packed.stored_shape == (8, 48) and packed.scales.shape == (8, 3)
+    # The stored tail decodes to exactly 0 (its codes are the zero code).
+    full = dequantize(packed.planes, packed.scales, packed.zeros, 4, 16)
+    assert full.shape == (8, 48) and torch.count_nonzero(full[:, 40:]) == 0
+    linear = PackedLinear(packed, None)
+    decoded = linear.weight_fp32()
+    assert decoded.shape == (8, 40) and torch.all(decoded[weight == 0] == 0)
+    # The last group's scale covers its 8 real weights only: as tight as quantizing them alone.
+    tail = quantize(weight[:, 32:], 4, 8, symmetric)
+    assert torch.equal(packed.scales[:, 2], tail.scales[:, 0])
+    x = torch.randn(3, 40, generator=generator)
+    torch.testing.assert_close(linear(x), x @ decoded.T, rtol=0, atol=1e-6)
+    assert compress_nm(packed, 2, 4) is None  # N:M storage is for whole groups only
+
+
+def test_pass_compresses_widths_the_group_does_not_divide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiny Llama: hidden 64 and MLP 128 in groups of 48 (16 and 32 left over)."""
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path))
+    model = make_tiny_llama()
+    ids = torch.tensor(_segments()[:1])
+    with torch.no_grad():
+        dense = CausalLMEntries(model).prefill(ids)[0]
+    ctx = PassContext(Recipe(), calibration_ids=_segments)
+    options = LucOptions(bits=8, sparsity=0.0, bit_choices=[8], group_size=48, embedding_bits=8, validation_samples=2)
+    record = Luc(options, []).run(_handle(model), ctx).record
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, PackedLinear) and (down.in_features, down.scales.shape[1]) == (128, 3)
+    assert record["weight_bytes_after"] < 0.4 * record["weight_bytes_before"]
+    with torch.no_grad():
+        compressed = CausalLMEntries(model).prefill(ids)[0]
+    # 8 bits everywhere: the logits move by a small fraction of their range.
+    assert float((compressed - dense).abs().max()) < 0.02 * float(dense.max() - dense.min())
 
 
 def test_gptq_rounds_onto_its_grid_with_less_output_error_than_round_to_nearest() -> None:

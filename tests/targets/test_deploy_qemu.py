@@ -169,9 +169,10 @@ def test_a_device_dying_mid_profile_leaves_partial_results_marked_incomplete(arm
 
 def test_luc_artifact_lowers_for_arm64_and_passes_parity_on_the_device(tmp_path: Path) -> None:
     recipe = tmp_path / "luc.yaml"
+    # Groups of 32: the MLP's 688 inputs end in a ragged group of 16.
     recipe.write_text(
         "calibration: {samples: 6, seq_len: 64}\nevaluate: {tokens: 256}\npasses:\n"
-        "  - name: luc\n    options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 16, probe_samples: 2, validation_samples: 2}\n"
+        "  - name: luc\n    options: {bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 32, probe_samples: 2, validation_samples: 2}\n"
         "  - name: schedule\n    options: {trials: 2}\n"
     )
     out = tmp_path / "luc-arm64"
