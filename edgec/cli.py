@@ -337,6 +337,48 @@ def compile_command(
             _print_act_record(entry["record"])
 
 
+_FINETUNE_EXAMPLES = "\n\n".join([
+    "Examples:",
+    "  edgec finetune zoo:smollm2-135m --method edge-llm --recipe recipes/edge-llm-tuning.yaml -o tuned/smollm2",
+    "  edgec finetune zoo:tiny-lm --method edge-llm --set finetune.options.stride=3 --set finetune.steps=20 -o tuned/tiny",
+    "  edgec finetune zoo:tiny-lm --method edge-llm -o tuned/tiny --resume      (after a stop: continues the checkpoint)",
+    "  edgec compile tuned/tiny --set voting.exits=[5] -o artifacts/last-exit   (vote with some exits only)",
+])
+
+
+@app.command("finetune", epilog=_FINETUNE_EXAMPLES)
+@_user_errors
+def finetune_command(
+    model: str = typer.Argument(..., help="Hugging Face causal-LM dir or zoo:NAME"),
+    method: str = typer.Option(..., "--method", "-m", help="edge-llm (adaptive layer tuning with voting exits)"),
+    output: Path = typer.Option(..., "--output", "-o", help="the tuned model directory to write (compile it with edgec compile)"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML with a finetune: section (see recipes/edge-llm-tuning.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. finetune.steps=20 or finetune.options.stride=3; repeatable"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT.checkpoint/ (written every finetune.checkpoint_every steps)"),
+    force: bool = typer.Option(False, "--force", help="replace an earlier finetune output at OUTPUT"),
+    as_json: bool = typer.Option(False, "--json", help="print the record as JSON on stdout"),
+) -> None:
+    """Fine-tune MODEL with a method's training procedure and write a model directory that
+    `edgec compile` takes. edge-llm: exits every `stride` layers, LoRA trained one window
+    below each exit at a time (the forward stops at the exit), exit heads saved; compiled,
+    the exits vote (max softmax, renormalised). Training text: the built-in train split."""
+    from edgec.finetune import finetune
+    from edgec.passes import options_for
+    from edgec.recipe import load_recipe
+
+    resolved = load_recipe(recipe, list(set_), options_for)
+    _limit_threads()
+    record = finetune(model, method, resolved, output, resume, force, Progress())
+    if as_json:
+        _emit_json(record)
+        return
+    out.print(f"model     {record['output']}")
+    out.print(f"exits     after layers {', '.join(map(str, record['exits']))} (stride {record['stride']}, rank {record['rank']})")
+    for exit_layer, loss in record["loss"].items():
+        out.print(f"exit {exit_layer:>3}  loss {loss['first']:.3f} -> {loss['last_10_mean']:.3f} (mean of the last 10 steps)")
+    out.print(f"time      {record['seconds']:.1f} s, {record['step_ms_mean']:.0f} ms a step; peak RSS {record['peak_rss_bytes'] / 1e6:.0f} MB")
+
+
 def _generation_note(parity: dict[str, Any]) -> str:
     generation = parity.get("generation")
     if not generation:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -227,3 +228,36 @@ def _document_segments(tokenizer: PreTrainedTokenizerBase, split: str, samples: 
             f"lower calibration.samples to {len(segments)} or calibration.seq_len"
         )
     return segments
+
+
+def training_windows(tokenizer: PreTrainedTokenizerBase, data: str, count: int, seq_len: int, seed: int) -> list[list[int]]:
+    """`count` windows of `seq_len` token ids to fine-tune on: from the built-in train split
+    (documents in a seeded order, consecutive windows of each, so many documents are seen),
+    or consecutive windows of a UTF-8 .txt. Never the held-out split.
+
+    Raises:
+        BadInputError: for data "held-out", or text too short for `count` windows.
+    """
+    if data == HELD_OUT:
+        raise BadInputError("finetune.data held-out: perplexity is measured on that split; train on 'train' or a .txt file")
+    windows: list[list[int]] = []
+    if data == TRAIN:
+        documents = [text for doc_id, text in _documents() if split_of(doc_id) == TRAIN]
+        order = random.Random(seed).sample(range(len(documents)), len(documents))
+        per_document = 4  # windows from one document before the next: variety without tokenizing it all
+        for index in order:
+            ids = list(tokenizer(documents[index][: seq_len * per_document * 8], add_special_tokens=False, verbose=False)["input_ids"])
+            windows.extend(ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)[:per_document])
+            if len(windows) >= count:
+                return windows[:count]
+        source = f"the built-in {TRAIN} split"
+    else:
+        path = Path(data).expanduser()
+        text = read_user_text(path, f"finetune.data {data}", "'train'")
+        ids = list(tokenizer(text[: count * seq_len * 8], add_special_tokens=False, verbose=False)["input_ids"])
+        windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:count]
+        if len(windows) >= count:
+            return windows
+        source = str(path)
+    raise BadInputError(f"{source} gives {len(windows)} windows of {seq_len} tokens; {count} are needed: "
+                        "lower finetune.steps, batch or seq_len, or give more text")

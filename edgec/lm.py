@@ -11,6 +11,10 @@ When attention calibration (ACT, `stat: causal`) is applied, the cache carries o
 tensor, the raw attention column sums of the calibrated heads, s[N, B, P]: prefill
 returns it after v and decode takes it after past_v.
 
+A model with early exits (edgec.exits) votes: `logits` is the voted log-distribution and
+a last output, exit_logits[E, B, S, V], holds each voting exit's own logits. Every layer
+still runs (the cache stays complete); the exits only read hidden states.
+
 The forward is written out here from the model's own submodules rather than
 by calling the HF layer forward, because (a) passes replace submodules
 (``q_proj`` becomes a quantized linear, attention gets calibrated) and the
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgec.architectures import Architecture, architecture_of, canonicalize
+from edgec.exits import ExitHeads, exits_of, vote
 from edgec.sinks import SinkRule, calibrate
 
 @dataclass(frozen=True)
@@ -176,6 +181,12 @@ class CausalLMEntries(nn.Module):
                 self.state_heads += len(calibration.heads)
         # Analysis hook: called with (layer, raw probabilities [B, H, Tq, Tk]) when set.
         self.observer: AttentionObserver | None = None
+        self.exits: ExitHeads | None = exits_of(model)
+
+    @property
+    def cache_count(self) -> int:
+        """Cache tensors after the logits in each entry's outputs (k, v[, s])."""
+        return 3 if self.state_heads else 2
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.arch.layout.attention)
@@ -333,6 +344,8 @@ class CausalLMEntries(nn.Module):
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         new_s: list[torch.Tensor] = []
+        voting = [] if self.exits is None else self.exits.voting
+        exit_logits: list[torch.Tensor] = []
         for index in range(len(self.layers)):
             layer_k = None if past_k is None else past_k[index]
             layer_v = None if past_v is None else past_v[index]
@@ -341,10 +354,40 @@ class CausalLMEntries(nn.Module):
             new_v.append(v)
             if sums is not None:
                 new_s.append(sums.transpose(0, 1))
-        outputs = [self._logits(h), torch.stack(new_k), torch.stack(new_v)]
+            if index in voting:
+                exit_logits.append(self.exit_logits(index, h).float())
+        stacked = torch.stack(exit_logits) if exit_logits else None
+        logits = self._logits(h) if stacked is None else vote(stacked)
+        outputs = [logits, torch.stack(new_k), torch.stack(new_v)]
         if new_s:
             outputs.append(torch.cat(new_s, dim=0))
+        if stacked is not None:
+            outputs.append(stacked)
         return tuple(t.float() for t in outputs) if dtype != torch.float32 else tuple(outputs)
+
+    def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the exit after `layer` from the hidden state leaving it (the last
+        layer's exit is the model's own head)."""
+        if layer == len(self.layers) - 1:
+            return self._logits(h)
+        assert self.exits is not None
+        head = self.exits.heads[str(layer)]
+        normed = self._norm(head.norm, h)
+        lm_head = self.model.get_submodule(self.arch.layout.head)
+        return _softcap(lm_head(normed) + head.adapter(normed), self.arch.final_softcap)
+
+    def exit_forward(self, input_ids: torch.Tensor, exit_layer: int, frozen_below: int = 0) -> torch.Tensor:
+        """Logits at the exit after `exit_layer`, running layers 0..exit_layer only (the
+        forward stops at the exit); layers below `frozen_below` run without autograd, so
+        none of their activations are kept for a backward pass."""
+        tables = self._positions(input_ids.shape[1], None)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_below == 0):
+            h = self._embed(input_ids, tables.positions)
+            for index in range(min(frozen_below, exit_layer + 1)):
+                h = self._layer(index, h, tables)[0]
+        for index in range(frozen_below, exit_layer + 1):
+            h = self._layer(index, h, tables)[0]
+        return self.exit_logits(exit_layer, h)
 
     def layer_inputs(self, input_ids: torch.Tensor, layers: int) -> list[torch.Tensor]:
         """Hidden states entering layers 0..layers-1 (prefill): searches that change one

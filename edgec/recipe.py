@@ -91,6 +91,25 @@ class EvaluateSpec(Strict):
     window: int = Field(256, ge=8, description="tokens per scoring window")
 
 
+class VotingSpec(Strict):
+    exits: list[int] | None = Field(
+        None, description="layers whose exits vote (a model tuned with exits, edgec.exits); default all of them"
+    )
+
+
+class FinetuneSpec(Strict):
+    """`edgec finetune`: what every method reads; a method's own settings are its options."""
+
+    data: str = Field("train", description="'train' (the built-in train split) or a .txt path; the held-out split is never trained on")
+    steps: int = Field(40, ge=1, description="optimizer steps (edge-llm: per exit)")
+    batch: int = Field(4, ge=1, description="sequences per step")
+    seq_len: int = Field(128, ge=8, description="tokens per sequence")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    seed: int = 0
+    checkpoint_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's own options (edge-llm: stride, rank, alpha)")
+
+
 class Recipe(Strict):
     target: str = "cpu"
     backend: Literal["tvm", "onnx"] = "tvm"
@@ -104,6 +123,8 @@ class Recipe(Strict):
     parity: ParitySpec = Field(default_factory=ParitySpec)
     inputs: InputsSpec = Field(default_factory=InputsSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    voting: VotingSpec = Field(default_factory=VotingSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     passes: list[PassSpec] = Field(default_factory=list)
 
 

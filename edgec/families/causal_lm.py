@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgec.architectures import SUPPORTED_ARCHITECTURES, architecture_of, canonicalize, check_config
 from edgec.errors import BadInputError, UnsupportedError
+from edgec.exits import EXITS_CONFIG, EXITS_WEIGHTS, exits_of, has_exits, load_exits, read_exit_config
 from edgec.families import EvalRequest, Family, Progress, Section, entry_io, register
 from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry, lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, check_safetensors, load_tokenizer_files, read_config, sha256_files
@@ -47,6 +48,16 @@ class CacheTensor(BaseModel):
     dtype: str = "float32"
 
 
+class VotingSection(BaseModel):
+    """Early exits that vote (edgec.exits): `logits` is the voted log-distribution."""
+
+    model_config = ConfigDict(extra="forbid")
+    exits: list[int]
+    model_exits: list[int]
+    output: str = "exit_logits"
+    rule: str = "softmax per exit, element-wise max over exits, renormalised; logits = its log"
+
+
 class LMSection(Section):
     """manifest["lm"]: what an application needs to drive the entries itself."""
 
@@ -60,6 +71,7 @@ class LMSection(Section):
     eos_token_id: int | None
     cache: list[CacheTensor]
     config: dict[str, Any]
+    voting: VotingSection | None = None
 
 
 class CausalLM(Family):
@@ -78,6 +90,20 @@ class CausalLM(Family):
     def load(self, path: Path, name: str | None, trust_pickle: bool) -> ModelHandle:
         return load_hf_causal_lm(path, name)
 
+    def prepare(self, model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
+        """The recipe's `voting.exits`: which of the model's exits vote."""
+        super().prepare(model, recipe, progress)
+        chosen = recipe.voting.exits
+        if chosen is None:
+            return
+        assert model.module is not None
+        heads = exits_of(model.module)
+        if heads is None:
+            raise BadInputError(f"{model.name}: voting.exits {chosen} needs a model with exit heads; "
+                                "make one with `edgec finetune MODEL --method edge-llm`")
+        heads.select(chosen)
+        model.prepared["voting"] = heads.voting
+
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
         assert model.module is not None
         entries = CausalLMEntries(model.module).eval()
@@ -88,7 +114,7 @@ class CausalLM(Family):
         # Batch 2 / length 8: size-1 example dims would be specialised to 1 by torch.export.
         ids = torch.randint(0, vocab, (2, 8), generator=generator)
         with torch.no_grad():
-            _, *cache = entries.prefill(ids[:, :7])
+            cache = list(entries.prefill(ids[:, :7])[1 : 1 + entries.cache_count])
         dynamic = torch.export.Dim.DYNAMIC
         prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
         decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, {1: dynamic, 3: dynamic}, {1: dynamic, 3: dynamic})
@@ -98,13 +124,15 @@ class CausalLM(Family):
             cache_in.append("past_s")
             cache_out.append("present_s")
         decode_example = (ids[:, 7:8], *cache)
+        # Voting exits: every exit's own logits after the cache (edgec.exits).
+        extra = ["exit_logits"] if entries.exits is not None else []
         with torch.no_grad():
             prefill_ep = torch.export.export(prefill, (ids,), dynamic_shapes=prefill_shapes)
             decode_ep = torch.export.export(decode, decode_example, dynamic_shapes=decode_shapes)
         return [
-            ExportedEntry("prefill", prefill_ep, prefill, (ids,), prefill_shapes, ["input_ids"], ["logits", *cache_out]),
-            ExportedEntry("decode", decode_ep, decode, decode_example, decode_shapes, ["input_ids", *cache_in], ["logits", *cache_out],
-                          rows_per_call=1),
+            ExportedEntry("prefill", prefill_ep, prefill, (ids,), prefill_shapes, ["input_ids"], ["logits", *cache_out, *extra]),
+            ExportedEntry("decode", decode_ep, decode, decode_example, decode_shapes, ["input_ids", *cache_in],
+                          ["logits", *cache_out, *extra], rows_per_call=1),
         ]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
@@ -118,7 +146,7 @@ class CausalLM(Family):
             prefill_out = by_name["prefill"].module(ids[:, :-1])
             io["prefill.in"] = [ids[:, :-1].numpy()]
             io["prefill.out"] = [t.numpy() for t in prefill_out]
-            decode_in = (ids[:, -1:], *prefill_out[1:])
+            decode_in = (ids[:, -1:], *prefill_out[1 : len(by_name["decode"].input_names)])
             io["decode.in"] = [t.numpy() for t in decode_in]
             io["decode.out"] = [t.numpy() for t in by_name["decode"].module(*decode_in)]
 
@@ -176,6 +204,8 @@ class CausalLM(Family):
                 dims = [shape.num_layers, None, shape.num_kv_heads, None, shape.head_dim]
                 cache.append(CacheTensor(input=past, output=present, layout=KV_LAYOUT, shape=dims, tokens_axis=3))
         tokenizer, config = model.tokenizer, model.module.config
+        heads = exits_of(model.module)
+        voting = None if heads is None else VotingSection(exits=heads.voting, model_exits=heads.layers)
         return LMSection(
             architecture=model.architecture,
             num_layers=shape.num_layers,
@@ -187,12 +217,15 @@ class CausalLM(Family):
             eos_token_id=_single(getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else config.eos_token_id),
             cache=cache,
             config=architecture_of(model.module).summary(),
+            voting=voting,
         )
 
     def describe_section(self, section: dict[str, Any]) -> str:
         cache = ", ".join(f"{c['output']} -> {c['input']} {c['layout']}" for c in section["cache"])
+        voting = section.get("voting")
+        votes = "" if voting is None else f"; exits after layers {voting['exits']} vote (max softmax, renormalised)"
         return (f"{section['architecture']}: {section['num_layers']} layers, kv {section['num_kv_heads']}x{section['head_dim']}, "
-                f"vocab {section['vocab_size']}, max context {section['max_context']}; cache {cache}")
+                f"vocab {section['vocab_size']}, max context {section['max_context']}; cache {cache}{votes}")
 
     def evaluates(self, model: ModelHandle, recipe: Recipe) -> bool:
         return recipe.evaluate.tokens > 0 and model.tokenizer is not None
@@ -368,6 +401,11 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
         raise BadInputError(f"{path}: weights and config disagree (e.g. {', '.join(problems)}); re-save with save_pretrained")
     model = canonicalize(model.eval())
     arch = architecture_of(model)
+    exit_files: list[Path] = []
+    if has_exits(path):
+        heads = load_exits(model, path)
+        heads.eval()
+        exit_files = [path / EXITS_CONFIG, path / EXITS_WEIGHTS]
     tokenizer = None
     tokenizer_dir = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
@@ -378,7 +416,7 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
         family=FAMILY_CAUSAL_LM,
         architecture=architecture,
         source=path,
-        sha256=sha256_files([config_path, *weights]),
+        sha256=sha256_files([config_path, *weights, *exit_files]),
         module=model,
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer_dir,
@@ -394,6 +432,7 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
             "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
             "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "architecture_config": arch.summary(),
+            **({"exits": read_exit_config(path, arch.num_layers).to_json()} if exit_files else {}),
         },
     )
 

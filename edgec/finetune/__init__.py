@@ -1,0 +1,251 @@
+"""`edgec finetune MODEL --method M`: fine-tuning methods that change what a model can do
+before it is compiled, each writing a model directory that `edgec compile` loads.
+
+- edge-llm (edgec.finetune.edge_llm): adaptive layer tuning, exits that vote.
+
+Long work that may be stopped: a checkpoint (the trained tensors, the optimizer state and
+where the loop was) is written beside the output as OUT.checkpoint/, atomically, every
+`finetune.checkpoint_every` steps and at the end of each stage; `--resume` continues from
+it. The output directory appears only when complete; the checkpoint is then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from edgec.errors import BadInputError, UnsupportedError
+from edgec.recipe import Recipe
+
+Progress = Callable[[str], None]
+METHODS: dict[str, str] = {"edge-llm": "Edge-LLM adaptive layer tuning: exits every `stride` layers, LoRA one window at a time, voting"}
+RECORD = "finetune.json"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoint")
+
+
+def check_output(out: Path, force: bool) -> None:
+    """The output may not exist yet, be empty, or (with --force) be an earlier finetune output."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInputError(f"-o {out} is a file or a link; give a directory path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BadInputError(f"-o {out} exists and is not empty; pass --force to replace it or choose another path")
+        if not (out / RECORD).is_file():
+            raise BadInputError(f"-o {out} is not an edgec finetune output; --force only replaces those, choose another path")
+
+
+def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, force: bool, progress: Progress) -> dict[str, Any]:
+    if method not in METHODS:
+        raise BadInputError(f"--method {method}: unknown; edgec fine-tunes with {', '.join(METHODS)}")
+    from edgec.finetune.edge_llm import EdgeLlmOptions
+
+    try:
+        options = EdgeLlmOptions.model_validate(recipe.finetune.options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    check_output(out, force)
+    checkpoint = checkpoint_dir(out)
+    if checkpoint.exists() and not resume:
+        raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")
+    if resume and not (checkpoint / "progress.json").is_file():
+        raise BadInputError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
+    if recipe.passes:
+        raise UnsupportedError("finetune runs on the model itself; a recipe's passes (e.g. luc) are applied by `edgec compile` "
+                               "of the tuned model: drop `passes:` from this recipe")
+    from edgec.model import load_model
+
+    progress(f"load {spec}")
+    handle = load_model(spec)
+    if handle.module is None or handle.tokenizer is None or handle.family != "causal-lm":
+        raise BadInputError(f"{spec}: --method {method} tunes a causal LM with a tokenizer")
+    if getattr(handle.module, "edgec_exits", None) is not None:
+        raise BadInputError(f"{spec} already has exit heads (it was tuned); tune the model it came from")
+    return _tune_edge_llm(handle, options, recipe, out, checkpoint, resume, progress)
+
+
+def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoint: Path, resume: bool,
+                   progress: Progress) -> dict[str, Any]:
+    from edgec.data import training_windows
+    from edgec.exits import describe_exits
+    from edgec.finetune.edge_llm import EdgeLlmTuner, record_of
+    from edgec.progress import advance
+
+    settings = recipe.finetune
+    torch.manual_seed(settings.seed)
+    tuner = EdgeLlmTuner(handle.module, options, settings.seed)
+    num_layers = len(tuner.entries.layers)
+    progress(f"edge-llm: {describe_exits(num_layers, options.stride)}; {tuner.describe()}")
+    windows = torch.tensor(training_windows(handle.tokenizer, settings.data, settings.steps * settings.batch, settings.seq_len,
+                                            settings.seed))
+    key = {"model": handle.sha256, "finetune": settings.model_dump(), "options": options.model_dump(), "version": CHECKPOINT_VERSION}
+    state: dict[str, Any] = {"stage": 0, "step": 0, "losses": {}}
+    optimizer_state: dict[str, torch.Tensor] = {}
+    if resume:
+        state, tensors, optimizer_state = _read_checkpoint(checkpoint, key)
+        tuner.load_trained(tensors)
+        progress(f"resume from {checkpoint}: exit {tuner.stages[state['stage']].exit_layer}, step {state['step']}")
+    start = time.perf_counter()
+    step_seconds: list[float] = []
+    for stage_index in range(state["stage"], len(tuner.stages)):
+        stage = tuner.stages[stage_index]
+        params = tuner.set_trainable(stage)
+        named = tuner.trainable(stage)
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        first = state["step"] if stage_index == state["stage"] else 0
+        if first and optimizer_state:
+            _load_optimizer(optimizer, named, optimizer_state)
+        losses: list[float] = state["losses"].setdefault(str(stage.exit_layer), [])
+        label = f"edge-llm: exit after layer {stage.exit_layer} (LoRA in layers {stage.window[0]}-{stage.window[-1]})"
+        for step in range(first, settings.steps):
+            began = time.perf_counter()
+            batch = windows[step * settings.batch : (step + 1) * settings.batch]
+            loss = tuner.loss(stage, batch)
+            loss_value = float(loss.detach())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - began)
+            losses.append(loss_value)
+            done = step + 1 == settings.steps
+            if done or (step + 1) % settings.checkpoint_every == 0:
+                at = {"stage": stage_index + 1, "step": 0} if done else {"stage": stage_index, "step": step + 1}
+                _write_checkpoint(checkpoint, key, {**at, "losses": state["losses"]}, tuner.every_trained(),
+                                  {} if done else _optimizer_tensors(optimizer, named))
+            advance(progress, label, step + 1, settings.steps, f"loss {loss_value:.3f}")
+        optimizer_state = {}
+    record = {
+        **record_of(tuner),
+        "model": handle.name,
+        "model_sha256": handle.sha256,
+        "data": settings.data,
+        "steps_per_exit": settings.steps,
+        "batch": settings.batch,
+        "seq_len": settings.seq_len,
+        "lr": settings.lr,
+        "seed": settings.seed,
+        "loss": {exit_layer: {"first": values[0], "last": values[-1], "last_10_mean": sum(values[-10:]) / len(values[-10:])}
+                 for exit_layer, values in state["losses"].items() if values},
+        "seconds": time.perf_counter() - start,
+        "step_ms_mean": 1e3 * sum(step_seconds) / len(step_seconds) if step_seconds else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    _write_model(handle, tuner, record, out)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    progress(f"wrote {out}: merged adapters and {len(tuner.stages) - 1} exit heads; compile it with `edgec compile {out}`")
+    return {"output": str(out), **record}
+
+
+# ----------------------------------------------------------------------------- output
+def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path) -> None:
+    """The source model's files with the adapters merged into its weights, the exit heads
+    and the record; staged in a temporary sibling and renamed when complete."""
+    from safetensors.torch import load_file, save_file
+
+    from edgec.exits import EXITS_CONFIG, EXITS_WEIGHTS, detach, save_exits
+
+    source = Path(handle.source)
+    deltas = tuner.merged_deltas()
+    heads = detach(tuner.model)
+    assert heads is not None
+    heads.config.tuning = {k: record[k] for k in ("method", "steps_per_exit", "batch", "seq_len", "lr", "data")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged: set[str] = set()
+        for path in sorted(source.iterdir()):
+            if path.is_dir() or path.name in (EXITS_CONFIG, EXITS_WEIGHTS, RECORD):
+                continue
+            if path.name.startswith("model") and path.suffix == ".safetensors":
+                tensors = load_file(str(path))
+                for name, delta in deltas.items():
+                    key = f"{name}.weight"
+                    if key in tensors:
+                        weight = tensors[key]
+                        # GPT-2 stores Conv1D weights [in, out]; edgec's modules are [out, in].
+                        update = delta if tuple(weight.shape) == tuple(delta.shape) else delta.t()
+                        tensors[key] = (weight.float() + update).to(weight.dtype).contiguous()
+                        merged.add(name)
+                save_file(tensors, str(tmp / path.name), metadata={"format": "pt"})
+            else:
+                shutil.copy2(path, tmp / path.name)
+        missing = sorted(set(deltas) - merged)
+        if missing:
+            raise UnsupportedError(f"{source}: no weight named {missing[0]}.weight to merge the adapter into; "
+                                   "this checkpoint's tensor names differ from its modules'")
+        save_exits(heads, tmp)
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "replaced")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, parameter in named.items():
+        for field, value in optimizer.state.get(parameter, {}).items():
+            tensors[f"{name}#{field}"] = torch.as_tensor(value).detach().clone()
+    return tensors
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        name, field = key.split("#")
+        optimizer.state[named[name]][field] = value.clone()
+
+
+def _write_checkpoint(path: Path, key: dict[str, Any], state: dict[str, Any], trained: dict[str, torch.Tensor],
+                      optimizer: dict[str, torch.Tensor]) -> None:
+    """Written beside `path` and swapped in by renames: a stop at any moment leaves the
+    previous complete checkpoint or this one."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
+    save_file({k: v.contiguous() for k, v in optimizer.items()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps({"key": key, **state}, indent=1) + "\n")
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, old / "replaced")
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def _read_checkpoint(path: Path, key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    try:
+        saved = json.loads((path / "progress.json").read_text())
+        trained = load_file(str(path / "trained.safetensors"))
+        optimizer = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: not a readable checkpoint ({exc}); delete it to start over") from None
+    if saved.get("key") != key:
+        raise BadInputError(f"{path} is a checkpoint of another model or other finetune settings; "
+                            "resume with the same model and recipe, or delete it to start over")
+    return {"stage": int(saved["stage"]), "step": int(saved["step"]), "losses": saved["losses"]}, trained, optimizer

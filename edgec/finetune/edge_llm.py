@@ -1,0 +1,158 @@
+"""Edge-LLM adaptive layer tuning: exits every `stride` layers, LoRA in one window at a time.
+
+Before: a causal LM (Hugging Face directory or zoo model).
+After: the same model with its LoRA adapters merged into the weights, plus exit heads
+(edgec.exits) after layers stride-1, 2*stride-1, ..., L-1 that vote when compiled.
+
+Training walks the exits shallow to deep. At the exit after layer e, only the adapters
+of the window below it (layers e-stride+1..e) and that exit's head train; the forward
+runs layers 0..e only (it stops at the exit: no later layer runs), and the layers
+below the window run without autograd, so backpropagation spans one window and keeps
+one window's activations. The loss is next-token cross-entropy at that exit. The
+reference code runs every layer forward and forgets to save the exit heads; both are
+avoided here (METHODS.md, "Adaptive layer tuning and voting").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from edgec.errors import BadInputError
+from edgec.exits import ExitConfig, ExitHeads, attach, exit_layers
+from edgec.finetune.lora import LoraLinear, add_adapters
+from edgec.lm import CausalLMEntries
+
+
+class EdgeLlmOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stride: int = Field(2, ge=1, description="layers per window: an exit after every `stride` layers (and the last)")
+    rank: int = Field(8, ge=1, description="LoRA rank (of the window's adapters and of each exit head's adapter)")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: adapters scale by alpha / rank")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One exit and the layers whose adapters train for it."""
+
+    exit_layer: int
+    window: tuple[int, ...]
+
+
+def stages(num_layers: int, stride: int) -> list[Stage]:
+    layers = exit_layers(num_layers, stride)
+    return [Stage(exit_layer, tuple(range(start + 1, exit_layer + 1))) for start, exit_layer in zip([-1, *layers], layers)]
+
+
+def check_options(model: nn.Module, options: EdgeLlmOptions) -> None:
+    """Refuse, before any work, what cannot train: a stride beyond the layers, a rank wider than a layer."""
+    num_layers = int(model.config.num_hidden_layers)
+    exit_layers(num_layers, options.stride)
+    hidden = int(model.config.hidden_size)
+    if options.rank > hidden:
+        raise BadInputError(f"edge-llm rank {options.rank} is larger than the model's hidden size {hidden}; use at most {hidden}")
+
+
+class EdgeLlmTuner:
+    """A model prepared for adaptive layer tuning: adapters on every layer, exit heads."""
+
+    def __init__(self, model: nn.Module, options: EdgeLlmOptions, seed: int) -> None:
+        check_options(model, options)
+        self.model = model
+        self.options = options
+        generator = torch.Generator().manual_seed(seed)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        num_layers = int(model.config.num_hidden_layers)
+        self.stages = stages(num_layers, options.stride)
+        self.heads: ExitHeads = attach(model, ExitConfig([s.exit_layer for s in self.stages], options.stride, options.rank, options.alpha))
+        self.entries = CausalLMEntries(model)
+        self.adapters: list[dict[str, LoraLinear]] = [add_adapters(layer, options.rank, options.alpha, generator)
+                                                      for layer in self.entries.layers]
+        self.set_trainable(None)
+
+    def trainable(self, stage: Stage) -> dict[str, nn.Parameter]:
+        """The parameters that train at `stage`, by a stable name (checkpoints use it)."""
+        found: dict[str, nn.Parameter] = {}
+        for layer in stage.window:
+            for name, adapter in self.adapters[layer].items():
+                found[f"layer.{layer}.{name}.lora_a"] = adapter.lora_a
+                found[f"layer.{layer}.{name}.lora_b"] = adapter.lora_b
+        head = self.heads.heads[str(stage.exit_layer)] if str(stage.exit_layer) in self.heads.heads else None
+        if head is not None:
+            found[f"exit.{stage.exit_layer}.down"] = head.down
+            found[f"exit.{stage.exit_layer}.up"] = head.up
+        return found
+
+    def every_trained(self) -> dict[str, torch.Tensor]:
+        """Every tensor tuning changes (all stages): what a checkpoint stores."""
+        tensors: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            tensors.update({k: v.detach() for k, v in self.trainable(stage).items()})
+        return tensors
+
+    def load_trained(self, tensors: dict[str, torch.Tensor]) -> None:
+        current = {}
+        for stage in self.stages:
+            current.update(self.trainable(stage))
+        if set(tensors) != set(current):
+            raise BadInputError("the checkpoint's tensors do not match this tuning's adapters and exits; delete it or fix the settings")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                current[name].copy_(tensor)
+
+    def set_trainable(self, stage: Stage | None) -> list[nn.Parameter]:
+        chosen = {} if stage is None else self.trainable(stage)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in chosen.values():
+            parameter.requires_grad_(True)
+        return list(chosen.values())
+
+    def loss(self, stage: Stage, batch: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy at the stage's exit; layers below its window run without autograd."""
+        logits = self.entries.exit_forward(batch, stage.exit_layer, frozen_below=stage.window[0])
+        return next_token_loss(logits, batch)
+
+    def vanilla_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The baseline: every layer forward with autograd, the loss at the last layer."""
+        return next_token_loss(self.entries.exit_forward(batch, len(self.entries.layers) - 1, frozen_below=0), batch)
+
+    def vanilla_trainable(self) -> list[nn.Parameter]:
+        """Vanilla LoRA tuning trains every layer's adapters at once."""
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        chosen = [p for adapters in self.adapters for a in adapters.values() for p in (a.lora_a, a.lora_b)]
+        for parameter in chosen:
+            parameter.requires_grad_(True)
+        return chosen
+
+    def merged_deltas(self) -> dict[str, torch.Tensor]:
+        """Each adapted linear's weight update [out, in], by its module name in the model."""
+        prefix = self.entries.arch.layout.layers
+        return {f"{prefix}.{index}.{name}": adapter.delta() for index, adapters in enumerate(self.adapters)
+                for name, adapter in adapters.items()}
+
+    def describe(self) -> str:
+        per_stage = [sum(p.numel() for p in self.trainable(s).values()) for s in self.stages]
+        return f"{len(self.stages)} exits, {max(per_stage):,} parameters train per window (rank {self.options.rank})"
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def record_of(tuner: EdgeLlmTuner) -> dict[str, Any]:
+    return {
+        "method": "edge-llm",
+        "stride": tuner.options.stride,
+        "rank": tuner.options.rank,
+        "alpha": tuner.options.alpha,
+        "exits": [s.exit_layer for s in tuner.stages],
+        "windows": [list(s.window) for s in tuner.stages],
+    }
