@@ -147,3 +147,16 @@ def test_run_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGEC_CACHE_DIR", str(cache))
         yield cache
+
+
+def edge_llm_tuned(root: Path, stride: int = 3) -> Path:
+    """zoo:tiny-lm after a 2-step-per-exit `finetune --method edge-llm` (seconds): a model
+    directory with merged adapters and exit heads. It exercises the command; it is not a
+    trained model (no test trains one)."""
+    from edgec.finetune import finetune
+    from edgec.recipe import load_recipe
+
+    sets = ["finetune.steps=2", "finetune.batch=2", "finetune.seq_len=32", f"finetune.options.stride={stride}"]
+    out = root / "tuned"
+    finetune("zoo:tiny-lm", "edge-llm", load_recipe(None, sets), out, resume=False, force=False, progress=lambda _m: None)
+    return out

@@ -19,7 +19,7 @@ from edgec.finetune.edge_llm import EdgeLlmOptions, EdgeLlmTuner, stages
 from edgec.lm import CausalLMEntries
 from edgec.model import load_model
 from edgec.recipe import Recipe, load_recipe
-from tests.conftest import TINY_CONFIG, make_tiny_llama
+from tests.conftest import TINY_CONFIG, edge_llm_tuned, make_tiny_llama
 
 runner = CliRunner()
 
@@ -96,13 +96,7 @@ def test_voting_is_the_renormalised_max_of_the_exits_softmaxes() -> None:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """zoo:tiny-lm after a 2-step-per-exit edge-llm run (the command works; not a trained model)."""
-    root = tmp_path_factory.mktemp("edge-llm")
-    recipe = load_recipe(None, ["finetune.steps=2", "finetune.batch=2", "finetune.seq_len=32", "finetune.options.stride=3"])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EDGEC_CACHE_DIR", str(root / "cache"))
-        finetune("zoo:tiny-lm", "edge-llm", recipe, root / "tuned", resume=False, force=False, progress=lambda _m: None)
-    return root / "tuned"
+    return edge_llm_tuned(tmp_path_factory.mktemp("edge-llm"))
 
 
 def test_exit_heads_are_saved_and_reloaded_and_the_reloaded_model_votes(tuned: Path) -> None:

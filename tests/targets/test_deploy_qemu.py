@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from edgec.cli import app
 from edgec.targets.device_qemu import QemuDevice
-from tests.conftest import dense_perplexity
+from tests.conftest import dense_perplexity, edge_llm_tuned
 
 pytestmark = pytest.mark.arm64
 runner = CliRunner()
@@ -217,3 +217,17 @@ def test_act_artifact_passes_parity_and_profiles_on_the_device(planted_sink_llam
     assert profiled.exit_code == 0, profiled.output + profiled.stderr
     result = json.loads(profiled.stdout)
     assert result["decode"]["runs"] == 4 and result["decode_tokens_per_s"] > 0
+
+
+def test_voting_artifact_passes_parity_on_the_device(tmp_path: Path) -> None:
+    tuned = edge_llm_tuned(tmp_path, stride=2)
+    out = tmp_path / "voting-arm64"
+    args = ["compile", str(tuned), "--target", "arm64", "-o", str(out), "--json", "--device", "qemu-arm64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["parity"]["ok"] is True and "qemu-arm64 (emulated)" in summary["parity"]["reason"]
+    assert summary["parity"]["generation"]["matched"] == summary["parity"]["generation"]["steps"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lm"]["voting"]["exits"] == [1, 3, 5]
+    assert manifest["program"]["entries"]["decode"]["outputs"][-1] == "exit_logits"
