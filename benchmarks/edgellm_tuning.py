@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/edgellm_tuning.py [--model zoo:smollm2-135m] [--stride 10]
         [--steps 30] [--batch 4] [--seq-len 128] [--measure-steps 4] [--tokens 4096] [--json FILE]
+        [--recipe recipes/luc-w4-s30.yaml]   (tune the LUC-compressed model instead)
 
 In one run, on this CPU, at the same batch and sequence length:
 1. Memory and time of a training step, each mode in a fresh process: Edge-LLM (LoRA in the
@@ -17,6 +18,8 @@ In one run, on this CPU, at the same batch and sequence length:
    untrained exit heads), after Edge-LLM tuning (--steps per exit; last exit alone and
    voting), and after vanilla LoRA tuning with the same total number of steps. Torch
    runs every figure; compiled artifacts match it (their parity checks).
+With --recipe, the recipe's passes (through the pass cache, as `edgec finetune` runs them)
+compress the model first and every figure is of the compressed model, adapters on top.
 """
 
 from __future__ import annotations
@@ -88,10 +91,25 @@ def saved_bytes_of(loss_fn: Any, parameter_storages: set[int]) -> tuple[torch.Te
     return loss, sum(seen.values())
 
 
-def measure(model: str, mode: str, options: EdgeLlmOptions, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
+def load(model: str, recipe_path: Path | None) -> Any:
+    """The model, compressed by the recipe's passes if one is given."""
+    handle = load_model(model)
+    if recipe_path is not None:
+        from edgec.compiler import _calibration, _run_passes
+        from edgec.passes import REGISTRY, options_for
+        from edgec.pipeline import PassContext, PassManager
+        from edgec.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, [], options_for)
+        ctx = PassContext(recipe, _calibration(handle, recipe), lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        _run_passes(PassManager(REGISTRY, recipe.passes), handle, ctx, recipe)
+    return handle
+
+
+def measure(model: str, recipe: Path | None, mode: str, options: EdgeLlmOptions, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
     """One mode's memory and step time (run in a fresh process by the parent)."""
     torch.manual_seed(0)
-    handle = load_model(model)
+    handle = load(model, recipe)
     tuner = EdgeLlmTuner(handle.module, options, seed=0)
     windows = torch.tensor(training_windows(handle.tokenizer, "train", steps * batch, seq_len, 0))
     storages = {p.untyped_storage().data_ptr() for p in handle.module.parameters()}
@@ -188,25 +206,30 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
     parser.add_argument("--samples", type=int, default=120, help="test prompts per task")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--recipe", type=Path, help="compress the model with this recipe's passes first (e.g. recipes/luc-w4-s30.yaml)")
     parser.add_argument("--measure", choices=["edge-llm", "vanilla"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     options = EdgeLlmOptions(stride=args.stride, rank=args.rank, alpha=2.0 * args.rank)
     if args.measure:
-        print(json.dumps(measure(args.model, args.measure, options, args.batch, args.seq_len, args.measure_steps)))
+        print(json.dumps(measure(args.model, args.recipe, args.measure, options, args.batch, args.seq_len, args.measure_steps)))
         return
     torch.set_num_threads(int(os.environ.get("EDGEC_THREADS", torch.get_num_threads())))
-    figures: dict[str, Any] = {"model": args.model, "stride": args.stride, "rank": args.rank, "batch": args.batch,
+    if args.recipe is not None:
+        load(args.model, args.recipe)  # once here, so the measuring processes find it in the pass cache
+    figures: dict[str, Any] = {"model": args.model, "recipe": None if args.recipe is None else str(args.recipe), "stride": args.stride, "rank": args.rank, "batch": args.batch,
                                "seq_len": args.seq_len, "threads": torch.get_num_threads()}
     modes = {}
     for mode in ("edge-llm", "vanilla"):
         command = [sys.executable, __file__, "--measure", mode, "--model", args.model, "--stride", str(args.stride), "--rank",
                    str(args.rank), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--measure-steps", str(args.measure_steps)]
+        command += [] if args.recipe is None else ["--recipe", str(args.recipe)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     figures["memory_time"] = modes
     edge, vanilla = modes["edge-llm"], modes["vanilla"]
     mib = 1 / 2**20
-    print(f"{args.model}: batch {args.batch} x {args.seq_len} tokens, stride {args.stride}, rank {args.rank}, "
+    compressed = "" if args.recipe is None else f" compressed by {args.recipe}"
+    print(f"{args.model}{compressed}: batch {args.batch} x {args.seq_len} tokens, stride {args.stride}, rank {args.rank}, "
           f"{figures['threads']} threads")
     print(f"{'':<24} {'edge-llm':>12} {'vanilla LoRA':>14} {'vanilla/edge':>13}")
     for key, name, scale in (("saved_bytes", "activations kept (MiB)", mib), ("optimizer_and_grad_bytes", "optimizer+grads (MiB)", mib),
@@ -215,7 +238,7 @@ def main() -> None:
     both = (edge["saved_bytes"] + edge["optimizer_and_grad_bytes"], vanilla["saved_bytes"] + vanilla["optimizer_and_grad_bytes"])
     print(f"{'training memory (MiB)':<24} {both[0] * mib:>12.1f} {both[1] * mib:>14.1f} {both[1] / both[0]:>12.2f}x")
 
-    handle = load_model(args.model)
+    handle = load(args.model, args.recipe)
     tokenizer = handle.tokenizer
     windows = torch.tensor(training_windows(tokenizer, "train", args.steps * args.batch, args.seq_len, 0))
     tuner = EdgeLlmTuner(handle.module, options, seed=0)
@@ -229,7 +252,7 @@ def main() -> None:
     figures["edge_llm_train_seconds"] = time.perf_counter() - began
     rows["edge-llm: last exit"] = quality(tuner, tokenizer, [last], args.tokens, args.samples)
     rows["edge-llm: voting"] = quality(tuner, tokenizer, every, args.tokens, args.samples)
-    vanilla_tuner = EdgeLlmTuner(load_model(args.model).module, options, seed=0)
+    vanilla_tuner = EdgeLlmTuner(load(args.model, args.recipe).module, options, seed=0)
     began = time.perf_counter()
     train(vanilla_tuner, windows, args.batch, args.steps, vanilla=True)
     figures["vanilla_train_seconds"] = time.perf_counter() - began

@@ -293,6 +293,30 @@ def _qlinear_nm_shape(x, plane0, plane1, index, scales, zeros, bias, bits, group
     return x.new_empty((*x.shape[:-1], plane0.shape[0]))
 
 
+def _packed_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    """Packed weights are frozen: backward needs x's gradient only, from the packed
+    tensors (parameters, kept anyway), so nothing new is saved for it."""
+    ctx.args = inputs[1:]
+    ctx.cols = inputs[0].shape[-1]
+
+
+def _qlinear_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    plane0, plane1, scales, zeros, _bias, bits, group = ctx.args
+    weight = dequantize(planes_of(plane0, plane1), scales, zeros, bits, group)[:, : ctx.cols].to(grad.dtype)
+    return (grad @ weight, *([None] * 7))
+
+
+def _qlinear_nm_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    plane0, plane1, index, scales, zeros, _bias, bits, group, keep, span = ctx.args
+    weight = dequantize(planes_of(plane0, plane1), scales, zeros, bits, group, index, keep, span)[:, : ctx.cols].to(grad.dtype)
+    return (grad @ weight, *([None] * 10))
+
+
+# LoRA tuning on a compressed model (edgec finetune) backpropagates through packed linears.
+qlinear.register_autograd(_qlinear_backward, setup_context=_packed_setup)
+qlinear_nm.register_autograd(_qlinear_nm_backward, setup_context=_packed_setup)
+
+
 @torch.library.custom_op("edgec::qembedding", mutates_args=())
 def qembedding(
     ids: torch.Tensor,

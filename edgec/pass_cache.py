@@ -101,8 +101,9 @@ def base_key(model_sha256: str, recipe: Any) -> str:
 class PassCache:
     """Snapshots of one model after each pass, against the tensors it was loaded with."""
 
-    def __init__(self, root: nn.Module) -> None:
-        self.dir = cache_root() / "passes"
+    def __init__(self, root: nn.Module, directory: Path | None = None) -> None:
+        # The cache's entries; a tuned model directory keeps its own (edgec.finetune).
+        self.dir = directory if directory is not None else cache_root() / "passes"
         # Identity and version of every loaded tensor: a pass that replaces or edits one
         # in place changes them; the others need not be stored.
         self.loaded = {name: _stamp(t) for name, t in _tensors(root).items()}

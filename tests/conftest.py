@@ -149,14 +149,29 @@ def test_run_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
-def edge_llm_tuned(root: Path, stride: int = 3) -> Path:
+# A cheap LUC (uniform 4 bits, round to nearest) for tests that tune a compressed model.
+CHEAP_LUC = """
+calibration: {samples: 6, seq_len: 64}
+passes:
+  - name: luc
+    options: {policy: uniform, bits: 4, sparsity: 0.3, bit_choices: [4], group_size: 32, quantizer: rtn, probe_samples: 2, validation_samples: 2}
+"""
+
+
+def edge_llm_tuned(root: Path, stride: int = 3, recipe: str | None = None) -> Path:
     """zoo:tiny-lm after a 2-step-per-exit `finetune --method edge-llm` (seconds): a model
-    directory with merged adapters and exit heads. It exercises the command; it is not a
-    trained model (no test trains one)."""
+    directory with exit heads, and adapters merged (or, with a compressing `recipe`, kept
+    beside the passes' output). It exercises the command; it is not a trained model (no
+    test trains one)."""
     from edgec.finetune import finetune
+    from edgec.passes import options_for
     from edgec.recipe import load_recipe
 
+    path = None
+    if recipe is not None:
+        path = root / "recipe.yaml"
+        path.write_text(recipe)
     sets = ["finetune.steps=2", "finetune.batch=2", "finetune.seq_len=32", f"finetune.options.stride={stride}"]
     out = root / "tuned"
-    finetune("zoo:tiny-lm", "edge-llm", load_recipe(None, sets), out, resume=False, force=False, progress=lambda _m: None)
+    finetune("zoo:tiny-lm", "edge-llm", load_recipe(path, sets, options_for), out, resume=False, force=False, progress=lambda _m: None)
     return out

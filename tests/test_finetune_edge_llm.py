@@ -19,7 +19,7 @@ from edgec.finetune.edge_llm import EdgeLlmOptions, EdgeLlmTuner, stages
 from edgec.lm import CausalLMEntries
 from edgec.model import load_model
 from edgec.recipe import Recipe, load_recipe
-from tests.conftest import TINY_CONFIG, edge_llm_tuned, make_tiny_llama
+from tests.conftest import CHEAP_LUC, TINY_CONFIG, edge_llm_tuned, make_tiny_llama
 
 runner = CliRunner()
 
@@ -120,6 +120,39 @@ def test_exit_heads_are_saved_and_reloaded_and_the_reloaded_model_votes(tuned: P
     # The merged adapters changed the weights the exits read.
     base = load_model("zoo:tiny-lm").module
     assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight, handle.module.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_a_compressed_model_keeps_its_packed_weights_and_gets_adapters_on_top(tmp_path: Path) -> None:
+    from edgec.finetune.lora import LoraLinear
+    from edgec.packing import PackedLinear
+
+    tuned = edge_llm_tuned(tmp_path, recipe=CHEAP_LUC)
+    assert (tuned / "passes" / "record.json").is_file() and (tuned / "adapters.safetensors").is_file()
+    handle = load_model(str(tuned))
+    q_proj = handle.module.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoraLinear) and isinstance(q_proj.base, PackedLinear) and bool(q_proj.lora_b.abs().sum() > 0)
+    assert [p["name"] for p in handle.info["applied_passes"]] == ["luc"]
+    # The packed weights are LUC's own, untouched by tuning: the same as a fresh LUC run's.
+    from edgec.compiler import _calibration, _run_passes
+    from edgec.passes import REGISTRY, options_for
+    from edgec.pipeline import PassContext, PassManager
+
+    (tmp_path / "luc.yaml").write_text(CHEAP_LUC)
+    recipe = load_recipe(tmp_path / "luc.yaml", [], options_for)
+    fresh = load_model("zoo:tiny-lm")
+    _run_passes(PassManager(REGISTRY, recipe.passes), fresh, PassContext(recipe, _calibration(fresh, recipe)), recipe)
+    assert torch.equal(fresh.module.model.layers[0].self_attn.q_proj.plane0, q_proj.base.plane0)
+    # The tuned model differs from the compressed one only through its adapters and exits.
+    entries = CausalLMEntries(handle.module).eval()
+    ids = torch.arange(5, 25).reshape(1, -1)
+    with torch.no_grad():
+        tuned_logits = entries.exit_forward(ids, 5)
+        for layer in handle.module.model.layers:
+            for module in layer.modules():
+                if isinstance(module, LoraLinear):
+                    module.lora_b.zero_()
+        torch.testing.assert_close(entries.exit_forward(ids, 5), CausalLMEntries(fresh.module).prefill(ids)[0])
+    assert not torch.allclose(tuned_logits, entries.exit_forward(ids, 5))
 
 
 def test_voting_exits_are_chosen_by_the_recipe_and_refused_on_a_model_without_exits(tuned: Path, tmp_path: Path) -> None:

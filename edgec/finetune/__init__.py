@@ -64,22 +64,42 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
         raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")
     if resume and not (checkpoint / "progress.json").is_file():
         raise BadInputError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
-    if recipe.passes:
-        raise UnsupportedError("finetune runs on the model itself; a recipe's passes (e.g. luc) are applied by `edgec compile` "
-                               "of the tuned model: drop `passes:` from this recipe")
     from edgec.model import load_model
+    from edgec.passes import REGISTRY
+    from edgec.pipeline import PassManager
 
+    manager = PassManager(REGISTRY, recipe.passes)
     progress(f"load {spec}")
     handle = load_model(spec)
     if handle.module is None or handle.tokenizer is None or handle.family != "causal-lm":
         raise BadInputError(f"{spec}: --method {method} tunes a causal LM with a tokenizer")
     if getattr(handle.module, "edgec_exits", None) is not None:
         raise BadInputError(f"{spec} already has exit heads (it was tuned); tune the model it came from")
-    return _tune_edge_llm(handle, options, recipe, out, checkpoint, resume, progress)
+    manager.check(handle)
+    compressed = _run_passes(manager, handle, recipe, progress)
+    return _tune_edge_llm(handle, options, recipe, out, checkpoint, resume, progress, compressed)
+
+
+def _run_passes(manager: Any, handle: Any, recipe: Recipe, progress: Progress) -> tuple[Any, list[dict[str, Any]]] | None:
+    """The recipe's passes (e.g. luc), through the pass cache as a compile runs them: tuning
+    then trains adapters on top of their output (packed weights stay frozen). Returns what
+    records that output for the tuned model directory, or None without passes."""
+    if not manager.specs:
+        return None
+    from edgec.compiler import _calibration
+    from edgec.compiler import _run_passes as run_cached
+    from edgec.pass_cache import PassCache
+    from edgec.pipeline import PassContext
+
+    capture = PassCache(handle.module)  # stamps of the loaded tensors: what the passes change is stored
+    log = run_cached(manager, handle, PassContext(recipe=recipe, calibration_ids=_calibration(handle, recipe), progress=progress), recipe)
+    entries = [{"name": e.name, "changed": e.changed, "seconds": e.seconds, "record": e.record} for e in log]
+    progress(f"passes applied: {', '.join(e.name for e in log)}; the adapters train on top of their output")
+    return capture, entries
 
 
 def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoint: Path, resume: bool,
-                   progress: Progress) -> dict[str, Any]:
+                   progress: Progress, compressed: tuple[Any, list[dict[str, Any]]] | None) -> dict[str, Any]:
     from edgec.data import training_windows
     from edgec.exits import describe_exits
     from edgec.finetune.edge_llm import EdgeLlmTuner, record_of
@@ -92,7 +112,8 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
     progress(f"edge-llm: {describe_exits(num_layers, options.stride)}; {tuner.describe()}")
     windows = torch.tensor(training_windows(handle.tokenizer, settings.data, settings.steps * settings.batch, settings.seq_len,
                                             settings.seed))
-    key = {"model": handle.sha256, "finetune": settings.model_dump(), "options": options.model_dump(), "version": CHECKPOINT_VERSION}
+    key = {"model": handle.sha256, "finetune": settings.model_dump(), "options": options.model_dump(),
+           "passes": [spec.model_dump() for spec in recipe.passes], "version": CHECKPOINT_VERSION}
     state: dict[str, Any] = {"stage": 0, "step": 0, "losses": {}}
     optimizer_state: dict[str, torch.Tensor] = {}
     if resume:
@@ -143,34 +164,48 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
         "seconds": time.perf_counter() - start,
         "step_ms_mean": 1e3 * sum(step_seconds) / len(step_seconds) if step_seconds else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "passes": [] if compressed is None else [{"name": e["name"], "record": e["record"]} for e in compressed[1]],
     }
-    _write_model(handle, tuner, record, out)
+    _write_model(handle, tuner, record, out, compressed)
     shutil.rmtree(checkpoint, ignore_errors=True)
-    progress(f"wrote {out}: merged adapters and {len(tuner.stages) - 1} exit heads; compile it with `edgec compile {out}`")
+    adapters = "merged adapters" if compressed is None else "adapters on the compressed model (kept separate)"
+    progress(f"wrote {out}: {adapters} and {len(tuner.stages) - 1} exit heads; compile it with `edgec compile {out}`")
     return {"output": str(out), **record}
 
 
 # ----------------------------------------------------------------------------- output
-def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path) -> None:
-    """The source model's files with the adapters merged into its weights, the exit heads
-    and the record; staged in a temporary sibling and renamed when complete."""
+def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path, compressed: tuple[Any, list[dict[str, Any]]] | None) -> None:
+    """The source model's files, the exit heads and the record; staged in a temporary
+    sibling and renamed when complete. A dense model gets the adapters merged into its
+    weights. A compressed one keeps its weights as loaded plus what the passes made
+    (passes/, the pass cache's format) and the adapters beside them (adapters.*): merging
+    would re-quantize the packed weights the adapters were trained against."""
     from safetensors.torch import load_file, save_file
 
     from edgec.exits import EXITS_CONFIG, EXITS_WEIGHTS, detach, save_exits
+    from edgec.finetune.lora import ADAPTERS_CONFIG, ADAPTERS_WEIGHTS, PASSES_DIR, save_adapters, unwrapped
 
     source = Path(handle.source)
-    deltas = tuner.merged_deltas()
+    deltas = tuner.merged_deltas() if compressed is None else {}
     heads = detach(tuner.model)
     assert heads is not None
     heads.config.tuning = {k: record[k] for k in ("method", "steps_per_exit", "batch", "seq_len", "lr", "data")}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if compressed is not None:
+            capture, log = compressed
+            save_adapters(tuner.model, tmp)
+            with unwrapped(tuner.model):
+                capture.dir, capture.last = tmp, None
+                capture.save(PASSES_DIR, tuner.model, log)
+            if not (tmp / PASSES_DIR).is_dir():
+                raise UnsupportedError("the recipe's passes put modules into the model that a tuned model directory cannot store")
         merged: set[str] = set()
         for path in sorted(source.iterdir()):
-            if path.is_dir() or path.name in (EXITS_CONFIG, EXITS_WEIGHTS, RECORD):
+            if path.is_dir() or path.name in (EXITS_CONFIG, EXITS_WEIGHTS, RECORD, ADAPTERS_CONFIG, ADAPTERS_WEIGHTS):
                 continue
-            if path.name.startswith("model") and path.suffix == ".safetensors":
+            if path.name.startswith("model") and path.suffix == ".safetensors" and compressed is None:
                 tensors = load_file(str(path))
                 for name, delta in deltas.items():
                     key = f"{name}.weight"

@@ -8,7 +8,11 @@ look for linears see only the base.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,3 +61,61 @@ def add_adapters(layer: nn.Module, rank: int, alpha: float, generator: torch.Gen
 
 def adapters_of(layer: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, LoraLinear)}
+
+
+# A tuned compressed model keeps its adapters beside the weights (edgec.finetune).
+ADAPTERS_CONFIG = "adapters.json"
+ADAPTERS_WEIGHTS = "adapters.safetensors"
+# ... and what the recipe's passes made, in the pass cache's format (edgec.pass_cache).
+PASSES_DIR = "passes"
+
+
+def save_adapters(model: nn.Module, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    first = next(iter(adapters.values()))
+    config = {"rank": int(first.lora_a.shape[0]), "scale": first.scale, "modules": sorted(adapters)}
+    (out / ADAPTERS_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    tensors = {f"{name}.{part}": getattr(m, part).detach().contiguous() for name, m in adapters.items() for part in ("lora_a", "lora_b")}
+    save_file(tensors, str(out / ADAPTERS_WEIGHTS))
+
+
+def load_adapters(model: nn.Module, path: Path) -> int:
+    """Wrap the modules named in `path`/adapters.json with their stored adapters; returns how many."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    source = path / ADAPTERS_CONFIG
+    try:
+        config = json.loads(source.read_text())
+        tensors = load_file(str(path / ADAPTERS_WEIGHTS))
+        rank, scale, names = int(config["rank"]), float(config["scale"]), list(config["modules"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise BadInputError(f"{source}: unreadable adapters ({exc}); re-run `edgec finetune`") from None
+    generator = torch.Generator().manual_seed(0)
+    for name in names:
+        try:
+            base = model.get_submodule(name)
+            wrapped = LoraLinear(base, rank, scale * rank, generator)
+            with torch.no_grad():
+                wrapped.lora_a.copy_(tensors[f"{name}.lora_a"])
+                wrapped.lora_b.copy_(tensors[f"{name}.lora_b"])
+        except (AttributeError, KeyError, RuntimeError) as exc:
+            raise BadInputError(f"{source}: adapter {name} does not fit this model ({str(exc).splitlines()[0]})") from None
+        wrapped.requires_grad_(False)
+        set_submodule(model, name, wrapped)
+    return len(names)
+
+
+@contextmanager
+def unwrapped(model: nn.Module) -> Iterator[None]:
+    """The model without its adapters for the block (their base modules in place)."""
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    for name, adapter in adapters.items():
+        set_submodule(model, name, adapter.base)
+    try:
+        yield
+    finally:
+        for name, adapter in adapters.items():
+            set_submodule(model, name, adapter)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from edgec.artifact import load_reference, read_manifest
 from edgec.cli import app
-from tests.conftest import edge_llm_tuned
+from tests.conftest import CHEAP_LUC, edge_llm_tuned
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -61,3 +61,22 @@ def test_the_recipe_picks_the_voting_exits(tuned: Path, tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "two")
     assert manifest["lm"]["voting"]["exits"] == [3, 5] and manifest["lm"]["voting"]["model_exits"] == [1, 3, 5]
     assert load_reference(tmp_path / "two")["prefill.out.3"].shape[0] == 2
+
+
+@pytest.fixture(scope="module")
+def tuned_luc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return edge_llm_tuned(tmp_path_factory.mktemp("voting-luc"), stride=3, recipe=CHEAP_LUC)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_a_tuned_compressed_model_compiles_with_packed_weights_adapters_and_votes(tuned_luc: Path, tmp_path: Path, backend: str) -> None:
+    out = tmp_path / backend
+    summary = _compile(tuned_luc, out, "--backend", backend)
+    assert summary["parity"]["ok"] is True
+    manifest = read_manifest(out)
+    assert manifest["lm"]["voting"]["exits"] == [2, 5]
+    assert [p["name"] for p in manifest["model"]["info"]["applied_passes"]] == ["luc"]
+    # 4-bit weights stay packed: the artifact is a fraction of the fp32 model's weights.
+    from edgec.zoo import zoo_path
+
+    assert summary["size_bytes"] < 0.45 * (zoo_path("tiny-lm") / "model.safetensors").stat().st_size, summary["size_bytes"]
