@@ -124,7 +124,7 @@ def measure(model: str, recipe: Path | None, mode: str, options: EdgeLlmOptions,
                 tuner.set_trainable(stage)
             else:
                 tuner.vanilla_trainable()
-            optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
             times, saved = [], []
             for step in range(steps):
                 chunk = windows[step * batch : (step + 1) * batch]
@@ -173,15 +173,18 @@ def quality(tuner: EdgeLlmTuner, tokenizer: Any, voting: list[int], tokens: int,
     return result
 
 
-def train(tuner: EdgeLlmTuner, windows: torch.Tensor, batch: int, steps: int, vanilla: bool) -> list[float]:
+def train(tuner: EdgeLlmTuner, windows: torch.Tensor, batch: int, steps: int, lr: float, vanilla: bool) -> list[float]:
+    """Edge-LLM: `steps` per exit, each exit on its own windows; vanilla: all those steps
+    over the same windows in order (both see every window once)."""
     losses = []
     plan = [None] if vanilla else list(tuner.stages)
-    for stage in plan:
+    for index, stage in enumerate(plan):
         params = tuner.vanilla_trainable() if stage is None else tuner.set_trainable(stage)
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         total = steps * len(tuner.stages) if stage is None else steps
         for step in range(total):
-            chunk = windows[(step * batch) % len(windows) : (step * batch) % len(windows) + batch]
+            start = (index * steps + step) * batch
+            chunk = windows[start : start + batch]
             loss = tuner.vanilla_loss(chunk) if stage is None else tuner.loss(stage, chunk)
             loss.backward()
             optimizer.step()
@@ -201,6 +204,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="training steps per exit for the quality figures")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--measure-steps", type=int, default=4, help="steps per exit (and of vanilla) for memory and time")
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
@@ -216,7 +220,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("EDGEC_THREADS", torch.get_num_threads())))
     if args.recipe is not None:
         load(args.model, args.recipe)  # once here, so the measuring processes find it in the pass cache
-    figures: dict[str, Any] = {"model": args.model, "recipe": None if args.recipe is None else str(args.recipe), "stride": args.stride, "rank": args.rank, "batch": args.batch,
+    figures: dict[str, Any] = {"model": args.model, "recipe": None if args.recipe is None else str(args.recipe), "stride": args.stride,
+                               "rank": args.rank, "lr": args.lr, "steps_per_exit": args.steps, "batch": args.batch,
                                "seq_len": args.seq_len, "threads": torch.get_num_threads()}
     modes = {}
     for mode in ("edge-llm", "vanilla"):
@@ -240,25 +245,26 @@ def main() -> None:
 
     handle = load(args.model, args.recipe)
     tokenizer = handle.tokenizer
-    windows = torch.tensor(training_windows(tokenizer, "train", args.steps * args.batch, args.seq_len, 0))
     tuner = EdgeLlmTuner(handle.module, options, seed=0)
+    windows = torch.tensor(training_windows(tokenizer, "train", args.steps * args.batch * len(tuner.stages), args.seq_len, 0))
     last = tuner.stages[-1].exit_layer
     every = [s.exit_layer for s in tuner.stages]
     rows: dict[str, dict[str, Any]] = {}
     rows["before: model's head"] = quality(tuner, tokenizer, [last], args.tokens, args.samples)
     rows["before: voting (untrained exits)"] = quality(tuner, tokenizer, every, args.tokens, args.samples)
     began = time.perf_counter()
-    train(tuner, windows, args.batch, args.steps, vanilla=False)
+    train(tuner, windows, args.batch, args.steps, args.lr, vanilla=False)
     figures["edge_llm_train_seconds"] = time.perf_counter() - began
     rows["edge-llm: last exit"] = quality(tuner, tokenizer, [last], args.tokens, args.samples)
     rows["edge-llm: voting"] = quality(tuner, tokenizer, every, args.tokens, args.samples)
     vanilla_tuner = EdgeLlmTuner(load(args.model, args.recipe).module, options, seed=0)
     began = time.perf_counter()
-    train(vanilla_tuner, windows, args.batch, args.steps, vanilla=True)
+    train(vanilla_tuner, windows, args.batch, args.steps, args.lr, vanilla=True)
     figures["vanilla_train_seconds"] = time.perf_counter() - began
     rows["vanilla LoRA: last layer"] = quality(vanilla_tuner, tokenizer, [last], args.tokens, args.samples)
     figures["quality"] = rows
-    print(f"\nquality ({args.steps} steps per exit; vanilla {args.steps * len(every)} steps; ppl over {args.tokens} held-out tokens)")
+    print(f"\nquality ({args.steps} steps per exit; vanilla {args.steps * len(every)} steps; lr {args.lr}; each window of the "
+          f"train split seen once; ppl over {args.tokens} held-out tokens)")
     print(f"{'':<34} {'ppl':>8} {'wordnet':>8} {'shakespeare':>12}")
     for name, row in rows.items():
         print(f"{name:<34} {row['ppl']:>8.2f} {row['wordnet']:>8.3f} {row['shakespeare']:>12.3f}")

@@ -104,7 +104,7 @@ class FinetuneSpec(Strict):
     steps: int = Field(40, ge=1, description="optimizer steps (edge-llm: per exit)")
     batch: int = Field(4, ge=1, description="sequences per step")
     seq_len: int = Field(128, ge=8, description="tokens per sequence")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
     seed: int = 0
     checkpoint_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
     options: dict[str, Any] = Field(default_factory=dict, description="the method's own options (edge-llm: stride, rank, alpha)")

@@ -175,3 +175,20 @@ def edge_llm_tuned(root: Path, stride: int = 3, recipe: str | None = None) -> Pa
     out = root / "tuned"
     finetune("zoo:tiny-lm", "edge-llm", load_recipe(path, sets, options_for), out, resume=False, force=False, progress=lambda _m: None)
     return out
+
+
+def planted_exits_dir(root: Path) -> Path:
+    """The 2-layer tiny Llama with an exit after each layer whose head adapter is planted
+    (random, so the early exit's logits differ from lm_head's): a voting model in seconds."""
+    from edgec.exits import ExitConfig, attach, detach, save_exits
+
+    model = make_tiny_llama()
+    heads = attach(model, ExitConfig(layers=[0, 1], stride=1, rank=4, alpha=8.0))
+    generator = torch.Generator().manual_seed(3)
+    for head in heads.heads.values():
+        head.up.data.normal_(0.0, 0.5, generator=generator)
+    detach(model)
+    out = root / "planted-exits"
+    model.save_pretrained(out, safe_serialization=True)
+    save_exits(heads, out)
+    return out

@@ -110,8 +110,9 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
     tuner = EdgeLlmTuner(handle.module, options, settings.seed)
     num_layers = len(tuner.entries.layers)
     progress(f"edge-llm: {describe_exits(num_layers, options.stride)}; {tuner.describe()}")
-    windows = torch.tensor(training_windows(handle.tokenizer, settings.data, settings.steps * settings.batch, settings.seq_len,
-                                            settings.seed))
+    # Each exit trains on its own windows: the data is seen once, as a vanilla run of all the steps would see it.
+    windows = torch.tensor(training_windows(handle.tokenizer, settings.data, settings.steps * settings.batch * len(tuner.stages),
+                                            settings.seq_len, settings.seed))
     key = {"model": handle.sha256, "finetune": settings.model_dump(), "options": options.model_dump(),
            "passes": [spec.model_dump() for spec in recipe.passes], "version": CHECKPOINT_VERSION}
     state: dict[str, Any] = {"stage": 0, "step": 0, "losses": {}}
@@ -134,7 +135,8 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
         label = f"edge-llm: exit after layer {stage.exit_layer} (LoRA in layers {stage.window[0]}-{stage.window[-1]})"
         for step in range(first, settings.steps):
             began = time.perf_counter()
-            batch = windows[step * settings.batch : (step + 1) * settings.batch]
+            first_window = (stage_index * settings.steps + step) * settings.batch
+            batch = windows[first_window : first_window + settings.batch]
             loss = tuner.loss(stage, batch)
             loss_value = float(loss.detach())
             loss.backward()

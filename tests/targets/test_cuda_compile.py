@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from edgec.artifact import read_manifest
 from edgec.cli import app
+from tests.conftest import planted_exits_dir
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -76,3 +77,12 @@ def test_act_calibrated_attention_compiles_for_cuda(planted_sink_llama_dir: Path
     assert manifest["lm"]["cache"][2]["layout"] == ["calibrated_heads", "batch", "tokens"]
     library = (out / "model" / "decode.so").read_bytes()
     assert b"__global__" in library
+
+
+def test_a_voting_model_compiles_for_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "voting-gpu"
+    result = runner.invoke(app, ["compile", str(planted_exits_dir(tmp_path)), "--target", "cuda", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    manifest = read_manifest(out)
+    assert manifest["lm"]["voting"]["exits"] == [0, 1] and manifest["program"]["entries"]["prefill"]["outputs"][-1] == "exit_logits"
+    assert b"__global__" in (out / "model" / "prefill.so").read_bytes()
