@@ -203,6 +203,12 @@ def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
         result = runner.invoke(app, ["finetune", "zoo:tiny-lm", "--method", "edge-llm", "-o", str(tmp_path / "out"), *args])
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
+    # Refused before a compressing recipe's passes run (they can take minutes).
+    (tmp_path / "luc.yaml").write_text(CHEAP_LUC)
+    result = runner.invoke(app, ["finetune", "zoo:tiny-lm", "--method", "edge-llm", "-r", str(tmp_path / "luc.yaml"), "-o",
+                                 str(tmp_path / "out"), "--set", "finetune.options.rank=200"])
+    assert result.exit_code == 2 and "rank 200 is larger than self_attn.k_proj (256 -> 128)" in result.stderr, result.stderr
+    assert "luc" not in result.stderr
     result = runner.invoke(app, ["finetune", "zoo:tiny-lm", "--method", "amoeba", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--method amoeba: unknown; edgec fine-tunes with edge-llm" in result.stderr
 

@@ -102,7 +102,6 @@ class CausalLM(Family):
             raise BadInputError(f"{model.name}: voting.exits {chosen} needs a model with exit heads; "
                                 "make one with `edgec finetune MODEL --method edge-llm`")
         heads.select(chosen)
-        model.prepared["voting"] = heads.voting
 
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
         assert model.module is not None

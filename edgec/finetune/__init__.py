@@ -58,6 +58,8 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
     except ValidationError as exc:
         first = exc.errors()[0]
         raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if recipe.finetune.data == "held-out":
+        raise BadInputError("finetune.data held-out: perplexity is measured on that split; train on 'train' or a .txt file")
     check_output(out, force)
     checkpoint = checkpoint_dir(out)
     if checkpoint.exists() and not resume:
@@ -76,6 +78,9 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
     if getattr(handle.module, "edgec_exits", None) is not None:
         raise BadInputError(f"{spec} already has exit heads (it was tuned); tune the model it came from")
     manager.check(handle)
+    from edgec.finetune.edge_llm import check_options
+
+    check_options(handle.module, options)  # before the passes: they can take minutes
     compressed = _run_passes(manager, handle, recipe, progress)
     return _tune_edge_llm(handle, options, recipe, out, checkpoint, resume, progress, compressed)
 
@@ -120,7 +125,9 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
     if resume:
         state, tensors, optimizer_state = _read_checkpoint(checkpoint, key)
         tuner.load_trained(tensors)
-        progress(f"resume from {checkpoint}: exit {tuner.stages[state['stage']].exit_layer}, step {state['step']}")
+        where = (f"exit {tuner.stages[state['stage']].exit_layer}, step {state['step']}" if state["stage"] < len(tuner.stages)
+                 else "every exit trained, the output not yet written")
+        progress(f"resume from {checkpoint}: {where}")
     start = time.perf_counter()
     step_seconds: list[float] = []
     for stage_index in range(state["stage"], len(tuner.stages)):

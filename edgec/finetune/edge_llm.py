@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from edgec.architectures import architecture_of
 from edgec.errors import BadInputError
 from edgec.exits import ExitConfig, ExitHeads, attach, exit_layers
 from edgec.finetune.lora import LoraLinear, add_adapters
@@ -56,6 +57,12 @@ def check_options(model: nn.Module, options: EdgeLlmOptions) -> None:
     hidden = int(model.config.hidden_size)
     if options.rank > hidden:
         raise BadInputError(f"edge-llm rank {options.rank} is larger than the model's hidden size {hidden}; use at most {hidden}")
+    layers = model.get_submodule(architecture_of(model).layout.layers)
+    widths = [(name, int(m.in_features), int(m.out_features)) for name, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    narrow = min(widths, key=lambda w: min(w[1], w[2]), default=None)
+    if narrow is not None and options.rank > min(narrow[1], narrow[2]):
+        raise BadInputError(f"edge-llm rank {options.rank} is larger than {narrow[0]} ({narrow[1]} -> {narrow[2]}); "
+                            f"use a rank of at most {min(narrow[1], narrow[2])}")
 
 
 class EdgeLlmTuner:
