@@ -155,16 +155,22 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         check_output_dir(out, force)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "replaced")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete directory `tmp` to `out`, replacing whatever is there by renames:
+    a reader finds the old directory or the new one, never half of either."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / "replaced")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any], files: dict[str, str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ it. The output directory appears only when complete; the checkpoint is then remo
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from edgec.artifact import move_into_place
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.recipe import Recipe
 
@@ -233,13 +233,7 @@ def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path, com
                                    "this checkpoint's tensor names differ from its modules'")
         save_exits(heads, tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "replaced")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -268,16 +262,14 @@ def _write_checkpoint(path: Path, key: dict[str, Any], state: dict[str, Any], tr
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
-    save_file({k: v.contiguous() for k, v in optimizer.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps({"key": key, **state}, indent=1) + "\n")
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, old / "replaced")
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
+        save_file({k: v.contiguous() for k, v in optimizer.items()}, str(tmp / "optimizer.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps({"key": key, **state}, indent=1) + "\n")
+        move_into_place(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_checkpoint(path: Path, key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
