@@ -49,10 +49,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[
         # A cache of its own: the first build must find an empty tuning database.
         patch.setenv("EDGEC_CACHE_DIR", str(root / "cache"))
         artifacts = {"tvm": (root / "tvm", compile_json(recipe, root / "tvm", "--backend", "tvm"))}
-        # Groups of 32: the MLP's 688 inputs end in a ragged group of 16 (both backends).
+        # Groups of 32: the MLP's 688 inputs end in a ragged group of 16. (TVM's ragged groups:
+        # tests/targets/test_compile_voting.py on cpu and test_deploy_qemu.py on arm64.)
         ragged = ["--set", "luc.group_size=32"]
         artifacts["onnx"] = (root / "onnx", compile_json(recipe, root / "onnx", "--backend", "onnx", *ragged))
-        artifacts["tvm-ragged"] = (root / "tvm-ragged", compile_json(recipe, root / "tvm-ragged", *ragged, "--set", "schedule.trials=0"))
         artifacts["tvm-again"] = (root / "again", compile_json(recipe, root / "again", "--backend", "tvm"))
         two_of_four = ["--set", "luc.pattern=2:4", "--set", "luc.sparsity=0.5"]
         artifacts["tvm-2:4"] = (root / "two-of-four", compile_json(recipe, root / "two-of-four", *two_of_four))
@@ -65,7 +65,7 @@ def _weight_shapes() -> set[tuple[int, int]]:
     return pairs | {(k, n) for n, k in pairs}
 
 
-@pytest.mark.parametrize("backend", ["tvm", "onnx", "tvm-ragged"])
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
 def test_summary_has_policy_size_perplexity_and_parity(built: dict, backend: str) -> None:
     out, summary = built[backend]
     assert summary["parity"]["ok"] is True  # against the compressed torch model
