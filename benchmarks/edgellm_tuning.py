@@ -95,14 +95,11 @@ def load(model: str, recipe_path: Path | None) -> Any:
     """The model, compressed by the recipe's passes if one is given."""
     handle = load_model(model)
     if recipe_path is not None:
-        from edgec.compiler import _calibration, _run_passes
-        from edgec.passes import REGISTRY, options_for
-        from edgec.pipeline import PassContext, PassManager
+        from edgec.finetune import run_recipe_passes
+        from edgec.passes import options_for
         from edgec.recipe import load_recipe
 
-        recipe = load_recipe(recipe_path, [], options_for)
-        ctx = PassContext(recipe, _calibration(handle, recipe), lambda m: print(f"  {m}", file=sys.stderr, flush=True))
-        _run_passes(PassManager(REGISTRY, recipe.passes), handle, ctx, recipe)
+        run_recipe_passes(handle, load_recipe(recipe_path, [], options_for), lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     return handle
 
 
@@ -114,22 +111,17 @@ def measure(model: str, recipe: Path | None, mode: str, options: EdgeLlmOptions,
     windows = torch.tensor(training_windows(handle.tokenizer, "train", steps * batch, seq_len, 0))
     storages = {p.untyped_storage().data_ptr() for p in handle.module.parameters()}
     loaded = rss_bytes()
-    plan: list[tuple[Any, list[torch.nn.Parameter]]] = (
-        [(stage, tuner.set_trainable(stage)) for stage in tuner.stages] if mode == "edge-llm" else [(None, tuner.vanilla_trainable())]
-    )
+    plan = list(tuner.stages) if mode == "edge-llm" else [None]  # None: vanilla LoRA
     rows = []
     with PeakRss() as peak:
-        for stage, params in plan:
-            if stage is not None:
-                tuner.set_trainable(stage)
-            else:
-                tuner.vanilla_trainable()
+        for stage in plan:
+            params = tuner.set_trainable(stage)
             optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
             times, saved = [], []
             for step in range(steps):
                 chunk = windows[step * batch : (step + 1) * batch]
                 began = time.perf_counter()
-                loss, kept = saved_bytes_of(lambda: tuner.loss(stage, chunk) if stage is not None else tuner.vanilla_loss(chunk), storages)
+                loss, kept = saved_bytes_of(lambda: tuner.loss(stage, chunk), storages)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=False)
@@ -179,21 +171,18 @@ def train(tuner: EdgeLlmTuner, windows: torch.Tensor, batch: int, steps: int, lr
     losses = []
     plan = [None] if vanilla else list(tuner.stages)
     for index, stage in enumerate(plan):
-        params = tuner.vanilla_trainable() if stage is None else tuner.set_trainable(stage)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(tuner.set_trainable(stage), lr=lr, weight_decay=0.0)
         total = steps * len(tuner.stages) if stage is None else steps
         for step in range(total):
             start = (index * steps + step) * batch
             chunk = windows[start : start + batch]
-            loss = tuner.vanilla_loss(chunk) if stage is None else tuner.loss(stage, chunk)
+            loss = tuner.loss(stage, chunk)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         print(f"  trained {'vanilla' if stage is None else f'exit {stage.exit_layer}'}: loss {losses[-total]:.3f} -> "
               f"{statistics.mean(losses[-min(10, total):]):.3f}", file=sys.stderr, flush=True)
-    for parameter in tuner.model.parameters():
-        parameter.requires_grad_(False)
     return losses
 
 

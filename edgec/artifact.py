@@ -150,20 +150,27 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` when the block finishes without error.
     The caller checked `out` (under `output_lock`); it is checked again at the end: whatever
     appeared there meanwhile is replaced only if it is edgec's own artifact and --force was given."""
+    with staged(out) as tmp:
+        yield tmp
+        check_output_dir(out, force)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out`, renamed to `out` (replacing what is there) when the
+    block finishes without error, removed otherwise: a reader finds the old directory or
+    the new one, never half of either."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        check_output_dir(out, force)
-        move_into_place(tmp, out)
+        _move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the complete directory `tmp` to `out`, replacing whatever is there by renames:
-    a reader finds the old directory or the new one, never half of either."""
+def _move_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, old / "replaced")

@@ -230,6 +230,12 @@ def _document_segments(tokenizer: PreTrainedTokenizerBase, split: str, samples: 
     return segments
 
 
+def check_training_data(data: str) -> None:
+    """Fine-tuning never reads the held-out split (perplexity is measured on it)."""
+    if data == HELD_OUT:
+        raise BadInputError("finetune.data held-out: perplexity is measured on that split; train on 'train' or a .txt file")
+
+
 def training_windows(tokenizer: PreTrainedTokenizerBase, data: str, count: int, seq_len: int, seed: int) -> list[list[int]]:
     """`count` windows of `seq_len` token ids to fine-tune on: from the built-in train split
     (documents in a seeded order, consecutive windows of each, so many documents are seen),
@@ -238,8 +244,7 @@ def training_windows(tokenizer: PreTrainedTokenizerBase, data: str, count: int, 
     Raises:
         BadInputError: for data "held-out", or text too short for `count` windows.
     """
-    if data == HELD_OUT:
-        raise BadInputError("finetune.data held-out: perplexity is measured on that split; train on 'train' or a .txt file")
+    check_training_data(data)
     windows: list[list[int]] = []
     if data == TRAIN:
         documents = [text for doc_id, text in _documents() if split_of(doc_id) == TRAIN]

@@ -378,8 +378,9 @@ class _PackedStore(nn.Module):
         return PackedWeight(planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span, self.cols)
 
     def weight_fp32(self) -> torch.Tensor:
-        weight = dequantize(self.packed.planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
-        return weight[:, : self.packed.shape[1]]
+        packed = self.packed
+        weight = dequantize(packed.planes, self.scales, self.zeros, self.bits, self.group, self.index, self.keep, self.span)
+        return weight[:, : packed.shape[1]]
 
 
 class PackedLinear(_PackedStore):

@@ -43,7 +43,6 @@ from edgec.cache import cached_dir
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.packing import (
-    padded_width,
     INDEX_WIDTH,
     SUPPORTED_BITS,
     PackedEmbedding,
@@ -51,6 +50,7 @@ from edgec.packing import (
     PackedWeight,
     compress_nm,
     dequantize,
+    padded_width,
     quantize,
     set_submodule,
     unique_weight_bytes,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from edgec.errors import BadInputError
-from edgec.packing import group_params, round_to_codes
+from edgec.packing import group_params, padded_width, round_to_codes
 
 PATTERNS_HELP = "unstructured, N:M (e.g. 2:4: N kept of every M) or channel"
 
@@ -118,7 +118,7 @@ def obs_compress(
     rows, cols = work.shape
     if quant is not None:
         block = max(block // quant.group, 1) * quant.group
-        scales = torch.zeros(rows, -(-cols // quant.group), dtype=torch.float64)  # a ragged last group counts
+        scales = torch.zeros(rows, padded_width(cols, quant.group) // quant.group, dtype=torch.float64)
         zeros = torch.zeros_like(scales)
     hessian = gram.double().clone()
     dead = torch.diag(hessian) == 0

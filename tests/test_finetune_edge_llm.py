@@ -133,14 +133,12 @@ def test_a_compressed_model_keeps_its_packed_weights_and_gets_adapters_on_top(tm
     assert isinstance(q_proj, LoraLinear) and isinstance(q_proj.base, PackedLinear) and bool(q_proj.lora_b.abs().sum() > 0)
     assert [p["name"] for p in handle.info["applied_passes"]] == ["luc"]
     # The packed weights are LUC's own, untouched by tuning: the same as a fresh LUC run's.
-    from edgec.compiler import _calibration, _run_passes
-    from edgec.passes import REGISTRY, options_for
-    from edgec.pipeline import PassContext, PassManager
+    from edgec.finetune import run_recipe_passes
+    from edgec.passes import options_for
 
     (tmp_path / "luc.yaml").write_text(CHEAP_LUC)
-    recipe = load_recipe(tmp_path / "luc.yaml", [], options_for)
     fresh = load_model("zoo:tiny-lm")
-    _run_passes(PassManager(REGISTRY, recipe.passes), fresh, PassContext(recipe, _calibration(fresh, recipe)), recipe)
+    run_recipe_passes(fresh, load_recipe(tmp_path / "luc.yaml", [], options_for), lambda _m: None)
     assert torch.equal(fresh.module.model.layers[0].self_attn.q_proj.plane0, q_proj.base.plane0)
     # The tuned model differs from the compressed one only through its adapters and exits.
     entries = CausalLMEntries(handle.module).eval()

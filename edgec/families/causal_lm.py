@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgec.architectures import SUPPORTED_ARCHITECTURES, architecture_of, canonicalize, check_config
 from edgec.errors import BadInputError, UnsupportedError
-from edgec.exits import EXITS_CONFIG, EXITS_WEIGHTS, exits_of, has_exits, load_exits, read_exit_config
+from edgec.exits import EXITS_CONFIG, EXITS_WEIGHTS, exits_of, has_exits, load_exits
 from edgec.families import EvalRequest, Family, Progress, Section, entry_io, register
 from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry, lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, check_safetensors, load_tokenizer_files, read_config, sha256_files
@@ -400,10 +400,10 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
         raise BadInputError(f"{path}: weights and config disagree (e.g. {', '.join(problems)}); re-save with save_pretrained")
     model = canonicalize(model.eval())
     arch = architecture_of(model)
-    exit_files = restore_tuned(model, path)
+    exit_files, applied = restore_tuned(model, path)
+    heads = None
     if has_exits(path):
-        heads = load_exits(model, path)
-        heads.eval()
+        heads = load_exits(model, path).eval()
         exit_files += [path / EXITS_CONFIG, path / EXITS_WEIGHTS]
     tokenizer = None
     tokenizer_dir = None
@@ -431,42 +431,32 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
             "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
             "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "architecture_config": arch.summary(),
-            **({"exits": read_exit_config(path, arch.num_layers).to_json()} if has_exits(path) else {}),
+            **({"exits": heads.config.to_json()} if heads is not None else {}),
             # A tuned compressed model: the passes it was made with (their records), for the manifest.
-            **({"applied_passes": applied_passes(path)} if (path / "passes").is_dir() else {}),
+            **({"applied_passes": applied} if applied is not None else {}),
         },
     )
 
 
-def restore_tuned(model: torch.nn.Module, path: Path) -> list[Path]:
+def restore_tuned(model: torch.nn.Module, path: Path) -> tuple[list[Path], list[dict[str, Any]] | None]:
     """What `edgec finetune` stored beside a compressed model's weights: the passes' output
-    (passes/, the pass cache's format) and the adapters trained on it. Returns the files read."""
+    (passes/, the pass cache's format) and the adapters trained on it. Returns the files
+    read and the log of those passes (None: no passes were stored)."""
     from edgec.finetune.lora import ADAPTERS_CONFIG, ADAPTERS_WEIGHTS, PASSES_DIR, load_adapters
     from edgec.pass_cache import RECORD, TENSORS, PassCache
 
     files: list[Path] = []
+    log: list[dict[str, Any]] | None = None
     passes = path / PASSES_DIR
     if (passes / RECORD).is_file():
-        if PassCache(model, directory=path).load(PASSES_DIR, model) is None:
+        log = PassCache(model, directory=path).load(PASSES_DIR, model)
+        if log is None:
             raise BadInputError(f"{passes}: the stored output of the passes does not load into this edgec; re-run `edgec finetune`")
         files += [p for p in (passes / RECORD, passes / TENSORS) if p.is_file()]
     if (path / ADAPTERS_CONFIG).is_file():
         load_adapters(model, path)
         files += [path / ADAPTERS_CONFIG, path / ADAPTERS_WEIGHTS]
-    return files
-
-
-def applied_passes(path: Path) -> list[dict[str, Any]]:
-    """The log of the passes a tuned compressed model was made with (its passes/ record)."""
-    import json
-
-    from edgec.finetune.lora import PASSES_DIR
-    from edgec.pass_cache import RECORD
-
-    try:
-        return list(json.loads((path / PASSES_DIR / RECORD).read_text())["log"])
-    except (OSError, ValueError, KeyError):
-        return []
+    return files, log
 
 
 def safetensors_weights(path: Path) -> list[Path]:

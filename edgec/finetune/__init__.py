@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from edgec.artifact import move_into_place
+from edgec.artifact import staged
+from edgec.data import check_training_data
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.recipe import Recipe
 
@@ -58,43 +58,41 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
     except ValidationError as exc:
         first = exc.errors()[0]
         raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    if recipe.finetune.data == "held-out":
-        raise BadInputError("finetune.data held-out: perplexity is measured on that split; train on 'train' or a .txt file")
+    check_training_data(recipe.finetune.data)
     check_output(out, force)
     checkpoint = checkpoint_dir(out)
     if checkpoint.exists() and not resume:
         raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")
     if resume and not (checkpoint / "progress.json").is_file():
         raise BadInputError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
+    from edgec.exits import exits_of
+    from edgec.finetune.edge_llm import check_options
     from edgec.model import load_model
-    from edgec.passes import REGISTRY
-    from edgec.pipeline import PassManager
 
-    manager = PassManager(REGISTRY, recipe.passes)
     progress(f"load {spec}")
     handle = load_model(spec)
     if handle.module is None or handle.tokenizer is None or handle.family != "causal-lm":
         raise BadInputError(f"{spec}: --method {method} tunes a causal LM with a tokenizer")
-    if getattr(handle.module, "edgec_exits", None) is not None:
+    if exits_of(handle.module) is not None:
         raise BadInputError(f"{spec} already has exit heads (it was tuned); tune the model it came from")
-    manager.check(handle)
-    from edgec.finetune.edge_llm import check_options
-
     check_options(handle.module, options)  # before the passes: they can take minutes
-    compressed = _run_passes(manager, handle, recipe, progress)
+    compressed = run_recipe_passes(handle, recipe, progress)
     return _tune_edge_llm(handle, options, recipe, out, checkpoint, resume, progress, compressed)
 
 
-def _run_passes(manager: Any, handle: Any, recipe: Recipe, progress: Progress) -> tuple[Any, list[dict[str, Any]]] | None:
+def run_recipe_passes(handle: Any, recipe: Recipe, progress: Progress) -> tuple[Any, list[dict[str, Any]]] | None:
     """The recipe's passes (e.g. luc), through the pass cache as a compile runs them: tuning
     then trains adapters on top of their output (packed weights stay frozen). Returns what
     records that output for the tuned model directory, or None without passes."""
-    if not manager.specs:
+    if not recipe.passes:
         return None
     from edgec.compiler import _calibration
     from edgec.compiler import _run_passes as run_cached
     from edgec.pass_cache import PassCache
-    from edgec.pipeline import PassContext
+    from edgec.passes import REGISTRY
+    from edgec.pipeline import PassContext, PassManager
+
+    manager = PassManager(REGISTRY, recipe.passes)
 
     capture = PassCache(handle.module)  # stamps of the loaded tensors: what the passes change is stored
     log = run_cached(manager, handle, PassContext(recipe=recipe, calibration_ids=_calibration(handle, recipe), progress=progress), recipe)
@@ -173,7 +171,8 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
         "seconds": time.perf_counter() - start,
         "step_ms_mean": 1e3 * sum(step_seconds) / len(step_seconds) if step_seconds else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "passes": [] if compressed is None else [{"name": e["name"], "record": e["record"]} for e in compressed[1]],
+        # Their records are in the output's passes/record.json.
+        "passes": [] if compressed is None else [e["name"] for e in compressed[1]],
     }
     _write_model(handle, tuner, record, out, compressed)
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -199,9 +198,7 @@ def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path, com
     heads = detach(tuner.model)
     assert heads is not None
     heads.config.tuning = {k: record[k] for k in ("method", "steps_per_exit", "batch", "seq_len", "lr", "data")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged(out) as tmp:
         if compressed is not None:
             capture, log = compressed
             save_adapters(tuner.model, tmp)
@@ -233,10 +230,6 @@ def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path, com
                                    "this checkpoint's tensor names differ from its modules'")
         save_exits(heads, tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
-        move_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -260,16 +253,10 @@ def _write_checkpoint(path: Path, key: dict[str, Any], state: dict[str, Any], tr
     previous complete checkpoint or this one."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged(path) as tmp:
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
         save_file({k: v.contiguous() for k, v in optimizer.items()}, str(tmp / "optimizer.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({"key": key, **state}, indent=1) + "\n")
-        move_into_place(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_checkpoint(path: Path, key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

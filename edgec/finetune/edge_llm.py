@@ -26,7 +26,7 @@ from torch import nn
 from edgec.architectures import architecture_of
 from edgec.errors import BadInputError
 from edgec.exits import ExitConfig, ExitHeads, attach, exit_layers
-from edgec.finetune.lora import LoraLinear, add_adapters
+from edgec.finetune.lora import LoraLinear, add_adapters, linear_names
 from edgec.lm import CausalLMEntries
 
 
@@ -57,8 +57,8 @@ def check_options(model: nn.Module, options: EdgeLlmOptions) -> None:
     hidden = int(model.config.hidden_size)
     if options.rank > hidden:
         raise BadInputError(f"edge-llm rank {options.rank} is larger than the model's hidden size {hidden}; use at most {hidden}")
-    layers = model.get_submodule(architecture_of(model).layout.layers)
-    widths = [(name, int(m.in_features), int(m.out_features)) for name, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    layer = model.get_submodule(architecture_of(model).layout.layers)[0]
+    widths = [(name, int(m.in_features), int(m.out_features)) for name, m in ((n, layer.get_submodule(n)) for n in linear_names(layer))]
     narrow = min(widths, key=lambda w: min(w[1], w[2]), default=None)
     if narrow is not None and options.rank > min(narrow[1], narrow[2]):
         raise BadInputError(f"edge-llm rank {options.rank} is larger than {narrow[0]} ({narrow[1]} -> {narrow[2]}); "
@@ -73,40 +73,37 @@ class EdgeLlmTuner:
         self.model = model
         self.options = options
         generator = torch.Generator().manual_seed(seed)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
         num_layers = int(model.config.num_hidden_layers)
         self.stages = stages(num_layers, options.stride)
         self.heads: ExitHeads = attach(model, ExitConfig([s.exit_layer for s in self.stages], options.stride, options.rank, options.alpha))
         self.entries = CausalLMEntries(model)
         self.adapters: list[dict[str, LoraLinear]] = [add_adapters(layer, options.rank, options.alpha, generator)
                                                       for layer in self.entries.layers]
-        self.set_trainable(None)
+        model.requires_grad_(False)  # nothing trains until a stage is chosen
 
-    def trainable(self, stage: Stage) -> dict[str, nn.Parameter]:
-        """The parameters that train at `stage`, by a stable name (checkpoints use it)."""
+    def trainable(self, stage: Stage | None) -> dict[str, nn.Parameter]:
+        """The parameters that train at `stage`, by a stable name (checkpoints use it);
+        None: vanilla LoRA tuning, every layer's adapters at once."""
         found: dict[str, nn.Parameter] = {}
-        for layer in stage.window:
+        for layer in range(len(self.adapters)) if stage is None else stage.window:
             for name, adapter in self.adapters[layer].items():
                 found[f"layer.{layer}.{name}.lora_a"] = adapter.lora_a
                 found[f"layer.{layer}.{name}.lora_b"] = adapter.lora_b
-        head = self.heads.heads[str(stage.exit_layer)] if str(stage.exit_layer) in self.heads.heads else None
+        head = self.heads.heads[str(stage.exit_layer)] if stage is not None and str(stage.exit_layer) in self.heads.heads else None
         if head is not None:
             found[f"exit.{stage.exit_layer}.down"] = head.down
             found[f"exit.{stage.exit_layer}.up"] = head.up
         return found
 
+    def _every_stage(self) -> dict[str, nn.Parameter]:
+        return {name: p for stage in self.stages for name, p in self.trainable(stage).items()}
+
     def every_trained(self) -> dict[str, torch.Tensor]:
         """Every tensor tuning changes (all stages): what a checkpoint stores."""
-        tensors: dict[str, torch.Tensor] = {}
-        for stage in self.stages:
-            tensors.update({k: v.detach() for k, v in self.trainable(stage).items()})
-        return tensors
+        return {name: p.detach() for name, p in self._every_stage().items()}
 
     def load_trained(self, tensors: dict[str, torch.Tensor]) -> None:
-        current = {}
-        for stage in self.stages:
-            current.update(self.trainable(stage))
+        current = self._every_stage()
         if set(tensors) != set(current):
             raise BadInputError("the checkpoint's tensors do not match this tuning's adapters and exits; delete it or fix the settings")
         with torch.no_grad():
@@ -114,30 +111,21 @@ class EdgeLlmTuner:
                 current[name].copy_(tensor)
 
     def set_trainable(self, stage: Stage | None) -> list[nn.Parameter]:
-        chosen = {} if stage is None else self.trainable(stage)
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
+        """Only `stage`'s parameters (None: vanilla's) train; returns them."""
+        chosen = self.trainable(stage)
+        self.model.requires_grad_(False)
         for parameter in chosen.values():
             parameter.requires_grad_(True)
         return list(chosen.values())
 
-    def loss(self, stage: Stage, batch: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy at the stage's exit; layers below its window run without autograd."""
-        logits = self.entries.exit_forward(batch, stage.exit_layer, frozen_below=stage.window[0])
+    def loss(self, stage: Stage | None, batch: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy at the stage's exit; layers below its window run without
+        autograd. None: vanilla's, every layer with autograd and the loss at the last."""
+        if stage is None:
+            logits = self.entries.exit_forward(batch, len(self.entries.layers) - 1, frozen_below=0)
+        else:
+            logits = self.entries.exit_forward(batch, stage.exit_layer, frozen_below=stage.window[0])
         return next_token_loss(logits, batch)
-
-    def vanilla_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """The baseline: every layer forward with autograd, the loss at the last layer."""
-        return next_token_loss(self.entries.exit_forward(batch, len(self.entries.layers) - 1, frozen_below=0), batch)
-
-    def vanilla_trainable(self) -> list[nn.Parameter]:
-        """Vanilla LoRA tuning trains every layer's adapters at once."""
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        chosen = [p for adapters in self.adapters for a in adapters.values() for p in (a.lora_a, a.lora_b)]
-        for parameter in chosen:
-            parameter.requires_grad_(True)
-        return chosen
 
     def merged_deltas(self) -> dict[str, torch.Tensor]:
         """Each adapted linear's weight update [out, in], by its module name in the model."""

@@ -48,12 +48,7 @@ def add_adapters(layer: nn.Module, rank: int, alpha: float, generator: torch.Gen
     """Wrap every linear of `layer` (in place); returns them by name within the layer."""
     added: dict[str, LoraLinear] = {}
     for name in linear_names(layer):
-        base = layer.get_submodule(name)
-        smallest = min(int(base.in_features), int(base.out_features))
-        if rank > smallest:
-            raise BadInputError(f"LoRA rank {rank} is larger than {name} ({base.in_features} -> {base.out_features}); "
-                                f"use a rank of at most {smallest}")
-        wrapped = LoraLinear(base, rank, alpha, generator)
+        wrapped = LoraLinear(layer.get_submodule(name), rank, alpha, generator)
         set_submodule(layer, name, wrapped)
         added[name] = wrapped
     return added
