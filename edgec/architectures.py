@@ -23,6 +23,11 @@ NormKind = Literal["rms", "rms_offset", "layer"]
 # "longrope" change them with the sequence length, which a static graph cannot follow.
 STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
+# Config fields an extracted subnet (edgec.subnet) carries: query and KV heads per layer,
+# where width pruning left layers with different head counts.
+LAYER_HEADS = "edgec_layer_heads"
+LAYER_KV_HEADS = "edgec_layer_kv_heads"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -39,6 +44,11 @@ class Layout:
     v: str = "v_proj"
     qkv: str | None = None  # one fused projection, split as [q | k | v]
     o: str = "o_proj"
+    mlp: str = "mlp"
+    # The MLP's input projections (their rows are its channels) and its output projection
+    # (whose columns are); None: fused in a way width slicing does not follow (Phi-3).
+    mlp_in: tuple[str, ...] | None = ("gate_proj", "up_proj")
+    mlp_out: str = "down_proj"
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
     # Gemma's sandwich norms: on the attention output and around the MLP.
@@ -47,7 +57,7 @@ class Layout:
 
 
 LLAMA = Layout()
-PHI3 = Layout(qkv="qkv_proj")
+PHI3 = Layout(qkv="qkv_proj", mlp_in=None)
 GEMMA = Layout(
     mlp_norm="pre_feedforward_layernorm",
     post_attn_norm="post_attention_layernorm",
@@ -61,6 +71,8 @@ GPT2 = Layout(
     attention="attn",
     qkv="c_attn",
     o="c_proj",
+    mlp_in=("c_fc",),
+    mlp_out="c_proj",
     attn_norm="ln_1",
     mlp_norm="ln_2",
 )
@@ -116,8 +128,16 @@ class Architecture:
     attn_softcap: float | None
     final_softcap: float | None
     windows: tuple[int | None, ...]  # per layer: sliding window in tokens, None = full attention
+    layer_heads: tuple[int, ...]  # per layer: query heads (num_heads unless a subnet sliced them)
+    layer_kv_heads: tuple[int, ...]
     ropes: tuple[RopeTable, ...]  # empty: learned positions
     max_positions: int
+
+    @property
+    def ragged_kv(self) -> bool:
+        """Layers keep different numbers of KV heads (a width-pruned subnet): the cache
+        concatenates them along the heads axis instead of stacking layers."""
+        return len(set(self.layer_kv_heads)) > 1
 
     def summary(self) -> dict[str, Any]:
         """What the manifest and `inspect` show of it."""
@@ -212,6 +232,11 @@ def architecture_of(model: nn.Module) -> Architecture:
             )
         else:
             ropes = (RopeTable(f"{inner}.rotary_emb", tuple(range(layers))),)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    layer_heads = tuple(int(h) for h in getattr(config, LAYER_HEADS, None) or [heads] * layers)
+    layer_kv_heads = tuple(int(h) for h in getattr(config, LAYER_KV_HEADS, None) or [kv_heads] * layers)
+    if len(layer_heads) != layers or len(layer_kv_heads) != layers:
+        raise _refuse(name, LAYER_HEADS, list(layer_heads), f"it must list one head count for each of the {layers} layers")
     return Architecture(
         name=name,
         layout=family.layout,
@@ -219,13 +244,15 @@ def architecture_of(model: nn.Module) -> Architecture:
         qk_norm=family.qk_norm,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
         embed_scale=math.sqrt(float(config.hidden_size)) if family.scaled_embedding else 1.0,
         attn_scale=attn_scale,
         attn_softcap=getattr(config, "attn_logit_softcapping", None),
         final_softcap=getattr(config, "final_logit_softcapping", None),
         windows=windows,
+        layer_heads=layer_heads,
+        layer_kv_heads=layer_kv_heads,
         ropes=ropes,
         max_positions=int(config.max_position_embeddings),
     )

@@ -102,6 +102,12 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(device_app, name="device")
 analyze_app = typer.Typer(help="Look inside a model before compiling it.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
+subnet_app = typer.Typer(
+    help="AmoebaLLM subnets: search a causal LM's shapes (depth x width) once, then extract any of them "
+    "with `edgec compile MODEL --subnet depth=N,width=R`.",
+    no_args_is_help=True,
+)
+app.add_typer(subnet_app, name="subnet")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -233,6 +239,7 @@ _COMPILE_EXAMPLES = "\n\n".join([
     "  edgec compile zoo:tiny-lm --set passes=quantize-weights-int8 --set quantize-weights-int8.group_size=32 --dry-run --json",
     "  edgec compile detector.onnx --input-shape image=1x3x640x640 --target arm64 --backend onnx",
     "  edgec compile encoder.onnx --dim batch=1 --reference-inputs real-batch.npz",
+    "  edgec compile zoo:tiny-lm --subnet depth=4,width=0.8 --backend onnx   (after edgec subnet search zoo:tiny-lm)",
 ])
 
 
@@ -267,6 +274,9 @@ def compile_command(
     sign: Optional[Path] = typer.Option(
         None, "--sign", help="sign the manifest with this ed25519 private key (edgec keygen); deploy --trust KEY.pub checks it on the device"
     ),
+    subnet: Optional[str] = typer.Option(
+        None, "--subnet", help="a causal LM: extract the subnet depth=N,width=R of its search (edgec subnet search) first (recipe: subnet)"
+    ),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against its reference
     (torch; ONNX Runtime's CPU provider for an .onnx MODEL)."""
@@ -275,6 +285,8 @@ def compile_command(
     from edgec.recipe import load_recipe, with_inputs
 
     sets = list(set_)
+    if subnet is not None:
+        sets.append(f"subnet={subnet}")
     if target is not None:
         sets.append(f"target={target}")
     if backend is not None:
@@ -853,6 +865,69 @@ def analyze_attention_command(
     out.print(table)
     for path in written:
         out.print(f"plot  {path}")
+
+
+_SUBNET_EXAMPLES = "\n\n".join([
+    "Examples:",
+    "  edgec subnet search zoo:tiny-lm --plot subnets.png",
+    "  edgec subnet search zoo:smollm2-135m --min-depth 16 --widths 1,0.8,0.65,0.5 --json",
+    "  edgec compile zoo:tiny-lm --subnet depth=4,width=0.8 --target arm64",
+])
+
+
+@subnet_app.command("search", epilog=_SUBNET_EXAMPLES)
+@_user_errors
+def subnet_search_command(
+    model: str = typer.Argument(..., help="a causal LM: Hugging Face directory or zoo:NAME"),
+    samples: int = typer.Option(8, "--samples", min=1, help="calibration segments from the built-in train split"),
+    seq_len: int = typer.Option(128, "--seq-len", min=8, help="tokens per calibration segment"),
+    min_depth: Optional[int] = typer.Option(None, "--min-depth", min=1, help="shallowest subnet in the table (default half the layers)"),
+    widths: str = typer.Option("1,0.9,0.8,0.7,0.6,0.5", "--widths", help="width ratios in the table: fractions of attention and MLP parameters kept"),
+    force: bool = typer.Option(False, "--force", help="search again even if the cache has this search"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write calibration loss against parameters (PNG) here"),
+    as_json: bool = typer.Option(False, "--json", help="print the search (depth masks, table) as JSON"),
+) -> None:
+    """Depth masks by dynamic programming over calibration scores, width masks by FLAP-style
+    importance (nested across ratios, with compensation biases), and the table of shapes with
+    parameters and calibration loss. Cached per model hash; an interrupted search resumes."""
+    from edgec.errors import BadInputError
+    from edgec.model import load_model
+    from edgec.subnet.search import SearchOptions, plot_search, search_subnets
+
+    try:
+        ratios = [float(w) for w in widths.split(",")]
+    except ValueError:
+        raise BadInputError(f"--widths {widths}: give comma-separated fractions, e.g. 1,0.8,0.6") from None
+    options = SearchOptions(samples=samples, seq_len=seq_len, min_depth=min_depth, widths=ratios)
+    _limit_threads()
+    progress = Progress()
+    handle = load_model(model)
+    if handle.family != "causal-lm":
+        raise BadInputError(f"{model}: subnet search works on causal LMs; this is a {handle.family} model")
+    search, source = search_subnets(handle, options, progress, force)
+    if plot is not None:
+        plot_search(search, plot)
+    record = {**search.record, "source": source, "cache": str(search.directory), "plot": None if plot is None else str(plot)}
+    if as_json:
+        _emit_json(record)
+        return
+    out.print(f"{model}: {record['num_layers']} layers, {record['evaluations']} scored evaluations "
+              f"({source}; {record['seconds']} s); loss = {record['score']}")
+    depths = Table(title="layers kept per depth (dynamic programming)", title_justify="left")
+    for column in ("depth", "removed layers", "loss"):
+        depths.add_column(column, justify="right")
+    for row in record["depths"]:
+        depths.add_row(str(row["depth"]), ",".join(map(str, row["removed"])) or "-", f"{row['score']:.4f}")
+    out.print(depths)
+    table = Table(title="shapes: --subnet depth=D,width=W", title_justify="left")
+    for column in ("depth", "width", "parameters", "of full", "loss", "perplexity"):
+        table.add_column(column, justify="right")
+    for row in record["table"]:
+        table.add_row(str(row["depth"]), f"{row['width']:g}", f"{row['parameters']:,}", f"{row['fraction']:.1%}",
+                      f"{row['score']:.4f}", f"{row['perplexity']:.2f}")
+    out.print(table)
+    if plot is not None:
+        out.print(f"plot  {plot}")
 
 
 @app.command("passes")

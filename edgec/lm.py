@@ -11,6 +11,10 @@ When attention calibration (ACT, `stat: causal`) is applied, the cache carries o
 tensor, the raw attention column sums of the calibrated heads, s[N, B, P]: prefill
 returns it after v and decode takes it after past_v.
 
+A width-pruned subnet (edgec.subnet) whose layers keep different numbers of KV heads
+cannot stack its cache by layer: there k and v are [B, sum of KV heads, P, D], each layer's
+heads one after the other (`CausalLMEntries.kv_offsets`).
+
 A model with early exits (edgec.exits) votes: `logits` is the voted log-distribution and
 a last output, exit_logits[E, B, S, V], holds each voting exit's own logits. Every layer
 still runs (the cache stays complete); the exits only read hidden states.
@@ -159,6 +163,8 @@ class CausalLMEntries(nn.Module):
         self.num_kv_heads = arch.num_kv_heads
         self.head_dim = arch.head_dim
         self.layers = model.get_submodule(arch.layout.layers)
+        # Where each layer's heads start in a ragged cache (arch.ragged_kv).
+        self.kv_offsets = [sum(arch.layer_kv_heads[:index]) for index in range(arch.num_layers + 1)]
         # One frequency table per RoPE module (Gemma 3 has a local and a global one).
         self.rope_of_layer: list[int] = [0] * arch.num_layers
         self.rope_scales: list[float] = []
@@ -210,13 +216,13 @@ class CausalLMEntries(nn.Module):
         turned, kept = x[..., :rotary], x[..., rotary:]
         return torch.cat((turned * cos + _rotate_half(turned) * sin, kept), dim=-1)
 
-    def _project(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, attn: nn.Module, x: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layout = self.arch.layout
         if layout.qkv is None:
             return getattr(attn, layout.q)(x), getattr(attn, layout.k)(x), getattr(attn, layout.v)(x)
         fused = getattr(attn, layout.qkv)(x)
-        q_width = self.num_heads * self.head_dim
-        kv_width = self.num_kv_heads * self.head_dim
+        q_width = heads * self.head_dim
+        kv_width = kv_heads * self.head_dim
         return fused[..., :q_width], fused[..., q_width : q_width + kv_width], fused[..., q_width + kv_width :]
 
     def _attention(
@@ -231,25 +237,26 @@ class CausalLMEntries(nn.Module):
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         batch, seq, _ = x.shape
-        q, k, v = self._project(attn, x)
-        q = q.view(batch, seq, self.num_heads, self.head_dim)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        heads, kv_heads = self.arch.layer_heads[layer_index], self.arch.layer_kv_heads[layer_index]
+        q, k, v = self._project(attn, x, heads, kv_heads)
+        q = q.view(batch, seq, heads, self.head_dim)
+        k = k.view(batch, seq, kv_heads, self.head_dim)
         if self.arch.qk_norm:
             q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = self._apply_rope(q, *rope), self._apply_rope(k, *rope)
         if past_k is not None and past_v is not None:
             k = torch.cat((past_k, k), dim=2)
             v = torch.cat((past_v, v), dim=2)
-        groups = self.num_heads // self.num_kv_heads
+        groups = heads // kv_heads
         total = k.shape[2]
         # GQA: each KV head serves `groups` query heads; expand instead of copying weights.
-        k_full = k[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
-        v_full = v[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
-        k_full = k_full.reshape(batch, self.num_heads, total, self.head_dim)
-        v_full = v_full.reshape(batch, self.num_heads, total, self.head_dim)
+        k_full = k[:, :, None].expand(batch, kv_heads, groups, total, self.head_dim)
+        v_full = v[:, :, None].expand(batch, kv_heads, groups, total, self.head_dim)
+        k_full = k_full.reshape(batch, heads, total, self.head_dim)
+        v_full = v_full.reshape(batch, heads, total, self.head_dim)
         scores = _softcap(torch.matmul(q, k_full.transpose(2, 3)) * self.arch.attn_scale, self.arch.attn_softcap)
         if mask is not None:
             scores = scores + mask
@@ -261,7 +268,7 @@ class CausalLMEntries(nn.Module):
         # The paper's statistic needs every query of the sequence: prefill only.
         if calibration is not None and (calibration.carries_state or past_k is None):
             probs, sums = calibration(probs, past_sums)
-        out = torch.matmul(probs, v_full).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        out = torch.matmul(probs, v_full).transpose(1, 2).reshape(batch, seq, heads * self.head_dim)
         return getattr(attn, self.arch.layout.o)(out), k, v, sums if calibration is not None and calibration.carries_state else None
 
     def _positions(self, seq: int, past: int | None) -> Tables:
@@ -339,7 +346,8 @@ class CausalLMEntries(nn.Module):
         dtype = self.compute_dtype
         if past_k is not None and past_v is not None and dtype != torch.float32:
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
-        tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[3])
+        ragged = self.arch.ragged_kv
+        tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[2 if ragged else 3])
         h = self._embed(input_ids, tables.positions)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
@@ -347,8 +355,7 @@ class CausalLMEntries(nn.Module):
         voting = [] if self.exits is None else self.exits.voting
         exit_logits: list[torch.Tensor] = []
         for index in range(len(self.layers)):
-            layer_k = None if past_k is None else past_k[index]
-            layer_v = None if past_v is None else past_v[index]
+            layer_k, layer_v = self._layer_cache(index, past_k), self._layer_cache(index, past_v)
             h, k, v, sums = self._layer(index, h, tables, layer_k, layer_v, past_s)
             new_k.append(k)
             new_v.append(v)
@@ -358,12 +365,21 @@ class CausalLMEntries(nn.Module):
                 exit_logits.append(self.exit_logits(index, h).float())
         stacked = torch.stack(exit_logits) if exit_logits else None
         logits = self._logits(h) if stacked is None else vote(stacked)
-        outputs = [logits, torch.stack(new_k), torch.stack(new_v)]
+        join = (lambda parts: torch.cat(parts, dim=1)) if ragged else torch.stack
+        outputs = [logits, join(new_k), join(new_v)]
         if new_s:
             outputs.append(torch.cat(new_s, dim=0))
         if stacked is not None:
             outputs.append(stacked)
         return tuple(t.float() for t in outputs) if dtype != torch.float32 else tuple(outputs)
+
+    def _layer_cache(self, index: int, past: torch.Tensor | None) -> torch.Tensor | None:
+        """One layer's [B, KV, P, D] part of a stacked or ragged cache."""
+        if past is None:
+            return None
+        if self.arch.ragged_kv:
+            return past[:, self.kv_offsets[index] : self.kv_offsets[index + 1]]
+        return past[index]
 
     def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Logits of the exit after `layer` from the hidden state leaving it (the last
@@ -388,6 +404,15 @@ class CausalLMEntries(nn.Module):
         for index in range(frozen_below, exit_layer + 1):
             h = self._layer(index, h, tables)[0]
         return self.exit_logits(exit_layer, h)
+
+    def logits_through(self, input_ids: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """Prefill logits (no cache) running only `layers`, in order: how a subnet search
+        scores a depth mask on the full model."""
+        tables = self._positions(input_ids.shape[1], None)
+        h = self._embed(input_ids, tables.positions)
+        for index in layers:
+            h = self._layer(index, h, tables)[0]
+        return self._logits(h)
 
     def layer_inputs(self, input_ids: torch.Tensor, layers: int) -> list[torch.Tensor]:
         """Hidden states entering layers 0..layers-1 (prefill): searches that change one

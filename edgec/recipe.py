@@ -124,8 +124,23 @@ class Recipe(Strict):
     inputs: InputsSpec = Field(default_factory=InputsSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     voting: VotingSpec = Field(default_factory=VotingSpec)
+    subnet: str | None = Field(
+        None, description="AmoebaLLM shape 'depth=N,width=R' extracted before the passes (after `edgec subnet search MODEL`)"
+    )
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     passes: list[PassSpec] = Field(default_factory=list)
+
+    @field_validator("subnet")
+    @classmethod
+    def _shape(cls, subnet: str | None) -> str | None:
+        if subnet is not None:
+            from edgec.subnet import parse_shape
+
+            try:
+                parse_shape(subnet, "subnet")
+            except BadInputError as exc:
+                raise ValueError(exc.message) from None
+        return subnet
 
 
 # name -> options model; filled by edgec.passes so recipe loading can check pass options.

@@ -29,6 +29,8 @@ from edgec.targets.runtime import GENERATION_STEPS, Generation
 
 DEFAULT_MAX_CONTEXT = 1024
 KV_LAYOUT = ["layers", "batch", "kv_heads", "tokens", "head_dim"]
+# A subnet whose layers keep different KV heads: each layer's heads follow the previous layer's.
+RAGGED_KV_LAYOUT = ["batch", "kv_heads_by_layer", "tokens", "head_dim"]
 STATE_LAYOUT = ["calibrated_heads", "batch", "tokens"]
 REFERENCE_TEXT = (
     "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
@@ -72,6 +74,7 @@ class LMSection(Section):
     cache: list[CacheTensor]
     config: dict[str, Any]
     voting: VotingSection | None = None
+    layer_kv_heads: list[int] | None = None  # set where layers differ (RAGGED_KV_LAYOUT)
 
 
 class CausalLM(Family):
@@ -91,8 +94,15 @@ class CausalLM(Family):
         return load_hf_causal_lm(path, name)
 
     def prepare(self, model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
-        """The recipe's `voting.exits`: which of the model's exits vote."""
+        """The recipe's `subnet` (extracted: edgec.subnet) and `voting.exits` (which of the
+        model's exits vote)."""
         super().prepare(model, recipe, progress)
+        if recipe.subnet is not None:
+            from edgec.subnet import parse_shape
+            from edgec.subnet.extract import apply_subnet
+
+            progress(f"extract subnet {recipe.subnet}")
+            apply_subnet(model, parse_shape(recipe.subnet, "subnet"), f"--subnet {recipe.subnet}")
         chosen = recipe.voting.exits
         if chosen is None:
             return
@@ -116,7 +126,8 @@ class CausalLM(Family):
             cache = list(entries.prefill(ids[:, :7])[1 : 1 + entries.cache_count])
         dynamic = torch.export.Dim.DYNAMIC
         prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
-        decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, {1: dynamic, 3: dynamic}, {1: dynamic, 3: dynamic})
+        kv_dims = {0: dynamic, 2: dynamic} if entries.arch.ragged_kv else {1: dynamic, 3: dynamic}
+        decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, kv_dims, kv_dims)
         cache_in, cache_out = ["past_k", "past_v"], ["present_k", "present_v"]
         if entries.state_heads:  # calibrated attention heads (act, stat: causal) carry their column sums
             decode_shapes = (*decode_shapes, {1: dynamic, 2: dynamic})
@@ -194,11 +205,15 @@ class CausalLM(Family):
         max_context = self._max_context(model, recipe)
         shape = lm_shape(model.module, max_context)
         decode = next(e for e in entries if e.name == "decode")
+        arch = architecture_of(model.module)
         cache = []
         for past, present in zip(decode.input_names[1:], decode.output_names[1:]):
             if past == "past_s":
                 calibrated = int(decode.example[decode.input_names.index("past_s")].shape[0])
                 cache.append(CacheTensor(input=past, output=present, layout=STATE_LAYOUT, shape=[calibrated, None, None], tokens_axis=2))
+            elif arch.ragged_kv:
+                dims = [None, sum(arch.layer_kv_heads), None, shape.head_dim]
+                cache.append(CacheTensor(input=past, output=present, layout=RAGGED_KV_LAYOUT, shape=dims, tokens_axis=2))
             else:
                 dims = [shape.num_layers, None, shape.num_kv_heads, None, shape.head_dim]
                 cache.append(CacheTensor(input=past, output=present, layout=KV_LAYOUT, shape=dims, tokens_axis=3))
@@ -215,8 +230,9 @@ class CausalLM(Family):
             bos_token_id=getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else config.bos_token_id,
             eos_token_id=_single(getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else config.eos_token_id),
             cache=cache,
-            config=architecture_of(model.module).summary(),
+            config=arch.summary(),
             voting=voting,
+            layer_kv_heads=list(arch.layer_kv_heads) if arch.ragged_kv else None,
         )
 
     def describe_section(self, section: dict[str, Any]) -> str:

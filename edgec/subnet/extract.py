@@ -1,0 +1,122 @@
+"""A shape made physical: what `edgec compile --subnet` does before any pass.
+
+Blocks outside the depth mask are dropped; in the kept blocks the removed KV groups'
+rows of q/k/v and columns of o_proj, and the removed channels' rows of the MLP's input
+projections and columns of its output projection, are sliced away, and their mean
+contribution becomes the output projections' bias (edgec.subnet.width). The config then
+says what is left (layers, and heads per layer: edgec.architectures.LAYER_HEADS), so
+the entries (edgec.lm) follow it like any model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgec.architectures import LAYER_HEADS, LAYER_KV_HEADS, Architecture, architecture_of
+from edgec.errors import BadInputError
+from edgec.model import ModelHandle
+from edgec.subnet import Shape
+from edgec.subnet.search import SubnetSearch, load_search, shape_parameters
+from edgec.subnet.width import LayerWidth, WidthStats, compensation, kept_channels, layer_modules
+
+
+def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    sliced = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None, dtype=linear.weight.dtype)
+    sliced.weight.data = linear.weight.detach()[rows].clone()
+    if linear.bias is not None:
+        sliced.bias.data = linear.bias.detach()[rows].clone()
+    return sliced
+
+
+def _columns(linear: nn.Linear, columns: torch.Tensor, mean: torch.Tensor) -> nn.Linear:
+    """The kept input columns, with the removed ones' mean contribution as a bias."""
+    sliced = nn.Linear(len(columns), linear.out_features, bias=True, dtype=linear.weight.dtype)
+    sliced.weight.data = linear.weight.detach()[:, columns].clone()
+    bias = compensation(linear.weight, mean, columns)
+    if linear.bias is not None:
+        bias = bias + linear.bias.detach().double()
+    sliced.bias.data = bias.to(linear.weight.dtype)
+    return sliced
+
+
+def slice_layer(layer: nn.Module, arch: Architecture, index: int, width: LayerWidth, stats: WidthStats) -> tuple[int, int]:
+    """Slice one block in place; returns its (query heads, KV heads)."""
+    modules = layer_modules(layer, arch)
+    attn = getattr(layer, arch.layout.attention)
+    mlp = getattr(layer, arch.layout.mlp)
+    dim = arch.head_dim
+    kv_rows = torch.cat([torch.arange(g * dim, (g + 1) * dim) for g in width.groups])
+    q_rows = kept_channels(width, arch, index)
+    channels = torch.tensor(width.channels, dtype=torch.int64)
+    setattr(attn, arch.layout.q, _rows(modules.q, q_rows))
+    setattr(attn, arch.layout.k, _rows(modules.k, kv_rows))
+    setattr(attn, arch.layout.v, _rows(modules.v, kv_rows))
+    setattr(attn, arch.layout.o, _columns(modules.o, q_rows, stats.o_mean[index]))
+    assert arch.layout.mlp_in is not None
+    for name, linear in zip(arch.layout.mlp_in, modules.mlp_in):
+        setattr(mlp, name, _rows(linear, channels))
+    setattr(mlp, arch.layout.mlp_out, _columns(modules.mlp_out, channels, stats.mlp_mean[index]))
+    per_group = arch.layer_heads[index] // arch.layer_kv_heads[index]
+    return len(width.groups) * per_group, len(width.groups)
+
+
+def extract(model: nn.Module, search: SubnetSearch, shape: Shape) -> dict[str, Any]:
+    """Make `model` the subnet `shape` in place; returns what the manifest records."""
+    arch = architecture_of(model)
+    config = model.config
+    hidden = int(config.hidden_size)
+    layers = search.layers(shape.depth)
+    widths = search.widths_of(arch, hidden, shape)
+    parameters = shape_parameters(model, arch, layers, widths)
+    blocks = model.get_submodule(arch.layout.layers)
+    heads, kv_heads = [], []
+    for index in layers:
+        if widths is None:
+            heads.append(arch.layer_heads[index])
+            kv_heads.append(arch.layer_kv_heads[index])
+        else:
+            assert search.stats is not None
+            q, kv = slice_layer(blocks[index], arch, index, widths[index], search.stats)
+            heads.append(q)
+            kv_heads.append(kv)
+    parent, _, name = arch.layout.layers.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, nn.ModuleList([blocks[i] for i in layers]))
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in layers]
+    if widths is not None:
+        setattr(config, LAYER_HEADS, heads)
+        setattr(config, LAYER_KV_HEADS, kv_heads)
+    row = next((r for r in search.record["table"] if r["depth"] == len(layers) and abs(r["width"] - shape.width) < 1e-9), None)
+    return {
+        "shape": {"depth": len(layers), "width": shape.width},
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "mlp_channels": None if widths is None else [len(widths[i].channels) for i in layers],
+        "parameters": parameters,
+        "calibration_score": None if row is None else row["score"],
+        "search": {"model_sha256": search.record["model_sha256"], "options": search.record["options"]},
+    }
+
+
+def apply_subnet(model: ModelHandle, shape: Shape, what: str) -> None:
+    """compile's `--subnet`: the model's cached search, the shape checked against its
+    table, then extracted; the handle's hash and info follow the subnet."""
+    assert model.module is not None
+    if model.info.get("exits") or model.info.get("applied_passes"):
+        raise BadInputError(f"{what}: {model.name} is a tuned model (exits or compressed passes); "
+                            "extract subnets from the base model")
+    search = load_search(model)
+    if search is None:
+        raise BadInputError(f"{what}: {model.name} has no subnet search; run `edgec subnet search {model.name}` first")
+    search.check(shape, what)
+    record = extract(model.module, search, shape)
+    source = model.sha256
+    model.sha256 = hashlib.sha256(f"{source}:{record['layers']}:{record['heads']}:{record['mlp_channels']}".encode()).hexdigest()
+    model.info.update(subnet={**record, "source_sha256": source}, parameters=record["parameters"],
+                      layers=len(record["layers"]))
