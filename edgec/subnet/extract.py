@@ -64,14 +64,12 @@ def slice_layer(layer: nn.Module, arch: Architecture, index: int, width: LayerWi
     return len(width.groups) * per_group, len(width.groups)
 
 
-def extract(model: nn.Module, search: SubnetSearch, shape: Shape) -> dict[str, Any]:
-    """Make `model` the subnet `shape` in place; returns what the manifest records."""
+def make_subnet(model: nn.Module, layers: list[int], widths: dict[int, LayerWidth] | None,
+                stats: WidthStats | None) -> tuple[list[int], list[int]]:
+    """Keep `layers`, sliced to `widths` (compensated by `stats`' means), in place; returns
+    the query and KV heads per kept layer."""
     arch = architecture_of(model)
     config = model.config
-    hidden = int(config.hidden_size)
-    layers = search.layers(shape.depth)
-    widths = search.widths_of(arch, hidden, shape)
-    parameters = shape_parameters(model, arch, layers, widths)
     blocks = model.get_submodule(arch.layout.layers)
     heads, kv_heads = [], []
     for index in layers:
@@ -79,8 +77,8 @@ def extract(model: nn.Module, search: SubnetSearch, shape: Shape) -> dict[str, A
             heads.append(arch.layer_heads[index])
             kv_heads.append(arch.layer_kv_heads[index])
         else:
-            assert search.stats is not None
-            q, kv = slice_layer(blocks[index], arch, index, widths[index], search.stats)
+            assert stats is not None
+            q, kv = slice_layer(blocks[index], arch, index, widths[index], stats)
             heads.append(q)
             kv_heads.append(kv)
     parent, _, name = arch.layout.layers.rpartition(".")
@@ -91,6 +89,16 @@ def extract(model: nn.Module, search: SubnetSearch, shape: Shape) -> dict[str, A
     if widths is not None:
         setattr(config, LAYER_HEADS, heads)
         setattr(config, LAYER_KV_HEADS, kv_heads)
+    return heads, kv_heads
+
+
+def extract(model: nn.Module, search: SubnetSearch, shape: Shape) -> dict[str, Any]:
+    """Make `model` the subnet `shape` of its search in place; returns what the manifest records."""
+    arch = architecture_of(model)
+    layers = search.layers(shape.depth)
+    widths = search.widths_of(arch, int(model.config.hidden_size), shape)
+    parameters = shape_parameters(model, arch, layers, widths)
+    heads, kv_heads = make_subnet(model, layers, widths, search.stats)
     row = next((r for r in search.record["table"] if r["depth"] == len(layers) and abs(r["width"] - shape.width) < 1e-9), None)
     return {
         "shape": {"depth": len(layers), "width": shape.width},
