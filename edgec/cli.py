@@ -355,6 +355,8 @@ _FINETUNE_EXAMPLES = "\n\n".join([
     "  edgec finetune zoo:tiny-lm --method edge-llm --set finetune.options.stride=3 --set finetune.steps=20 -o tuned/tiny",
     "  edgec finetune zoo:tiny-lm --method edge-llm -o tuned/tiny --resume      (after a stop: continues the checkpoint)",
     "  edgec compile tuned/tiny --set voting.exits=[5] -o artifacts/last-exit   (vote with some exits only)",
+    "  edgec subnet search zoo:tiny-lm && edgec finetune zoo:tiny-lm --method amoeba -o tuned/amoeba",
+    "  edgec compile tuned/amoeba --subnet depth=4,width=0.8   (that shape's gated LoRA merged, then extracted)",
 ])
 
 
@@ -362,7 +364,7 @@ _FINETUNE_EXAMPLES = "\n\n".join([
 @_user_errors
 def finetune_command(
     model: str = typer.Argument(..., help="Hugging Face causal-LM dir or zoo:NAME"),
-    method: str = typer.Option(..., "--method", "-m", help="edge-llm (adaptive layer tuning with voting exits)"),
+    method: str = typer.Option(..., "--method", "-m", help="edge-llm (adaptive layer tuning with voting exits) or amoeba (one tuning for every subnet shape)"),
     output: Path = typer.Option(..., "--output", "-o", help="the tuned model directory to write (compile it with edgec compile)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML with a finetune: section (see recipes/edge-llm-tuning.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. finetune.steps=20 or finetune.options.stride=3; repeatable"),
@@ -373,7 +375,9 @@ def finetune_command(
     """Fine-tune MODEL with a method's training procedure and write a model directory that
     `edgec compile` takes. edge-llm: exits every `stride` layers, LoRA trained one window
     below each exit at a time (the forward stops at the exit), exit heads saved; compiled,
-    the exits vote (max softmax, renormalised). Training text: the built-in train split."""
+    the exits vote (max softmax, renormalised). amoeba: a shape-aware mixture of LoRAs over the
+    shapes of `edgec subnet search`, trained with in-place distillation (full model CE, two random
+    shapes and the smallest with KD). Training text: the built-in train split."""
     from edgec.finetune import finetune
     from edgec.passes import options_for
     from edgec.recipe import load_recipe
@@ -385,6 +389,18 @@ def finetune_command(
         _emit_json(record)
         return
     out.print(f"model     {record['output']}")
+    if method == "amoeba":
+        out.print(f"mixture   {record['experts']} LoRA experts per projection (rank {record['rank']}, top {record['top_k']}), "
+                  f"{record['trained_parameters']:,} parameters trained")
+        for name, what in (("full", "full model CE"), (record["smallest_shape"], f"smallest {record['smallest_shape']} KD")):
+            loss = record["loss"][name]
+            out.print(f"{what:<32} {loss['first']:.3f} -> {loss['last_10_mean']:.3f} (mean of the last 10 steps)")
+        others = [v for k, v in record["loss"].items() if k not in ("full", record["smallest_shape"])]
+        if others:
+            out.print(f"{len(others)} random shapes KD, mean over shapes: first {sum(v['first'] for v in others) / len(others):.3f}, "
+                      f"last {sum(v['last'] for v in others) / len(others):.3f}")
+        out.print(f"time      {record['seconds']:.1f} s, {record['step_ms_mean']:.0f} ms a step; peak RSS {record['peak_rss_bytes'] / 1e6:.0f} MB")
+        return
     out.print(f"exits     after layers {', '.join(map(str, record['exits']))} (stride {record['stride']}, rank {record['rank']})")
     for exit_layer, loss in record["loss"].items():
         out.print(f"exit {exit_layer:>3}  loss {loss['first']:.3f} -> {loss['last_10_mean']:.3f} (mean of the last 10 steps)")

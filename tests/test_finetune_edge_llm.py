@@ -207,8 +207,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
                                  str(tmp_path / "out"), "--set", "finetune.options.rank=200"])
     assert result.exit_code == 2 and "rank 200 is larger than self_attn.k_proj (256 -> 128)" in result.stderr, result.stderr
     assert "luc" not in result.stderr
-    result = runner.invoke(app, ["finetune", "zoo:tiny-lm", "--method", "amoeba", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "--method amoeba: unknown; edgec fine-tunes with edge-llm" in result.stderr
+    result = runner.invoke(app, ["finetune", "zoo:tiny-lm", "--method", "sparsegpt", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--method sparsegpt: unknown; edgec fine-tunes with edge-llm, amoeba" in result.stderr
 
 
 def test_a_rank_wider_than_a_layer_is_refused() -> None:

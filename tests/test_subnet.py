@@ -142,8 +142,10 @@ def test_extracted_subnet_logits_equal_the_masked_full_model(tiny: ModelHandle, 
         sub = CausalLMEntries(sub_model).eval()
         got = sub.logits_through(ids, list(range(len(layers))))
         prefill = sub.prefill(ids)[0]
+        hf = sub_model(ids).logits  # passes calibrate through the HF forward: it must run the subnet too
     assert torch.allclose(got, want, atol=2e-5, rtol=0)
     assert torch.equal(prefill, got)
+    assert torch.allclose(hf, got, atol=1e-4, rtol=0)
     assert record["parameters"] == sum(p.numel() for p in sub_model.parameters()) < sum(p.numel() for p in tiny.module.parameters())
     assert record["layers"] == layers and sub.arch.num_layers == len(layers)
     if widths is not None:

@@ -97,6 +97,9 @@ class CausalLM(Family):
         """The recipe's `subnet` (extracted: edgec.subnet) and `voting.exits` (which of the
         model's exits vote)."""
         super().prepare(model, recipe, progress)
+        assert model.module is not None
+        if model.info.get("amoeba"):
+            self._merge_amoeba(model, recipe, progress)
         if recipe.subnet is not None:
             from edgec.subnet import parse_shape
             from edgec.subnet.extract import apply_subnet
@@ -112,6 +115,25 @@ class CausalLM(Family):
             raise BadInputError(f"{model.name}: voting.exits {chosen} needs a model with exit heads; "
                                 "make one with `edgec finetune MODEL --method edge-llm`")
         heads.select(chosen)
+
+    @staticmethod
+    def _merge_amoeba(model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
+        """A model tuned with --method amoeba: the gated LoRA of the shape being compiled
+        (the full model without --subnet) merged into its weights."""
+        from edgec.finetune.amoeba import merge_for_shape
+        from edgec.subnet import Shape, parse_shape
+        from edgec.subnet.search import load_search
+
+        assert model.module is not None
+        search = load_search(model)
+        assert search is not None  # loading checked it
+        shape = Shape() if recipe.subnet is None else parse_shape(recipe.subnet, "subnet")
+        if recipe.subnet is not None:
+            search.check(shape, f"--subnet {recipe.subnet}")
+        merged = merge_for_shape(model.module, shape, search)
+        progress(f"amoeba: the mixture of LoRAs merged for {merged['shape']} (gates {merged['gates']})")
+        model.info["amoeba"] = {**model.info["amoeba"], "merged": merged}
+        model.info["parameters"] = sum(p.numel() for p in model.module.parameters())
 
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
         assert model.module is not None
@@ -417,6 +439,21 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
     model = canonicalize(model.eval())
     arch = architecture_of(model)
     exit_files, applied = restore_tuned(model, path)
+    amoeba = None
+    from edgec.finetune.amoeba import AMOEBA_CONFIG, AMOEBA_WEIGHTS, has_amoeba
+
+    if has_amoeba(path):
+        from edgec.finetune.amoeba import load_amoeba
+        from edgec.subnet.search import MODEL_SEARCH_DIR, SEARCH_FILE, WIDTH_FILE, load_search_at
+
+        search = load_search_at(path / MODEL_SEARCH_DIR)
+        if search is None:
+            raise BadInputError(f"{path}: {AMOEBA_CONFIG} without the search it was trained over ({MODEL_SEARCH_DIR}/); "
+                                "re-run `edgec finetune --method amoeba`")
+        config_data = load_amoeba(model, path, search)
+        amoeba = {k: config_data[k] for k in ("experts", "top_k", "rank", "alpha", "widths")}
+        exit_files += [path / AMOEBA_CONFIG, path / AMOEBA_WEIGHTS,
+                       *(p for p in (path / MODEL_SEARCH_DIR / SEARCH_FILE, path / MODEL_SEARCH_DIR / WIDTH_FILE) if p.is_file())]
     heads = None
     if has_exits(path):
         heads = load_exits(model, path).eval()
@@ -450,6 +487,8 @@ def load_hf_causal_lm(path: Path, name: str | None = None) -> ModelHandle:
             **({"exits": heads.config.to_json()} if heads is not None else {}),
             # A tuned compressed model: the passes it was made with (their records), for the manifest.
             **({"applied_passes": applied} if applied is not None else {}),
+            # AmoebaLLM's mixture of LoRAs: merged for the compiled shape (edgec.finetune.amoeba).
+            **({"amoeba": amoeba} if amoeba is not None else {}),
         },
     )
 

@@ -2,6 +2,8 @@
 before it is compiled, each writing a model directory that `edgec compile` loads.
 
 - edge-llm (edgec.finetune.edge_llm): adaptive layer tuning, exits that vote.
+- amoeba (edgec.finetune.amoeba): a shape-aware mixture of LoRAs over the shapes of a
+  subnet search, trained once with in-place distillation.
 
 Long work that may be stopped: a checkpoint (the trained tensors, the optimizer state and
 where the loop was) is written beside the output as OUT.checkpoint/, atomically, every
@@ -28,7 +30,10 @@ from edgec.errors import BadInputError, UnsupportedError
 from edgec.recipe import Recipe
 
 Progress = Callable[[str], None]
-METHODS: dict[str, str] = {"edge-llm": "Edge-LLM adaptive layer tuning: exits every `stride` layers, LoRA one window at a time, voting"}
+METHODS: dict[str, str] = {
+    "edge-llm": "Edge-LLM adaptive layer tuning: exits every `stride` layers, LoRA one window at a time, voting",
+    "amoeba": "AmoebaLLM: shape-aware mixture of LoRAs over the subnet search's shapes, in-place distillation",
+}
 RECORD = "finetune.json"
 CHECKPOINT_VERSION = 1
 
@@ -51,10 +56,11 @@ def check_output(out: Path, force: bool) -> None:
 def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, force: bool, progress: Progress) -> dict[str, Any]:
     if method not in METHODS:
         raise BadInputError(f"--method {method}: unknown; edgec fine-tunes with {', '.join(METHODS)}")
+    from edgec.finetune.amoeba import AmoebaOptions
     from edgec.finetune.edge_llm import EdgeLlmOptions
 
     try:
-        options = EdgeLlmOptions.model_validate(recipe.finetune.options)
+        options = (AmoebaOptions if method == "amoeba" else EdgeLlmOptions).model_validate(recipe.finetune.options)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
@@ -73,8 +79,10 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
     handle = load_model(spec)
     if handle.module is None or handle.tokenizer is None or handle.family != "causal-lm":
         raise BadInputError(f"{spec}: --method {method} tunes a causal LM with a tokenizer")
-    if exits_of(handle.module) is not None:
-        raise BadInputError(f"{spec} already has exit heads (it was tuned); tune the model it came from")
+    if exits_of(handle.module) is not None or handle.info.get("amoeba"):
+        raise BadInputError(f"{spec} was tuned already (exit heads or a mixture of LoRAs); tune the model it came from")
+    if method == "amoeba":
+        return _tune_amoeba(handle, options, recipe, out, checkpoint, resume, progress)
     check_options(handle.module, options)  # before the passes: they can take minutes
     compressed = run_recipe_passes(handle, recipe, progress)
     return _tune_edge_llm(handle, options, recipe, out, checkpoint, resume, progress, compressed)
@@ -181,7 +189,119 @@ def _tune_edge_llm(handle: Any, options: Any, recipe: Recipe, out: Path, checkpo
     return {"output": str(out), **record}
 
 
+def _tune_amoeba(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoint: Path, resume: bool,
+                 progress: Progress) -> dict[str, Any]:
+    import random
+
+    from edgec.data import training_windows
+    from edgec.finetune.amoeba import Amoeba, distillation_step, table_shapes
+    from edgec.progress import advance
+    from edgec.subnet.search import load_search
+
+    if recipe.passes:
+        raise BadInputError("--method amoeba tunes the dense model; compress after extraction "
+                            "(edgec compile TUNED --subnet ... --recipe ...) and drop the recipe's passes here")
+    if handle.info.get("applied_passes"):
+        raise BadInputError(f"{handle.name} is a compressed tuned model; --method amoeba tunes a dense base model")
+    search = load_search(handle)
+    if search is None:
+        raise BadInputError(f"{handle.name} has no subnet search; run `edgec subnet search {handle.name}` first")
+    shapes = table_shapes(search)
+    if len(shapes) < 2:
+        raise BadInputError(f"{handle.name}: the subnet search's table has one shape; search with more depths or widths")
+    settings = recipe.finetune
+    torch.manual_seed(settings.seed)
+    amoeba = Amoeba(handle.module, search, options, settings.seed)
+    trained = sum(p.numel() for p in amoeba.trainable().values())
+    progress(f"amoeba: {len(amoeba.mixtures)} projections x {options.experts} LoRA experts (rank {options.rank}), "
+             f"{trained:,} parameters train; {len(shapes)} shapes, smallest {shapes[-1][0].label()}")
+    windows = torch.tensor(training_windows(handle.tokenizer, settings.data, settings.steps * settings.batch, settings.seq_len, settings.seed))
+    key = {"model": handle.sha256, "method": "amoeba", "finetune": settings.model_dump(), "options": options.model_dump(),
+           "search": search.record["key"], "version": CHECKPOINT_VERSION}
+    state: dict[str, Any] = {"stage": 0, "step": 0, "losses": {"steps": []}}
+    optimizer_state: dict[str, torch.Tensor] = {}
+    if resume:
+        state, tensors, optimizer_state = _read_checkpoint(checkpoint, key)
+        amoeba.load_trained(tensors)
+        progress(f"resume from {checkpoint}: step {state['step']} of {settings.steps}")
+    params = amoeba.set_trainable()
+    named = amoeba.trainable()
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    if optimizer_state:
+        _load_optimizer(optimizer, named, optimizer_state)
+    history: list[dict[str, float]] = state["losses"]["steps"]
+    start = time.perf_counter()
+    step_seconds: list[float] = []
+    for step in range(state["step"], settings.steps):
+        began = time.perf_counter()
+        batch = windows[step * settings.batch : (step + 1) * settings.batch]
+        # Seeded by the step: a resumed run draws the shapes an uninterrupted one would have.
+        losses = distillation_step(amoeba, batch, random.Random(f"{settings.seed}:{step}"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - began)
+        history.append(losses)
+        done = step + 1 == settings.steps
+        if done or (step + 1) % settings.checkpoint_every == 0:
+            _write_checkpoint(checkpoint, key, {"stage": 0, "step": step + 1, "losses": state["losses"]}, amoeba.every_trained(),
+                              {} if done else _optimizer_tensors(optimizer, named))
+        smallest = shapes[-1][0].label()
+        advance(progress, "amoeba: in-place distillation", step + 1, settings.steps,
+                f"full loss {losses['full']:.3f}, smallest KD {losses[smallest]:.3f}")
+    record = {
+        "method": "amoeba",
+        **options.model_dump(),
+        "model": handle.name,
+        "model_sha256": handle.sha256,
+        "data": settings.data,
+        "steps": settings.steps,
+        "batch": settings.batch,
+        "seq_len": settings.seq_len,
+        "lr": settings.lr,
+        "seed": settings.seed,
+        "trained_parameters": trained,
+        "smallest_shape": shapes[-1][0].label(),
+        "loss": _loss_summary(history),
+        "seconds": time.perf_counter() - start,
+        "step_ms_mean": 1e3 * sum(step_seconds) / len(step_seconds) if step_seconds else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    _write_amoeba_model(handle, amoeba, search, record, out)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    progress(f"wrote {out}: the mixture of LoRAs and its router; compile a shape with `edgec compile {out} --subnet depth=D,width=W`")
+    return {"output": str(out), **record}
+
+
+def _loss_summary(history: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """First, last and mean of the last 10 of each loss (the full model's CE, each shape's KD)."""
+    names = sorted({name for losses in history for name in losses})
+    summary = {}
+    for name in names:
+        values = [losses[name] for losses in history if name in losses]
+        summary[name] = {"first": values[0], "last": values[-1], "last_10_mean": sum(values[-10:]) / len(values[-10:]), "steps": len(values)}
+    return summary
+
+
 # ----------------------------------------------------------------------------- output
+def _write_amoeba_model(handle: Any, amoeba: Any, search: Any, record: dict[str, Any], out: Path) -> None:
+    """The source model's files untouched, the mixtures and router (amoeba.*), the search
+    they were trained over (subnet/), and the record; staged and renamed when complete."""
+    from edgec.finetune.amoeba import AMOEBA_CONFIG, AMOEBA_WEIGHTS, save_amoeba
+    from edgec.subnet.search import MODEL_SEARCH_DIR, SEARCH_FILE, WIDTH_FILE
+
+    source = Path(handle.source)
+    with staged(out) as tmp:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name not in (RECORD, AMOEBA_CONFIG, AMOEBA_WEIGHTS):
+                shutil.copy2(path, tmp / path.name)
+        save_amoeba(amoeba, tmp, {k: record[k] for k in ("steps", "batch", "seq_len", "lr", "data")})
+        (tmp / MODEL_SEARCH_DIR).mkdir()
+        for name in (SEARCH_FILE, WIDTH_FILE):
+            if (search.directory / name).is_file():
+                shutil.copy2(search.directory / name, tmp / MODEL_SEARCH_DIR / name)
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def _write_model(handle: Any, tuner: Any, record: dict[str, Any], out: Path, compressed: tuple[Any, list[dict[str, Any]]] | None) -> None:
     """The source model's files, the exit heads and the record; staged in a temporary
     sibling and renamed when complete. A dense model gets the adapters merged into its

@@ -83,6 +83,10 @@ def make_subnet(model: nn.Module, layers: list[int], widths: dict[int, LayerWidt
             kv_heads.append(kv)
     parent, _, name = arch.layout.layers.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, nn.ModuleList([blocks[i] for i in layers]))
+    for position, index in enumerate(layers):
+        attn = getattr(blocks[index], arch.layout.attention)
+        if hasattr(attn, "layer_idx"):  # the HF forward (passes calibrate through it) indexes its cache by it
+            attn.layer_idx = position
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in layers]

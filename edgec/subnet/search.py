@@ -92,9 +92,17 @@ def search_directory(model: ModelHandle) -> Path:
     return cache_root() / "subnet-search" / model.sha256[:24]
 
 
+# A model directory written by `edgec finetune --method amoeba` carries its search here.
+MODEL_SEARCH_DIR = "subnet"
+
+
 def load_search(model: ModelHandle) -> SubnetSearch | None:
-    """The cached search of this model (by hash), or None."""
-    directory = search_directory(model)
+    """The search this model directory carries, else the cached one of its hash, else None."""
+    carried = load_search_at(Path(model.source) / MODEL_SEARCH_DIR)
+    return carried if carried is not None else load_search_at(search_directory(model))
+
+
+def load_search_at(directory: Path) -> SubnetSearch | None:
     if not (directory / SEARCH_FILE).is_file():
         return None
     record = json.loads((directory / SEARCH_FILE).read_text())
@@ -193,8 +201,8 @@ def search_subnets(model: ModelHandle, options: SearchOptions, progress: Callabl
     Returns it and where it came from ("cache", "resumed" or "measured")."""
     if model.module is None or model.tokenizer is None:
         raise BadInputError(f"{model.name}: subnet search needs a causal LM with a tokenizer")
-    if model.info.get("exits") or model.info.get("applied_passes"):
-        raise BadInputError(f"{model.name}: a tuned model (exits or compressed passes); search the base model instead")
+    if model.info.get("exits") or model.info.get("applied_passes") or model.info.get("amoeba"):
+        raise BadInputError(f"{model.name}: a tuned model (exits, compressed passes or amoeba); search the base model instead")
     entries = CausalLMEntries(model.module).eval()
     arch = entries.arch
     min_depth = check_options(options, arch)
@@ -206,7 +214,7 @@ def search_subnets(model: ModelHandle, options: SearchOptions, progress: Callabl
     directory = search_directory(model)
     directory.mkdir(parents=True, exist_ok=True)
     with locked(directory / ".lock"):
-        found = load_search(model)
+        found = load_search_at(directory)
         if found is not None and found.record.get("key") == key and not force:
             return found, "cache"
         started = time.perf_counter()
@@ -264,7 +272,7 @@ def search_subnets(model: ModelHandle, options: SearchOptions, progress: Callabl
         elif (directory / WIDTH_FILE).exists():
             (directory / WIDTH_FILE).unlink()
         _write_json(directory / SEARCH_FILE, record)
-        found = load_search(model)
+        found = load_search_at(directory)
         assert found is not None
         return found, "resumed" if scorer.resumed else "measured"
 
