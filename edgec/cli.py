@@ -671,6 +671,7 @@ def run_command(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="causal LMs: tokens to generate"),
     text: list[str] = typer.Option([], "--text", "-t", help="encoders: text to embed; repeatable"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help="other families: an .npz of input name -> array (default: the reference inputs)"),
+    shape: Optional[str] = typer.Option(None, "--shape", help="a `--subnet all` artifact: the shape to run, depth=D,width=W (default the largest)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Run an artifact in its own runtime, as its family's program says: a causal LM
@@ -682,7 +683,7 @@ def run_command(
     _limit_threads()
     manifest = read_manifest(artifact)
     family = family_named(manifest["model"]["family"])
-    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "text": text, "inputs": inputs}
+    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "text": text, "inputs": inputs, "shape": shape}
     result = family.run(artifact, manifest, open_runtime(artifact, manifest), request)
     if as_json:
         _emit_json(result)

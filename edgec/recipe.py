@@ -125,7 +125,7 @@ class Recipe(Strict):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     voting: VotingSpec = Field(default_factory=VotingSpec)
     subnet: str | None = Field(
-        None, description="AmoebaLLM shape 'depth=N,width=R' extracted before the passes (after `edgec subnet search MODEL`)"
+        None, description="AmoebaLLM shape 'depth=N,width=R' extracted before the passes, or 'all': every shape of the table in one artifact (after `edgec subnet search MODEL`)"
     )
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     passes: list[PassSpec] = Field(default_factory=list)
@@ -133,7 +133,7 @@ class Recipe(Strict):
     @field_validator("subnet")
     @classmethod
     def _shape(cls, subnet: str | None) -> str | None:
-        if subnet is not None:
+        if subnet is not None and subnet != "all":
             from edgec.subnet import parse_shape
 
             try:

@@ -168,7 +168,11 @@ def build(
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         num_inputs = len(entry.input_names)
-        mod, values, layout = _transform_params_once(mod, list(params.get("main", [])), num_inputs)
+        if entry.shares_weights:
+            # Pre-transforming would store each entry's slices of the shared weights apart.
+            values, layout = list(params.get("main", [])), "as stored (shared with the other shapes' entries)"
+        else:
+            mod, values, layout = _transform_params_once(mod, list(params.get("main", [])), num_inputs)
         func = mod["main"]
         param_names = [str(var.name) for var in func.params[num_inputs:]]
         if len(values) != len(param_names):

@@ -32,6 +32,9 @@ class ExportedEntry:
     # Rows (tokens) a matmul sees per call when it is known and fixed (a decode step: 1):
     # kernels are tuned for that shape; None, for the schedule pass's prefill_rows.
     rows_per_call: int | None = None
+    # Entries that slice weights other entries also read (`--subnet all`): the TVM backend
+    # keeps their weights as stored so every entry reads the one copy.
+    shares_weights: bool = False
 
 
 def export_entries(model: ModelHandle) -> list[ExportedEntry]:

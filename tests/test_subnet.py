@@ -21,6 +21,7 @@ from edgec.model import ModelHandle, load_model
 from edgec.subnet import Shape, parse_shape
 from edgec.subnet.depth import dp_removals, exhaustive_removals, kept_layers
 from edgec.subnet.extract import extract
+from edgec.subnet.nested import permuted, shape_view, unit_order
 from edgec.subnet.search import SCORES_FILE, Scorer, SearchOptions, SubnetSearch, search_subnets, shape_parameters
 from edgec.subnet.width import channel_parameters, group_parameters, layer_modules, masked, measure_width, width_masks
 
@@ -235,3 +236,25 @@ def test_subnet_compiles_with_a_ragged_cache_and_passes_parity(search: SubnetSea
     run = runner.invoke(app, ["run", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--json"])
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["new_tokens"] == 8
+
+
+def test_permuted_units_make_every_shape_a_prefix_and_views_share_the_weights(tiny: ModelHandle, search: SubnetSearch) -> None:
+    assert search.stats is not None
+    arch = architecture_of(tiny.module)
+    for shape, _ in search.shapes():
+        widths = search.widths_of(arch, 256, shape)
+        for layer, width in (widths or {}).items():
+            for kept, scores in ((width.groups, search.stats.group_z[layer]), (width.channels, search.stats.channel_z[layer])):
+                assert set(kept) == set(unit_order(scores)[: len(kept)]), (shape, layer)
+    nested, stats = permuted(tiny.module, search.stats)
+    ids = torch.tensor(calibration_segments(tiny.tokenizer, "held-out", 2, 24))
+    shared = {id(p) for p in nested.parameters()}
+    with torch.no_grad():
+        assert torch.allclose(CausalLMEntries(nested).eval().prefill(ids)[0], CausalLMEntries(tiny.module).eval().prefill(ids)[0], atol=2e-5)
+        for shape in (Shape(4, 0.6), Shape(3, 1.0)):
+            view = shape_view(nested, stats, search, shape)
+            assert {id(p) for p in view.parameters()} <= shared  # nothing copied: slices of the same tensors
+            reference = copy.deepcopy(tiny.module)
+            extract(reference, search, shape)
+            want = CausalLMEntries(reference).eval().prefill(ids)[0]
+            assert torch.allclose(CausalLMEntries(view).eval().prefill(ids)[0], want, atol=2e-5)

@@ -60,6 +60,22 @@ class VotingSection(BaseModel):
     rule: str = "softmax per exit, element-wise max over exits, renormalised; logits = its log"
 
 
+class ShapeSection(BaseModel):
+    """One shape of a `--subnet all` artifact (edgec.subnet.nested)."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str
+    depth: int
+    width: float
+    layers: list[int]
+    kv_heads: list[int]
+    parameters: int
+    calibration_score: float | None
+    prefill: str
+    decode: str
+    cache: list[CacheTensor]
+
+
 class LMSection(Section):
     """manifest["lm"]: what an application needs to drive the entries itself."""
 
@@ -75,6 +91,7 @@ class LMSection(Section):
     config: dict[str, Any]
     voting: VotingSection | None = None
     layer_kv_heads: list[int] | None = None  # set where layers differ (RAGGED_KV_LAYOUT)
+    shapes: list[ShapeSection] = []  # `--subnet all`: every shape's entries; the first is the default
 
 
 class CausalLM(Family):
@@ -100,7 +117,11 @@ class CausalLM(Family):
         assert model.module is not None
         if model.info.get("amoeba"):
             self._merge_amoeba(model, recipe, progress)
-        if recipe.subnet is not None:
+        if recipe.subnet == "all":
+            from edgec.subnet.extract import prepare_all_shapes
+
+            prepare_all_shapes(model, recipe, progress)
+        elif recipe.subnet is not None:
             from edgec.subnet import parse_shape
             from edgec.subnet.extract import apply_subnet
 
@@ -136,36 +157,16 @@ class CausalLM(Family):
         model.info["parameters"] = sum(p.numel() for p in model.module.parameters())
 
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
+        """prefill and decode; with `--subnet all`, a pair per shape (the default shape's
+        named plainly, the others suffixed with their tag), all over shared weights."""
         assert model.module is not None
-        entries = CausalLMEntries(model.module).eval()
-        prefill = PrefillEntry(entries).eval()
-        decode = DecodeEntry(entries).eval()
-        vocab = int(model.module.config.vocab_size)
-        generator = torch.Generator().manual_seed(0)
-        # Batch 2 / length 8: size-1 example dims would be specialised to 1 by torch.export.
-        ids = torch.randint(0, vocab, (2, 8), generator=generator)
-        with torch.no_grad():
-            cache = list(entries.prefill(ids[:, :7])[1 : 1 + entries.cache_count])
-        dynamic = torch.export.Dim.DYNAMIC
-        prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
-        kv_dims = {0: dynamic, 2: dynamic} if entries.arch.ragged_kv else {1: dynamic, 3: dynamic}
-        decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, kv_dims, kv_dims)
-        cache_in, cache_out = ["past_k", "past_v"], ["present_k", "present_v"]
-        if entries.state_heads:  # calibrated attention heads (act, stat: causal) carry their column sums
-            decode_shapes = (*decode_shapes, {1: dynamic, 2: dynamic})
-            cache_in.append("past_s")
-            cache_out.append("present_s")
-        decode_example = (ids[:, 7:8], *cache)
-        # Voting exits: every exit's own logits after the cache (edgec.exits).
-        extra = ["exit_logits"] if entries.exits is not None else []
-        with torch.no_grad():
-            prefill_ep = torch.export.export(prefill, (ids,), dynamic_shapes=prefill_shapes)
-            decode_ep = torch.export.export(decode, decode_example, dynamic_shapes=decode_shapes)
-        return [
-            ExportedEntry("prefill", prefill_ep, prefill, (ids,), prefill_shapes, ["input_ids"], ["logits", *cache_out, *extra]),
-            ExportedEntry("decode", decode_ep, decode, decode_example, decode_shapes, ["input_ids", *cache_in],
-                          ["logits", *cache_out, *extra], rows_per_call=1),
-        ]
+        shapes = model.prepared.get("shapes")
+        if not shapes:
+            return _export_pair(model.module, "prefill", "decode")
+        pairs = [entry for shape in shapes for entry in _export_pair(shape.module, shape.prefill, shape.decode)]
+        for entry in pairs:
+            entry.shares_weights = True
+        return pairs
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """Prefill on the reference prompt but its last token, one decode step with it, and
@@ -174,13 +175,15 @@ class CausalLM(Family):
         prompt = reference_prompt(model, recipe.parity.prompt_len)
         ids = torch.from_numpy(prompt)
         io: dict[str, list[np.ndarray]] = {}
+        pairs = [(s.prefill, s.decode) for s in model.prepared.get("shapes") or []] or [("prefill", "decode")]
         with torch.no_grad():
-            prefill_out = by_name["prefill"].module(ids[:, :-1])
-            io["prefill.in"] = [ids[:, :-1].numpy()]
-            io["prefill.out"] = [t.numpy() for t in prefill_out]
-            decode_in = (ids[:, -1:], *prefill_out[1 : len(by_name["decode"].input_names)])
-            io["decode.in"] = [t.numpy() for t in decode_in]
-            io["decode.out"] = [t.numpy() for t in by_name["decode"].module(*decode_in)]
+            for prefill, decode in pairs:
+                prefill_out = by_name[prefill].module(ids[:, :-1])
+                io[f"{prefill}.in"] = [ids[:, :-1].numpy()]
+                io[f"{prefill}.out"] = [t.numpy() for t in prefill_out]
+                decode_in = (ids[:, -1:], *prefill_out[1 : len(by_name[decode].input_names)])
+                io[f"{decode}.in"] = [t.numpy() for t in decode_in]
+                io[f"{decode}.out"] = [t.numpy() for t in by_name[decode].module(*decode_in)]
 
             def run(entry: str, args: list[Any]) -> list[np.ndarray]:
                 outputs = by_name[entry].module(*(torch.from_numpy(np.asarray(a)) for a in args))
@@ -195,7 +198,7 @@ class CausalLM(Family):
                 margins.append(float(top2[1] - top2[0]))
 
             tokens = Generation(program).greedy(run, [int(t) for t in prompt[0]], steps, on_step=margin)
-        logits = io["prefill.out"][0]
+        logits = io[f"{pairs[0][0]}.out"][0]
         io["generate.prompt"] = [prompt]
         io["generate.tokens"] = [np.asarray(tokens, dtype=np.int64)]
         io["generate.margins"] = [np.asarray(margins, dtype=np.float64)]
@@ -215,6 +218,9 @@ class CausalLM(Family):
             "cache": [c.model_dump() for c in section.cache],
             "max_context": section.max_context,
             "eos_token_id": section.eos_token_id,
+            # `--subnet all`: each shape's entries and cache; the top level runs the default shape.
+            **({"shapes": {s.label: {"prefill": s.prefill, "decode": s.decode, "cache": [c.model_dump() for c in s.cache]}
+                           for s in section.shapes}, "default_shape": section.shapes[0].label} if section.shapes else {}),
         }
 
     @staticmethod
@@ -225,20 +231,15 @@ class CausalLM(Family):
     def section(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> LMSection:
         assert model.module is not None
         max_context = self._max_context(model, recipe)
-        shape = lm_shape(model.module, max_context)
-        decode = next(e for e in entries if e.name == "decode")
-        arch = architecture_of(model.module)
-        cache = []
-        for past, present in zip(decode.input_names[1:], decode.output_names[1:]):
-            if past == "past_s":
-                calibrated = int(decode.example[decode.input_names.index("past_s")].shape[0])
-                cache.append(CacheTensor(input=past, output=present, layout=STATE_LAYOUT, shape=[calibrated, None, None], tokens_axis=2))
-            elif arch.ragged_kv:
-                dims = [None, sum(arch.layer_kv_heads), None, shape.head_dim]
-                cache.append(CacheTensor(input=past, output=present, layout=RAGGED_KV_LAYOUT, shape=dims, tokens_axis=2))
-            else:
-                dims = [shape.num_layers, None, shape.num_kv_heads, None, shape.head_dim]
-                cache.append(CacheTensor(input=past, output=present, layout=KV_LAYOUT, shape=dims, tokens_axis=3))
+        prepared = model.prepared.get("shapes") or []
+        module = prepared[0].module if prepared else model.module  # `--subnet all`: the default shape's
+        shape = lm_shape(module, max_context)
+        by_name = {e.name: e for e in entries}
+        arch = architecture_of(module)
+        cache = _cache_tensors(module, by_name["decode"])
+        shapes = [ShapeSection(label=s.label, depth=s.shape.depth or arch.num_layers, width=s.shape.width, prefill=s.prefill,
+                               decode=s.decode, cache=_cache_tensors(s.module, by_name[s.decode]), **s.record)
+                  for s in prepared]
         tokenizer, config = model.tokenizer, model.module.config
         heads = exits_of(model.module)
         voting = None if heads is None else VotingSection(exits=heads.voting, model_exits=heads.layers)
@@ -255,6 +256,7 @@ class CausalLM(Family):
             config=arch.summary(),
             voting=voting,
             layer_kv_heads=list(arch.layer_kv_heads) if arch.ragged_kv else None,
+            shapes=shapes,
         )
 
     def describe_section(self, section: dict[str, Any]) -> str:
@@ -284,7 +286,10 @@ class CausalLM(Family):
 
         if request.get("prompt") is None:
             raise BadInputError(f"{root} is a causal-LM artifact: give --prompt TEXT to continue")
-        return generate_text(root, manifest, runtime, str(request["prompt"]), int(request.get("max_new_tokens", 32)))
+        program = program_for_shape(manifest["program"], request.get("shape"), root)
+        result = generate_text(root, {**manifest, "program": program}, runtime, str(request["prompt"]),
+                               int(request.get("max_new_tokens", 32)))
+        return {**result, "shape": program.get("shape", program.get("default_shape"))}
 
     def eval(self, spec: str, request: EvalRequest, progress: Progress) -> dict[str, Any]:
         """Perplexity (`ppl`, here or on a device) or a labelled task's test accuracy."""
@@ -307,10 +312,76 @@ class CausalLM(Family):
                 f"(seed {result['seed']}; chance {result['chance']:.3f})")
 
     def describe_run(self, result: dict[str, Any]) -> tuple[list[str], str]:
+        shape = f"shape {result['shape']}, " if result.get("shape") else ""
         return [result["text"]], (
-            f"{result['new_tokens']} tokens, prefill {result['prefill_ms']:.1f} ms, "
+            f"{shape}{result['new_tokens']} tokens, prefill {result['prefill_ms']:.1f} ms, "
             f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['backend']})"
         )
+
+
+def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) -> dict[str, Any]:
+    """The generate program running one shape of a `--subnet all` artifact (None: its default)."""
+    if shape is None:
+        return program
+    shapes = program.get("shapes")
+    if not shapes:
+        raise BadInputError(f"--shape {shape}: {root} has one shape; compile with --subnet all for an artifact with several")
+    from edgec.subnet import parse_shape
+
+    label = parse_shape(shape, "--shape").label()
+    if label not in shapes:
+        raise BadInputError(f"--shape {shape}: not in {root}; its shapes are {', '.join(shapes)}")
+    return {**program, **shapes[label], "shape": label}
+
+
+def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str) -> list[ExportedEntry]:
+    """A prefill and a decode entry of one causal LM module, exported with dynamic batch and length."""
+    entries = CausalLMEntries(module).eval()
+    prefill = PrefillEntry(entries).eval()
+    decode = DecodeEntry(entries).eval()
+    vocab = int(module.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    # Batch 2 / length 8: size-1 example dims would be specialised to 1 by torch.export.
+    ids = torch.randint(0, vocab, (2, 8), generator=generator)
+    with torch.no_grad():
+        cache = list(entries.prefill(ids[:, :7])[1 : 1 + entries.cache_count])
+    dynamic = torch.export.Dim.DYNAMIC
+    prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
+    kv_dims = {0: dynamic, 2: dynamic} if entries.arch.ragged_kv else {1: dynamic, 3: dynamic}
+    decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, kv_dims, kv_dims)
+    cache_in, cache_out = ["past_k", "past_v"], ["present_k", "present_v"]
+    if entries.state_heads:  # calibrated attention heads (act, stat: causal) carry their column sums
+        decode_shapes = (*decode_shapes, {1: dynamic, 2: dynamic})
+        cache_in.append("past_s")
+        cache_out.append("present_s")
+    decode_example = (ids[:, 7:8], *cache)
+    # Voting exits: every exit's own logits after the cache (edgec.exits).
+    extra = ["exit_logits"] if entries.exits is not None else []
+    with torch.no_grad():
+        prefill_ep = torch.export.export(prefill, (ids,), dynamic_shapes=prefill_shapes)
+        decode_ep = torch.export.export(decode, decode_example, dynamic_shapes=decode_shapes)
+    return [
+        ExportedEntry(prefill_name, prefill_ep, prefill, (ids,), prefill_shapes, ["input_ids"], ["logits", *cache_out, *extra]),
+        ExportedEntry(decode_name, decode_ep, decode, decode_example, decode_shapes, ["input_ids", *cache_in],
+                      ["logits", *cache_out, *extra], rows_per_call=1),
+    ]
+
+
+def _cache_tensors(module: torch.nn.Module, decode: ExportedEntry) -> list[CacheTensor]:
+    """The decode entry's cache: each input fed from the output of the same role."""
+    arch = architecture_of(module)
+    cache = []
+    for past, present in zip(decode.input_names[1:], decode.output_names[1:]):
+        if past == "past_s":
+            calibrated = int(decode.example[decode.input_names.index("past_s")].shape[0])
+            cache.append(CacheTensor(input=past, output=present, layout=STATE_LAYOUT, shape=[calibrated, None, None], tokens_axis=2))
+        elif arch.ragged_kv:
+            dims = [None, sum(arch.layer_kv_heads), None, arch.head_dim]
+            cache.append(CacheTensor(input=past, output=present, layout=RAGGED_KV_LAYOUT, shape=dims, tokens_axis=2))
+        else:
+            dims = [arch.num_layers, None, arch.num_kv_heads, None, arch.head_dim]
+            cache.append(CacheTensor(input=past, output=present, layout=KV_LAYOUT, shape=dims, tokens_axis=3))
+    return cache
 
 
 def open_lm(spec: str, needs: str) -> tuple[Any, Any, int, str]:

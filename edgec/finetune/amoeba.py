@@ -171,8 +171,7 @@ class Amoeba:
 
 def table_shapes(search: SubnetSearch) -> list[tuple[Shape, int]]:
     """Every shape of the search's table with its parameters, largest first."""
-    rows = sorted(search.record["table"], key=lambda r: -r["parameters"])
-    return [(Shape(int(r["depth"]), float(r["width"])), int(r["parameters"])) for r in rows]
+    return [(shape, int(row["parameters"])) for shape, row in search.shapes()]
 
 
 def distillation_step(amoeba: Amoeba, batch: torch.Tensor, rng: random.Random) -> dict[str, float]:

@@ -11,6 +11,7 @@ the entries (edgec.lm) follow it like any model.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -132,3 +133,51 @@ def apply_subnet(model: ModelHandle, shape: Shape, what: str) -> None:
     model.sha256 = hashlib.sha256(f"{source}:{record['layers']}:{record['heads']}:{record['mlp_channels']}".encode()).hexdigest()
     model.info.update(subnet={**record, "source_sha256": source}, parameters=record["parameters"],
                       layers=len(record["layers"]))
+
+
+@dataclass
+class ShapeEntries:
+    """One shape of a `--subnet all` compile: its view of the shared weights and entry names."""
+
+    label: str
+    shape: Shape
+    module: nn.Module
+    prefill: str
+    decode: str
+    record: dict[str, Any]
+
+
+def prepare_all_shapes(model: ModelHandle, recipe: Any, progress: Any) -> None:
+    """compile's `--subnet all`: the model permuted once so every shape of its search keeps
+    prefixes of the same tensors (edgec.subnet.nested), a view per shape in
+    model.prepared["shapes"] (the largest first: the default), the permuted model as the model."""
+    from edgec.subnet.nested import permuted, shape_tag, shape_view
+
+    assert model.module is not None
+    what = "--subnet all"
+    if model.info.get("exits") or model.info.get("applied_passes") or model.info.get("amoeba"):
+        raise BadInputError(f"{what}: {model.name} is a tuned model (each shape would merge its own weights); "
+                            "compile its shapes one at a time with --subnet depth=D,width=W")
+    if recipe.passes or recipe.dtype != "float32":
+        raise BadInputError(f"{what}: shapes share float32 weights; compress or cast one shape at a time "
+                            "(--subnet depth=D,width=W with the recipe)")
+    search = load_search(model)
+    if search is None:
+        raise BadInputError(f"{what}: {model.name} has no subnet search; run `edgec subnet search {model.name}` first")
+    shapes = search.shapes()
+    progress(f"subnet all: {len(shapes)} shapes over one copy of the weights")
+    nested, stats = (model.module, None) if search.stats is None else permuted(model.module, search.stats)
+    prepared = []
+    for number, (shape, row) in enumerate(shapes):
+        view = shape_view(nested, stats, search, shape)
+        suffix = "" if number == 0 else f"_{shape_tag(shape)}"
+        arch = architecture_of(view)
+        prepared.append(ShapeEntries(shape.label(), shape, view, f"prefill{suffix}", f"decode{suffix}", {
+            "layers": search.layers(shape.depth), "kv_heads": list(arch.layer_kv_heads), "parameters": int(row["parameters"]),
+            "calibration_score": row["score"]}))
+    model.module = nested
+    model.prepared["shapes"] = prepared
+    source = model.sha256
+    model.sha256 = hashlib.sha256(f"{source}:all:{[s.label for s in prepared]}".encode()).hexdigest()
+    model.info.update(subnet={"all": True, "shapes": [s.label for s in prepared], "source_sha256": source,
+                              "search": {"model_sha256": search.record["model_sha256"], "options": search.record["options"]}})

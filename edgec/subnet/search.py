@@ -65,6 +65,11 @@ class SubnetSearch:
     def widths(self) -> list[float]:
         return [float(w) for w in self.record["options"]["widths"]]
 
+    def shapes(self) -> list[tuple[Shape, dict[str, Any]]]:
+        """Every shape of the table with its row, largest first."""
+        rows = sorted(self.record["table"], key=lambda r: (-r["parameters"], -r["depth"], -r["width"]))
+        return [(Shape(int(r["depth"]), float(r["width"])), r) for r in rows]
+
     def layers(self, depth: int | None) -> list[int]:
         if depth is None:
             return list(range(int(self.record["num_layers"])))
