@@ -39,7 +39,7 @@ import torch
 
 from edgec.architectures import architecture_of
 from edgec.data import calibration_segments
-from edgec.evaluate import evaluation_ids, perplexity
+from edgec.evaluate import quality as held_out_quality
 from edgec.lm import CausalLMEntries
 from edgec.model import ModelHandle, load_model
 from edgec.subnet.extract import make_subnet
@@ -50,22 +50,13 @@ EDGEC = str(Path(sys.executable).with_name("edgec"))
 
 
 def quality(model: torch.nn.Module, tokenizer: Any, tokens: int, samples: int) -> dict[str, float]:
-    from edgec.tasks import build_task, evaluate_task
-
     entries = CausalLMEntries(model).eval()
 
     def logits(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return entries.prefill(torch.from_numpy(ids))[0].numpy()
 
-    ids, label = evaluation_ids(tokenizer, "held-out", tokens)
-    result = {"ppl": perplexity(logits, ids, tokenizer, 256, label).perplexity}
-    for task in ("wordnet", "shakespeare"):
-        built = build_task(task, 0, 0, samples)
-        score = evaluate_task(lambda prompts: np.asarray(logits(np.asarray(prompts, dtype=np.int64))[:, -1], dtype=np.float64),
-                              tokenizer, built.test, built.labels)
-        result[task] = score.accuracy
-    return result
+    return held_out_quality(logits, tokenizer, tokens, samples)
 
 
 def block_influence(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:

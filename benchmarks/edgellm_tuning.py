@@ -40,10 +40,9 @@ import numpy as np
 import torch
 
 from edgec.data import training_windows
-from edgec.evaluate import evaluation_ids, perplexity
+from edgec.evaluate import quality as held_out_quality
 from edgec.finetune.edge_llm import EdgeLlmOptions, EdgeLlmTuner
 from edgec.model import load_model
-from edgec.tasks import build_task, evaluate_task
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -155,14 +154,7 @@ def quality(tuner: EdgeLlmTuner, tokenizer: Any, voting: list[int], tokens: int,
         with torch.no_grad():
             return entries.prefill(torch.from_numpy(ids))[0].numpy()
 
-    ids, label = evaluation_ids(tokenizer, "held-out", tokens)
-    result: dict[str, Any] = {"ppl": perplexity(logits, ids, tokenizer, 256, label).perplexity}
-    for task in ("wordnet", "shakespeare"):
-        built = build_task(task, 0, 0, samples)
-        score = evaluate_task(lambda prompts: np.asarray(logits(np.asarray(prompts, dtype=np.int64))[:, -1], dtype=np.float64),
-                              tokenizer, built.test, built.labels)
-        result[task] = score.accuracy
-    return result
+    return held_out_quality(logits, tokenizer, tokens, samples)
 
 
 def train(tuner: EdgeLlmTuner, windows: torch.Tensor, batch: int, steps: int, lr: float, vanilla: bool) -> list[float]:

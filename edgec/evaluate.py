@@ -156,3 +156,18 @@ def runtime_logits_fn(runtime: Any, program: dict[str, Any]) -> LogitsFn:
         return np.asarray(generation.logits(runtime.run(generation.prefill, [ids]), generation.prefill))
 
     return run
+
+
+def quality(logits_fn: LogitsFn, tokenizer: Any, tokens: int, samples: int, tasks: tuple[str, ...] = ("wordnet", "shakespeare")) -> dict[str, float]:
+    """What the benchmarks compare models by: held-out perplexity over `tokens` tokens
+    (256-token windows) and each built-in task's test accuracy (`samples` prompts, seed 0)."""
+    from edgec.tasks import build_task, evaluate_task
+
+    ids, label = evaluation_ids(tokenizer, "held-out", tokens)
+    result = {"ppl": perplexity(logits_fn, ids, tokenizer, 256, label).perplexity}
+    for task in tasks:
+        built = build_task(task, 0, 0, samples)
+        score = evaluate_task(lambda prompts: np.asarray(logits_fn(np.asarray(prompts, dtype=np.int64))[:, -1], dtype=np.float64),
+                              tokenizer, built.test, built.labels)
+        result[task] = score.accuracy
+    return result

@@ -112,11 +112,11 @@ def test_compensation_bias_keeps_the_mean_output_on_calibration_data(tiny: Model
         for batch in batches:
             entries.logits_through(batch, list(range(6)))
         hook.remove()
-        from edgec.subnet.extract import _columns
+        from edgec.subnet.extract import keep_columns
 
         kept = torch.tensor(masks[2].channels)
         assert len(kept) < modules.mlp_out.in_features
-        pruned = _columns(modules.mlp_out, kept, stats.mlp_mean[2])
+        pruned = keep_columns(modules.mlp_out, kept, stats.mlp_mean[2])
         seen["pruned"] = [pruned(x[..., kept]).reshape(-1, 256) for x in inputs]
         uncompensated = torch.nn.functional.linear(torch.cat([x[..., kept] for x in inputs]).reshape(-1, len(kept)),
                                                    modules.mlp_out.weight[:, kept])

@@ -25,7 +25,7 @@ from edgec.subnet.search import SubnetSearch, load_search, shape_parameters
 from edgec.subnet.width import LayerWidth, WidthStats, compensation, kept_channels, layer_modules
 
 
-def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+def keep_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     sliced = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None, dtype=linear.weight.dtype)
     sliced.weight.data = linear.weight.detach()[rows].clone()
     if linear.bias is not None:
@@ -33,7 +33,7 @@ def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     return sliced
 
 
-def _columns(linear: nn.Linear, columns: torch.Tensor, mean: torch.Tensor) -> nn.Linear:
+def keep_columns(linear: nn.Linear, columns: torch.Tensor, mean: torch.Tensor) -> nn.Linear:
     """The kept input columns, with the removed ones' mean contribution as a bias."""
     sliced = nn.Linear(len(columns), linear.out_features, bias=True, dtype=linear.weight.dtype)
     sliced.weight.data = linear.weight.detach()[:, columns].clone()
@@ -53,14 +53,14 @@ def slice_layer(layer: nn.Module, arch: Architecture, index: int, width: LayerWi
     kv_rows = torch.cat([torch.arange(g * dim, (g + 1) * dim) for g in width.groups])
     q_rows = kept_channels(width, arch, index)
     channels = torch.tensor(width.channels, dtype=torch.int64)
-    setattr(attn, arch.layout.q, _rows(modules.q, q_rows))
-    setattr(attn, arch.layout.k, _rows(modules.k, kv_rows))
-    setattr(attn, arch.layout.v, _rows(modules.v, kv_rows))
-    setattr(attn, arch.layout.o, _columns(modules.o, q_rows, stats.o_mean[index]))
+    setattr(attn, arch.layout.q, keep_rows(modules.q, q_rows))
+    setattr(attn, arch.layout.k, keep_rows(modules.k, kv_rows))
+    setattr(attn, arch.layout.v, keep_rows(modules.v, kv_rows))
+    setattr(attn, arch.layout.o, keep_columns(modules.o, q_rows, stats.o_mean[index]))
     assert arch.layout.mlp_in is not None
     for name, linear in zip(arch.layout.mlp_in, modules.mlp_in):
-        setattr(mlp, name, _rows(linear, channels))
-    setattr(mlp, arch.layout.mlp_out, _columns(modules.mlp_out, channels, stats.mlp_mean[index]))
+        setattr(mlp, name, keep_rows(linear, channels))
+    setattr(mlp, arch.layout.mlp_out, keep_columns(modules.mlp_out, channels, stats.mlp_mean[index]))
     per_group = arch.layer_heads[index] // arch.layer_kv_heads[index]
     return len(width.groups) * per_group, len(width.groups)
 

@@ -246,7 +246,7 @@ def search_subnets(model: ModelHandle, options: SearchOptions, progress: Callabl
         hidden = int(model.module.config.hidden_size)
         depths = [{"depth": arch.num_layers - m, "removed": list(removed), "layers": kept_layers(arch.num_layers, removed),
                    "score": scorer(kept_layers(arch.num_layers, removed))} for m, removed in removals.items()]
-        widths = [w for w in options.widths if w >= 1 or stats is not None]
+        widths = options.widths if stats is not None else [1.0]
         table = []
         cells = [(d, w) for d in depths for w in widths]
         for number, (depth, width) in enumerate(cells, 1):
@@ -256,7 +256,7 @@ def search_subnets(model: ModelHandle, options: SearchOptions, progress: Callabl
             table.append({"depth": depth["depth"], "width": width, "score": score, "perplexity": math.exp(score),
                           "parameters": shape_parameters(model.module, arch, layers, masks)})
             advance(progress, "subnet search: table", number, len(cells))
-        full = table[0]["parameters"]
+        full = sum(p.numel() for p in model.module.parameters())
         for row in table:
             row["fraction"] = row["parameters"] / full
         record = {
@@ -273,7 +273,7 @@ def search_subnets(model: ModelHandle, options: SearchOptions, progress: Callabl
             "seconds": round(time.perf_counter() - started, 1),
         }
         if stats is not None:
-            stats.save(directory / WIDTH_FILE)
+            stats.save(directory / WIDTH_FILE)  # replaced whole; search.json (its key) is written last
         elif (directory / WIDTH_FILE).exists():
             (directory / WIDTH_FILE).unlink()
         _write_json(directory / SEARCH_FILE, record)

@@ -16,6 +16,7 @@ of the output projection, so the layer's mean output over the calibration data i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +42,14 @@ class WidthStats:
     mlp_mean: list[torch.Tensor]
 
     def save(self, path: Path) -> None:
+        """Written beside `path` and renamed over it: whole or not at all."""
         tensors = {}
         for name in ("group_z", "channel_z", "o_mean", "mlp_mean"):
             for layer, tensor in enumerate(getattr(self, name)):
                 tensors[f"{name}.{layer}"] = tensor.contiguous()
-        save_file(tensors, str(path))
+        partial = path.with_name(f".{path.name}.partial")
+        save_file(tensors, str(partial))
+        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: Path, num_layers: int) -> WidthStats:
