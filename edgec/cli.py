@@ -240,6 +240,7 @@ _COMPILE_EXAMPLES = "\n\n".join([
     "  edgec compile detector.onnx --input-shape image=1x3x640x640 --target arm64 --backend onnx",
     "  edgec compile encoder.onnx --dim batch=1 --reference-inputs real-batch.npz",
     "  edgec compile zoo:tiny-lm --subnet depth=4,width=0.8 --backend onnx   (after edgec subnet search zoo:tiny-lm)",
+    "  edgec compile zoo:tiny-lm --target arm64 --latency-budget-ms 40 --device rpc://127.0.0.1:9091?key=edgec-qemu-arm64",
 ])
 
 
@@ -275,7 +276,16 @@ def compile_command(
         None, "--sign", help="sign the manifest with this ed25519 private key (edgec keygen); deploy --trust KEY.pub checks it on the device"
     ),
     subnet: Optional[str] = typer.Option(
-        None, "--subnet", help="a causal LM: extract the subnet depth=N,width=R of its search (edgec subnet search) first (recipe: subnet)"
+        None, "--subnet", help="a causal LM: extract the subnet depth=N,width=R of its search (edgec subnet search) first, "
+        "or 'all' for every shape in one artifact (recipe: subnet)"
+    ),
+    latency_budget_ms: Optional[float] = typer.Option(
+        None, "--latency-budget-ms", min=0.0,
+        help="a searched causal LM: compile the best shape whose decode step fits this many ms, timed on --device (rpc://, tracker://) "
+        "or read from --latency-table",
+    ),
+    latency_table: Optional[Path] = typer.Option(
+        None, "--latency-table", help="shape latencies measured earlier: a manifest with latency_budget (or its table) for this target"
     ),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against its reference
@@ -300,6 +310,9 @@ def compile_command(
         sets.append(f"target_options.{key}={value}")
     resolved = with_inputs(load_recipe(recipe, sets, options_for), input_shape, dim, reference_inputs)
     out_dir = output or default_output(model, resolved.target, resolved.backend)
+    extra = None
+    if latency_budget_ms is not None or latency_table is not None:
+        resolved, extra = _within_budget(model, resolved, out_dir, force, latency_budget_ms, latency_table, device, dry_run)
     if dry_run:
         plan = plan_compile(model, resolved, out_dir, force, device).to_json(model, resolved)
         if sign is not None:
@@ -318,10 +331,23 @@ def compile_command(
         return
     _limit_threads()
     progress = Progress()
+    if extra is not None and extra["latency_budget"]["table"] is None:
+        from edgec.subnet.budget import all_shapes_table, choose
+
+        assert device is not None
+        table = all_shapes_table(model, resolved, device, progress)
+        chosen = choose(extra["search"], table, extra["latency_budget"]["budget_ms"])
+        progress(f"latency budget: {chosen} fits {extra['latency_budget']['budget_ms']:g} ms with the lowest calibration loss")
+        resolved = resolved.model_copy(update={"subnet": chosen})
+        extra = {"latency_budget": {**extra["latency_budget"], "table": table, "chosen": chosen}}
+    elif extra is not None:
+        extra = {"latency_budget": extra["latency_budget"]}
     summary = compile_model(
         model, resolved, out_dir, force, progress, on_target=lambda t: _note(f"[cyan]{t.how}[/]"),
-        trust_pickle=trust_pickle, device=device, sign=sign,
+        trust_pickle=trust_pickle, device=device, sign=sign, extra=extra,
     )
+    if extra is not None:
+        summary["latency_budget"] = extra["latency_budget"]
     if as_json:
         _emit_json(summary)
         return
@@ -338,6 +364,11 @@ def compile_command(
         out.print(f"parity    {status}")
     else:
         out.print(f"parity    {status} (max |diff| {parity['max_abs_diff']:.3g} <= {parity['tolerance']:.3g}){_generation_note(parity)}")
+    budget = summary.get("latency_budget")
+    if budget:
+        decode = budget["table"]["shapes"][budget["chosen"]]["decode_ms"] if "table" in budget else None
+        out.print(f"shape     {budget['chosen']}: the lowest calibration loss among the shapes whose decode step fits "
+                  f"{budget['budget_ms']:g} ms on {budget['device']}" + ("" if decode is None else f" ({decode:.2f} ms)"))
     evaluation = summary.get("evaluation")
     if evaluation and "perplexity" in evaluation:
         out.print(f"held-out  perplexity {evaluation['perplexity']:.3f} over {evaluation['tokens']} tokens")
@@ -347,6 +378,39 @@ def compile_command(
             _print_layer_table(entry["record"])
         if entry["name"] == "act":
             _print_act_record(entry["record"])
+
+
+def _within_budget(model: str, recipe: Any, out_dir: Path, force: bool, budget_ms: float | None, table_path: Path | None,
+                   device: str | None, dry_run: bool) -> tuple[Any, dict[str, Any]]:
+    """`--latency-budget-ms`: checked before any work; with a stored table the shape is chosen
+    now, otherwise after the shapes are timed on the device (compile_command)."""
+    from edgec.compiler import plan_compile
+    from edgec.errors import BadInputError
+    from edgec.model import load_model
+    from edgec.subnet.budget import choose, read_table
+    from edgec.subnet.search import load_search
+
+    if budget_ms is None:
+        raise BadInputError("--latency-table needs --latency-budget-ms MS (the decode-step budget to choose a shape by)")
+    if recipe.subnet is not None:
+        raise BadInputError("--latency-budget-ms chooses the shape itself; drop --subnet")
+    if recipe.passes:
+        raise BadInputError("--latency-budget-ms times dense shapes; choose a shape first, then compile it with the recipe's passes")
+    if table_path is None and (device is None or dry_run):
+        raise BadInputError("--latency-budget-ms needs --latency-table FILE, or --device (rpc:// or tracker://) to time the shapes on"
+                            + (" (not with --dry-run, which runs nothing)" if dry_run else ""))
+    plan = plan_compile(model, recipe, out_dir, force, device)
+    search = load_search(load_model(model))
+    if search is None:
+        raise BadInputError(f"--latency-budget-ms: {model} has no subnet search; run `edgec subnet search {model}` first")
+    record: dict[str, Any] = {"budget_ms": budget_ms, "device": device, "table": None, "chosen": None,
+                              "rule": "the lowest calibration loss among the shapes whose decode step (p50) fits the budget"}
+    if table_path is not None:
+        table = read_table(table_path, plan.target.name, recipe.backend)
+        chosen = choose(search, table, budget_ms)
+        recipe = recipe.model_copy(update={"subnet": chosen})
+        record.update(table=table, chosen=chosen, device=table["device"], table_file=str(table_path))
+    return recipe, {"latency_budget": record, "search": search}
 
 
 _FINETUNE_EXAMPLES = "\n\n".join([

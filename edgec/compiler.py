@@ -155,8 +155,9 @@ def compile_model(
     trust_pickle: bool = False,
     device: str | None = None,
     sign: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`device`: check parity and measure the held-out perplexity on that device (as for
+    """`extra`: more manifest sections (the latency budget's choice). `device`: check parity and measure the held-out perplexity on that device (as for
     `edgec deploy --device`) instead of on this machine -- how a cross-built artifact
     gets verified before it is written. `sign`: an ed25519 private key (PEM) that signs
     the manifest, read before any work."""
@@ -222,6 +223,7 @@ def compile_model(
                     "tolerance": {"rtol": rtol, "atol": recipe.parity.atol, "rule": PARITY_RULE},
                 },
                 "tokenizer": tokenizer_dir,
+                **(extra or {}),
             }
             if section is not None and family.section_key is not None:
                 manifest[family.section_key] = section.model_dump()

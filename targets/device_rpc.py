@@ -29,7 +29,7 @@ from edgec.deploy import check_architecture, checked_locally
 from edgec.errors import CheckFailedError, DeviceUnreachableError, UnsupportedError
 from edgec.parity import check
 from edgec.targets.devices import RpcEndpoint
-from edgec.targets.runtime import Generation, percentiles, profile_prompt
+from edgec.targets.runtime import Generation, percentiles, profile_prompt, shape_program
 
 UNAVAILABLE = {
     "per_op_ms": "per-kernel time needs VirtualMachine.set_instrument with a Python callback on the device; a stock RPC server runs no uploaded Python (use qemu-arm64 or ssh://)",
@@ -264,6 +264,26 @@ def deploy_rpc(
         progress(f"{endpoint.uri}: score {len(windows)} windows on {remote.server}")
         report["window_nll"] = [window_nll(logits_of(np.asarray([tokens], dtype=np.int64))[0], tokens) for tokens in windows]
     return report
+
+
+def profile_shapes_rpc(
+    root: Path, endpoint: RpcEndpoint, runs: int, prompt_len: int, new_tokens: int, progress: Callable[[str], None]
+) -> dict[str, dict[str, float]]:
+    """Each shape of a `--subnet all` artifact, in one session on one server: p50 of the
+    prefill of a `prompt_len`-token prompt and of a decode step after it."""
+    manifest, remotes, _ = _open(root, endpoint, progress)
+    remote = remotes[0]
+    inputs = [profile_prompt(load_reference(root), prompt_len)]
+    token = np.asarray([[int(inputs[0][0, -1])]], dtype=np.int64)
+    measured: dict[str, dict[str, float]] = {}
+    for number, label in enumerate(manifest["program"]["shapes"], 1):
+        progress(f"{endpoint.uri}: shape {number}/{len(manifest['program']['shapes'])}, {label}: 1 warm-up + {runs} timed runs")
+        generation = Generation(shape_program(manifest["program"], label))
+        prefill = remote.time_ms(generation.prefill, inputs, runs, 1)
+        outputs = remote.run_remote(generation.prefill, inputs)
+        decode = remote.time_ms(generation.decode, generation.decode_args(token, outputs, generation.prefill), new_tokens, 1)
+        measured[label] = {"prefill_ms": float(np.median(prefill)), "decode_ms": float(np.median(decode))}
+    return measured
 
 
 def profile_rpc(

@@ -146,6 +146,11 @@ class Runtime:
 
 
 # ----------------------------------------------------------------------------- programs
+def shape_program(program: dict[str, Any], label: str) -> dict[str, Any]:
+    """A generate program with several shapes (`--subnet all`) running the shape `label`."""
+    return {**program, **program["shapes"][label], "shape": label}
+
+
 class Generation:
     """A generate program's greedy loop over any runner, with the cache fed back by name."""
 

@@ -25,7 +25,7 @@ from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry, lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, check_safetensors, load_tokenizer_files, read_config, sha256_files
 from edgec.recipe import Recipe
 from edgec.targets.export import ExportedEntry
-from edgec.targets.runtime import GENERATION_STEPS, Generation
+from edgec.targets.runtime import GENERATION_STEPS, Generation, shape_program
 
 DEFAULT_MAX_CONTEXT = 1024
 KV_LAYOUT = ["layers", "batch", "kv_heads", "tokens", "head_dim"]
@@ -331,7 +331,7 @@ def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) ->
     label = parse_shape(shape, "--shape").label()
     if label not in shapes:
         raise BadInputError(f"--shape {shape}: not in {root}; its shapes are {', '.join(shapes)}")
-    return {**program, **shapes[label], "shape": label}
+    return shape_program(program, label)
 
 
 def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str) -> list[ExportedEntry]:

@@ -19,6 +19,7 @@ from edgec.model import load_model
 from edgec.subnet import parse_shape
 from edgec.subnet.extract import extract
 from edgec.subnet.search import SearchOptions, SubnetSearch, search_subnets
+from tests.conftest import host_rpc_server
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -90,3 +91,30 @@ def test_every_shape_runs_on_the_emulated_arm64_device(search: SubnetSearch, tmp
     report = json.loads(deployed.stdout)
     assert report["machine"] == "aarch64" and report["parity"]["ok"] is True
     assert {o["entry"] for o in report["parity"]["outputs"]} == set(record["entries"])  # every shape's prefill and decode ran there
+
+
+def test_a_latency_budget_picks_the_best_shape_that_fits_timed_over_a_stock_rpc_server(search: SubnetSearch, tmp_path: Path) -> None:
+    out = tmp_path / "budget"
+    with host_rpc_server() as uri:
+        result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--latency-budget-ms", "100000", "--device", uri, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    budget = manifest["latency_budget"]
+    decode = {label: row["decode_ms"] for label, row in budget["table"]["shapes"].items()}
+    assert set(decode) == set(LABELS) and all(ms > 0 for ms in decode.values()) and budget["table"]["emulated"] is False
+    scores = {shape.label(): row["score"] for shape, row in search.shapes()}
+    assert budget["chosen"] == min(scores, key=scores.get)  # everything fits: the lowest calibration loss
+    assert manifest["model"]["info"]["subnet"]["shape"] == {"depth": 6, "width": 0.6} and manifest["parity"]["ok"] is True
+    # From the stored measurements: a budget only the fastest shape meets, then one none meets.
+    fastest = min(decode, key=decode.get)
+    table = ["--latency-table", str(out / "manifest.json")]
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--latency-budget-ms", str(decode[fastest]), *table, "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["recipe"]["subnet"] == fastest
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--latency-budget-ms", str(decode[fastest] / 2), *table, "--dry-run"])
+    assert result.exit_code == 2 and f"the fastest, {fastest}, takes {decode[fastest]:.2f} ms" in result.stderr
+    for args, why in ((["--latency-budget-ms", "5"], "needs --latency-table FILE, or --device"),
+                      (["--latency-budget-ms", "5", "--subnet", "depth=5,width=0.6", *table], "drop --subnet"),
+                      (["--latency-budget-ms", "5", "--target", "arm64", *table], "measured for cpu/tvm, not arm64/tvm")):
+        result = runner.invoke(app, ["compile", "zoo:tiny-lm", *args, "-o", str(tmp_path / "x")])
+        assert result.exit_code == 2 and why in result.stderr, (args, result.stderr)
