@@ -16,6 +16,8 @@ In one run on this CPU:
      under one global threshold, every layer kept, no compensation.
    Held-out perplexity and the built-in tasks' test accuracy (wordnet, shakespeare; seed 0)
    in torch, before any fine-tuning (the compiled artifacts match torch: their parity).
+   With --tuned DIR (the output of `edgec finetune --method amoeba`), the same shapes of
+   the tuned model too (its gated LoRA merged for each shape, then extracted).
 3. With --latency: the full model and each AmoebaLLM shape compiled (`edgec compile
    --subnet`, ONNX Runtime backend, this CPU, 2 threads), prefill of a 128-token prompt and
    greedy decode tokens/s over 32 steps (`edgec bench`, 5 runs: median prefill).
@@ -42,8 +44,10 @@ from edgec.data import calibration_segments
 from edgec.evaluate import quality as held_out_quality
 from edgec.lm import CausalLMEntries
 from edgec.model import ModelHandle, load_model
-from edgec.subnet.extract import make_subnet
-from edgec.subnet.search import SearchOptions, SubnetSearch, search_subnets, shape_parameters
+from edgec.finetune.amoeba import merge_for_shape
+from edgec.subnet import Shape
+from edgec.subnet.extract import extract, make_subnet
+from edgec.subnet.search import SearchOptions, SubnetSearch, load_search, search_subnets, shape_parameters
 from edgec.subnet.width import LayerWidth, WidthStats, layer_modules, width_masks
 
 EDGEC = str(Path(sys.executable).with_name("edgec"))
@@ -97,6 +101,18 @@ def subnet_model(base: torch.nn.Module, layers: list[int], widths: dict[int, Lay
     return model
 
 
+def tuned_subnet(path: Path, shape: Shape) -> torch.nn.Module:
+    """The tuned model's shape: its gated LoRA merged for the shape, then extracted."""
+    tuned = load_model(str(path))
+    assert tuned.module is not None and tuned.info.get("amoeba"), f"{path} is not an `edgec finetune --method amoeba` output"
+    search = load_search(tuned)
+    assert search is not None
+    merge_for_shape(tuned.module, shape, search)
+    if shape.depth is not None or shape.width < 1:
+        extract(tuned.module, search, shape)
+    return tuned.module
+
+
 def nearest_depth(base: torch.nn.Module, order: list[int], target: int) -> list[int]:
     """Drop layers in `order` until the parameter count is nearest `target`; the kept layers."""
     arch = architecture_of(base)
@@ -140,6 +156,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens for perplexity")
     parser.add_argument("--samples", type=int, default=100, help="test prompts per task")
     parser.add_argument("--latency", action="store_true", help="compile the shapes and measure them (ONNX Runtime)")
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="the model after `edgec finetune --method amoeba`: its shapes are scored too (each merged, then extracted)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -161,6 +179,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{"fraction_target": 1.0, "method": "full model", "shape": "all", "parameters": full,
                                    **quality(base, handle.tokenizer, args.tokens, args.samples)}]
     print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.tuned is not None:
+        rows.append({"fraction_target": 1.0, "method": "full model + fine-tuning", "shape": "all", "parameters": full,
+                     **quality(tuned_subnet(args.tuned, Shape()), handle.tokenizer, args.tokens, args.samples)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
     chosen: dict[float, dict[str, Any]] = {}
     for target in (float(f) for f in args.fractions.split(",")):
         candidates = [r for r in search.record["table"] if r["fraction"] <= target + 0.005]
@@ -180,6 +202,9 @@ def main() -> None:
         ratio, masks = magnitude_shape(base, magnitude, row["parameters"])
         all_layers = list(range(arch.num_layers))
         made[f"magnitude width={ratio:.3f}"] = (subnet_model(base, all_layers, masks, magnitude), all_layers, masks)
+        if args.tuned is not None:
+            made[f"AmoebaLLM + fine-tuning depth={row['depth']},width={row['width']:g}"] = (
+                tuned_subnet(args.tuned, Shape(int(row["depth"]), float(row["width"]))), layers, widths)
         for name, (model, kept, widths_of) in made.items():
             parameters = shape_parameters(base, arch, kept, widths_of)
             rows.append({"fraction_target": target, "method": name.split(" depth=")[0].split(" width=")[0], "shape": name,
@@ -201,16 +226,16 @@ def main() -> None:
             entry["parameters_vs_full"] = entry["parameters"] / full
     print(f"\n{args.model}: held-out perplexity ({args.tokens} tokens) and task accuracy (seed 0, {args.samples} prompts), "
           "no fine-tuning")
-    print(f"{'target':>6} {'method':<16} {'shape':<30} {'params':>7} {'ppl':>8} {'wordnet':>8} {'shakesp.':>8}")
+    print(f"{'target':>6} {'method':<24} {'shape':<40} {'params':>7} {'ppl':>8} {'wordnet':>8} {'shakesp.':>8}")
     for r in rows:
-        print(f"{r['fraction_target']:>6.0%} {r['method']:<16} {r['shape']:<30} {r['parameters'] / full:>7.1%} "
+        print(f"{r['fraction_target']:>6.0%} {r['method']:<24} {r['shape']:<40} {r['parameters'] / full:>7.1%} "
               f"{r['ppl']:>8.2f} {r['wordnet']:>8.3f} {r['shakespeare']:>8.3f}")
     for target in chosen:
         group = [r for r in rows if r["fraction_target"] == target]
-        amoeba = next(r for r in group if r["method"] == "AmoebaLLM")
-        best_peer = min((r for r in group if r["method"] != "AmoebaLLM"), key=lambda r: r["ppl"])
-        print(f"{target:.0%}: AmoebaLLM ppl {amoeba['ppl']:.2f} vs best peer ({best_peer['method']}) {best_peer['ppl']:.2f}: "
-              f"{'beats' if amoeba['ppl'] < best_peer['ppl'] else 'does NOT beat'} every peer")
+        best_peer = min((r for r in group if not r["method"].startswith("AmoebaLLM")), key=lambda r: r["ppl"])
+        for ours in (r for r in group if r["method"].startswith("AmoebaLLM")):
+            print(f"{target:.0%}: {ours['method']} ppl {ours['ppl']:.2f} vs best peer ({best_peer['method']}) {best_peer['ppl']:.2f}: "
+                  f"{'beats' if ours['ppl'] < best_peer['ppl'] else 'does NOT beat'} every peer")
     if latency:
         print("\nhost CPU latency (ONNX Runtime, 2 threads, prefill 128 tokens: median of 5; decode tokens/s over 32 steps)")
         for entry in latency:
