@@ -240,7 +240,7 @@ _COMPILE_EXAMPLES = "\n\n".join([
     "  edgec compile detector.onnx --input-shape image=1x3x640x640 --target arm64 --backend onnx",
     "  edgec compile encoder.onnx --dim batch=1 --reference-inputs real-batch.npz",
     "  edgec compile zoo:tiny-lm --subnet depth=4,width=0.8 --backend onnx   (after edgec subnet search zoo:tiny-lm)",
-    "  edgec compile zoo:tiny-lm --target arm64 --latency-budget-ms 40 --device rpc://127.0.0.1:9091?key=edgec-qemu-arm64",
+    "  edgec compile zoo:tiny-lm --target arm64 --latency-budget-ms 80 --device rpc://127.0.0.1:9091?key=edgec-qemu-arm64",
 ])
 
 
