@@ -388,7 +388,7 @@ def _within_budget(model: str, recipe: Any, out_dir: Path, force: bool, budget_m
     from edgec.errors import BadInputError
     from edgec.model import load_model
     from edgec.subnet.budget import choose, read_table
-    from edgec.subnet.search import load_search
+    from edgec.subnet.search import require_search
 
     if budget_ms is None:
         raise BadInputError("--latency-table needs --latency-budget-ms MS (the decode-step budget to choose a shape by)")
@@ -400,9 +400,7 @@ def _within_budget(model: str, recipe: Any, out_dir: Path, force: bool, budget_m
         raise BadInputError("--latency-budget-ms needs --latency-table FILE, or --device (rpc:// or tracker://) to time the shapes on"
                             + (" (not with --dry-run, which runs nothing)" if dry_run else ""))
     plan = plan_compile(model, recipe, out_dir, force, device)
-    search = load_search(load_model(model))
-    if search is None:
-        raise BadInputError(f"--latency-budget-ms: {model} has no subnet search; run `edgec subnet search {model}` first")
+    search = require_search(load_model(model), "--latency-budget-ms")
     record: dict[str, Any] = {"budget_ms": budget_ms, "device": device, "table": None, "chosen": None,
                               "rule": "the lowest calibration loss among the shapes whose decode step (p50) fits the budget"}
     if table_path is not None:

@@ -163,10 +163,7 @@ class CausalLM(Family):
         shapes = model.prepared.get("shapes")
         if not shapes:
             return _export_pair(model.module, "prefill", "decode")
-        pairs = [entry for shape in shapes for entry in _export_pair(shape.module, shape.prefill, shape.decode)]
-        for entry in pairs:
-            entry.shares_weights = True
-        return pairs
+        return [entry for shape in shapes for entry in _export_pair(shape.module, shape.prefill, shape.decode, shares_weights=True)]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """Prefill on the reference prompt but its last token, one decode step with it, and
@@ -334,8 +331,9 @@ def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) ->
     return shape_program(program, label)
 
 
-def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str) -> list[ExportedEntry]:
-    """A prefill and a decode entry of one causal LM module, exported with dynamic batch and length."""
+def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, shares_weights: bool = False) -> list[ExportedEntry]:
+    """A prefill and a decode entry of one causal LM module, exported with dynamic batch and
+    length (`shares_weights`: slices of weights other entries read too)."""
     entries = CausalLMEntries(module).eval()
     prefill = PrefillEntry(entries).eval()
     decode = DecodeEntry(entries).eval()
@@ -361,9 +359,10 @@ def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str) -
         prefill_ep = torch.export.export(prefill, (ids,), dynamic_shapes=prefill_shapes)
         decode_ep = torch.export.export(decode, decode_example, dynamic_shapes=decode_shapes)
     return [
-        ExportedEntry(prefill_name, prefill_ep, prefill, (ids,), prefill_shapes, ["input_ids"], ["logits", *cache_out, *extra]),
+        ExportedEntry(prefill_name, prefill_ep, prefill, (ids,), prefill_shapes, ["input_ids"], ["logits", *cache_out, *extra],
+                      shares_weights=shares_weights),
         ExportedEntry(decode_name, decode_ep, decode, decode_example, decode_shapes, ["input_ids", *cache_in],
-                      ["logits", *cache_out, *extra], rows_per_call=1),
+                      ["logits", *cache_out, *extra], rows_per_call=1, shares_weights=shares_weights),
     ]
 
 

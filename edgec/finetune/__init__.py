@@ -194,27 +194,26 @@ def _tune_amoeba(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoin
     import random
 
     from edgec.data import training_windows
-    from edgec.finetune.amoeba import Amoeba, distillation_step, table_shapes
+    from edgec.finetune.amoeba import Amoeba, distillation_step
     from edgec.progress import advance
-    from edgec.subnet.search import load_search
+    from edgec.subnet.search import require_search
 
     if recipe.passes:
         raise BadInputError("--method amoeba tunes the dense model; compress after extraction "
                             "(edgec compile TUNED --subnet ... --recipe ...) and drop the recipe's passes here")
     if handle.info.get("applied_passes"):
         raise BadInputError(f"{handle.name} is a compressed tuned model; --method amoeba tunes a dense base model")
-    search = load_search(handle)
-    if search is None:
-        raise BadInputError(f"{handle.name} has no subnet search; run `edgec subnet search {handle.name}` first")
-    shapes = table_shapes(search)
+    search = require_search(handle, "--method amoeba")
+    shapes = search.shapes()
     if len(shapes) < 2:
         raise BadInputError(f"{handle.name}: the subnet search's table has one shape; search with more depths or widths")
     settings = recipe.finetune
     torch.manual_seed(settings.seed)
     amoeba = Amoeba(handle.module, search, options, settings.seed)
     trained = sum(p.numel() for p in amoeba.trainable().values())
+    smallest = shapes[-1][0].label()
     progress(f"amoeba: {len(amoeba.mixtures)} projections x {options.experts} LoRA experts (rank {options.rank}), "
-             f"{trained:,} parameters train; {len(shapes)} shapes, smallest {shapes[-1][0].label()}")
+             f"{trained:,} parameters train; {len(shapes)} shapes, smallest {smallest}")
     windows = torch.tensor(training_windows(handle.tokenizer, settings.data, settings.steps * settings.batch, settings.seq_len, settings.seed))
     key = {"model": handle.sha256, "method": "amoeba", "finetune": settings.model_dump(), "options": options.model_dump(),
            "search": search.record["key"], "version": CHECKPOINT_VERSION}
@@ -245,7 +244,6 @@ def _tune_amoeba(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoin
         if done or (step + 1) % settings.checkpoint_every == 0:
             _write_checkpoint(checkpoint, key, {"stage": 0, "step": step + 1, "losses": state["losses"]}, amoeba.every_trained(),
                               {} if done else _optimizer_tensors(optimizer, named))
-        smallest = shapes[-1][0].label()
         advance(progress, "amoeba: in-place distillation", step + 1, settings.steps,
                 f"full loss {losses['full']:.3f}, smallest KD {losses[smallest]:.3f}")
     record = {
@@ -260,7 +258,7 @@ def _tune_amoeba(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoin
         "lr": settings.lr,
         "seed": settings.seed,
         "trained_parameters": trained,
-        "smallest_shape": shapes[-1][0].label(),
+        "smallest_shape": smallest,
         "loss": _loss_summary(history),
         "seconds": time.perf_counter() - start,
         "step_ms_mean": 1e3 * sum(step_seconds) / len(step_seconds) if step_seconds else None,

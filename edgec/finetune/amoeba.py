@@ -169,15 +169,10 @@ class Amoeba:
                 "modules": sorted(self.mixtures)}
 
 
-def table_shapes(search: SubnetSearch) -> list[tuple[Shape, int]]:
-    """Every shape of the search's table with its parameters, largest first."""
-    return [(shape, int(row["parameters"])) for shape, row in search.shapes()]
-
-
 def distillation_step(amoeba: Amoeba, batch: torch.Tensor, rng: random.Random) -> dict[str, float]:
     """One step's losses; each loss's backward runs here (gradients add up), the caller
     steps the optimizer."""
-    shapes = table_shapes(amoeba.search)
+    shapes = amoeba.search.shapes()
     full, smallest = shapes[0][0], shapes[-1][0]
     middle = [shape for shape, _ in shapes[1:-1]]
     logits = amoeba.logits(full, batch)

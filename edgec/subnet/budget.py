@@ -6,8 +6,8 @@ Every shape of the search is compiled once into a `--subnet all` artifact for th
 TVM RPC server (a board's, or the emulated device's: `edgec device up qemu-arm64`), and the
 shape with the lowest calibration loss among those that fit is compiled as usual. The
 measurements (a latency table) and the choice go into the manifest; a stored table
-(`--latency-table FILE`, the manifest's `latency_budget` or `edgec subnet measure`'s
-output) replaces the measuring.
+(`--latency-table FILE`: such a manifest, or its `latency_budget.table`) replaces the
+measuring.
 """
 
 from __future__ import annotations

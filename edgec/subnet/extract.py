@@ -11,6 +11,7 @@ the entries (edgec.lm) follow it like any model.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from edgec.architectures import LAYER_HEADS, LAYER_KV_HEADS, Architecture, archi
 from edgec.errors import BadInputError
 from edgec.model import ModelHandle
 from edgec.subnet import Shape
-from edgec.subnet.search import SubnetSearch, load_search, shape_parameters
+from edgec.subnet.search import SubnetSearch, require_search, shape_parameters
 from edgec.subnet.width import LayerWidth, WidthStats, compensation, kept_channels, layer_modules
 
 
@@ -44,7 +45,14 @@ def keep_columns(linear: nn.Linear, columns: torch.Tensor, mean: torch.Tensor) -
     return sliced
 
 
-def slice_layer(layer: nn.Module, arch: Architecture, index: int, width: LayerWidth, stats: WidthStats) -> tuple[int, int]:
+# How a kept set of rows / of input columns (with its removed inputs' calibration means)
+# becomes a module: copies here; views of shared weights in edgec.subnet.nested.
+RowsFn = Callable[[nn.Linear, torch.Tensor], nn.Module]
+ColumnsFn = Callable[[nn.Linear, torch.Tensor, torch.Tensor], nn.Module]
+
+
+def slice_layer(layer: nn.Module, arch: Architecture, index: int, width: LayerWidth, stats: WidthStats,
+                rows: RowsFn = keep_rows, columns: ColumnsFn = keep_columns) -> tuple[int, int]:
     """Slice one block in place; returns its (query heads, KV heads)."""
     modules = layer_modules(layer, arch)
     attn = getattr(layer, arch.layout.attention)
@@ -53,20 +61,20 @@ def slice_layer(layer: nn.Module, arch: Architecture, index: int, width: LayerWi
     kv_rows = torch.cat([torch.arange(g * dim, (g + 1) * dim) for g in width.groups])
     q_rows = kept_channels(width, arch, index)
     channels = torch.tensor(width.channels, dtype=torch.int64)
-    setattr(attn, arch.layout.q, keep_rows(modules.q, q_rows))
-    setattr(attn, arch.layout.k, keep_rows(modules.k, kv_rows))
-    setattr(attn, arch.layout.v, keep_rows(modules.v, kv_rows))
-    setattr(attn, arch.layout.o, keep_columns(modules.o, q_rows, stats.o_mean[index]))
+    setattr(attn, arch.layout.q, rows(modules.q, q_rows))
+    setattr(attn, arch.layout.k, rows(modules.k, kv_rows))
+    setattr(attn, arch.layout.v, rows(modules.v, kv_rows))
+    setattr(attn, arch.layout.o, columns(modules.o, q_rows, stats.o_mean[index]))
     assert arch.layout.mlp_in is not None
     for name, linear in zip(arch.layout.mlp_in, modules.mlp_in):
-        setattr(mlp, name, keep_rows(linear, channels))
-    setattr(mlp, arch.layout.mlp_out, keep_columns(modules.mlp_out, channels, stats.mlp_mean[index]))
+        setattr(mlp, name, rows(linear, channels))
+    setattr(mlp, arch.layout.mlp_out, columns(modules.mlp_out, channels, stats.mlp_mean[index]))
     per_group = arch.layer_heads[index] // arch.layer_kv_heads[index]
     return len(width.groups) * per_group, len(width.groups)
 
 
-def make_subnet(model: nn.Module, layers: list[int], widths: dict[int, LayerWidth] | None,
-                stats: WidthStats | None) -> tuple[list[int], list[int]]:
+def make_subnet(model: nn.Module, layers: list[int], widths: dict[int, LayerWidth] | None, stats: WidthStats | None,
+                rows: RowsFn = keep_rows, columns: ColumnsFn = keep_columns) -> tuple[list[int], list[int]]:
     """Keep `layers`, sliced to `widths` (compensated by `stats`' means), in place; returns
     the query and KV heads per kept layer."""
     arch = architecture_of(model)
@@ -79,7 +87,7 @@ def make_subnet(model: nn.Module, layers: list[int], widths: dict[int, LayerWidt
             kv_heads.append(arch.layer_kv_heads[index])
         else:
             assert stats is not None
-            q, kv = slice_layer(blocks[index], arch, index, widths[index], stats)
+            q, kv = slice_layer(blocks[index], arch, index, widths[index], stats, rows, columns)
             heads.append(q)
             kv_heads.append(kv)
     parent, _, name = arch.layout.layers.rpartition(".")
@@ -124,9 +132,7 @@ def apply_subnet(model: ModelHandle, shape: Shape, what: str) -> None:
     if model.info.get("exits") or model.info.get("applied_passes"):
         raise BadInputError(f"{what}: {model.name} is a tuned model (exits or compressed passes); "
                             "extract subnets from the base model")
-    search = load_search(model)
-    if search is None:
-        raise BadInputError(f"{what}: {model.name} has no subnet search; run `edgec subnet search {model.name}` first")
+    search = require_search(model, what)
     search.check(shape, what)
     record = extract(model.module, search, shape)
     source = model.sha256
@@ -161,9 +167,7 @@ def prepare_all_shapes(model: ModelHandle, recipe: Any, progress: Any) -> None:
     if recipe.passes or recipe.dtype != "float32":
         raise BadInputError(f"{what}: shapes share float32 weights; compress or cast one shape at a time "
                             "(--subnet depth=D,width=W with the recipe)")
-    search = load_search(model)
-    if search is None:
-        raise BadInputError(f"{what}: {model.name} has no subnet search; run `edgec subnet search {model.name}` first")
+    search = require_search(model, what)
     shapes = search.shapes()
     progress(f"subnet all: {len(shapes)} shapes over one copy of the weights")
     nested, stats = (model.module, None) if search.stats is None else permuted(model.module, search.stats)

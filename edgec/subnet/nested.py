@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.architectures import LAYER_HEADS, LAYER_KV_HEADS, Architecture, architecture_of
-from edgec.packing import set_submodule
+from edgec.architectures import architecture_of
 from edgec.subnet import Shape
 from edgec.subnet.search import SubnetSearch
-from edgec.subnet.width import WidthStats, layer_modules
+from edgec.subnet.width import LayerWidth, WidthStats, compensation, layer_modules
 
 
 class SlicedLinear(nn.Module):
@@ -98,47 +97,27 @@ def permuted(model: nn.Module, stats: WidthStats) -> tuple[nn.Module, WidthStats
     return model, reordered
 
 
-def _compensation(linear: nn.Linear, mean: torch.Tensor, kept: int) -> torch.Tensor:
-    return linear.weight.detach()[:, kept:].double() @ mean[kept:].double()
+def _prefix_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Module:
+    return SlicedLinear(linear, len(rows), None, None)
+
+
+def _prefix_columns(linear: nn.Linear, columns: torch.Tensor, mean: torch.Tensor) -> nn.Module:
+    return SlicedLinear(linear, None, len(columns), compensation(linear.weight, mean, columns))
 
 
 def shape_view(nested: nn.Module, stats: WidthStats | None, search: SubnetSearch, shape: Shape) -> nn.Module:
-    """The subnet `shape` of the permuted model: its layers, its linears sliced to prefixes
-    of the shared weights; parameters are the nested model's own tensors."""
+    """The subnet `shape` of the permuted model: its layers, its linears views of prefixes of
+    the shared weights; parameters are the nested model's own tensors."""
     from edgec.subnet.extract import make_subnet
 
-    arch: Architecture = architecture_of(nested)
-    shared = {id(p): p for p in nested.parameters()}
-    view = copy.deepcopy(nested, memo=dict(shared))
-    layers = search.layers(shape.depth)
+    arch = architecture_of(nested)
+    view = copy.deepcopy(nested, memo={id(p): p for p in nested.parameters()})
     widths = search.widths_of(arch, int(nested.config.hidden_size), shape)
-    blocks = view.get_submodule(arch.layout.layers)
-    heads, kv_heads = [], []
-    for index in layers:
-        if widths is None:
-            continue
-        assert stats is not None
-        groups, channels = len(widths[index].groups), len(widths[index].channels)
-        per_group = arch.layer_heads[index] // arch.layer_kv_heads[index]
-        modules = layer_modules(blocks[index], arch)
-        attn = getattr(blocks[index], arch.layout.attention)
-        mlp = getattr(blocks[index], arch.layout.mlp)
-        q_rows, kv_rows = groups * per_group * arch.head_dim, groups * arch.head_dim
-        setattr(attn, arch.layout.q, SlicedLinear(modules.q, q_rows, None, None))
-        setattr(attn, arch.layout.k, SlicedLinear(modules.k, kv_rows, None, None))
-        setattr(attn, arch.layout.v, SlicedLinear(modules.v, kv_rows, None, None))
-        setattr(attn, arch.layout.o, SlicedLinear(modules.o, None, q_rows, _compensation(modules.o, stats.o_mean[index], q_rows)))
-        assert arch.layout.mlp_in is not None
-        for name, linear in zip(arch.layout.mlp_in, modules.mlp_in):
-            set_submodule(mlp, name, SlicedLinear(linear, channels, None, None))
-        set_submodule(mlp, arch.layout.mlp_out,
-                      SlicedLinear(modules.mlp_out, None, channels, _compensation(modules.mlp_out, stats.mlp_mean[index], channels)))
-        heads.append(groups * per_group)
-        kv_heads.append(groups)
-    make_subnet(view, layers, None, None)
-    if widths is not None:
-        setattr(view.config, LAYER_HEADS, heads)
-        setattr(view.config, LAYER_KV_HEADS, kv_heads)
+    # Permuted, every shape keeps the first units of each layer: as many as it keeps at all.
+    prefixes = None if widths is None else {
+        layer: LayerWidth(tuple(range(len(w.groups))), tuple(range(len(w.channels)))) for layer, w in widths.items()
+    }
+    make_subnet(view, search.layers(shape.depth), prefixes, stats, _prefix_rows, _prefix_columns)
     return view
 
 

@@ -107,6 +107,14 @@ def load_search(model: ModelHandle) -> SubnetSearch | None:
     return carried if carried is not None else load_search_at(search_directory(model))
 
 
+def require_search(model: ModelHandle, what: str) -> SubnetSearch:
+    """The model's search, or a refusal that says how to make one."""
+    search = load_search(model)
+    if search is None:
+        raise BadInputError(f"{what}: {model.name} has no subnet search; run `edgec subnet search {model.name}` first")
+    return search
+
+
 def load_search_at(directory: Path) -> SubnetSearch | None:
     if not (directory / SEARCH_FILE).is_file():
         return None
