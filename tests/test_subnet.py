@@ -258,3 +258,46 @@ def test_permuted_units_make_every_shape_a_prefix_and_views_share_the_weights(ti
             extract(reference, search, shape)
             want = CausalLMEntries(reference).eval().prefill(ids)[0]
             assert torch.allclose(CausalLMEntries(view).eval().prefill(ids)[0], want, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_smollm2_search_extracts_a_shape_exactly_and_compiles_it_with_parity(tmp_path: Path) -> None:
+    """SmolLM2-135M: 9 query heads in 3 KV groups, 30 layers, tied embeddings; a small search
+    (few segments, depths 30-28) so the tier stays minutes long."""
+    result = runner.invoke(app, ["subnet", "search", "zoo:smollm2-135m", "--samples", "2", "--seq-len", "32", "--min-depth", "28",
+                                 "--widths", "1,0.75", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    record = json.loads(result.stdout)
+    assert [d["depth"] for d in record["depths"]] == [30, 29, 28]
+    assert all(d["layers"][-1] == 29 for d in record["depths"])  # the last layer is always kept
+    fractions = {(r["depth"], r["width"]): r["fraction"] for r in record["table"]}
+    assert len(fractions) == 6 and fractions[(30, 1.0)] == 1.0 and fractions[(28, 0.75)] < fractions[(28, 1.0)] < fractions[(29, 1.0)]
+
+    handle = load_model("zoo:smollm2-135m")
+    found, source = search_subnets(handle, SearchOptions(samples=2, seq_len=32, min_depth=28, widths=[1.0, 0.75]), lambda _m: None)
+    assert source == "cache" and found.record["table"] == record["table"]
+    shape = Shape(28, 0.75)
+    ids = torch.tensor(calibration_segments(handle.tokenizer, "held-out", 1, 24))
+    full = CausalLMEntries(handle.module).eval()
+    layers = found.layers(28)
+    widths = found.widths_of(full.arch, int(handle.module.config.hidden_size), shape)
+    assert widths is not None and found.stats is not None
+    with torch.no_grad():
+        with masked(full, found.stats, widths):
+            want = full.logits_through(ids, layers)
+        sub_model = copy.deepcopy(handle.module)
+        extracted = extract(sub_model, found, shape)
+        got = CausalLMEntries(sub_model).eval().prefill(ids)[0]
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    assert max(extracted["kv_heads"]) <= 3 and sum(extracted["kv_heads"]) < 3 * 28
+
+    out = tmp_path / "smollm2-d28w75"
+    result = runner.invoke(app, ["compile", "zoo:smollm2-135m", "--subnet", "depth=28,width=0.75", "--backend", "onnx",
+                                 "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["parity"]["ok"] is True, summary["parity"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lm"]["num_layers"] == 28 and manifest["lm"]["layer_kv_heads"] == extracted["kv_heads"]
+    assert manifest["model"]["info"]["subnet"]["parameters"] == extracted["parameters"]
