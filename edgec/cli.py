@@ -108,6 +108,12 @@ subnet_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(subnet_app, name="subnet")
+gcn_app = typer.Typer(
+    help="MixGCN: full-graph GCNs on several workers; graphs to train on, and the mixture-of-parallelism plan "
+    "(what each worker computes and sends).",
+    no_args_is_help=True,
+)
+app.add_typer(gcn_app, name="gcn")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -1266,6 +1272,109 @@ def cache_clean(kind: Optional[str] = typer.Option(None, "--kind", help="only th
     err.print(f"removed {len(removed)} entries ({sum(e.size_bytes for e in removed) / 1e6:.1f} MB)")
     if busy and (kind is None or kind in busy):
         err.print(f"kept {', '.join(sorted(busy))}: a device edgec started is running (edgec device status; device down first)")
+
+_GCN_EXAMPLES = "\n\n".join([
+    "Examples:",
+    "  edgec gcn graph wordnet -o wordnet.npz",
+    "  edgec gcn graph sbm --nodes 1000000 --power-law 2.5 -o big.npz",
+    "  edgec gcn plan MODEL_DIR --graph wordnet.npz --world-size 4 --chunks 4 -o plan.json",
+])
+
+
+@gcn_app.command("graph", epilog=_GCN_EXAMPLES)
+@_user_errors
+def gcn_graph_command(
+    kind: str = typer.Argument(..., help="wordnet (Debian wordnet-base's noun synsets) or sbm (a synthetic block model)"),
+    output: Path = typer.Option(..., "-o", "--output", help="the graph .npz to write"),
+    nodes: int = typer.Option(2000, "--nodes", min=2, help="sbm: nodes"),
+    classes: int = typer.Option(8, "--classes", min=2, help="sbm: blocks, which are the labels"),
+    degree: float = typer.Option(10.0, "--degree", help="sbm: average degree"),
+    intra: float = typer.Option(0.8, "--intra", help="sbm: share of edges inside a block"),
+    power_law: Optional[float] = typer.Option(None, "--power-law", help="sbm: degree exponent gamma > 2 (default: Poisson degrees)"),
+    features: int = typer.Option(64, "--features", min=1, help="feature width (wordnet: SVD dimensions of the gloss TF-IDF)"),
+    seed: int = typer.Option(0, "--seed", help="edges, features and the train / val / test split"),
+    as_json: bool = typer.Option(False, "--json", help="print the graph's summary as JSON"),
+) -> None:
+    """Write a graph .npz (edge_index, features, labels, train / val / test masks) made
+    offline: the WordNet noun graph, or a block model of any size."""
+    from edgec.errors import BadInputError
+    from edgec.gcn.graph import write_graph
+
+    progress = Progress()
+    if kind == "wordnet":
+        from edgec.gcn.wordnet import wordnet_graph
+
+        graph = wordnet_graph(features, seed, progress)
+    elif kind == "sbm":
+        from edgec.gcn.synthetic import block_model
+
+        graph = block_model(nodes, classes, degree, intra, power_law, features, seed=seed)
+    else:
+        raise BadInputError(f"graph kind {kind!r}: give wordnet or sbm")
+    write_graph(graph, output)
+    summary = {"output": str(output), "name": graph.name, "nodes": graph.num_nodes, "edges": graph.num_edges,
+               "features": int(graph.features.shape[1]), "classes": graph.num_classes, "sha256": graph.sha256()}
+    if as_json:
+        _emit_json(summary)
+        return
+    out.print(graph.describe())
+    out.print(f"wrote {output}")
+
+
+@gcn_app.command("plan", epilog=_GCN_EXAMPLES)
+@_user_errors
+def gcn_plan_command(
+    model: Path = typer.Argument(..., help="a GCN model directory (config.json + model.safetensors)"),
+    graph_path: Path = typer.Option(..., "--graph", help="the graph .npz it runs on"),
+    world_size: int = typer.Option(..., "--world-size", "-P", help="workers (processes) P"),
+    chunks: int = typer.Option(1, "--chunks", min=1, help="pipeline chunks per worker's rows"),
+    partition: bool = typer.Option(True, "--partition/--no-partition", help="also plan the METIS partition-parallel baseline"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the plan (JSON) here"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """The mixture-of-parallelism plan for P workers: aggregation on column slices, the update
+    on row shards, one all-to-all per layout switch, the order per layer that switches the
+    fewest elements, nodes renumbered for balance; with the elements each layer sends
+    (forward and backward) next to partition parallelism's halo exchange."""
+    from edgec.errors import BadInputError
+    from edgec.gcn.graph import read_graph
+    from edgec.gcn.model import is_gcn_dir, load_gcn
+    from edgec.gcn.plan import ELEMENT_BYTES, mop_plan, write_plan
+
+    if not is_gcn_dir(model):
+        raise BadInputError(f"{model}: not a GCN model directory (config.json with model_type edgec-gcn)")
+    config = load_gcn(model).config
+    graph = read_graph(graph_path)
+    plan = mop_plan(graph, config, world_size, chunks, partition)
+    if output is not None:
+        write_plan(plan, output)
+    if as_json:
+        _emit_json(plan.model_dump())
+        return
+    out.print(f"{graph.describe()}\nGCN widths {plan.widths}, P = {world_size}, {chunks} chunk(s) per worker; "
+              f"balance: aggregation {plan.aggregation_balance:.3f}, update {plan.update_balance:.3f} (max / mean)")
+    table = Table(title="mixture of parallelism: elements switched per step (all workers)", title_justify="left")
+    for column in ("layer", "order", "layouts", "switches", "forward", "backward"):
+        table.add_column(column, justify="right" if column in ("layer", "forward", "backward") else "left")
+    for layer in plan.layers:
+        switches = "; ".join(f"{s.at} -> {s.to} ({s.width} wide)" for s in layer.switches) or "-"
+        table.add_row(str(layer.layer), layer.order, f"{layer.input_layout} -> {layer.output_layout}", switches,
+                      f"{layer.forward_elements:,}", f"{layer.backward_elements:,}")
+    if plan.final_switch is not None:
+        table.add_row("loss", "", "columns -> rows", plan.final_switch.at, f"{plan.final_switch.elements:,}", f"{plan.final_switch.elements:,}")
+    out.print(table)
+    total = plan.forward_elements() + plan.backward_elements()
+    out.print(f"MoP: {total:,} elements ({total * ELEMENT_BYTES / 1e6:.2f} MB) per training step, "
+              f"plus {plan.gradient_allreduce_elements:,} gradient elements all-reduced")
+    if plan.partition is not None:
+        halo = plan.partition
+        baseline = sum(layer.forward_elements + layer.backward_elements for layer in halo.layers)
+        out.print(f"partition parallelism ({halo.method}): halos {halo.halo_sizes}, {baseline:,} elements per step "
+                  f"({baseline / total:.2f}x MoP); balance: aggregation {halo.aggregation_balance:.3f}, "
+                  f"update {halo.update_balance:.3f}" if total else
+                  f"partition parallelism ({halo.method}): {baseline:,} elements per step")
+    if output is not None:
+        out.print(f"wrote {output}")
 
 
 def main() -> None:
