@@ -224,7 +224,7 @@ def main() -> None:
             entry["decode_vs_full"] = entry["decode_tokens_per_s"] / latency[0]["decode_tokens_per_s"]
             entry["parameters_vs_full"] = entry["parameters"] / full
     print(f"\n{args.model}: held-out perplexity ({args.tokens} tokens) and task accuracy (seed 0, {args.samples} prompts), "
-          "no fine-tuning")
+          + ("without and with the one-time fine-tuning of " + str(args.tuned) if args.tuned else "no fine-tuning"))
     print(f"{'target':>6} {'method':<24} {'shape':<40} {'params':>7} {'ppl':>8} {'wordnet':>8} {'shakesp.':>8}")
     for r in rows:
         print(f"{r['fraction_target']:>6.0%} {r['method']:<24} {r['shape']:<40} {r['parameters'] / full:>7.1%} "

@@ -286,10 +286,14 @@ def test_smollm2_search_extracts_a_shape_exactly_and_compiles_it_with_parity(tmp
     with torch.no_grad():
         with masked(full, found.stats, widths):
             want = full.logits_through(ids, layers)
+        dense = full.logits_through(ids, list(range(30)))
         sub_model = copy.deepcopy(handle.module)
         extracted = extract(sub_model, found, shape)
         got = CausalLMEntries(sub_model).eval().prefill(ids)[0]
-    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    # Logits of order 10 after 28 layers whose sliced matmuls sum in another order than the masked
+    # full ones (measured 3e-4); the tolerance still tells the subnet from the full model.
+    assert torch.allclose(got, want, atol=2e-3, rtol=0), (got - want).abs().max()
+    assert (dense - want).abs().max() > 100 * 2e-3
     assert max(extracted["kv_heads"]) <= 3 and sum(extracted["kv_heads"]) < 3 * 28
 
     out = tmp_path / "smollm2-d28w75"
