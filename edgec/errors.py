@@ -53,6 +53,12 @@ def note_interrupts() -> None:
             signal.signal(stop, handler)
 
 
+def note_signal(signum: int) -> None:
+    """A stop signal that another handler caught first (torchrun's agent): exit as interrupted by it."""
+    _interrupted.set()
+    _by_signal.append(signal.Signals(signum))
+
+
 def was_interrupted() -> bool:
     return _interrupted.is_set()
 

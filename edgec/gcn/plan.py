@@ -12,10 +12,13 @@ to switch the fewest elements. A switch repeats in the backward pass, mirrored, 
 switched tensor depends on a parameter.
 
 The fine-grained pipeline splits each row shard into `chunks`; chunk c of every shard is
-switched by its own all-to-all, so the update of chunk c runs while chunk c+1 is in flight.
-Nodes are renumbered so that every (worker, chunk) block holds the same number of nodes and
-nearly the same number of edges (nodes dealt by degree, boustrophedon), which balances the
-chunks of the pipeline and the per-worker aggregation slices alike.
+switched by its own all-to-all, so the all-to-all of chunk c is in flight while chunk c+1 is
+aggregated (or updated). Nodes are renumbered so that every (worker, chunk) block holds the
+same number of nodes and nearly the same number of edges (nodes dealt by degree,
+boustrophedon), which balances the chunks of the pipeline and the per-worker aggregation
+slices alike. The numbering is chunk-major: block (chunk c, worker p) holds consecutive ids,
+blocks ordered by c then p, so a chunk is one contiguous range of rows in the column layout
+and the all-to-all of chunk c sends contiguous pieces.
 
 Partition parallelism (the baseline): METIS (pymetis) cuts the graph into P parts; worker p
 owns its part's rows for both steps and receives, per layer, the rows of its halo (nodes
@@ -104,7 +107,7 @@ class PartitionPlan(BaseModel):
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["edgec-gcn-plan"] = PLAN_KIND
-    schema_version: int = 1
+    schema_version: int = 2
     world_size: int
     chunks: int
     graph: str
@@ -114,14 +117,17 @@ class Plan(BaseModel):
     widths: list[int]
     self_loops: bool
     node_order_sha256: str = Field(description="sha256 of the renumbering (int64), recomputed from the graph when run")
-    row_shards: list[tuple[int, int]] = Field(description="each worker's rows [start, end) in the renumbered graph")
-    chunk_rows: list[list[int]] = Field(description="rows per (worker, chunk)")
+    chunk_rows: list[list[int]] = Field(description="rows per [worker][chunk]; ids are numbered chunk-major (see block_bounds)")
     layers: list[LayerPlan]
     final_switch: Switch | None
     gradient_allreduce_elements: int = Field(description="weights and biases, all-reduced once per step (per worker)")
     aggregation_balance: float = Field(description="max / mean of edges x columns aggregated per worker")
     update_balance: float = Field(description="max / mean of rows updated per worker")
     partition: PartitionPlan | None = None
+
+    def block_bounds(self) -> list[list[tuple[int, int]]]:
+        """[worker][chunk] -> the block's ids [start, end) in the renumbered graph."""
+        return block_bounds(self.chunk_rows)
 
     def forward_elements(self) -> int:
         return sum(layer.forward_elements for layer in self.layers) + (self.final_switch.elements if self.final_switch else 0)
@@ -151,10 +157,19 @@ def node_order(graph: Graph, world_size: int, chunks: int, self_loops: bool) -> 
     rounds = np.arange(graph.num_nodes) // bins
     position = np.arange(graph.num_nodes) % bins
     block = np.where(rounds % 2 == 0, position, bins - 1 - position)
-    # Stable by block: within a block nodes keep their degree order.
+    # Block b is (chunk b // world_size, worker b % world_size): chunk-major ids. Stable by
+    # block: within a block nodes keep their degree order.
     order = by_degree[np.argsort(block, kind="stable")]
     counts = np.bincount(block, minlength=bins)
-    return order.astype(np.int64), counts.reshape(world_size, chunks).tolist()
+    return order.astype(np.int64), counts.reshape(chunks, world_size).T.tolist()
+
+
+def block_bounds(chunk_rows: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """[worker][chunk] -> [start, end) of the block, blocks numbered chunk-major."""
+    world_size, chunks = len(chunk_rows), len(chunk_rows[0])
+    flat = [chunk_rows[p][c] for c in range(chunks) for p in range(world_size)]
+    spans = bounds(flat)
+    return [[spans[c * world_size + p] for c in range(chunks)] for p in range(world_size)]
 
 
 def order_sha256(order: np.ndarray) -> str:
@@ -234,7 +249,7 @@ def mop_plan(graph: Graph, config: GCNConfig, world_size: int, chunks: int = 1, 
     parameters = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
     plan = Plan(world_size=world_size, chunks=chunks, graph=graph.name, graph_sha256=graph.sha256(), num_nodes=graph.num_nodes,
                 num_edges=graph.num_edges, widths=widths, self_loops=config.self_loops, node_order_sha256=order_sha256(order),
-                row_shards=bounds(rows), chunk_rows=chunk_rows, layers=layers, final_switch=final,
+                chunk_rows=chunk_rows, layers=layers, final_switch=final,
                 gradient_allreduce_elements=parameters,
                 aggregation_balance=max(aggregated) / (sum(aggregated) / world_size) if sum(aggregated) else 1.0,
                 update_balance=max(rows) / (sum(rows) / world_size))
