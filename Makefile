@@ -19,7 +19,7 @@ DEMO_PORT := 9091
 # Compiles and the emulator are mostly single-threaded: two workers fill CI's two cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install apt binfmt python demo test test-slow clean
+.PHONY: install apt binfmt python demo test test-slow zoo-gcn-wordnet clean
 
 install: apt binfmt python
 
@@ -71,6 +71,10 @@ test: install
 # The slow tier spreads test by test: most of it is in one file (tests/test_zoo.py).
 test-slow: install
 	$(PY) -m pytest tests -m slow -n $(TEST_WORKERS) --dist load --durations=30
+
+# The built-in GCN (zoo:gcn-wordnet): single-process training on the WordNet noun graph.
+zoo-gcn-wordnet: install
+	$(EDGEC) gcn train zoo:wordnet --plan single --epochs 200 --seed 0 --force -o edgec/zoo/gcn-wordnet
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

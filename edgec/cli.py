@@ -1327,8 +1327,8 @@ def gcn_graph_command(
 @gcn_app.command("plan", epilog=_GCN_EXAMPLES)
 @_user_errors
 def gcn_plan_command(
-    model: Path = typer.Argument(..., help="a GCN model directory (config.json + model.safetensors)"),
-    graph_path: Path = typer.Option(..., "--graph", help="the graph .npz it runs on"),
+    model: str = typer.Argument(..., help="a GCN model directory (config.json + model.safetensors), or zoo:gcn-wordnet"),
+    graph_spec: str = typer.Option(..., "--graph", help="the graph .npz it runs on, or zoo:wordnet"),
     world_size: int = typer.Option(..., "--world-size", "-P", help="workers (processes) P"),
     chunks: int = typer.Option(1, "--chunks", min=1, help="pipeline chunks per worker's rows"),
     partition: bool = typer.Option(True, "--partition/--no-partition", help="also plan the METIS partition-parallel baseline"),
@@ -1339,15 +1339,12 @@ def gcn_plan_command(
     on row shards, one all-to-all per layout switch, the order per layer that switches the
     fewest elements, nodes renumbered for balance; with the elements each layer sends
     (forward and backward) next to partition parallelism's halo exchange."""
-    from edgec.errors import BadInputError
-    from edgec.gcn.graph import read_graph
-    from edgec.gcn.model import is_gcn_dir, load_gcn
+    from edgec.gcn.graph import graph_path, read_graph
+    from edgec.gcn.model import gcn_model_dir, load_gcn
     from edgec.gcn.plan import ELEMENT_BYTES, mop_plan, write_plan
 
-    if not is_gcn_dir(model):
-        raise BadInputError(f"{model}: not a GCN model directory (config.json with model_type edgec-gcn)")
-    config = load_gcn(model).config
-    graph = read_graph(graph_path)
+    config = load_gcn(gcn_model_dir(model)).config
+    graph = read_graph(graph_path(graph_spec, progress=Progress()))
     plan = mop_plan(graph, config, world_size, chunks, partition)
     if output is not None:
         write_plan(plan, output)
@@ -1383,7 +1380,7 @@ def gcn_plan_command(
 @gcn_app.command("train", epilog=_GCN_EXAMPLES)
 @_user_errors
 def gcn_train_command(
-    graph_path: Path = typer.Argument(..., help="the graph .npz (edgec gcn graph makes one)"),
+    graph_spec: str = typer.Argument(..., help="the graph .npz (edgec gcn graph makes one), or zoo:wordnet"),
     output: Path = typer.Option(..., "-o", "--output", help="the model directory to write (config, weights, train.json)"),
     plan: str = typer.Option("mop", "--plan", help="mop (mixture of parallelism), partition (METIS, halo exchange), "
                              "single (one process), or a plan .json from `edgec gcn plan`"),
@@ -1399,6 +1396,8 @@ def gcn_train_command(
     seed: int = typer.Option(0, "--seed", help="initial weights and dropout masks (every plan draws the same)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUTPUT.checkpoint (written after every epoch)"),
     force: bool = typer.Option(False, "--force", help="replace an earlier gcn train output"),
+    spec_only: Optional[Path] = typer.Option(None, "--spec-only", help="write the plan and the workers' spec into this directory "
+                                             "and print the torchrun command (several machines: torchrun's rendezvous)"),
     as_json: bool = typer.Option(False, "--json", help="print the record (history, bytes per rank and layer) as JSON"),
 ) -> None:
     """Full-graph GCN training on P processes: the MoP plan (column-sliced aggregation, row-sharded
@@ -1406,6 +1405,7 @@ def gcn_train_command(
     torch.distributed. Every collective is counted (bytes per rank, layer and epoch, in
     train.json); a checkpoint is written after every epoch. A worker that fails stops all of
     them; the exit code is 100 + its rank."""
+    from edgec.gcn.graph import graph_path
     from edgec.gcn.launch import train
     from edgec.gcn.plan import ELEMENT_BYTES
     from edgec.gcn.train import TrainOptions
@@ -1414,9 +1414,16 @@ def gcn_train_command(
     plan_path = Path(plan) if plan.endswith(".json") or Path(plan).is_file() else None
     kind = "mop" if plan_path is not None else plan
     options = TrainOptions(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
-    record = train(graph_path, output, kind, world_size, chunks, plan_path,
+    record = train(graph_path(graph_spec, progress), output, kind, world_size, chunks, plan_path,
                    {"hidden": hidden, "num_layers": layers, "dropout": dropout, "self_loops": self_loops}, options, resume, force,
-                   progress)
+                   progress, spec_only)
+    if spec_only is not None:
+        if as_json:
+            _emit_json(record)
+            return
+        out.print(f"wrote {record['spec']}; on one machine:\n  {record['one_node']}\nacross N machines (the spec's paths on each):"
+                  f"\n  {record['nodes']}")
+        return
     last = record["history"][-1]
     summary = {"output": str(output), "kind": record["kind"], "world_size": record["world_size"], "epochs": last["epoch"],
                "loss": last["loss"], "train_acc": last["train_acc"], "val_acc": last["val_acc"], "test_acc": last["test_acc"]}

@@ -21,6 +21,7 @@ from edgec.gcn.graph import write_graph
 from edgec.gcn.model import GCNConfig
 from edgec.gcn.plan import ELEMENT_BYTES, PartitionPlan, Plan
 from edgec.gcn.synthetic import block_model
+from tests.conftest import free_port
 
 runner = CliRunner()
 EPOCHS = 3
@@ -187,3 +188,23 @@ def test_bad_runs_are_refused_before_any_process_starts(sbm: Path, tmp_path: Pat
     result = runner.invoke(app, ["gcn", "train", str(other), "--plan", str(plan), "-P", "4", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "planned for the graph sbm" in result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_stock_torchrun_runs_the_spec_that_spec_only_writes(sbm: Path, single: dict, tmp_path: Path) -> None:
+    out, spec_dir = tmp_path / "gcn", tmp_path / "spec"
+    result = runner.invoke(app, ["gcn", "train", str(sbm), "--plan", "mop", "-P", "2", "--chunks", "2", "--epochs", str(EPOCHS),
+                                 "-o", str(out), "--spec-only", str(spec_dir), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    told = json.loads(result.stdout)
+    assert told["one_node"].startswith("torchrun --nproc-per-node 2 -m edgec.gcn.engine") and not out.exists()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "edgec.gcn.engine", told["spec"]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "train.json").read_text())
+    assert [r["loss"] for r in record["history"]] == pytest.approx([r["loss"] for r in single["history"]], abs=1e-5)
+    assert sent(record, "forward") == Plan.model_validate(record["plan"]).forward_elements() * ELEMENT_BYTES
+    # torchrun with another world size than the plan's: refused by the workers, naming the fix.
+    command[command.index("--nproc-per-node") + 1] = "1"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "planned for 2 workers, torchrun started 1" in done.stderr

@@ -219,6 +219,9 @@ def run(spec: RunSpec) -> None:
     torch.set_num_threads(spec.threads)
     graph = read_graph(Path(spec.graph))
     plan = read_plan(Path(spec.plan))
+    if world != plan.world_size:
+        raise SystemExit(f"{spec.plan}: planned for {plan.world_size} workers, torchrun started {world}; "
+                         f"give --nproc-per-node (times --nnodes) = {plan.world_size}")
     meter = Meter()
     runner: MopRunner | PartitionRunner
     if spec.kind == "mop":
@@ -282,7 +285,7 @@ def run(spec: RunSpec) -> None:
         record = {"kind": spec.kind, "world_size": world, "chunks": plan.chunks, "graph": graph.name, "graph_sha256": graph.sha256(),
                   "options": spec.options.model_dump(), "config": spec.config.model_dump(), "history": history,
                   "communication": communication, "peak_rss_bytes": memory, "seconds": time.perf_counter() - began,
-                  "resumed_at_epoch": start if spec.resume else None}
+                  "resumed_at_epoch": start if spec.resume else None, "plan": plan.model_dump()}
         (stage / "train.json").write_text(json.dumps(record, indent=1) + "\n")
     dist.barrier()
     dist.destroy_process_group()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,24 @@ def read_graph(path: Path) -> Graph:
     graph.edge_index = graph.edge_index.astype(np.int64)
     graph.labels = graph.labels.astype(np.int64)
     return graph
+
+
+def graph_path(spec: str, progress: Callable[[str], None] = lambda _m: None) -> Path:
+    """A graph argument: a .npz path, or `zoo:wordnet` (the WordNet noun graph, built once
+    from Debian's wordnet-base into the cache: 64 SVD features, split seed 0)."""
+    if not spec.startswith("zoo:"):
+        return Path(spec).expanduser()
+    if spec != "zoo:wordnet":
+        raise BadInputError(f"{spec}: the built-in graph is zoo:wordnet; give it or a .npz path")
+    from edgec.cache import cached_dir
+
+    def build(tmp: Path) -> None:
+        from edgec.gcn.wordnet import wordnet_graph
+
+        progress("zoo:wordnet: building the WordNet noun graph once (about a minute)")
+        write_graph(wordnet_graph(64, 0, progress), tmp / "wordnet.npz")
+
+    return cached_dir("graphs", "wordnet-64-0", build) / "wordnet.npz"
 
 
 def write_graph(graph: Graph, path: Path) -> None:

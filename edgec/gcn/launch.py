@@ -69,7 +69,9 @@ def run_key(graph: Graph, config: GCNConfig, options: TrainOptions, kind: str, w
 
 
 def train(graph_path: Path, out: Path, kind: str, world_size: int, chunks: int, plan_path: Path | None, config_fields: dict[str, Any],
-          options: TrainOptions, resume: bool, force: bool, progress: Any) -> dict[str, Any]:
+          options: TrainOptions, resume: bool, force: bool, progress: Any, spec_dir: Path | None = None) -> dict[str, Any]:
+    """Train (the record of train.json), or with `spec_dir` only write the spec a torchrun of
+    one's own runs (returns where it is and the command)."""
     if kind not in KINDS:
         raise BadInputError(f"--plan-kind {kind}: give one of {', '.join(KINDS)}")
     if world_size < 1:
@@ -109,6 +111,19 @@ def train(graph_path: Path, out: Path, kind: str, world_size: int, chunks: int, 
             raise BadInputError(f"--resume: {checkpoint} is at epoch {saved['epoch']} already; give --epochs above it")
         progress(f"resume from {checkpoint}: epoch {saved['epoch']} of {options.epochs}")
 
+    if spec_dir is not None:
+        if kind == "single":
+            raise BadInputError("--spec-only: --plan single runs in this process; give --plan mop or partition")
+        if spec_dir.exists() and any(spec_dir.iterdir()):
+            raise BadInputError(f"--spec-only {spec_dir} exists and is not empty; give a new directory")
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        # torchrun's own run writes the output in place when it completes (rank 0, at the end).
+        prepare_run(spec_dir, graph, graph_path, config, options, kind, world_size, chunks, plan, out, checkpoint, key, resume, progress)
+        spec = (spec_dir / "spec.json").resolve()
+        return {"spec": str(spec), "world_size": world_size,
+                "one_node": f"torchrun --nproc-per-node {world_size} -m edgec.gcn.engine {spec}",
+                "nodes": f"torchrun --nnodes N --nproc-per-node {world_size}/N --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+                         f"-m edgec.gcn.engine {spec}"}
     stage = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         if kind == "single":
@@ -130,6 +145,28 @@ def train(graph_path: Path, out: Path, kind: str, world_size: int, chunks: int, 
     return record
 
 
+def prepare_run(run_dir: Path, graph: Graph, graph_path: Path, config: GCNConfig, options: TrainOptions, kind: str, world_size: int,
+                chunks: int, plan: Plan | None, stage: Path, checkpoint: Path, key: str, resume: bool, progress: Any) -> RunSpec:
+    """The plan (and METIS parts) and the spec every worker reads, written into `run_dir`."""
+    if plan is None:
+        progress(f"plan: {kind}, P = {world_size}" + (f", {chunks} chunk(s)" if kind == "mop" else ""))
+        plan = mop_plan(graph, config, world_size, chunks, partition=False)
+    parts_path = None
+    if kind == "partition":
+        progress(f"METIS: {world_size} parts")
+        parts = metis_parts(graph, world_size)
+        parts_path = run_dir / "parts.npy"
+        np.save(parts_path, parts)
+        plan.partition = partition_plan(graph, config, world_size, parts)
+    write_plan(plan, run_dir / "plan.json")
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    spec = RunSpec(graph=str(graph_path.resolve()), kind=kind, plan=str((run_dir / "plan.json").resolve()),  # type: ignore[arg-type]
+                   parts=str(parts_path.resolve()) if parts_path else None, config=config, options=options,
+                   stage=str(stage.resolve()), checkpoint=str(checkpoint.resolve()), key=key, resume=resume, threads=threads)
+    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=1) + "\n")
+    return spec
+
+
 def _launch(graph: Graph, graph_path: Path, config: GCNConfig, options: TrainOptions, kind: str, world_size: int, chunks: int,
             plan: Plan | None, stage: Path, checkpoint: Path, key: str, resume: bool, progress: Any) -> None:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -139,21 +176,9 @@ def _launch(graph: Graph, graph_path: Path, config: GCNConfig, options: TrainOpt
 
     with tempfile.TemporaryDirectory(prefix="edgec-gcn-") as tmp:
         run_dir = Path(tmp)
-        if plan is None:
-            progress(f"plan: {kind}, P = {world_size}" + (f", {chunks} chunk(s)" if kind == "mop" else ""))
-            plan = mop_plan(graph, config, world_size, chunks, partition=False)
-        parts_path = None
-        if kind == "partition":
-            parts = metis_parts(graph, world_size)
-            parts_path = run_dir / "parts.npy"
-            np.save(parts_path, parts)
-            plan.partition = partition_plan(graph, config, world_size, parts)
-        write_plan(plan, run_dir / "plan.json")
-        threads = max(1, (os.cpu_count() or 1) // world_size)
-        spec = RunSpec(graph=str(graph_path.resolve()), kind=kind, plan=str(run_dir / "plan.json"),  # type: ignore[arg-type]
-                       parts=str(parts_path) if parts_path else None, config=config, options=options, stage=str(stage.resolve()),
-                       checkpoint=str(checkpoint.resolve()), key=key, resume=resume, threads=threads)
-        (run_dir / "spec.json").write_text(spec.model_dump_json())
+        spec = prepare_run(run_dir, graph, graph_path, config, options, kind, world_size, chunks, plan, stage, checkpoint, key, resume,
+                           progress)
+        threads = spec.threads
         launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=uuid.uuid4().hex,
                               rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"timeout": 120},
                               max_restarts=0, monitor_interval=0.2, logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs")),
@@ -181,10 +206,6 @@ def _launch(graph: Graph, graph_path: Path, config: GCNConfig, options: TrainOpt
             os.environ.update(environment)
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-        # plan and predicted volumes travel with the record
-        record = json.loads((stage / RECORD).read_text())
-        record["plan"] = plan.model_dump()
-        (stage / RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 class _Watcher(threading.Thread):

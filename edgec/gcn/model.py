@@ -150,6 +150,20 @@ def is_gcn_dir(path: Path) -> bool:
         return False
 
 
+def gcn_model_dir(spec: str) -> Path:
+    """A GCN model argument: a directory, or zoo:gcn-wordnet."""
+    if spec.startswith("zoo:"):
+        from edgec.zoo import zoo_path
+
+        path = zoo_path(spec.removeprefix("zoo:"))
+    else:
+        path = Path(spec).expanduser()
+    if not is_gcn_dir(path):
+        raise BadInputError(f"{spec}: not a GCN model directory (config.json with model_type edgec-gcn); "
+                            "`edgec gcn train` makes one, zoo:gcn-wordnet is built in")
+    return path
+
+
 def load_gcn(path: Path) -> GCN:
     from safetensors.torch import load_file
 

