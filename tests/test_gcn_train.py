@@ -208,3 +208,14 @@ def test_stock_torchrun_runs_the_spec_that_spec_only_writes(sbm: Path, single: d
     command[command.index("--nproc-per-node") + 1] = "1"
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "planned for 2 workers, torchrun started 1" in done.stderr
+
+
+def test_an_output_that_is_not_ours_is_never_replaced(sbm: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        result = runner.invoke(app, ["gcn", "train", str(sbm), "--plan", "single", "--epochs", "1", "-o", str(out), *extra])
+        assert result.exit_code == 2 and ("exists and is not empty" in result.stderr if not extra
+                                          else "not an edgec gcn train output" in result.stderr), result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

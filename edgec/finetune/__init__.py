@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from edgec.artifact import staged
 from edgec.data import check_training_data
 from edgec.errors import BadInputError, UnsupportedError
+from edgec.outputs import check_output, checkpoint_dir
 from edgec.recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -36,21 +37,6 @@ METHODS: dict[str, str] = {
 }
 RECORD = "finetune.json"
 CHECKPOINT_VERSION = 1
-
-
-def checkpoint_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".checkpoint")
-
-
-def check_output(out: Path, force: bool) -> None:
-    """The output may not exist yet, be empty, or (with --force) be an earlier finetune output."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise BadInputError(f"-o {out} is a file or a link; give a directory path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise BadInputError(f"-o {out} exists and is not empty; pass --force to replace it or choose another path")
-        if not (out / RECORD).is_file():
-            raise BadInputError(f"-o {out} is not an edgec finetune output; --force only replaces those, choose another path")
 
 
 def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, force: bool, progress: Progress) -> dict[str, Any]:
@@ -65,7 +51,7 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
         first = exc.errors()[0]
         raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     check_training_data(recipe.finetune.data)
-    check_output(out, force)
+    check_output(out, force, RECORD, "finetune")
     checkpoint = checkpoint_dir(out)
     if checkpoint.exists() and not resume:
         raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")

@@ -29,6 +29,7 @@ from edgec.gcn.graph import Graph, read_graph
 from edgec.gcn.model import GCNConfig, save_gcn
 from edgec.gcn.plan import Plan, metis_parts, mop_plan, partition_plan, read_plan, write_plan
 from edgec.gcn.train import TrainOptions, train_single
+from edgec.outputs import check_output, checkpoint_dir
 
 KINDS = ("mop", "partition", "single")
 RECORD = "train.json"
@@ -39,20 +40,6 @@ class WorkerFailedError(EdgecError):
     def __init__(self, message: str, rank: int) -> None:
         super().__init__(message)
         self.exit_code = EXIT_WORKER_FAILED + min(rank, 99)
-
-
-def checkpoint_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".checkpoint")
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise BadInputError(f"-o {out} is a file or a link; give a directory path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise BadInputError(f"-o {out} exists and is not empty; pass --force to replace it or choose another path")
-        if not (out / RECORD).is_file():
-            raise BadInputError(f"-o {out} is not an edgec gcn train output; --force only replaces those, choose another path")
 
 
 def _free_port() -> int:
@@ -93,7 +80,7 @@ def train(graph_path: Path, out: Path, kind: str, world_size: int, chunks: int, 
             raise BadInputError(f"--plan {plan_path}: planned for widths {plan.widths}, this model has {config.widths()}; "
                                 "make a plan for this model")
         chunks = plan.chunks
-    _check_output(out, force)
+    check_output(out, force, RECORD, "gcn train")
     checkpoint = checkpoint_dir(out)
     key = run_key(graph, config, options, kind, world_size, chunks)
     if checkpoint.exists() and not resume:
