@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgec.gcn.comm import ChunkGeometry, Halo, Meter, all_reduce_gradients, exchange_halo, finish_switch, start_switch
 from edgec.gcn.graph import Graph, read_graph
-from edgec.gcn.model import GCN, GCNConfig, dropout_masks, normalized_edges, save_gcn
+from edgec.gcn.model import GCN, GCNConfig, SparseAdjacency, dropout_masks, normalized_edges, save_gcn
 from edgec.gcn.plan import Plan, block_bounds, node_order, order_sha256, read_plan, sizes
 from edgec.gcn.train import TrainOptions, initial_model
 
@@ -78,11 +78,11 @@ class MopRunner:
         inverse[order] = np.arange(len(order))
         source, target, weight = normalized_edges(graph.edge_index, graph.num_nodes, config.self_loops)
         source, target = inverse[source], inverse[target]
-        self.edges = []
+        # A_hat's rows of each chunk (every worker's block of it), all columns.
+        self.adjacency = []
         for start, end in self.chunk_spans:
             inside = (target >= start) & (target < end)
-            self.edges.append((torch.from_numpy(source[inside]), torch.from_numpy(target[inside] - start),
-                               torch.from_numpy(weight[inside])))
+            self.adjacency.append(SparseAdjacency(target[inside] - start, source[inside], weight[inside], (end - start, len(order))))
         self.features = torch.from_numpy(graph.features)[self.order]
         self.labels = torch.from_numpy(graph.labels)[self.order][self.my_rows]
         self.masks = {s: torch.from_numpy(getattr(graph, f"{s}_mask"))[self.order][self.my_rows] for s in ("train", "val", "test")}
@@ -104,9 +104,8 @@ class MopRunner:
     def _aggregate(self, pieces: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """A_hat H on this rank's columns, one chunk of target rows at a time."""
         h = torch.cat(pieces)  # [N, columns]: sources may be anywhere
-        for (start, end), (source, target, weight) in zip(self.chunk_spans, self.edges):
-            messages = h.index_select(0, source) * weight.unsqueeze(1)
-            yield h.new_zeros(end - start, h.shape[1]).index_add(0, target, messages)
+        for adjacency in self.adjacency:
+            yield adjacency(h)
 
     def logits(self, model: GCN, masks: list[torch.Tensor] | None) -> torch.Tensor:
         """This rank's rows of the logits (in my_rows order)."""
@@ -175,9 +174,7 @@ class PartitionRunner:
         self.halo = Halo(send=[torch.from_numpy(local[node[(receiver == q) & (parts[node] == rank)]]) for q in range(world)],
                          receive=np.bincount(parts[halo], minlength=world).tolist())
         inside = parts[target] == rank
-        self.source = torch.from_numpy(local[source[inside]])
-        self.target = torch.from_numpy(local[target[inside]])
-        self.weight = torch.from_numpy(weight[inside])
+        self.adjacency = SparseAdjacency(local[target[inside]], local[source[inside]], weight[inside], (len(own), len(own) + len(halo)))
         self.rows = len(own)
         self.own = torch.from_numpy(own)
         self.features = torch.from_numpy(graph.features)[self.own]
@@ -185,8 +182,7 @@ class PartitionRunner:
         self.masks = {s: torch.from_numpy(getattr(graph, f"{s}_mask"))[self.own] for s in ("train", "val", "test")}
 
     def _aggregate(self, h: torch.Tensor) -> torch.Tensor:
-        messages = h.index_select(0, self.source) * self.weight.unsqueeze(1)
-        return h.new_zeros(self.rows, h.shape[1]).index_add(0, self.target, messages)
+        return self.adjacency(h)
 
     def logits(self, model: GCN, masks: list[torch.Tensor] | None) -> torch.Tensor:
         h = self.features

@@ -11,8 +11,10 @@ as it is.
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,9 +61,38 @@ def normalized_edges(edge_index: np.ndarray, num_nodes: int, self_loops: bool) -
 
 
 def aggregate(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A_hat @ x as a segment sum over the edges."""
+    """A_hat @ x as a segment sum over the edges: the form that exports."""
     messages = x.index_select(0, source) * weight.unsqueeze(1)
     return torch.zeros_like(x).index_add(0, target, messages)
+
+
+class _SpMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, adjacency: SparseAdjacency) -> torch.Tensor:  # type: ignore[override]
+        ctx.adjacency = adjacency
+        return adjacency.matrix @ x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.adjacency.transposed @ grad.contiguous(), None
+
+
+class SparseAdjacency:
+    """A block of A_hat as CSR (and its transpose, for the backward pass): what training
+    aggregates with. torch's CSR matmul is an order of magnitude faster on CPU than the
+    index_add form, which stays what export traces."""
+
+    def __init__(self, rows: np.ndarray, columns: np.ndarray, weight: np.ndarray, shape: tuple[int, int]) -> None:
+        index = torch.from_numpy(np.stack([rows, columns]).astype(np.int64))
+        values = torch.from_numpy(weight.astype(np.float32))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse")  # torch's beta notice for CSR
+            coo = torch.sparse_coo_tensor(index, values, shape).coalesce()
+            self.matrix = coo.to_sparse_csr()
+            self.transposed = coo.t().coalesce().to_sparse_csr()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _SpMM.apply(x, self)
 
 
 class GCNLayer(nn.Module):
@@ -76,10 +107,11 @@ class GCNLayer(nn.Module):
         # A (H W) = (A H) W: aggregate at the smaller of the two widths.
         return self.lin.in_features <= self.lin.out_features
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, propagate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`propagate(h)` = A_hat h."""
         if self.aggregate_first:
-            return self.lin(aggregate(x, source, target, weight)) + self.bias
-        return aggregate(self.lin(x), source, target, weight) + self.bias
+            return self.lin(propagate(x)) + self.bias
+        return propagate(self.lin(x)) + self.bias
 
 
 class GCN(nn.Module):
@@ -93,8 +125,12 @@ class GCN(nn.Module):
                 masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """`masks`: the scaled dropout masks after each hidden layer (training draws them with
         `dropout_masks`, so that every engine drops the same units); None in eval mode."""
+        return self.propagated(x, lambda h: aggregate(h, source, target, weight), masks)
+
+    def propagated(self, x: torch.Tensor, propagate: Callable[[torch.Tensor], torch.Tensor],
+                   masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         for index, conv in enumerate(self.convs):
-            x = conv(x, source, target, weight)
+            x = conv(x, propagate)
             if index < len(self.convs) - 1:
                 x = torch.relu(x)
                 if masks is not None:

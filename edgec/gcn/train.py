@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgec.gcn.graph import Graph
-from edgec.gcn.model import GCN, GCNConfig, dropout_masks, normalized_edges
+from edgec.gcn.model import GCN, GCNConfig, SparseAdjacency, dropout_masks, normalized_edges
 
 
 class TrainOptions(BaseModel):
@@ -32,10 +32,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> 
     return float((logits[mask].argmax(-1) == labels[mask]).float().mean()) if bool(mask.any()) else float("nan")
 
 
-def evaluate(model: GCN, graph: Graph, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate(model: GCN, adjacency: SparseAdjacency, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
-        logits = model(tensors["x"], tensors["source"], tensors["target"], tensors["weight"])
+        logits = model.propagated(tensors["x"], adjacency)
     labels = tensors["labels"]
     return {f"{split}_acc": accuracy(logits, labels, tensors[f"{split}_mask"]) for split in ("train", "val", "test")}
 
@@ -51,20 +51,21 @@ def train_single(graph: Graph, config: GCNConfig, options: TrainOptions,
                  progress: Callable[[int, dict[str, float]], None] = lambda _e, _r: None) -> tuple[GCN, list[dict[str, Any]]]:
     model = initial_model(config, options.seed)
     tensors = graph_tensors(graph, config.self_loops)
+    adjacency = SparseAdjacency(tensors["target"].numpy(), tensors["source"].numpy(), tensors["weight"].numpy(),
+                                (graph.num_nodes, graph.num_nodes))
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     history: list[dict[str, Any]] = []
     train = tensors["train_mask"]
     for epoch in range(options.epochs):
         began = time.perf_counter()
         model.train()
-        logits = model(tensors["x"], tensors["source"], tensors["target"], tensors["weight"],
-                       dropout_masks(config, graph.num_nodes, options.seed, epoch))
+        logits = model.propagated(tensors["x"], adjacency, dropout_masks(config, graph.num_nodes, options.seed, epoch))
         loss = F.cross_entropy(logits[train], tensors["labels"][train])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         trained = time.perf_counter() - began
-        row = {"epoch": epoch + 1, "loss": float(loss), **evaluate(model, graph, tensors), "seconds": time.perf_counter() - began,
+        row = {"epoch": epoch + 1, "loss": float(loss), **evaluate(model, adjacency, tensors), "seconds": time.perf_counter() - began,
                "train_seconds": trained}
         history.append(row)
         progress(epoch + 1, row)
