@@ -19,9 +19,12 @@ made by `edgec gcn graph sbm`):
    and memory, not accuracy).
 3. the exposed communication of the chunked pipeline: MoP at the largest P with 1 and 4
    chunks, seconds per epoch spent waiting for all-to-alls.
-4. the aggregation A_hat H (64 columns) alone, three ways on this CPU: edgec's
-   index_select + index_add (what the engine runs and the exported graph computes),
-   torch.sparse CSR @ dense, and PyG's GCNConv propagation (its scatter-add).
+4. the aggregation A_hat H (64 columns) alone, four ways on this CPU: edgec's TVM
+   segment-sum kernel (targets/tvm_sparse.py, built for the `cpu` target), torch.sparse
+   CSR @ dense (what edgec's training runs), index_select + index_add (the form the
+   exported ONNX graph computes) and PyG's GCNConv propagation (its scatter-add).
+   Each includes its own output allocation except the TVM kernel, which writes in place;
+   the TVM figure includes copying its result out to numpy.
 Wall times of P worker processes on a 2-core machine are not speed at P > 2 and are
 printed only as what they are.
 """
@@ -110,7 +113,7 @@ def pyg_peer(graph: Graph, epochs: int, lr: float, weight_decay: float, seed: in
 
 
 def aggregation_kernels(graph: Graph, runs: int = 5) -> dict[str, float]:
-    """Median ms of A_hat H, H [N, 64], three ways (results checked equal)."""
+    """Median ms of A_hat H, H [N, 64], four ways (results checked equal)."""
     from torch_geometric.nn import GCNConv
 
     torch.manual_seed(0)
@@ -125,8 +128,21 @@ def aggregation_kernels(graph: Graph, runs: int = 5) -> dict[str, float]:
     def ours() -> torch.Tensor:
         return torch.zeros_like(h).index_add(0, target, h.index_select(0, source) * weight.unsqueeze(1))
 
-    ways = {"edgec index_select + index_add": ours, "torch.sparse CSR @ dense": lambda: csr @ h,
-            "PyG GCNConv propagate (cached norm)": lambda: conv(h, edges)}
+    import tvm
+
+    from edgec.targets.registry import resolve_target
+    from edgec.targets.tvm_sparse import FUNCTION, build_segment_sum, csr_by_target
+
+    kernel = build_segment_sum(64, resolve_target("cpu", "tvm").tvm_target)[FUNCTION]
+    by_row = [tvm.runtime.tensor(a) for a in (*csr_by_target(source.numpy(), target.numpy(), weight.numpy(), graph.num_nodes), h.numpy())]
+    out = tvm.runtime.tensor(np.zeros((graph.num_nodes, 64), np.float32))
+
+    def segment_sum() -> torch.Tensor:
+        kernel(*by_row, out)
+        return torch.from_numpy(out.numpy())
+
+    ways = {"edgec TVM segment-sum kernel (cpu target)": segment_sum, "torch.sparse CSR @ dense (edgec training)": lambda: csr @ h,
+            "index_select + index_add (the exported form)": ours, "PyG GCNConv propagate (cached norm)": lambda: conv(h, edges)}
     want = ours()
     result = {}
     with torch.no_grad():
