@@ -134,7 +134,8 @@ def aggregation_kernels(graph: Graph, runs: int = 5) -> dict[str, float]:
     from edgec.targets.tvm_sparse import FUNCTION, build_segment_sum, csr_by_target
 
     kernel = build_segment_sum(64, resolve_target("cpu", "tvm").tvm_target)[FUNCTION]
-    by_row = [tvm.runtime.tensor(a) for a in (*csr_by_target(source.numpy(), target.numpy(), weight.numpy(), graph.num_nodes), h.numpy())]
+    by_row = [tvm.runtime.tensor(a) for a in (*csr_by_target(source.numpy(), target.numpy(), weight.numpy(), graph.num_nodes), h.numpy(),
+                                               np.zeros(64, np.float32))]
     out = tvm.runtime.tensor(np.zeros((graph.num_nodes, 64), np.float32))
 
     def segment_sum() -> torch.Tensor:

@@ -293,6 +293,10 @@ def compile_command(
     latency_table: Optional[Path] = typer.Option(
         None, "--latency-table", help="shape latencies measured earlier: a manifest with latency_budget (or its table) for this target"
     ),
+    graph: Optional[str] = typer.Option(
+        None, "--graph", help="a GCN MODEL: the graph .npz (or zoo:wordnet) it is compiled for; parts per layer: sparse "
+        "(aggregation) and dense (GEMM) (recipe: graph)"
+    ),
 ) -> None:
     """Compile MODEL into a verified artifact: passes -> TVM or ONNX -> parity against its reference
     (torch; ONNX Runtime's CPU provider for an .onnx MODEL)."""
@@ -303,6 +307,8 @@ def compile_command(
     sets = list(set_)
     if subnet is not None:
         sets.append(f"subnet={subnet}")
+    if graph is not None:
+        sets.append(f"graph={graph}")
     if target is not None:
         sets.append(f"target={target}")
     if backend is not None:
@@ -713,6 +719,8 @@ def profile_command(
     lat = result["latency"]
     out.print(f"[bold]{result['note']}[/]")
     out.print(f"{result['entry']:<8} p50 {lat['p50_ms']:.2f} ms  p90 {lat['p90_ms']:.2f}  p99 {lat['p99_ms']:.2f}  mean {lat['mean_ms']:.2f} +- {lat['std_ms']:.2f} ({lat['runs']} runs)")
+    if result.get("parts_ms"):
+        out.print("parts    " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in result["parts_ms"].items()) + " (p50 each)")
     if result.get("decode_tokens_per_s"):
         out.print(f"decode   {result['decode_tokens_per_s']:.1f} tokens/s after a {result['prompt_tokens']}-token prompt")
     if result.get("load_ms") is not None:
@@ -1281,6 +1289,8 @@ _GCN_EXAMPLES = "\n\n".join([
     "  edgec gcn train wordnet.npz --plan mop --world-size 4 --chunks 2 -o gcn-wordnet",
     "  edgec gcn train wordnet.npz --plan partition -P 4 -o gcn-metis   # the METIS baseline",
     "  edgec gcn train wordnet.npz --plan single -o gcn-single           # the one-process reference",
+    "  edgec gcn import pyg_gcn.pt --graph wordnet.npz -o gcn-from-pyg      # a trained PyG GCN",
+    "  edgec compile zoo:gcn-wordnet --graph zoo:wordnet --target arm64   # sparse + dense parts per layer",
 ])
 
 
@@ -1375,6 +1385,27 @@ def gcn_plan_command(
                   f"partition parallelism ({halo.method}): {baseline:,} elements per step")
     if output is not None:
         out.print(f"wrote {output}")
+
+
+@gcn_app.command("import", epilog=_GCN_EXAMPLES)
+@_user_errors
+def gcn_import_command(
+    state: Path = typer.Argument(..., help="a PyTorch Geometric GCN's state dict: torch.save(model.state_dict(), 'gcn.pt') or .safetensors"),
+    output: Path = typer.Option(..., "-o", "--output", help="the model directory to write"),
+    graph_spec: Optional[str] = typer.Option(None, "--graph", help="the graph it was trained on (.npz or zoo:wordnet), recorded"),
+    as_json: bool = typer.Option(False, "--json", help="print the model's config as JSON"),
+) -> None:
+    """A trained PyG `GCN` (torch_geometric.nn.models.GCN: GCNConv layers, nothing else) as an
+    edgec GCN model directory, the same tensors under PyG's names; read without unpickling."""
+    from edgec.gcn.graph import graph_path, read_graph
+    from edgec.gcn.model import import_pyg
+
+    graph = read_graph(graph_path(graph_spec)) if graph_spec is not None else None
+    model = import_pyg(state, output, graph)
+    if as_json:
+        _emit_json({"output": str(output), **model.config.model_dump()})
+        return
+    out.print(f"GCN of widths {model.config.widths()} ({sum(p.numel() for p in model.parameters()):,} parameters) -> {output}")
 
 
 @gcn_app.command("train", epilog=_GCN_EXAMPLES)

@@ -178,6 +178,8 @@ def compile_model(
         progress(f"load {model_spec}")
         model = load_model(model_spec, trust_pickle)
         family = family_named(model.family)
+        if recipe.graph is not None and family.name != "gcn":
+            raise BadInputError(f"--graph {recipe.graph}: a graph is what a GCN is compiled for; {model_spec} is a {family.name} model")
         family.prepare(model, recipe, progress)
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)

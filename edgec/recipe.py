@@ -127,6 +127,7 @@ class Recipe(Strict):
     subnet: str | None = Field(
         None, description="AmoebaLLM shape 'depth=N,width=R' extracted before the passes, or 'all': every shape of the table in one artifact (after `edgec subnet search MODEL`)"
     )
+    graph: str | None = Field(None, description="a GCN model: the graph .npz (or zoo:wordnet) it is compiled for and checked on")
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     passes: list[PassSpec] = Field(default_factory=list)
 

@@ -248,13 +248,23 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
         result["decode"] = shared.percentiles(decode_ms) if decode_ms else None
         result["decode_tokens_per_s"] = 1e3 / float(np.median(decode_ms)) if decode_ms else None
         _report({"decode": result["decode"], "decode_tokens_per_s": result["decode_tokens_per_s"]})
+    elif program["kind"] == "steps":
+        # The chained parts, timed whole; each part's share from the same runs.
+        values = shared.steps_inputs(program, reference)
+        parts: dict[str, list[float]] = {}
+        result["latency"] = shared.percentiles(shared.timed(
+            lambda: shared.run_steps(runtime, program, values, lambda name, ms: parts.setdefault(name, []).append(ms)), runs, warmup))
+        result["parts_ms"] = {name: float(np.median(times)) for name, times in parts.items()}
+        entry = program["steps"][0]["entry"]
+        inputs = [reference[f"{entry}.in.{i}"] for i in range(len(program["entries"][entry]["inputs"]))]
+        _report({"latency": result["latency"], "entry": "steps", "parts_ms": result["parts_ms"]})
     else:
         entry = next(iter(program["entries"]))
         count = len(program["entries"][entry]["inputs"])
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
         result["latency"] = shared.percentiles(shared.timed(lambda: runtime.run(entry, inputs), runs, warmup))
         _report({"latency": result["latency"], "entry": entry})
-    result["entry"] = entry
+    result["entry"] = "steps" if program["kind"] == "steps" else entry
     with tempfile.TemporaryDirectory() as workdir:
         if manifest["backend"] == "tvm":
             result["per_op_ms"] = _per_op_tvm(runtime, entry, inputs)

@@ -133,6 +133,7 @@ def build(
     from tvm.relax.frontend.torch import from_exported_program
 
     from edgec.targets.tvm_packed import convert_map
+    from edgec.targets.tvm_sparse import convert_map as sparse_convert_map
 
     tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
@@ -158,7 +159,8 @@ def build(
             )
         else:
             try:
-                mod = from_exported_program(entry.program, keep_params_as_input=True, custom_convert_map=convert_map(nm_kernels))
+                mod = from_exported_program(entry.program, keep_params_as_input=True,
+                                            custom_convert_map={**convert_map(nm_kernels), **sparse_convert_map()})
             except AssertionError as exc:  # the torch importer's word for an operator it lacks
                 if "Unsupported function type" not in str(exc):
                     raise

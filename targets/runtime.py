@@ -14,6 +14,10 @@ entries are driven:
      "max_context": 1024, "eos_token_id": 2}
                                               a greedy loop: prefill, then decode with the
                                               cache outputs fed back as cache inputs by name
+    {"kind": "steps", "entries": {...}, "inputs": {"x": "sparse0.in.0", ...},
+     "steps": [{"entry": "sparse0", "inputs": ["x", "indptr", ...], "output": "h0"}, ...],
+     "output": "logits"}                  entries chained by value names (a GCN's sparse and
+                                              dense parts); the inputs come from the reference file
 
 `entries` maps each entry to {"inputs": [names], "outputs": [names]}. Nothing here knows
 what a family is; it reads names and roles from the program.
@@ -201,6 +205,23 @@ class Generation:
         return generated
 
 
+def steps_inputs(program: dict[str, Any], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A steps program's input values, read from the reference file as the program maps them."""
+    return {name: reference[key] for name, key in program["inputs"].items()}
+
+
+def run_steps(runner: Runs, program: dict[str, Any], values: dict[str, Any],
+              on_step: Callable[[str, float], None] | None = None) -> Any:
+    """The steps in order, each entry's output bound to its name; returns the program's output."""
+    bound = dict(values)
+    for step in program["steps"]:
+        began = time.perf_counter()
+        bound[step["output"]] = runner.run(step["entry"], [bound[name] for name in step["inputs"]])[0]
+        if on_step is not None:
+            on_step(step["entry"], (time.perf_counter() - began) * 1e3)
+    return bound[program["output"]]
+
+
 def reference_prompt(reference: dict[str, np.ndarray]) -> np.ndarray:
     """The prompt the reference generation started from ([1, T] int64)."""
     return reference["generate.prompt.0"]
@@ -316,11 +337,21 @@ def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.
             for index, name in enumerate(io["outputs"]):
                 outputs.append(compare_output(case, name, reference[f"{case}.out.{index}"], np.asarray(got[index]), rtol,
                                               name == logits_name, atol))
+    if program["kind"] == "steps" and not any(not o["ok"] for o in outputs):
+        # The parts chained on the artifact's own intermediate values, against the whole model.
+        try:
+            got = run_steps(runner, program, steps_inputs(program, reference))
+            outputs.append(compare_output("steps", program["output"], reference["steps.out.0"], np.asarray(got), rtol, True, atol))
+        except Exception as exc:  # noqa: BLE001 - as above
+            if hasattr(exc, "exit_code"):
+                raise
+            outputs.append({"entry": "steps", "output": program["output"], "max_abs_diff": float("inf"), "tolerance": 0.0,
+                            "argmax_mismatches": 0, "ok": False, "why": f"the chained steps failed: {one_line(exc)}"})
     failing = [o for o in outputs if not o["ok"]]
     generation = None
     if program["kind"] == "generate" and "generate.tokens.0" in reference and not failing:
         generation = check_generation(runner, program, reference, rtol)
-    pool = failing or [o for o in outputs if o["output"] == logits_name] or outputs
+    pool = failing or [o for o in outputs if o["output"] == logits_name or o["entry"] == "steps"] or outputs
     worst = max(pool, key=lambda o: o["max_abs_diff"] / o["tolerance"] if o["tolerance"] else float("inf"))
     reason = f"{worst['entry']}.{worst['output']}: {worst['why']}" if failing else ""
     if generation is not None and not generation["ok"]:

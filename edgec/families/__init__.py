@@ -214,7 +214,7 @@ def register(family: Family) -> Family:
 
 
 def _builtins() -> None:
-    from edgec.families import causal_lm, encoder, graph  # noqa: F401  (each registers itself)
+    from edgec.families import causal_lm, encoder, gcn, graph  # noqa: F401  (each registers itself)
 
 
 def all_families() -> list[Family]:

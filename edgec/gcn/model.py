@@ -169,6 +169,48 @@ def config_from_state(state: dict[str, torch.Tensor], where: str, **fields: obje
         raise BadInputError(f"{where}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
 
 
+def import_pyg(state_path: Path, out: Path, graph: Any | None = None) -> GCN:
+    """A trained PyTorch Geometric `GCN` (its state dict: .safetensors, or a .pt read with
+    weights_only=True, never unpickled) as a model directory, written to a temporary sibling
+    and renamed."""
+    import os
+    import shutil
+    import tempfile
+
+    if not state_path.is_file():
+        raise BadInputError(f"{state_path}: no such file; give a PyG GCN state dict (.pt from torch.save(model.state_dict()) "
+                            "or .safetensors)")
+    try:
+        if state_path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(state_path))
+        else:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors each raise their own kind
+        raise BadInputError(f"{state_path}: not a readable state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(f"{state_path}: not a state dict of tensors; save the model with torch.save(model.state_dict(), PATH)")
+    fields: dict[str, Any] = {} if graph is None else {"graph": graph.name, "graph_sha256": graph.sha256()}
+    config = config_from_state(state, str(state_path), **fields)
+    if graph is not None and graph.features.shape[1] != config.in_features:
+        raise BadInputError(f"{state_path}: the model reads {config.in_features} features, {graph.name} has {graph.features.shape[1]}")
+    model = GCN(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInputError(f"-o {out} exists and is not empty; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_gcn(model, stage)
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return model.eval()
+
+
 def save_gcn(model: GCN, out: Path) -> None:
     from safetensors.torch import save_file
 

@@ -26,7 +26,7 @@ def test_segment_sum_equals_the_index_add_aggregation_on_graphs_of_any_size(widt
         x = rng.standard_normal((nodes, width)).astype(np.float32)
         indptr, by_row, weights = csr_by_target(source, target, weight, nodes)
         out = tvm.runtime.tensor(np.zeros((nodes, width), np.float32))
-        kernel(*(tvm.runtime.tensor(a) for a in (indptr, by_row, weights, x)), out)
+        kernel(*(tvm.runtime.tensor(a) for a in (indptr, by_row, weights, x, np.zeros(width, np.float32))), out)
         want = aggregate(torch.from_numpy(x), *(torch.from_numpy(a) for a in (source, target, weight))).numpy()
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
         assert np.abs(want).max() > 0.1  # not trivially zero
