@@ -109,8 +109,8 @@ subnet_app = typer.Typer(
 )
 app.add_typer(subnet_app, name="subnet")
 gcn_app = typer.Typer(
-    help="MixGCN: full-graph GCNs on several workers; graphs to train on, and the mixture-of-parallelism plan "
-    "(what each worker computes and sends).",
+    help="MixGCN: full-graph GCNs on several worker processes (the mixture-of-parallelism plan, training on "
+    "torchrun), the graphs to train on, and GCNs compiled for a graph with `edgec compile GCN --graph G`.",
     no_args_is_help=True,
 )
 app.add_typer(gcn_app, name="gcn")
@@ -1308,8 +1308,9 @@ def gcn_graph_command(
     seed: int = typer.Option(0, "--seed", help="edges, features and the train / val / test split"),
     as_json: bool = typer.Option(False, "--json", help="print the graph's summary as JSON"),
 ) -> None:
-    """Write a graph .npz (edge_index, features, labels, train / val / test masks) made
-    offline: the WordNet noun graph, or a block model of any size."""
+    """Write a graph .npz made offline: the WordNet noun graph, or a block model of any size.
+
+    Fields: edge_index, features, labels, train / val / test masks."""
     from edgec.errors import BadInputError
     from edgec.gcn.graph import write_graph
 
@@ -1345,10 +1346,11 @@ def gcn_plan_command(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the plan (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
-    """The mixture-of-parallelism plan for P workers: aggregation on column slices, the update
-    on row shards, one all-to-all per layout switch, the order per layer that switches the
-    fewest elements, nodes renumbered for balance; with the elements each layer sends
-    (forward and backward) next to partition parallelism's halo exchange."""
+    """The mixture-of-parallelism plan for P workers, and what each layer sends.
+
+    Aggregation on column slices, the update on row shards, one all-to-all per layout switch,
+    the order per layer that switches the fewest elements, nodes renumbered for balance; the
+    elements each layer sends (forward and backward) next to partition parallelism's halos."""
     from edgec.gcn.graph import graph_path, read_graph
     from edgec.gcn.model import gcn_model_dir, load_gcn
     from edgec.gcn.plan import ELEMENT_BYTES, mop_plan, write_plan
@@ -1395,8 +1397,10 @@ def gcn_import_command(
     graph_spec: Optional[str] = typer.Option(None, "--graph", help="the graph it was trained on (.npz or zoo:wordnet), recorded"),
     as_json: bool = typer.Option(False, "--json", help="print the model's config as JSON"),
 ) -> None:
-    """A trained PyG `GCN` (torch_geometric.nn.models.GCN: GCNConv layers, nothing else) as an
-    edgec GCN model directory, the same tensors under PyG's names; read without unpickling."""
+    """A trained PyTorch Geometric GCN as an edgec GCN model directory.
+
+    torch_geometric.nn.models.GCN (GCNConv layers, nothing else): the same tensors under
+    PyG's names, read without unpickling."""
     from edgec.gcn.graph import graph_path, read_graph
     from edgec.gcn.model import import_pyg
 
@@ -1431,10 +1435,11 @@ def gcn_train_command(
                                              "and print the torchrun command (several machines: torchrun's rendezvous)"),
     as_json: bool = typer.Option(False, "--json", help="print the record (history, bytes per rank and layer) as JSON"),
 ) -> None:
-    """Full-graph GCN training on P processes: the MoP plan (column-sliced aggregation, row-sharded
-    update, all-to-all switches, chunked pipeline) or METIS partition parallelism, on
-    torch.distributed. Every collective is counted (bytes per rank, layer and epoch, in
-    train.json); a checkpoint is written after every epoch. A worker that fails stops all of
+    """Full-graph GCN training on P processes (torchrun, gloo), MoP or METIS partitions.
+
+    MoP: column-sliced aggregation, row-sharded update, all-to-all switches, chunked
+    pipeline. Every collective is counted (bytes per rank, layer and epoch, in train.json);
+    a checkpoint is written after every epoch (--resume). A worker that fails stops all of
     them; the exit code is 100 + its rank."""
     from edgec.gcn.graph import graph_path
     from edgec.gcn.launch import train
