@@ -264,7 +264,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     graphs = report["graphs"]
-    figure, axes = plt.subplots(1, len(graphs), figsize=(5.5 * len(graphs), 4), squeeze=False)
+    pipelines = [(name, entry["pipeline"]) for name, entry in graphs.items() if entry.get("pipeline")]
+    panels = len(graphs) + (1 if pipelines else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if pipelines:
+        axis = axes[0][-1]
+        labels, exposed, training = [], [], []
+        for name, runs in pipelines:
+            for run in runs:
+                labels.append(f"{name}\nP={run['world_size']}, {run['chunks']} chunk(s)")
+                exposed.append(run["waited_s_per_epoch"])
+                training.append(run["train_s_per_epoch"])
+        positions = np.arange(len(labels))
+        axis.bar(positions - 0.2, training, 0.4, label="training step", color="tab:gray")
+        axis.bar(positions + 0.2, exposed, 0.4, label="waiting for all-to-alls (not overlapped)", color="tab:red")
+        axis.set_xticks(positions, labels, fontsize=7)
+        axis.set_ylabel("seconds per epoch (rank 0)")
+        axis.set_title("MoP pipeline: exposed communication")
+        axis.legend(fontsize=8)
     for axis, (name, entry) in zip(axes[0], graphs.items()):
         for kind, colour in (("mop", "tab:blue"), ("partition", "tab:orange")):
             runs = [r for r in entry["runs"] if r["kind"] == kind and r["world_size"] > 1]
