@@ -60,11 +60,11 @@ def train(graph_path: Path, out: Path, kind: str, world_size: int, chunks: int, 
     """Train (the record of train.json), or with `spec_dir` only write the spec a torchrun of
     one's own runs (returns where it is and the command)."""
     if kind not in KINDS:
-        raise BadInputError(f"--plan-kind {kind}: give one of {', '.join(KINDS)}")
+        raise BadInputError(f"--plan {kind}: give one of {', '.join(KINDS)}, or a plan .json from `edgec gcn plan`")
     if world_size < 1:
         raise BadInputError(f"--world-size {world_size}: give at least 1 worker")
     if kind == "single" and world_size != 1:
-        raise BadInputError(f"--plan-kind single runs one process; drop --world-size {world_size} or use mop / partition")
+        raise BadInputError(f"--plan single runs one process; drop --world-size {world_size} or use mop / partition")
     graph = read_graph(graph_path)
     if world_size > graph.num_nodes:
         raise BadInputError(f"--world-size {world_size} is more than the {graph.num_nodes} nodes of {graph_path}; use fewer workers")
@@ -73,7 +73,7 @@ def train(graph_path: Path, out: Path, kind: str, world_size: int, chunks: int, 
     plan: Plan | None = None
     if plan_path is not None:
         if kind != "mop":
-            raise BadInputError(f"--plan {plan_path} is a MoP plan; it is read with --plan-kind mop")
+            raise BadInputError(f"--plan {plan_path} is a MoP plan; a {kind} run makes its own")
         plan = read_plan(plan_path)
         plan.check_for(graph, world_size, str(plan_path))
         if plan.widths != config.widths() or plan.self_loops != config.self_loops:
