@@ -54,13 +54,17 @@ class Dense(nn.Module):
         return torch.relu(out) if self.relu else out
 
 
-class SegmentSum(nn.Module):
-    """The sparse part as the TVM backend builds it (one op, our kernel)."""
+class _SparsePart(nn.Module):
+    """A_hat h, with the layer's bias and ReLU when the sparse part runs last."""
 
     def __init__(self, bias: torch.Tensor | None, relu: bool) -> None:
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.relu = relu
+
+
+class SegmentSum(_SparsePart):
+    """The sparse part as the TVM backend builds it (one op, our kernel)."""
 
     def forward(self, h: torch.Tensor, indptr: torch.Tensor, source: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         import edgec.gcn.ops  # noqa: F401  (registers edgec::segment_sum)
@@ -68,13 +72,8 @@ class SegmentSum(nn.Module):
         return torch.ops.edgec.segment_sum(h, indptr, source, weight, self.bias, self.relu)
 
 
-class IndexAdd(nn.Module):
+class IndexAdd(_SparsePart):
     """The sparse part as the ONNX backend exports it (ScatterND add)."""
-
-    def __init__(self, bias: torch.Tensor | None, relu: bool) -> None:
-        super().__init__()
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.relu = relu
 
     def forward(self, h: torch.Tensor, source: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(h).index_add(0, target, h.index_select(0, source) * weight.unsqueeze(1))
@@ -133,7 +132,7 @@ class GcnFamily(Family):
         assert model.module is not None
         convs = model.module.convs
         sparse_inputs = SPARSE_INPUTS[model.prepared["backend"]]
-        sparse_class = SegmentSum if model.prepared["backend"] == "tvm" else IndexAdd
+        sparse_class: type[_SparsePart] = SegmentSum if model.prepared["backend"] == "tvm" else IndexAdd
         parts: list[tuple[str, nn.Module, list[str], str]] = []
         value = "x"
         for index, conv in enumerate(convs):
