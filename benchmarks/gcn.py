@@ -47,7 +47,7 @@ import torch
 
 from edgec.gcn.graph import Graph, graph_path, read_graph
 from edgec.gcn.model import normalized_edges
-from edgec.gcn.plan import ELEMENT_BYTES, Plan, mop_plan, partition_plan
+from edgec.gcn.plan import ELEMENT_BYTES, Plan
 
 EDGEC = str(Path(sys.executable).with_name("edgec"))
 BIG = 200_000
@@ -159,7 +159,7 @@ def aggregation_kernels(graph: Graph, runs: int = 5) -> dict[str, float]:
     return result
 
 
-def plan_balance(graph: Graph, plan: Plan, kind: str) -> dict[str, float]:
+def plan_balance(plan: Plan, kind: str) -> dict[str, float]:
     if kind == "mop":
         return {"aggregation": plan.aggregation_balance, "update": plan.update_balance}
     assert plan.partition is not None
@@ -204,13 +204,7 @@ def main() -> None:
             print(f"single process (edgec): test acc {single['test_acc']:.4f}, {entry['single']['seconds_per_epoch']:.3f} s per training step; "
                   f"PyG GCN: test acc {entry['pyg']['test_acc']:.4f}, "
                   f"{entry['pyg']['seconds_per_epoch']:.3f} s per training step", flush=True)
-            config_fields = single["record"]["config"]
-            from edgec.gcn.model import GCNConfig
-
-            config = GCNConfig.model_validate(config_fields)
             for world_size in world_sizes:
-                plan = mop_plan(graph, config, world_size, 1, partition=False)
-                plan.partition = partition_plan(graph, config, world_size)
                 for kind in ("mop", "partition"):
                     out = work / f"{kind}{world_size}"
                     result = edgec("gcn", "train", str(path), "--plan", kind, "-P", str(world_size), "--epochs", str(epochs),
@@ -228,7 +222,7 @@ def main() -> None:
                     run = {"kind": kind, "world_size": world_size, "layers": layers,
                            "measured_bytes": sum(l["forward_bytes"] + l["backward_bytes"] for l in layers),
                            "predicted_bytes": sum(l["predicted_forward_bytes"] + l["predicted_backward_bytes"] for l in layers),
-                           "balance": plan_balance(graph, run_plan, kind), "peak_rss_bytes": record["peak_rss_bytes"],
+                           "balance": plan_balance(run_plan, kind), "peak_rss_bytes": record["peak_rss_bytes"],
                            "test_acc": result["test_acc"], "max_loss_difference": max(abs(a - b) for a, b in zip(losses, reference)),
                            "wall_s": result["wall_s"], "waited_s_per_epoch": waited(record)}
                     entry["runs"].append(run)

@@ -158,7 +158,7 @@ class PartitionRunner:
     """Rank p owns the nodes of METIS part p; per layer it receives its halo's rows."""
 
     def __init__(self, graph: Graph, parts: np.ndarray, config: GCNConfig, rank: int, world: int, meter: Meter) -> None:
-        self.meter, self.config = meter, config
+        self.meter = meter
         n = graph.num_nodes
         own = np.flatnonzero(parts == rank)
         source, target, weight = normalized_edges(graph.edge_index, n, config.self_loops)
