@@ -125,10 +125,6 @@ class Plan(BaseModel):
     update_balance: float = Field(description="max / mean of rows updated per worker")
     partition: PartitionPlan | None = None
 
-    def block_bounds(self) -> list[list[tuple[int, int]]]:
-        """[worker][chunk] -> the block's ids [start, end) in the renumbered graph."""
-        return block_bounds(self.chunk_rows)
-
     def forward_elements(self) -> int:
         return sum(layer.forward_elements for layer in self.layers) + (self.final_switch.elements if self.final_switch else 0)
 
