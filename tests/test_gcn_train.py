@@ -164,6 +164,41 @@ def test_a_killed_rank_stops_every_worker_and_the_run_resumes(tmp_path: Path) ->
     assert [r["loss"] for r in resumed["history"]] == pytest.approx([r["loss"] for r in straight["history"]], abs=1e-6)
 
 
+def _abort_rank_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """Workers (fresh interpreters) read this sitecustomize; the test process has started already."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        + ("    atexit.register(os.abort)\n" if when == "at exit" else
+           "    import torch.distributed as dist\n"
+           "    dist.all_gather_object = lambda *a, **k: os.abort()\n"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_a_rank_that_crashes_in_its_teardown_after_the_last_epoch_loses_nothing(
+        sbm: Path, single: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _abort_rank_one(tmp_path, monkeypatch, "at exit")
+    out = tmp_path / "gcn"
+    result = runner.invoke(app, ["gcn", "train", str(sbm), "--plan", "mop", "-P", "2", "--epochs", str(EPOCHS), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "rank 1" in result.stderr and "SIGABRT" in result.stderr and "the run is complete" in result.stderr
+    record = json.loads(result.stdout)["record"]
+    assert [r["loss"] for r in record["history"]] == pytest.approx([r["loss"] for r in single["history"]], abs=1e-5)
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "gcn.checkpoint").exists()
+
+
+def test_a_rank_that_crashes_before_the_record_is_written_fails_the_run(
+        sbm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _abort_rank_one(tmp_path, monkeypatch, "in the last epoch")  # its first all_gather_object ends epoch 1
+    out = tmp_path / "gcn"
+    result = runner.invoke(app, ["gcn", "train", str(sbm), "--plan", "mop", "-P", "2", "--epochs", str(EPOCHS), "-o", str(out)])
+    assert result.exit_code == 101, result.output + result.stderr
+    assert "rank 1" in result.stderr and "SIGABRT" in result.stderr and "the run is complete" not in result.stderr
+    assert not out.exists()
+
+
 def test_bad_runs_are_refused_before_any_process_starts(sbm: Path, tmp_path: Path) -> None:
     plan = tmp_path / "plan4.json"
     model = tmp_path / "model"

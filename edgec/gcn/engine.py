@@ -282,7 +282,8 @@ def run(spec: RunSpec) -> None:
                   "options": spec.options.model_dump(), "config": spec.config.model_dump(), "history": history,
                   "communication": communication, "peak_rss_bytes": memory, "seconds": time.perf_counter() - began,
                   "resumed_at_epoch": start if spec.resume else None, "plan": plan.model_dump()}
-        (stage / "train.json").write_text(json.dumps(record, indent=1) + "\n")
+        # train.json last and whole: its presence says every rank finished every epoch.
+        _write_atomically(stage / "train.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     dist.barrier()
     dist.destroy_process_group()
 

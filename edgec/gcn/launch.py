@@ -183,7 +183,14 @@ def _launch(graph: Graph, graph_path: Path, config: GCNConfig, options: TrainOpt
         try:
             elastic_launch(launch, sys.executable)("-m", "edgec.gcn.engine", str(run_dir / "spec.json"))
         except ChildFailedError as exc:
-            raise _failure(exc, checkpoint) from None
+            failure = _failure(exc, checkpoint)
+            if not (stage / RECORD).is_file():
+                raise failure from None
+            # Rank 0 writes the record only after every rank's last collective: the training is
+            # whole, and a rank that then crashed in its own teardown (gloo's socket threads
+            # can abort when a peer closes first) lost nothing.
+            progress(f"warning: after the last epoch was saved, {str(failure).split(';')[0]} while shutting down; "
+                     "the run is complete")
         except SignalException as exc:  # the agent ended the workers on Ctrl-C / SIGTERM
             note_signal(exc.sigval)
             raise KeyboardInterrupt from None
