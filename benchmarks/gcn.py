@@ -53,11 +53,15 @@ EDGEC = str(Path(sys.executable).with_name("edgec"))
 BIG = 200_000
 
 
+class RunFailed(Exception):
+    pass
+
+
 def edgec(*args: str) -> dict[str, Any]:
     began = time.perf_counter()
     done = subprocess.run([EDGEC, *args, "--json"], capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"edgec {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RunFailed(f"edgec {' '.join(args)} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
     result = json.loads(done.stdout)
     result["wall_s"] = time.perf_counter() - began
     return result
@@ -207,8 +211,13 @@ def main() -> None:
             for world_size in world_sizes:
                 for kind in ("mop", "partition"):
                     out = work / f"{kind}{world_size}"
-                    result = edgec("gcn", "train", str(path), "--plan", kind, "-P", str(world_size), "--epochs", str(epochs),
-                                   "-o", str(out))
+                    try:
+                        result = edgec("gcn", "train", str(path), "--plan", kind, "-P", str(world_size), "--epochs", str(epochs),
+                                       "-o", str(out))
+                    except RunFailed as exc:  # out of memory at large P, say: recorded, the other runs go on
+                        entry["runs"].append({"kind": kind, "world_size": world_size, "error": str(exc)})
+                        print(f"P={world_size} {kind:9}: {exc}", flush=True)
+                        continue
                     record = result["record"]
                     run_plan = Plan.model_validate(record["plan"])
                     forward, backward = sent_by_layer(record, "forward"), sent_by_layer(record, "backward")
@@ -235,8 +244,12 @@ def main() -> None:
             if largest > 1:
                 entry["pipeline"] = []
                 for chunks in (1, 4):
-                    result = edgec("gcn", "train", str(path), "--plan", "mop", "-P", str(largest), "--chunks", str(chunks),
-                                   "--epochs", str(min(epochs, 20)), "-o", str(work / f"chunks{chunks}"))
+                    try:
+                        result = edgec("gcn", "train", str(path), "--plan", "mop", "-P", str(largest), "--chunks", str(chunks),
+                                       "--epochs", str(min(epochs, 20)), "-o", str(work / f"chunks{chunks}"))
+                    except RunFailed as exc:
+                        print(f"MoP P={largest}, {chunks} chunk(s): {exc}", flush=True)
+                        continue
                     history = result["record"]["history"]
                     entry["pipeline"].append({"chunks": chunks, "world_size": largest, "waited_s_per_epoch": waited(result["record"]),
                                               "train_s_per_epoch": float(np.mean([r["train_seconds"] for r in history]))})
@@ -278,7 +291,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=8)
     for axis, (name, entry) in zip(axes[0], graphs.items()):
         for kind, colour in (("mop", "tab:blue"), ("partition", "tab:orange")):
-            runs = [r for r in entry["runs"] if r["kind"] == kind and r["world_size"] > 1]
+            runs = [r for r in entry["runs"] if r["kind"] == kind and r["world_size"] > 1 and "error" not in r]
             ps = [r["world_size"] for r in runs]
             axis.plot(ps, [r["predicted_bytes"] / ELEMENT_BYTES for r in runs], "-", color=colour, alpha=0.5,
                       label=f"{'MoP' if kind == 'mop' else 'partition (METIS)'} predicted")
