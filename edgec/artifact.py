@@ -367,6 +367,11 @@ def open_runtime(root: Path, manifest: dict[str, Any], check_files: bool = True,
             f"{root}: built for CPU features this machine lacks ({', '.join(missing)}); "
             "recompile with --target x86_64 (portable) or --target cpu on this machine"
         )
+    for part, target in manifest.get("part_targets", {}).items():
+        lacking = missing_features(target)
+        if lacking:
+            raise UnsupportedError(f"{root}: its {part} parts are built for {target['name']} and this machine lacks "
+                                   f"{', '.join(lacking)}; run it where that is, or recompile with --target {manifest['target']['name']}")
     backend = manifest["backend"]
     record = manifest["backend_record"]
     if backend not in ("tvm", "onnx"):

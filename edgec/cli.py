@@ -254,7 +254,7 @@ _COMPILE_EXAMPLES = "\n\n".join([
 @_user_errors
 def compile_command(
     model: str = typer.Argument(..., help="Hugging Face model dir, .pt2 file, .onnx file, or zoo:NAME (edgec zoo list)"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="cpu, x86_64, arm64, ... (edgec targets list) or raw TVM JSON"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="cpu, x86_64, arm64, ... (edgec targets list), raw TVM JSON, or a target per part of a GCN: sparse=cpu,dense=cuda"),
     backend: Optional[str] = typer.Option(None, "--backend", "-b", help="tvm or onnx (default tvm)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (see recipes/)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key: key=value or PASS.option=value; repeatable"),
@@ -852,6 +852,8 @@ def _print_manifest(manifest: dict[str, Any]) -> None:
     model = manifest["model"]
     out.print(f"artifact of {model['name']} ({model['architecture']}, {model['family']})")
     out.print(f"  target   {manifest['target']['name']} ({manifest['target']['arch']}) via {manifest['backend']}")
+    if manifest.get("part_targets"):
+        out.print("  parts    " + ", ".join(f"{part} on {t['name']} ({t['arch']})" for part, t in manifest["part_targets"].items()))
     out.print(f"  size     {manifest['size_bytes'] / 1e6:.2f} MB in {len(manifest['files'])} files")
     out.print(f"  edgec    {manifest['edgec_version']}, built {manifest['created']}")
     parity = manifest.get("parity", {})

@@ -11,7 +11,7 @@ import datetime
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,13 @@ from edgec.passes.schedule import schedule_options, tuning_endpoint
 from edgec.pipeline import PassContext, PassLogEntry, PassManager
 from edgec.recipe import Recipe
 from edgec.targets.export import export_entries
-from edgec.targets.registry import ResolvedTarget, resolve_target
+from edgec.targets.registry import ResolvedTarget, is_part_targets, resolve_part_targets, resolve_target
 from edgec.targets.runtime import PARITY_RULE
 
 
 def default_output(model_spec: str, target: str, backend: str) -> Path:
     stem = model_spec.removeprefix("zoo:").rstrip("/").split("/")[-1].replace(".", "-")
+    target = target.replace("=", "-").replace(",", "-").replace(" ", "")  # sparse=cpu,dense=cuda
     return Path("artifacts") / f"{stem}-{target}-{backend}"
 
 
@@ -70,6 +71,8 @@ class Plan:
     tuning: Any
     rtol: float
     out: Path
+    # `--target PART=TARGET,...`: each part's target (`target` is the machine's CPU one).
+    part_targets: dict[str, ResolvedTarget] = field(default_factory=dict)
 
     def to_json(self, model_spec: str, recipe: Recipe) -> dict[str, Any]:
         return {
@@ -77,6 +80,7 @@ class Plan:
             "output": str(self.out),
             "target": self.target.name,
             "target_resolved": self.target.how,
+            **({"part_targets": {part: t.how for part, t in self.part_targets.items()}} if self.part_targets else {}),
             "backend": recipe.backend,
             "dtype": recipe.dtype,
             "passes": [spec.name for spec in recipe.passes],
@@ -103,7 +107,11 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
         raise BadInputError(
             f"{model_spec} does not exist; give a Hugging Face model directory, a .pt2 or .onnx file, or zoo:NAME (edgec zoo list)"
         )
-    target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
+    part_targets: dict[str, ResolvedTarget] = {}
+    if is_part_targets(recipe.target):
+        target, part_targets = resolve_part_targets(recipe.target, recipe.backend, recipe.target_options)
+    else:
+        target = resolve_target(recipe.target, recipe.backend, recipe.target_options)
     require_modules(*BACKEND_MODULES.get(recipe.backend, ()))
     if device is not None:
         from edgec.deploy import open_device
@@ -115,7 +123,8 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
             f"{', '.join(target.capability.compute_dtypes)} only (edgec targets show {target.name}); float16 is for GPU targets"
         )
     manager = PassManager(REGISTRY, recipe.passes)
-    manager.check_capability(target.capability.weight_bits, target.capability.ops, f"{target.name}/{recipe.backend}")
+    for each in {t.name: t for t in (target, *part_targets.values())}.values():
+        manager.check_capability(each.capability.weight_bits, each.capability.ops, f"{each.name}/{recipe.backend}")
     tuning = schedule_options(recipe.passes)
     if tuning is not None and tuning.device is not None and tuning.trials > 0 and recipe.backend == "tvm":
         tuning_endpoint(tuning.device, target.spec.arch, target.name)  # the device to time kernels on, before any work
@@ -125,7 +134,7 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
         # A pass that declares the widths it stores weights at (luc, int8) makes them smaller.
         compresses = any(getattr(REGISTRY[spec.name], "weight_bits", None) is not None for spec in manager.specs)
         _check_free_space(local_input, out, compresses)
-    return Plan(target, manager, tuning, rtol, out)
+    return Plan(target, manager, tuning, rtol, out, part_targets)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".pt2", ".bin", ".data")
@@ -180,6 +189,7 @@ def compile_model(
         family = family_named(model.family)
         if recipe.graph is not None and family.name != "gcn":
             raise BadInputError(f"--graph {recipe.graph}: a graph is what a GCN is compiled for; {model_spec} is a {family.name} model")
+        place = _placement(plan.part_targets, family, model_spec, recipe.target)
         family.prepare(model, recipe, progress)
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
@@ -198,7 +208,8 @@ def compile_model(
         with staging_dir(out, force) as stage:
             model_dir = stage / "model"
             model_dir.mkdir()
-            backend_record = build(recipe.backend, entries, target, model_dir, progress, recipe.dtype, tuning)
+            backend_record = build(recipe.backend, entries, target, model_dir, progress, recipe.dtype, tuning,
+                                   {e.name: place(e.name) for e in entries} if place else None)
             save_reference(stage, reference)
             tokenizer_dir = _copy_tokenizer(model, stage)
             manifest: dict[str, Any] = {
@@ -214,6 +225,7 @@ def compile_model(
                 "recipe": recipe.model_dump(),
                 "passes": [asdict(entry) for entry in pass_log],
                 "target": target.to_json(),
+                **({"part_targets": {part: t.to_json() for part, t in plan.part_targets.items()}} if plan.part_targets else {}),
                 "backend": recipe.backend,
                 "backend_record": backend_record,
                 "tools": tool_versions(),
@@ -231,7 +243,7 @@ def compile_model(
                 manifest[family.section_key] = section.model_dump()
             files = hash_tree(stage)  # the parity run reads these files and writes none
             if device is None:
-                parity = _check_parity({**manifest, "files": files}, stage, reference, rtol, target, progress)
+                parity = _check_parity({**manifest, "files": files}, stage, reference, rtol, target, progress, plan.part_targets)
             else:
                 parity, evaluation = _verify_on_device(manifest, files, stage, model, family, recipe, device, progress)
             manifest["parity"] = parity.to_json()
@@ -282,11 +294,30 @@ def _run_passes(manager: PassManager, model: ModelHandle, ctx: PassContext, reci
     return manager.run(model, ctx, PassCache(model.module), base_key(model.sha256, recipe))
 
 
+def _placement(part_targets: dict[str, ResolvedTarget], family: Family, model_spec: str,
+               request: str) -> Callable[[str], ResolvedTarget] | None:
+    """entry -> its target, for `--target PART=TARGET,...` (refused unless the family has
+    exactly those parts); None for one target."""
+    if not part_targets:
+        return None
+    if not family.part_kinds:
+        raise BadInputError(f"--target {request}: {model_spec} is a {family.name} model, not built in parts; give one target")
+    if set(part_targets) != set(family.part_kinds):
+        raise BadInputError(f"--target {request}: a {family.name} model's parts are {', '.join(family.part_kinds)}; "
+                            f"give a target for each, e.g. {','.join(f'{k}=cpu' for k in family.part_kinds)}")
+    return lambda entry: part_targets[family.part_of(entry)]
+
+
 def build(
     backend: str, entries: list[Any], target: ResolvedTarget, out_dir: Path, progress: Callable[[str], None],
-    dtype: str, tuning: Any,
+    dtype: str, tuning: Any, entry_targets: dict[str, ResolvedTarget] | None = None,
 ) -> dict[str, Any]:
-    """One interface for both backends: build(entries, target, out, progress, dtype, tuning) -> record."""
+    """One interface for both backends: build(entries, target, out, progress, dtype, tuning) -> record.
+    `entry_targets` (TVM): a target per entry, when the parts of a model go to different ones."""
+    if entry_targets is not None:
+        from edgec.targets import backend_tvm
+
+        return backend_tvm.build(entries, target, out_dir, progress, dtype, tuning, entry_targets)
     if backend == "tvm":
         from edgec.targets import backend_tvm as chosen
     else:
@@ -373,10 +404,11 @@ def _check_parity(
     rtol: float,
     target: ResolvedTarget,
     progress: Callable[[str], None],
+    part_targets: dict[str, ResolvedTarget] | None = None,
 ) -> ParityResult:
-    if not target.runs_here:
-        return ParityResult(
-            None, None, None, rtol, reason=f"built for {target.spec.arch}; parity is checked on the device at deploy"
-        )
+    elsewhere = [f"its {part} parts for {t.spec.arch}" for part, t in (part_targets or {}).items() if not t.runs_here]
+    if not target.runs_here or elsewhere:
+        built = " and ".join(elsewhere) if target.runs_here else target.spec.arch
+        return ParityResult(None, None, None, rtol, reason=f"built for {built}; parity is checked on the device at deploy")
     progress("parity: reference inputs and program in the artifact's runtime")
     return check(open_runtime(stage, manifest, check_files=False), manifest, reference)

@@ -120,14 +120,16 @@ def check(root: Path, trusted: str | None = None) -> dict[str, Any]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
         if digest != expected:
             mismatched.append(name)
-    gpu = _cuda_capability() if manifest["target"].get("arch") == "cuda" else None
+    targets = [manifest["target"], *manifest.get("part_targets", {}).values()]  # parts placed apart: a CPU and a GPU
+    gpu = _cuda_capability() if any(t.get("arch") == "cuda" for t in targets) else None
+    missing = sorted({name for target in targets for name in missing_features(target, gpu)})
     return {
-        "machine": "cuda" if gpu else platform.machine(),
+        "machine": "cuda" if gpu and manifest["target"].get("arch") == "cuda" else platform.machine(),
         "host_machine": platform.machine(),
         "versions": _versions(),
         "hashes_ok": not mismatched,
         "mismatched": mismatched,
-        "missing_features": missing_features(manifest["target"], gpu),
+        "missing_features": missing,
         "signature_ok": True if trusted is not None else None,
     }
 

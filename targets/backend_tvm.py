@@ -120,8 +120,12 @@ def build(
     progress: Callable[[str], None],
     dtype: str = "float32",
     tuning: Any | None = None,
+    entry_targets: dict[str, ResolvedTarget] | None = None,
 ) -> dict[str, Any]:
     """Compile every entry into out_dir/<entry>.so plus the shared params file.
+
+    `entry_targets`: a target per entry (a GCN's sparse parts on the CPU, dense on the GPU);
+    each entry records the device it runs on, which the runtime places it on.
 
     float16: the float32 graph goes through TVM's ToMixedPrecision (float16 compute,
     float32 accumulation), because TVM's torch importer types every matmul output
@@ -188,15 +192,17 @@ def build(
                 by_digest[digest] = f"{entry.name}/{name}"
                 stored[by_digest[digest]] = np.asarray(array, order="C")
             keys.append(by_digest[digest])
-        progress(f"tvm: build {entry.name} for {_describe(tvm_target)}")
+        own = (entry_targets or {}).get(entry.name, target)
+        own_tvm = tvm_target if own is target else _tvm_target(own)
+        progress(f"tvm: build {entry.name} for {_describe(own_tvm)}")
         executable = _refused_as_unsupported(
-            entry, "build", lambda: _compile(mod, entry, tvm_target, tuning, target, runner, record, progress)
+            entry, "build", lambda: _compile(mod, entry, own_tvm, tuning, own, runner if own is target else None, record, progress)
         )
         library = f"{entry.name}.so"
-        if target.spec.cross_compiler is not None:
+        if own.spec.cross_compiler is not None:
             from tvm.support import cc
 
-            executable.export_library(str(out_dir / library), fcompile=cc.cross_compiler(target.spec.cross_compiler))
+            executable.export_library(str(out_dir / library), fcompile=cc.cross_compiler(own.spec.cross_compiler))
         else:
             executable.export_library(str(out_dir / library))
         record["entries"][entry.name] = {
@@ -206,6 +212,7 @@ def build(
             "params": keys,
             "weight_layout": layout,
             "seconds": round(time.perf_counter() - start, 2),
+            **({"target": own.name, "device": "cuda" if own.spec.arch == "cuda" else "cpu"} if entry_targets else {}),
         }
     save_file(stored, str(out_dir / PARAMS_FILE))
     return record

@@ -106,6 +106,9 @@ class RemoteTVM:
         load_ms = 0.0
         cache: dict[str, Any] = {}
         for entry, info in record["entries"].items():
+            if info.get("device", "cpu") != "cpu":
+                raise UnsupportedError(f"{self.server}: entry {entry} runs on the device's {info['device']}; over TVM RPC edgec "
+                                       "runs CPU entries only: deploy it through the device agent (ssh://, or on the machine)")
             relative = f"model/{info['library']}"
             local = artifact_file(root, manifest, relative)
             self.session.upload(str(local), target=info["library"])

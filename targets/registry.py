@@ -380,3 +380,35 @@ def resolve_target(request: str, backend: str, options: dict[str, Any] | None = 
         _check_user_fields(tvm_target, f"--target-opt {' '.join(f'{k}={v}' for k, v in options.items())}" if options else f"--target {request!r}")
     described = ", ".join(f"{k}={v}" for k, v in tvm_target.items())
     return ResolvedTarget(spec, tvm_target, f"target {how} -> {described}; runs on {spec.arch}; backend {backend}", backend, options)
+
+
+def is_part_targets(request: str) -> bool:
+    """`--target sparse=cpu,dense=cuda`: a target per part of the model (a GCN's layers)."""
+    return "=" in request and not request.strip().startswith("{")
+
+
+def resolve_part_targets(request: str, backend: str, options: dict[str, Any] | None = None) -> tuple[ResolvedTarget, dict[str, ResolvedTarget]]:
+    """(the machine's CPU target, {part: target}) for `PART=TARGET,PART=TARGET`. The parts
+    share one machine: one CPU target (which runs the artifact's host side) and, beside it,
+    CUDA targets for that machine's GPU, whose host code is built for this machine."""
+    parts: dict[str, ResolvedTarget] = {}
+    for item in request.split(","):
+        part, sep, name = (text.strip() for text in item.partition("="))
+        if not sep or not part or not name:
+            raise BadInputError(f"--target {request!r}: give PART=TARGET pairs separated by commas, e.g. sparse=cpu,dense=cuda")
+        if part in parts:
+            raise BadInputError(f"--target {request!r}: part {part} is given twice")
+        parts[part] = resolve_target(name, backend, options)
+    if backend != "tvm":
+        raise UnsupportedError(f"--target {request!r}: a target per part is built with --backend tvm (ONNX Runtime runs "
+                               "a whole artifact with one execution provider)")
+    hosts = {t.name for t in parts.values() if t.spec.arch != "cuda"}
+    if len(hosts) != 1:
+        raise UnsupportedError(f"--target {request!r}: the parts run on one machine, so give one CPU target "
+                               f"({'none' if not hosts else ', '.join(sorted(hosts))} given) beside any CUDA targets; "
+                               f"for one target for every part give --target NAME")
+    host = next(t for t in parts.values() if t.spec.arch != "cuda")
+    if any(t.spec.arch == "cuda" for t in parts.values()) and host.spec.arch != platform.machine():
+        raise UnsupportedError(f"--target {request!r}: CUDA targets carry host code for this machine ({platform.machine()}); "
+                               f"the CPU part cannot be {host.name} ({host.spec.arch})")
+    return host, parts

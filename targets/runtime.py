@@ -97,32 +97,39 @@ class Runtime:
     """An artifact's entries loaded in the TVM Relax VM or ONNX Runtime on this machine.
 
     `model_dir`: the artifact's model/ directory (under qemu-user, the host-side path for
-    ONNX external data); `on_gpu`: a CUDA artifact (TVM)."""
+    ONNX external data); `on_gpu`: a CUDA artifact (TVM). An entry that records its own
+    `device` (parts built for different targets) runs there; values move between devices
+    through host memory, one copy each way per call."""
 
     def __init__(self, model_dir: Path, backend: str, record: dict[str, Any], on_gpu: bool = False,
                  ort_provider: str = "CPUExecutionProvider", threads: int | None = None) -> None:
         self.backend = backend
         if backend == "tvm":
-            tvm = tvm_with_cuda() if on_gpu else __import__("tvm")
+            placed = {name: info.get("device", "cuda" if on_gpu else "cpu") for name, info in record["entries"].items()}
+            gpu = "cuda" in placed.values()
+            tvm = tvm_with_cuda() if gpu else __import__("tvm")
             from tvm.runtime.vm import VirtualMachine
 
             if threads is not None:  # 1: the pool on the (big) cores, with this many threads
                 tvm.get_global_func("runtime.config_threadpool")(1, threads)
             self._tvm = tvm
-            self.device = tvm.cuda(0) if on_gpu else tvm.cpu()
-            if on_gpu:
+            # The device kernels are timed on (the GPU when any entry runs there).
+            self.device = tvm.cuda(0) if gpu else tvm.cpu()
+            if gpu:
                 compile_cuda_at_load(tvm, "sm_" + str(self.device.compute_version).replace(".", ""))
             stored = read_safetensors(model_dir / record["params_file"])
             self.vms: dict[str, Any] = {}
             self.params: dict[str, list[Any]] = {}
-            on_device: dict[str, Any] = {}
+            self.devices: dict[str, Any] = {}
+            on_device: dict[tuple[str, str], Any] = {}
             for name, info in record["entries"].items():
+                device = self.devices[name] = tvm.cuda(0) if placed[name] == "cuda" else tvm.cpu()
                 library = tvm.runtime.load_module(str(model_dir / info["library"]))
-                self.vms[name] = VirtualMachine(library, self.device)
+                self.vms[name] = VirtualMachine(library, device)
                 for key in info["params"]:
-                    if key not in on_device:  # a tensor shared by entries is uploaded once
-                        on_device[key] = tvm.runtime.tensor(stored[key], self.device)
-                self.params[name] = [on_device[key] for key in info["params"]]
+                    if (key, placed[name]) not in on_device:  # a tensor shared by entries is uploaded once per device
+                        on_device[key, placed[name]] = tvm.runtime.tensor(stored[key], device)
+                self.params[name] = [on_device[key, placed[name]] for key in info["params"]]
         elif backend == "onnx":
             import onnxruntime as ort
 
@@ -139,7 +146,7 @@ class Runtime:
     def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if self.backend == "tvm":
             tvm = self._tvm
-            args = [tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs]
+            args = [tvm.runtime.tensor(np.asarray(x, order="C"), self.devices[entry]) for x in inputs]
             result = self.vms[entry]["main"](*args, *self.params[entry])
             if isinstance(result, tvm.runtime.Tensor):
                 return [result.numpy()]

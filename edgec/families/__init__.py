@@ -67,6 +67,12 @@ class Family:
     # Hugging Face architectures it loads (for messages and `edgec inspect`).
     architectures: ClassVar[tuple[str, ...]] = ()
     Section: ClassVar[type[Section] | None] = None
+    # Kinds of entry that `--target PART=TARGET,...` can place apart (a GCN's sparse / dense).
+    part_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def part_of(self, entry: str) -> str:
+        """The part kind of an entry (for families with `part_kinds`)."""
+        raise NotImplementedError
 
     def recognise(self, path: Path) -> bool:
         """Whether `path` (a file or directory that exists) is a model of this family."""

@@ -90,6 +90,10 @@ class GcnFamily(Family):
     section_key = "gcn"
     Section = GcnSection
     architectures = ("edgec-gcn",)
+    part_kinds = ("sparse", "dense")
+
+    def part_of(self, entry: str) -> str:
+        return entry.rstrip("0123456789")  # sparse0 -> sparse
 
     def recognise(self, path: Path) -> bool:
         from edgec.gcn.model import is_gcn_dir
@@ -199,7 +203,16 @@ class GcnFamily(Family):
                   else "index_select + index_add (ScatterND add)")
         return GcnSection(graph=graph.name, graph_sha256=graph.sha256(), num_nodes=graph.num_nodes,
                           num_edges=len(model.prepared["values"]["source"]), widths=model.module.config.widths(), layers=layers,
-                          parts={"sparse": f"{recipe.target}/{backend}: {sparse}", "dense": f"{recipe.target}/{backend}: GEMM"})
+                          parts={"sparse": f"{self._target_of('sparse', recipe)}/{backend}: {sparse}",
+                                 "dense": f"{self._target_of('dense', recipe)}/{backend}: GEMM"})
+
+    @staticmethod
+    def _target_of(part: str, recipe: Recipe) -> str:
+        from edgec.targets.registry import is_part_targets
+
+        if not is_part_targets(recipe.target):
+            return recipe.target
+        return dict(item.split("=", 1) for item in recipe.target.replace(" ", "").split(","))[part]
 
     def describe_section(self, section: dict[str, Any]) -> str:
         orders = ", ".join(layer["order"] for layer in section["layers"])

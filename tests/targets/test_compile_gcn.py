@@ -119,3 +119,53 @@ def test_a_gcn_needs_its_graph_and_a_graph_needs_a_gcn(pyg_model: dict, tmp_path
         assert result.exit_code == 2, (args, result.output + result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_sparse_parts_on_the_cpu_and_dense_parts_on_the_gpu_are_built_apart(pyg_model: dict, tmp_path: Path) -> None:
+    """`--target sparse=cpu,dense=cuda`: each part compiled for its own target (the dense GEMMs
+    as CUDA kernels), each entry placed on its device. This machine has no GPU, so the chain
+    is run (and its parity checked) only where one is; here it is refused at run time, and
+    the same artifact with both parts on the CPU runs and matches PyG."""
+    out = tmp_path / "mixed"
+    result = runner.invoke(app, ["compile", str(pyg_model["dir"]), "--graph", str(pyg_model["graph"]), "--target", "sparse=cpu,dense=cuda",
+                                 "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["parity"]["reason"].startswith("built for its dense parts for cuda")
+    manifest = read_manifest(out)
+    assert manifest["target"]["name"] == "cpu" and {p: t["name"] for p, t in manifest["part_targets"].items()} == {"sparse": "cpu", "dense": "cuda"}
+    placed = {name: (info["target"], info["device"]) for name, info in manifest["backend_record"]["entries"].items()}
+    assert placed == {f"{kind}{layer}": ("cuda", "cuda") if kind == "dense" else ("cpu", "cpu") for kind in ("sparse", "dense") for layer in range(3)}
+    for name, info in manifest["backend_record"]["entries"].items():
+        library = (out / "model" / info["library"]).read_bytes()
+        assert (b"__global__" in library) == name.startswith("dense"), name  # CUDA kernels in the dense parts only
+    assert "cuda/tvm: GEMM" == manifest["gcn"]["parts"]["dense"]
+    run = runner.invoke(app, ["run", str(out)])
+    assert run.exit_code == 3 and "its dense parts are built for cuda and this machine lacks a CUDA GPU" in run.stderr, run.stderr
+
+    same = tmp_path / "both-on-cpu"
+    result = runner.invoke(app, ["compile", str(pyg_model["dir"]), "--graph", str(pyg_model["graph"]), "--target", "sparse=cpu,dense=cpu",
+                                 "-o", str(same), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["parity"]["ok"] is True
+    np.testing.assert_allclose(chained(same), pyg_model["logits"], rtol=0, atol=1e-4)
+
+
+def test_a_target_per_part_is_refused_where_it_cannot_work(pyg_model: dict, tmp_path: Path) -> None:
+    model, graph = str(pyg_model["dir"]), str(pyg_model["graph"])
+    cases = [
+        ([model, "--graph", graph, "--target", "sparse=cpu"], 2, "a gcn model's parts are sparse, dense; give a target for each"),
+        ([model, "--graph", graph, "--target", "sparse=cpu,dense=cuda,edges=cpu"], 2, "give a target for each"),
+        ([model, "--graph", graph, "--target", "sparse=,dense=cuda"], 2, "give PART=TARGET pairs"),
+        ([model, "--graph", graph, "--target", "sparse=cpu,sparse=cuda"], 2, "part sparse is given twice"),
+        ([model, "--graph", graph, "--target", "sparse=cpu,dense=cdua"], 2, "unknown target 'cdua'; did you mean 'cuda'?"),
+        ([model, "--graph", graph, "--target", "sparse=cpu,dense=arm64"], 3, "give one CPU target (arm64, cpu given)"),
+        ([model, "--graph", graph, "--target", "sparse=cuda,dense=cuda"], 3, "give one CPU target (none given)"),
+        ([model, "--graph", graph, "--target", "sparse=arm64,dense=cuda"], 3, "the CPU part cannot be arm64"),
+        ([model, "--graph", graph, "--target", "sparse=cpu,dense=cuda", "--backend", "onnx"], 3, "built with --backend tvm"),
+        (["zoo:tiny-lm", "--target", "sparse=cpu,dense=cuda"], 2, "zoo:tiny-lm is a causal-lm model, not built in parts"),
+    ]
+    for args, code, message in cases:
+        result = runner.invoke(app, ["compile", *args, "-o", str(tmp_path / "out")])
+        assert result.exit_code == code, (args, result.output + result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "out").exists()
