@@ -23,8 +23,8 @@ made by `edgec gcn graph sbm`):
    segment-sum kernel (targets/tvm_sparse.py, built for the `cpu` target), torch.sparse
    CSR @ dense (what edgec's training runs), index_select + index_add (the form the
    exported ONNX graph computes) and PyG's GCNConv propagation (its scatter-add).
-   Each includes its own output allocation except the TVM kernel, which writes in place;
-   the TVM figure includes copying its result out to numpy.
+   Each includes its own output allocation except the TVM kernel, which writes in place
+   into a tensor torch then reads through DLPack (no copy).
 Wall times of P worker processes on a 2-core machine are not speed at P > 2 and are
 printed only as what they are.
 """
@@ -144,7 +144,7 @@ def aggregation_kernels(graph: Graph, runs: int = 5) -> dict[str, float]:
 
     def segment_sum() -> torch.Tensor:
         kernel(*by_row, out)
-        return torch.from_numpy(out.numpy())
+        return torch.from_dlpack(out)  # the kernel's output as a torch tensor, not copied
 
     ways = {"edgec TVM segment-sum kernel (cpu target)": segment_sum, "torch.sparse CSR @ dense (edgec training)": lambda: csr @ h,
             "index_select + index_add (the exported form)": ours, "PyG GCNConv propagate (cached norm)": lambda: conv(h, edges)}
@@ -189,7 +189,14 @@ def main() -> None:
     parser.add_argument("--big-epochs", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, default=None, help="print the tables (and plot) of an earlier run's --json")
     args = parser.parse_args()
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        print(markdown(report))
+        if args.plot:
+            plot(report, args.plot)
+        return
     world_sizes = [int(p) for p in args.world_sizes.split(",")]
     report: dict[str, Any] = {"graphs": {}, "world_sizes": world_sizes, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,10 +204,12 @@ def main() -> None:
         for spec in args.graphs.split(","):
             path = resolve(spec, work)
             graph = read_graph(path)
+            runs_dir = work / path.stem
+            runs_dir.mkdir()
             epochs = args.epochs if graph.num_nodes <= BIG else args.big_epochs
             print(f"\n{graph.describe()}; {epochs} epochs", flush=True)
             entry: dict[str, Any] = {"nodes": graph.num_nodes, "edges": graph.num_edges, "epochs": epochs, "runs": []}
-            single = edgec("gcn", "train", str(path), "--plan", "single", "--epochs", str(epochs), "-o", str(work / "single"))
+            single = edgec("gcn", "train", str(path), "--plan", "single", "--epochs", str(epochs), "-o", str(runs_dir / "single"))
             reference = [row["loss"] for row in single["record"]["history"]]
             entry["single"] = {"test_acc": single["test_acc"], "wall_s": single["wall_s"],
                                "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in single["record"]["history"]]))}
@@ -210,7 +219,7 @@ def main() -> None:
                   f"{entry['pyg']['seconds_per_epoch']:.3f} s per training step", flush=True)
             for world_size in world_sizes:
                 for kind in ("mop", "partition"):
-                    out = work / f"{kind}{world_size}"
+                    out = runs_dir / f"{kind}{world_size}"
                     try:
                         result = edgec("gcn", "train", str(path), "--plan", kind, "-P", str(world_size), "--epochs", str(epochs),
                                        "-o", str(out))
@@ -246,7 +255,7 @@ def main() -> None:
                 for chunks in (1, 4):
                     try:
                         result = edgec("gcn", "train", str(path), "--plan", "mop", "-P", str(largest), "--chunks", str(chunks),
-                                       "--epochs", str(min(epochs, 20)), "-o", str(work / f"chunks{chunks}"))
+                                       "--epochs", str(min(epochs, 20)), "-o", str(runs_dir / f"chunks{chunks}"))
                     except RunFailed as exc:
                         print(f"MoP P={largest}, {chunks} chunk(s): {exc}", flush=True)
                         continue
@@ -258,10 +267,41 @@ def main() -> None:
             entry["aggregation_ms"] = aggregation_kernels(graph)
             print("A_hat H, 64 columns: " + ", ".join(f"{k} {v:.1f} ms" for k, v in entry["aggregation_ms"].items()), flush=True)
             report["graphs"][spec] = entry
+    print("\n" + markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
         plot(report, args.plot)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The README's tables: per graph, every run; the peers; the pipeline; the kernels."""
+    lines = []
+    for name, entry in report["graphs"].items():
+        single, pyg = entry["single"], entry["pyg"]
+        lines += [f"{name} ({entry['nodes']:,} nodes, {entry['edges']:,} edges, {entry['epochs']} epochs): single process (edgec) test acc "
+                  f"{single['test_acc']:.4f}, {single['seconds_per_epoch']:.3f} s per training step; PyG GCN test acc {pyg['test_acc']:.4f}, "
+                  f"{pyg['seconds_per_epoch']:.3f} s per training step ({pyg['seconds_per_epoch'] / single['seconds_per_epoch']:.2f}x edgec's)", "",
+                  "| P | plan | elements sent per step, measured | predicted | per layer (fwd + bwd) | balance agg / upd | peak RSS per rank (max) | test acc | max \\|loss - single\\| |",
+                  "|---:|---|---:|---:|---|---|---:|---:|---:|"]
+        for run in entry["runs"]:
+            plan = "MoP" if run["kind"] == "mop" else "METIS partition"
+            if "error" in run:
+                lines.append(f"| {run['world_size']} | {plan} | failed: {run['error']} | | | | | | |")
+                continue
+            per_layer = ", ".join(f"{(l['forward_bytes'] + l['backward_bytes']) // ELEMENT_BYTES:,}" for l in run["layers"])
+            lines.append(f"| {run['world_size']} | {plan} | {run['measured_bytes'] // ELEMENT_BYTES:,} | {run['predicted_bytes'] // ELEMENT_BYTES:,} | "
+                         f"{per_layer} | {run['balance']['aggregation']:.3f} / {run['balance']['update']:.3f} | "
+                         f"{max(run['peak_rss_bytes']) / 1e6:,.0f} MB | {run['test_acc']:.4f} | {run['max_loss_difference']:.1e} |")
+        for run in entry.get("pipeline", []):
+            lines.append(f"\nMoP P = {run['world_size']}, {run['chunks']} chunk(s): {run['waited_s_per_epoch']:.3f} s per epoch waiting for "
+                         f"all-to-alls, of {run['train_s_per_epoch']:.3f} s per training step")
+        kernels = entry.get("aggregation_ms", {})
+        if kernels:
+            fastest = min(kernels.values())
+            lines.append("\nA_hat H (64 columns): " + "; ".join(f"{k} {v:.1f} ms ({v / fastest:.2f}x)" for k, v in kernels.items()))
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

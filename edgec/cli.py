@@ -247,6 +247,8 @@ _COMPILE_EXAMPLES = "\n\n".join([
     "  edgec compile encoder.onnx --dim batch=1 --reference-inputs real-batch.npz",
     "  edgec compile zoo:tiny-lm --subnet depth=4,width=0.8 --backend onnx   (after edgec subnet search zoo:tiny-lm)",
     "  edgec compile zoo:tiny-lm --target arm64 --latency-budget-ms 80 --device rpc://127.0.0.1:9091?key=edgec-qemu-arm64",
+    "  edgec compile zoo:gcn-wordnet --graph zoo:wordnet --target arm64   (a GCN is compiled for its graph)",
+    "  edgec compile zoo:gcn-wordnet --graph zoo:wordnet --target sparse=cpu,dense=cuda   (aggregation on the CPU, GEMMs on the GPU)",
 ])
 
 
