@@ -328,7 +328,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_xticks(positions, labels, fontsize=7)
         axis.set_ylabel("seconds per epoch (rank 0)")
         axis.set_title("MoP pipeline: exposed communication")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left")
     for axis, (name, entry) in zip(axes[0], graphs.items()):
         for kind, colour in (("mop", "tab:blue"), ("partition", "tab:orange")):
             runs = [r for r in entry["runs"] if r["kind"] == kind and r["world_size"] > 1 and "error" not in r]
