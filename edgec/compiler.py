@@ -314,15 +314,14 @@ def build(
 ) -> dict[str, Any]:
     """One interface for both backends: build(entries, target, out, progress, dtype, tuning) -> record.
     `entry_targets` (TVM): a target per entry, when the parts of a model go to different ones."""
-    if entry_targets is not None:
+    if backend == "tvm":
         from edgec.targets import backend_tvm
 
         return backend_tvm.build(entries, target, out_dir, progress, dtype, tuning, entry_targets)
-    if backend == "tvm":
-        from edgec.targets import backend_tvm as chosen
-    else:
-        from edgec.targets import backend_onnx as chosen  # type: ignore[no-redef]
-    return chosen.build(entries, target, out_dir, progress, dtype, tuning)
+    assert entry_targets is None  # resolve_part_targets refuses other backends
+    from edgec.targets import backend_onnx
+
+    return backend_onnx.build(entries, target, out_dir, progress, dtype, tuning)
 
 
 def _evaluate(

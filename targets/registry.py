@@ -387,18 +387,24 @@ def is_part_targets(request: str) -> bool:
     return "=" in request and not request.strip().startswith("{")
 
 
-def resolve_part_targets(request: str, backend: str, options: dict[str, Any] | None = None) -> tuple[ResolvedTarget, dict[str, ResolvedTarget]]:
-    """(the machine's CPU target, {part: target}) for `PART=TARGET,PART=TARGET`. The parts
-    share one machine: one CPU target (which runs the artifact's host side) and, beside it,
-    CUDA targets for that machine's GPU, whose host code is built for this machine."""
-    parts: dict[str, ResolvedTarget] = {}
+def part_target_names(request: str) -> dict[str, str]:
+    """{part: target name} of `PART=TARGET,PART=TARGET`, as given."""
+    names: dict[str, str] = {}
     for item in request.split(","):
         part, sep, name = (text.strip() for text in item.partition("="))
         if not sep or not part or not name:
             raise BadInputError(f"--target {request!r}: give PART=TARGET pairs separated by commas, e.g. sparse=cpu,dense=cuda")
-        if part in parts:
+        if part in names:
             raise BadInputError(f"--target {request!r}: part {part} is given twice")
-        parts[part] = resolve_target(name, backend, options)
+        names[part] = name
+    return names
+
+
+def resolve_part_targets(request: str, backend: str, options: dict[str, Any] | None = None) -> tuple[ResolvedTarget, dict[str, ResolvedTarget]]:
+    """(the machine's CPU target, {part: target}) for `PART=TARGET,PART=TARGET`. The parts
+    share one machine: one CPU target (which runs the artifact's host side) and, beside it,
+    CUDA targets for that machine's GPU, whose host code is built for this machine."""
+    parts = {part: resolve_target(name, backend, options) for part, name in part_target_names(request).items()}
     if backend != "tvm":
         raise UnsupportedError(f"--target {request!r}: a target per part is built with --backend tvm (ONNX Runtime runs "
                                "a whole artifact with one execution provider)")

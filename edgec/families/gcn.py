@@ -208,11 +208,9 @@ class GcnFamily(Family):
 
     @staticmethod
     def _target_of(part: str, recipe: Recipe) -> str:
-        from edgec.targets.registry import is_part_targets
+        from edgec.targets.registry import is_part_targets, part_target_names
 
-        if not is_part_targets(recipe.target):
-            return recipe.target
-        return dict(item.split("=", 1) for item in recipe.target.replace(" ", "").split(","))[part]
+        return part_target_names(recipe.target)[part] if is_part_targets(recipe.target) else recipe.target
 
     def describe_section(self, section: dict[str, Any]) -> str:
         orders = ", ".join(layer["order"] for layer in section["layers"])

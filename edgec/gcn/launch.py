@@ -37,8 +37,9 @@ EXIT_WORKER_FAILED = 100  # + the rank
 
 
 class WorkerFailedError(EdgecError):
-    def __init__(self, message: str, rank: int) -> None:
-        super().__init__(message)
+    def __init__(self, culprit: str, then: str, rank: int) -> None:
+        super().__init__(f"{culprit}; every worker was stopped; {then}")
+        self.culprit = culprit  # "rank R (pid P) was killed by SIG..."
         self.exit_code = EXIT_WORKER_FAILED + min(rank, 99)
 
 
@@ -189,7 +190,7 @@ def _launch(graph: Graph, graph_path: Path, config: GCNConfig, options: TrainOpt
             # Rank 0 writes the record only after every rank's last collective: the training is
             # whole, and a rank that then crashed in its own teardown (gloo's socket threads
             # can abort when a peer closes first) lost nothing.
-            progress(f"warning: after the last epoch was saved, {str(failure).split(';')[0]} while shutting down; "
+            progress(f"warning: after the last epoch was saved, {failure.culprit} while shutting down; "
                      "the run is complete")
         except SignalException as exc:  # the agent ended the workers on Ctrl-C / SIGTERM
             note_signal(exc.sigval)
@@ -242,4 +243,4 @@ def _failure(exc: Any, checkpoint: Path) -> WorkerFailedError:
     saved = (json.loads((checkpoint / PROGRESS).read_text())["epoch"] if (checkpoint / PROGRESS).is_file() else None)
     then = (f"the checkpoint at {checkpoint} holds epoch {saved}: continue with --resume" if saved
             else "no epoch had finished: run it again")
-    return WorkerFailedError(f"rank {rank} (pid {failure.pid}) {how}; every worker was stopped; {then}", rank)
+    return WorkerFailedError(f"rank {rank} (pid {failure.pid}) {how}", then, rank)
