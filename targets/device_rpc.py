@@ -179,17 +179,27 @@ def sessions(endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int 
 
 
 def _from_tracker(tracker: Any, endpoint: RpcEndpoint, progress: Callable[[str], None], limit: int | None) -> list[RemoteTVM]:
-    queue = tracker.summary().get("queue_info", {})
-    free = int(queue.get(endpoint.key, {}).get("free", 0))
+    def counts() -> tuple[int, int, list[str]]:
+        summary = tracker.summary()
+        queue = summary.get("queue_info", {})
+        # A server keeps its tracker connection through a session but re-offers itself only
+        # after the session ends, so `server_info` counts the busy ones too.
+        registered = sum(1 for s in summary.get("server_info", []) if s.get("key") == f"server:{endpoint.key}")
+        return int(queue.get(endpoint.key, {}).get("free", 0)), registered, sorted(queue)
+
+    free, registered, keys = counts()
+    wanted = max(1, registered if limit is None else min(limit, registered))
     deadline = time.monotonic() + 30
-    while free == 0 and endpoint.key in queue and time.monotonic() < deadline:
-        time.sleep(1)  # servers of the key are busy or re-registering after a session
-        queue = tracker.summary().get("queue_info", {})
-        free = int(queue.get(endpoint.key, {}).get("free", 0))
+    while free < wanted and (endpoint.key in keys or registered) and time.monotonic() < deadline:
+        time.sleep(1)  # servers of the key are busy, or re-offering themselves after the last session
+        free, registered, keys = counts()
+        wanted = max(1, registered if limit is None else min(limit, registered))
     if free == 0:
-        known = ", ".join(sorted(queue)) or "none"
-        raise DeviceUnreachableError(f"{endpoint.uri}: the tracker has no free server with key {endpoint.key!r} (keys there: {known})")
-    progress(f"{endpoint.uri}: {free} free device(s) with key {endpoint.key}")
+        raise DeviceUnreachableError(
+            f"{endpoint.uri}: the tracker has no free server with key {endpoint.key!r} (keys there: {', '.join(keys) or 'none'})"
+        )
+    busy = f" ({registered - free} more busy)" if registered > free else ""
+    progress(f"{endpoint.uri}: {free} free device(s) with key {endpoint.key}{busy}")
     count = free if limit is None else min(free, limit)
     found = [tracker.request(endpoint.key, session_timeout=int(endpoint.timeout_s), max_retry=2) for _ in range(count)]
     return [RemoteTVM(s, _server_id(s, f"device {i}"), endpoint.timeout_s) for i, s in enumerate(found)]
