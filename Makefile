@@ -10,16 +10,17 @@ LOCK_HASH := $(shell cat requirements.lock requirements-models.lock pyproject.to
 STAMP     := $(VENV)/.installed-$(LOCK_HASH)
 # python3.11-venv: the venv; g++: TVM links host libraries with it; python3.11-doc:
 # training/evaluation text; wordnet-base: the act head-search task; then arm64 cross builds and emulation; openssh: the
-# ssh:// device is tested against a real sshd on localhost.
+# ssh:// device is tested against a real sshd on localhost; dataset-fashion-mnist: zoo:tiny-dit's data and the
+# classifier that scores its samples.
 APT_PACKAGES := python3.11-venv g++ python3.11-doc wordnet-base gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
-                libc6-dev-arm64-cross qemu-user-static mmdebstrap file openssh-server openssh-client
+                libc6-dev-arm64-cross qemu-user-static mmdebstrap file openssh-server openssh-client dataset-fashion-mnist
 BINFMT    := /proc/sys/fs/binfmt_misc
 DEMO_PORT := 9091
 # Test processes (pytest-xdist; each test file stays in one, so its fixtures are built once).
 # Compiles and the emulator are mostly single-threaded: two workers fill CI's two cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install apt binfmt python demo test test-slow zoo-gcn-wordnet clean
+.PHONY: install apt binfmt python demo test test-slow zoo-gcn-wordnet zoo-tiny-dit clean
 
 install: apt binfmt python
 
@@ -75,6 +76,11 @@ test-slow: install
 # The built-in GCN (zoo:gcn-wordnet): single-process training on the WordNet noun graph.
 zoo-gcn-wordnet: install
 	$(EDGEC) gcn train zoo:wordnet --plan single --epochs 200 --seed 0 --force -o edgec/zoo/gcn-wordnet
+
+# The built-in DiT (zoo:tiny-dit) and the classifier that scores samples, both on Fashion-MNIST.
+zoo-tiny-dit: install
+	$(PY) scripts/train_fashion_classifier.py
+	$(PY) scripts/train_tiny_dit.py --minutes 45
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

@@ -725,6 +725,8 @@ def profile_command(
         out.print("parts    " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in result["parts_ms"].items()) + " (p50 each)")
     if result.get("decode_tokens_per_s"):
         out.print(f"decode   {result['decode_tokens_per_s']:.1f} tokens/s after a {result['prompt_tokens']}-token prompt")
+    if result.get("sample_ms"):
+        out.print(f"sample   {result['sample_ms']:.0f} ms per image ({result['sample_steps']} steps, guided)")
     if result.get("load_ms") is not None:
         rss = result.get("peak_rss_bytes")
         memory = f"; peak RSS {rss / 1e6:.0f} MB{' (includes the emulator)' if result['emulated'] else ''}" if rss else ""
@@ -750,18 +752,25 @@ def run_command(
     text: list[str] = typer.Option([], "--text", "-t", help="encoders: text to embed; repeatable"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help="other families: an .npz of input name -> array (default: the reference inputs)"),
     shape: Optional[str] = typer.Option(None, "--shape", help="a `--subnet all` artifact: the shape to run, depth=D,width=W (default the largest)"),
+    klass: Optional[str] = typer.Option(None, "--class", help="diffusion models: the class to draw, by index or label"),
+    samples: int = typer.Option(8, "--samples", min=1, help="diffusion models: images to draw (seeds --seed, --seed+1, ...)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="diffusion models: sampling steps (default the recipe's)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="diffusion models: seed of the first image's noise (numpy)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="diffusion models: classifier-free guidance scale (default the recipe's)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="diffusion models: write the images as a PNG grid here"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Run an artifact in its own runtime, as its family's program says: a causal LM
-    generates from --prompt, an encoder embeds --text, other families run their entries
-    on --inputs."""
+    generates from --prompt, an encoder embeds --text, a diffusion model draws --samples
+    images of --class (-o grid.png), other families run their entries on --inputs."""
     from edgec.artifact import open_runtime, read_manifest
     from edgec.families import family_named
 
     _limit_threads()
     manifest = read_manifest(artifact)
     family = family_named(manifest["model"]["family"])
-    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "text": text, "inputs": inputs, "shape": shape}
+    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "text": text, "inputs": inputs, "shape": shape,
+               "class": klass, "samples": samples, "steps": steps, "seed": seed, "guidance": guidance, "output": output}
     result = family.run(artifact, manifest, open_runtime(artifact, manifest), request)
     if as_json:
         _emit_json(result)
@@ -885,7 +894,8 @@ def eval_command(
     task: Optional[str] = typer.Option(
         None, "--task",
         help="causal LMs: ppl (default; perplexity and bits per byte), wordnet, shakespeare or FILE.jsonl "
-        "(test-split accuracy); encoders: similarity (needs --data pairs.tsv) or retrieval (default)",
+        "(test-split accuracy); encoders: similarity (needs --data pairs.tsv) or retrieval (default); "
+        "diffusion models: fid (default; class accuracy and FID on the Fashion-MNIST classifier's features)",
     ),
     data: Optional[str] = typer.Option(
         None, "--data", help="ppl: 'held-out' (default) or a UTF-8 .txt file; similarity: a TSV of sentence1<TAB>sentence2<TAB>score"
@@ -893,7 +903,7 @@ def eval_command(
     tokens: int = typer.Option(32768, "--tokens", min=2, help="ppl: tokens to score"),
     window: int = typer.Option(256, "--window", min=8, help="ppl: tokens per scored window"),
     seed: int = typer.Option(0, "--seed", help="labelled tasks and retrieval: seed of the split / the sampled set"),
-    samples: int = typer.Option(120, "--samples", min=4, help="labelled tasks: test prompts (balanced over the labels); retrieval: queries"),
+    samples: int = typer.Option(120, "--samples", min=4, help="labelled tasks: test prompts (balanced over the labels); retrieval: queries; fid: images drawn"),
     device: Optional[str] = typer.Option(
         None, "--device", "-d", help="ppl of an artifact: run it on this device (as for deploy --device), e.g. a cross-built one"
     ),

@@ -110,6 +110,16 @@ class FinetuneSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="the method's own options (edge-llm: stride, rank, alpha)")
 
 
+class SamplerSpec(Strict):
+    """A diffusion model's sampler loop, as the artifact's program runs it."""
+
+    scheduler: Literal["ddim", "ddpm"] = Field(
+        "ddim", description="update rule: ddim (deterministic, eta 0) or ddpm (ancestral); the noise schedule is the model's"
+    )
+    steps: int = Field(20, ge=1, le=1000, description="sampling steps (the default of `edgec run` and the parity check)")
+    guidance_scale: float = Field(2.0, ge=1.0, description="classifier-free guidance scale; 1 = conditional only")
+
+
 class Recipe(Strict):
     target: str = "cpu"
     backend: Literal["tvm", "onnx"] = "tvm"
@@ -129,6 +139,7 @@ class Recipe(Strict):
     )
     graph: str | None = Field(None, description="a GCN model: the graph .npz (or zoo:wordnet) it is compiled for and checked on")
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     passes: list[PassSpec] = Field(default_factory=list)
 
     @field_validator("subnet")

@@ -266,6 +266,15 @@ def profile(root: Path, runs: int, warmup: int, prompt_len: int, new_tokens: int
         inputs = [reference[f"{entry}.in.{i}"] for i in range(count)]
         result["latency"] = shared.percentiles(shared.timed(lambda: runtime.run(entry, inputs), runs, warmup))
         _report({"latency": result["latency"], "entry": entry})
+        if program["kind"] == "sample":
+            # One whole sample at the program's step count: what a user waits for per image.
+            start, draws = shared.sample_noise(program, 0, int(program["steps"]))
+            began = time.perf_counter()
+            shared.Sampler(program).sample(lambda name, args: runtime.run(name, list(args)), 0, start, int(program["steps"]),
+                                           float(program["guidance_scale"]), draws)
+            result["sample_ms"] = (time.perf_counter() - began) * 1e3
+            result["sample_steps"] = int(program["steps"])
+            _report({"sample_ms": result["sample_ms"], "sample_steps": result["sample_steps"]})
     result["entry"] = "steps" if program["kind"] == "steps" else entry
     with tempfile.TemporaryDirectory() as workdir:
         if manifest["backend"] == "tvm":

@@ -18,6 +18,14 @@ entries are driven:
      "steps": [{"entry": "sparse0", "inputs": ["x", "indptr", ...], "output": "h0"}, ...],
      "output": "logits"}                  entries chained by value names (a GCN's sparse and
                                               dense parts); the inputs come from the reference file
+    {"kind": "sample", "entries": {...}, "regions": [{"entry": "denoise", "t_from": 0, "t_to": 1000}],
+     "inputs": ["sample", "timestep", "class_labels"], "output": "noise",
+     "scheduler": {"kind": "ddim", "alphas_cumprod": [...], ...}, "steps": 20,
+     "guidance_scale": 2.0, "null_class": 10, "sample_shape": [1, 32, 32]}
+                                              a diffusion sampler: each step calls the entry of
+                                              its timestep region on [x, x] with [class, null]
+                                              (classifier-free guidance), then the scheduler's
+                                              update in numpy (DDIM or DDPM, as diffusers does it)
 
 `entries` maps each entry to {"inputs": [names], "outputs": [names]}. Nothing here knows
 what a family is; it reads names and roles from the program.
@@ -229,6 +237,102 @@ def run_steps(runner: Runs, program: dict[str, Any], values: dict[str, Any],
     return bound[program["output"]]
 
 
+SCHEDULER_KINDS = ("ddim", "ddpm")
+
+
+def sampler_timesteps(scheduler: dict[str, Any], steps: int) -> list[tuple[int, int]]:
+    """(t, previous t) for each of `steps` sampling steps, spaced as diffusers' `set_timesteps`
+    spaces them; a previous t of -1 means the clean image."""
+    total = int(scheduler["train_timesteps"])
+    spacing = scheduler["spacing"]
+    if spacing == "linspace":
+        ts = np.linspace(0, total - 1, steps).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, steps) * (total // steps)).round()[::-1].astype(np.int64) + int(scheduler.get("steps_offset", 0))
+    else:  # trailing
+        ts = np.round(np.arange(total, 0, -total / steps)).astype(np.int64) - 1
+    if scheduler["kind"] == "ddim":  # DDIM steps back by the ratio, whatever the spacing
+        return [(int(t), int(t) - total // steps) for t in ts]
+    return [(int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+
+
+def _clean_and_noise(scheduler: dict[str, Any], x: np.ndarray, output: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted clean image (clipped as configured) and noise from the model output."""
+    kind = scheduler["prediction_type"]
+    if kind == "epsilon":
+        clean, noise = (x - (1 - alpha) ** 0.5 * output) / alpha**0.5, output
+    elif kind == "sample":
+        clean, noise = output, (x - alpha**0.5 * output) / (1 - alpha) ** 0.5
+    else:  # v_prediction
+        clean, noise = alpha**0.5 * x - (1 - alpha) ** 0.5 * output, alpha**0.5 * output + (1 - alpha) ** 0.5 * x
+    if scheduler["clip_sample"]:
+        bound = float(scheduler["clip_sample_range"])
+        clean = np.clip(clean, -bound, bound)
+    return clean, noise
+
+
+def sampler_step(scheduler: dict[str, Any], x: np.ndarray, output: np.ndarray, t: int, prev: int,
+                 noise: np.ndarray | None = None) -> np.ndarray:
+    """x at `prev` from x at `t` and the model output: deterministic DDIM (eta 0), or DDPM's
+    ancestral step with its fixed-small variance (`noise`: this step's standard normal draw)."""
+    alphas = scheduler["_alphas"] if "_alphas" in scheduler else np.asarray(scheduler["alphas_cumprod"], dtype=np.float64)
+    alpha = float(alphas[t])
+    alpha_prev = float(alphas[prev]) if prev >= 0 else float(scheduler["final_alpha_cumprod"])
+    clean, eps = _clean_and_noise(scheduler, x, output, alpha)
+    if scheduler["kind"] == "ddim":
+        return (alpha_prev**0.5 * clean + (1 - alpha_prev) ** 0.5 * eps).astype(np.float32)
+    beta_t = 1 - alpha / alpha_prev
+    mean = (alpha_prev**0.5 * beta_t / (1 - alpha)) * clean + ((1 - beta_t) ** 0.5 * (1 - alpha_prev) / (1 - alpha)) * x
+    if t > 0:
+        assert noise is not None, "a DDPM step needs its noise draw"
+        mean = mean + max((1 - alpha_prev) / (1 - alpha) * beta_t, 1e-20) ** 0.5 * noise
+    return mean.astype(np.float32)
+
+
+class Sampler:
+    """A sample program's loop over any runner: classifier-free guidance over the entry of
+    each step's timestep region, then the scheduler's update."""
+
+    def __init__(self, program: dict[str, Any]) -> None:
+        self.program = program
+        self.scheduler = {**program["scheduler"], "_alphas": np.asarray(program["scheduler"]["alphas_cumprod"], dtype=np.float64)}
+
+    def entry_at(self, t: int) -> str:
+        """The entry of the timestep region holding t (regions split the training timesteps,
+        [t_from, t_to) each, as the model was trained)."""
+        return next(r["entry"] for r in self.program["regions"] if r["t_from"] <= t < r["t_to"])
+
+    def needs_noise(self) -> bool:
+        return self.scheduler["kind"] == "ddpm"
+
+    def sample(self, run: Callable[[str, list[Any]], Sequence[Any]], label: int, start: np.ndarray, steps: int,
+               guidance: float, step_noise: np.ndarray | None = None,
+               on_step: Callable[[int, str, float], None] | None = None) -> np.ndarray:
+        """One image [1, C, H, W] of class `label` from the noise `start` [1, C, H, W];
+        `step_noise` [steps, 1, C, H, W]: DDPM's per-step draws."""
+        x = np.asarray(start, dtype=np.float32)
+        labels = np.asarray([label, int(self.program["null_class"])], dtype=np.int64)
+        for index, (t, prev) in enumerate(sampler_timesteps(self.scheduler, steps)):
+            entry = self.entry_at(t)
+            began = time.perf_counter()
+            output = np.asarray(run(entry, [np.concatenate([x, x]), np.asarray([t, t], dtype=np.int64), labels])[0])
+            if on_step is not None:
+                on_step(index, entry, (time.perf_counter() - began) * 1e3)
+            guided = output[1:] + guidance * (output[:1] - output[1:])
+            x = sampler_step(self.scheduler, x, guided, t, prev, None if step_noise is None else step_noise[index])
+        return x
+
+
+def sample_noise(program: dict[str, Any], seed: int, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The starting noise [1, C, H, W] and (DDPM) the per-step draws of image `seed`, from
+    numpy's generator: the same on every machine and in the torch reference."""
+    rng = np.random.default_rng(seed)
+    shape = (1, *program["sample_shape"])
+    start = rng.standard_normal(shape).astype(np.float32)
+    draws = rng.standard_normal((steps, *shape)).astype(np.float32) if program["scheduler"]["kind"] == "ddpm" else None
+    return start, draws
+
+
 def reference_prompt(reference: dict[str, np.ndarray]) -> np.ndarray:
     """The prompt the reference generation started from ([1, T] int64)."""
     return reference["generate.prompt.0"]
@@ -354,11 +458,23 @@ def check_parity(runner: Runs, program: dict[str, Any], reference: dict[str, np.
                 raise
             outputs.append({"entry": "steps", "output": program["output"], "max_abs_diff": float("inf"), "tolerance": 0.0,
                             "argmax_mismatches": 0, "ok": False, "why": f"the chained steps failed: {one_line(exc)}"})
+    if program["kind"] == "sample" and not any(not o["ok"] for o in outputs):
+        # The whole sampler loop from the reference noise, against the reference implementation's image.
+        try:
+            got = Sampler(program).sample(lambda entry, args: runner.run(entry, list(args)), int(reference["sample.labels.0"][0]),
+                                          reference["sample.noise.0"], int(program["steps"]), float(program["guidance_scale"]),
+                                          reference.get("sample.step_noise.0"))
+            outputs.append(compare_output("sample", "image", reference["sample.out.0"], got, rtol, False, atol))
+        except Exception as exc:  # noqa: BLE001 - as above
+            if hasattr(exc, "exit_code"):
+                raise
+            outputs.append({"entry": "sample", "output": "image", "max_abs_diff": float("inf"), "tolerance": 0.0,
+                            "argmax_mismatches": 0, "ok": False, "why": f"the sampler loop failed: {one_line(exc)}"})
     failing = [o for o in outputs if not o["ok"]]
     generation = None
     if program["kind"] == "generate" and "generate.tokens.0" in reference and not failing:
         generation = check_generation(runner, program, reference, rtol)
-    pool = failing or [o for o in outputs if o["output"] == logits_name or o["entry"] == "steps"] or outputs
+    pool = failing or [o for o in outputs if o["output"] == logits_name or o["entry"] in ("steps", "sample")] or outputs
     worst = max(pool, key=lambda o: o["max_abs_diff"] / o["tolerance"] if o["tolerance"] else float("inf"))
     reason = f"{worst['entry']}.{worst['output']}: {worst['why']}" if failing else ""
     if generation is not None and not generation["ok"]:

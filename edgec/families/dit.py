@@ -1,0 +1,459 @@
+"""The diffusion-transformer family: a class-conditional DiT (diffusers'
+`DiTTransformer2DModel`) with its noise schedule, as one entry and a sampler program:
+
+    denoise(sample[2, C, H, W], timestep[2], class_labels[2]) -> noise[2, C, H, W]
+
+A diffusers directory is recognised by its `model_index.json` (or `transformer/` plus
+`scheduler/`). Each sampling step calls the entry once on the image twice over, with the
+requested class and the null class, and mixes the two predictions (classifier-free
+guidance); the scheduler's update (DDIM or DDPM, recipe `sampler:`) runs in numpy in
+edgec.targets.runtime, so the host, the device agent and the RPC runner all sample.
+The noise schedule (betas, spacing, clipping, prediction type) is read from the model's
+scheduler config and written into the program as data.
+
+Parity goes beyond one call: the reference is a whole sample drawn by diffusers' own
+scheduler from numpy-generated noise, and the artifact's sampler must reproduce it.
+`edgec run ART --class 3 --steps 20 --seed 0 -o grid.png` draws a grid, and `edgec eval
+--task fid` scores samples with the Fashion-MNIST classifier (edgec.fashion).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgec.errors import BadInputError, UnsupportedError
+from edgec.families import EvalRequest, Family, Progress, Section, entry_io, register
+from edgec.model import ModelHandle, sha256_files
+from edgec.recipe import Recipe
+from edgec.targets.export import ExportedEntry
+
+FAMILY_DIT = "dit"
+DIT_CLASSES: tuple[str, ...] = ("DiTTransformer2DModel",)
+# Scheduler configs whose noise schedule edgec reads (the update rule is the recipe's).
+SCHEDULER_CLASSES: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIT_TASKS: tuple[str, ...] = ("fid",)
+ENTRY = "denoise"
+
+
+class DiTSection(Section):
+    """manifest["dit"]: what the sampler draws and how."""
+
+    architecture: str
+    sample_shape: list[int]
+    patch_size: int
+    tokens: int
+    layers: int
+    num_classes: int
+    null_class: int
+    labels: list[str]
+    model_scheduler: str
+
+
+class Denoiser(nn.Module):
+    """The transformer's noise prediction only: a DiT trained with learned variance
+    predicts 2C channels, of which the sampler uses the first C."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.channels = int(transformer.config.in_channels)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.transformer(sample, timestep, class_labels, return_dict=False)[0][:, : self.channels]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path} is not readable JSON ({exc})") from None
+
+
+def _parts(path: Path) -> tuple[Path, Path]:
+    """The transformer and scheduler directories of a diffusers model directory."""
+    transformer, scheduler = path / "transformer", path / "scheduler"
+    index = path / "model_index.json"
+    if index.is_file():
+        named = _read_json(index)
+        for part in ("transformer", "scheduler"):
+            if part not in named:
+                raise BadInputError(f"{index} names no {part}; edgec compiles a DiT pipeline (transformer + scheduler)")
+    return transformer, scheduler
+
+
+def scheduler_config(path: Path) -> dict[str, Any]:
+    _, scheduler = _parts(path)
+    config_path = scheduler / "scheduler_config.json"
+    if not config_path.is_file():
+        raise BadInputError(f"{path}: no scheduler/scheduler_config.json; save the pipeline's scheduler next to the transformer")
+    config = _read_json(config_path)
+    kind = str(config.get("_class_name"))
+    if kind not in SCHEDULER_CLASSES:
+        raise UnsupportedError(f"{config_path}: scheduler {kind} is not supported; edgec reads {', '.join(SCHEDULER_CLASSES)}")
+    if config.get("thresholding"):
+        raise UnsupportedError(f"{config_path}: dynamic thresholding is not supported; set thresholding false")
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "sample", "v_prediction"):
+        raise UnsupportedError(f"{config_path}: prediction_type {config.get('prediction_type')!r} is not supported")
+    return config
+
+
+def diffusers_scheduler(config: dict[str, Any], kind: str) -> Any:
+    """diffusers' scheduler for the update rule `kind` over the model's noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    known = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    return known[kind].from_config(config)
+
+
+def program_scheduler(config: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The update rule and the noise schedule as data for edgec.targets.runtime."""
+    scheduler = diffusers_scheduler(config, kind)
+    final = float(scheduler.final_alpha_cumprod) if kind == "ddim" else 1.0
+    return {
+        "kind": kind,
+        "alphas_cumprod": [float(a) for a in scheduler.alphas_cumprod],
+        "train_timesteps": int(scheduler.config.num_train_timesteps),
+        "spacing": str(scheduler.config.timestep_spacing),
+        "steps_offset": int(scheduler.config.steps_offset),
+        "final_alpha_cumprod": final,
+        "prediction_type": str(scheduler.config.prediction_type),
+        "clip_sample": bool(scheduler.config.clip_sample),
+        "clip_sample_range": float(scheduler.config.clip_sample_range),
+    }
+
+
+def torch_sample(module: nn.Module, scheduler: Any, label: int, null_class: int, start: np.ndarray, steps: int,
+                 guidance: float, step_noise: np.ndarray | None) -> np.ndarray:
+    """One sample drawn with diffusers' own scheduler (the reference for the numpy sampler);
+    a DDPM step's random draw is taken from `step_noise` so both samplers add the same noise."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    scheduler.set_timesteps(steps)
+    x = torch.from_numpy(np.asarray(start, dtype=np.float32))
+    labels = torch.tensor([label, null_class], dtype=torch.int64)
+    draw: list[torch.Tensor] = []
+    original = ddpm_module.randn_tensor
+    ddpm_module.randn_tensor = lambda *args, **kwargs: draw[0]
+    try:
+        with torch.no_grad():
+            for index, t in enumerate(scheduler.timesteps):
+                output = module(torch.cat([x, x]), torch.full((2,), int(t), dtype=torch.int64), labels)
+                guided = output[1:] + guidance * (output[:1] - output[1:])
+                if step_noise is not None:
+                    draw[:] = [torch.from_numpy(step_noise[index])]
+                x = scheduler.step(guided, t, x).prev_sample
+    finally:
+        ddpm_module.randn_tensor = original
+    return x.numpy()
+
+
+class DiT(Family):
+    name = FAMILY_DIT
+    section_key = "dit"
+    Section = DiTSection
+    architectures = DIT_CLASSES
+
+    def recognise(self, path: Path) -> bool:
+        if not path.is_dir():
+            return False
+        config = path / "transformer" / "config.json"
+        if not ((path / "model_index.json").is_file() or (path / "scheduler").is_dir()) or not config.is_file():
+            return False
+        try:
+            return str(json.loads(config.read_text(encoding="utf-8")).get("_class_name")) in DIT_CLASSES
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+
+    def load(self, path: Path, name: str | None, trust_pickle: bool) -> ModelHandle:
+        from diffusers import DiTTransformer2DModel
+
+        transformer_dir, _ = _parts(path)
+        config = _read_json(transformer_dir / "config.json")
+        patch, size = int(config.get("patch_size") or 0), int(config.get("sample_size") or 0)
+        if patch <= 0 or size <= 0 or size % patch:
+            raise BadInputError(f"{transformer_dir / 'config.json'}: sample_size {size} is not a multiple of patch_size {patch}")
+        if not config.get("num_embeds_ada_norm"):
+            raise UnsupportedError(f"{transformer_dir}: not class-conditional (no num_embeds_ada_norm); edgec samples by class")
+        weights = transformer_dir / WEIGHTS
+        if not weights.is_file():
+            raise BadInputError(f"{transformer_dir}: no {WEIGHTS} (edgec reads safetensors only; re-save with save_pretrained)")
+        schedule = scheduler_config(path)
+        try:
+            transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, use_safetensors=True)
+        except (ValueError, OSError, RuntimeError, TypeError) as exc:
+            raise BadInputError(f"{transformer_dir}: the weights do not fit the config ({str(exc).splitlines()[0]})") from None
+        index = path / "model_index.json"
+        id2label = _read_json(index).get("id2label", {}) if index.is_file() else {}
+        classes = int(config["num_embeds_ada_norm"])
+        labels = [str(id2label.get(str(i), i)) for i in range(classes)]
+        return ModelHandle(
+            name=name or str(path),
+            family=FAMILY_DIT,
+            architecture=str(config["_class_name"]),
+            source=path,
+            sha256=sha256_files([transformer_dir / "config.json", weights, path / "scheduler" / "scheduler_config.json"]),
+            module=Denoiser(transformer.eval()).eval(),
+            info={
+                "parameters": sum(p.numel() for p in transformer.parameters()),
+                "layers": int(config["num_layers"]),
+                "hidden_size": int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                "sample_shape": [int(config["in_channels"]), size, size],
+                "patch_size": patch,
+                "tokens": (size // patch) ** 2,
+                "num_classes": classes,
+                "labels": labels,
+                "scheduler_config": schedule,
+            },
+        )
+
+    def _example(self, model: ModelHandle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randn(2, *model.info["sample_shape"], generator=generator)
+        return sample, torch.tensor([500, 500], dtype=torch.int64), torch.tensor([0, model.info["num_classes"]], dtype=torch.int64)
+
+    def entries(self, model: ModelHandle) -> list[ExportedEntry]:
+        assert model.module is not None
+        example = self._example(model)
+        with torch.no_grad():
+            program = torch.export.export(model.module, example)
+        return [ExportedEntry(ENTRY, program, model.module, example, None, ["sample", "timestep", "class_labels"], ["noise"])]
+
+    def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
+        """One call at a mid-schedule timestep, and one whole sample (class 0, seed 0)."""
+        from edgec.targets.runtime import sample_noise
+
+        io = super().reference(model, entries, recipe)
+        program = self.program(model, entries, recipe)
+        start, draws = sample_noise(program, 0, recipe.sampler.steps)
+        scheduler = diffusers_scheduler(model.info["scheduler_config"], recipe.sampler.scheduler)
+        assert model.module is not None
+        image = torch_sample(model.module, scheduler, 0, model.info["num_classes"], start, recipe.sampler.steps,
+                             recipe.sampler.guidance_scale, draws)
+        io["sample.noise"] = [start]
+        io["sample.labels"] = [np.asarray([0], dtype=np.int64)]
+        if draws is not None:
+            io["sample.step_noise"] = [draws]
+        io["sample.out"] = [image]
+        return io
+
+    def program(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, Any]:
+        return {
+            "kind": "sample",
+            "entries": entry_io(entries),
+            "regions": [{"entry": ENTRY, "t_from": 0, "t_to": int(model.info["scheduler_config"].get("num_train_timesteps", 1000))}],
+            "inputs": ["sample", "timestep", "class_labels"],
+            "output": "noise",
+            "scheduler": program_scheduler(model.info["scheduler_config"], recipe.sampler.scheduler),
+            "steps": recipe.sampler.steps,
+            "guidance_scale": recipe.sampler.guidance_scale,
+            "null_class": int(model.info["num_classes"]),
+            "sample_shape": list(model.info["sample_shape"]),
+        }
+
+    def section(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> DiTSection:
+        return DiTSection(
+            architecture=model.architecture,
+            sample_shape=list(model.info["sample_shape"]),
+            patch_size=int(model.info["patch_size"]),
+            tokens=int(model.info["tokens"]),
+            layers=int(model.info["layers"]),
+            num_classes=int(model.info["num_classes"]),
+            null_class=int(model.info["num_classes"]),
+            labels=list(model.info["labels"]),
+            model_scheduler=str(model.info["scheduler_config"]["_class_name"]),
+        )
+
+    def describe_section(self, section: dict[str, Any]) -> str:
+        c, h, w = section["sample_shape"]
+        return (f"{section['architecture']}: {c}x{h}x{w} images, {section['tokens']} tokens (patch {section['patch_size']}), "
+                f"{section['layers']} layers, {section['num_classes']} classes")
+
+    def run(self, root: Path, manifest: dict[str, Any], runtime: Any, request: dict[str, Any]) -> dict[str, Any]:
+        """Samples of one class: `class` (index or name), `samples` images, seeds from `seed`,
+        `steps` (default the program's), a PNG grid written to `output` when given."""
+        program, section = manifest["program"], manifest["dit"]
+        label = class_of(request.get("class"), section["labels"])
+        steps = int(request.get("steps") or program["steps"])
+        count = int(request.get("samples") or 8)
+        seed = int(request.get("seed") or 0)
+        started = time.perf_counter()
+        images = draw(lambda entry, args: runtime.run(entry, list(args)), program, [label] * count, seed, steps,
+                      float(request.get("guidance") or program["guidance_scale"]))
+        seconds = time.perf_counter() - started
+        result: dict[str, Any] = {"artifact": str(root), "backend": manifest["backend"], "class": label,
+                                  "label": section["labels"][label], "samples": count, "seed": seed, "steps": steps,
+                                  "ms_per_sample": seconds * 1e3 / count}
+        judged = judge(images, label)
+        if judged is not None:
+            result["classified_as_asked"] = judged
+        output = request.get("output")
+        if output:
+            write_grid(images, Path(output), f"{section['labels'][label]}, {steps} steps")
+            result["grid"] = str(output)
+        return result
+
+    def describe_run(self, result: dict[str, Any]) -> tuple[list[str], str]:
+        lines = [f"{result['samples']} samples of class {result['class']} ({result['label']}), seeds {result['seed']}.."
+                 f"{result['seed'] + result['samples'] - 1}, {result['steps']} steps"]
+        if "classified_as_asked" in result:
+            lines.append(f"the Fashion-MNIST classifier calls {result['classified_as_asked']:.0%} of them {result['label']}")
+        if "grid" in result:
+            lines.append(f"grid: {result['grid']}")
+        return lines, f"{result['ms_per_sample']:.0f} ms per sample ({result['backend']})"
+
+    def eval(self, spec: str, request: EvalRequest, progress: Progress) -> dict[str, Any]:
+        """fid: `samples` images spread evenly over the classes; the classifier's accuracy on
+        the requested class and the Fréchet distance of its features to the real test set."""
+        from edgec import fashion
+
+        task = request.task or "fid"
+        if task not in DIT_TASKS:
+            raise BadInputError(f"--task {task}: not a diffusion task; available: {', '.join(DIT_TASKS)}")
+        if request.device is not None:
+            raise BadInputError("--device: diffusion samples are scored on this machine (drop --device)")
+        run, program, labels, what = open_sampler(spec)
+        if labels != list(fashion.CLASSES):
+            raise UnsupportedError(f"{spec}: --task fid scores Fashion-MNIST classes; this model's classes are {labels[:3]}...")
+        classes = [i % len(labels) for i in range(request.samples)]
+        progress(f"fid: {request.samples} samples, {program['steps']} steps each, on {what}")
+        started = time.perf_counter()
+        images = draw(run, program, classes, request.seed, int(program["steps"]), float(program["guidance_scale"]), progress)
+        seconds = time.perf_counter() - started
+        return {"model": spec, "what": what, "task": task, "samples": request.samples, "seed": request.seed,
+                "steps": int(program["steps"]), "ms_per_sample": seconds * 1e3 / request.samples,
+                **quality(images, np.asarray(classes))}
+
+    def describe_eval(self, result: dict[str, Any]) -> str:
+        return (f"{result['what']}: FID (Fashion-MNIST classifier features) {result['fid']:.2f} over {result['samples']} samples, "
+                f"classified as asked {result['class_accuracy']:.1%} (real test images: FID {result['fid_real_floor']:.2f}); "
+                f"{result['ms_per_sample']:.0f} ms per sample")
+
+
+def class_of(value: Any, labels: list[str]) -> int:
+    if value is None:
+        raise BadInputError(f"give --class: 0-{len(labels) - 1} or a label ({', '.join(labels)})")
+    text = str(value).strip()
+    if text.isdigit() and int(text) < len(labels):
+        return int(text)
+    for index, label in enumerate(labels):
+        if text.lower() == label.lower():
+            return index
+    raise BadInputError(f"--class {value}: not a class of this model; give 0-{len(labels) - 1} or one of {', '.join(labels)}")
+
+
+def draw(run: Any, program: dict[str, Any], classes: list[int], seed: int, steps: int, guidance: float,
+         progress: Progress | None = None) -> np.ndarray:
+    """Images [N, C, H, W], image i of class classes[i] from seed + i."""
+    from edgec.targets.runtime import Sampler, sample_noise
+
+    sampler = Sampler(program)
+    images = []
+    for i, label in enumerate(classes):
+        start, draws = sample_noise(program, seed + i, steps)
+        images.append(sampler.sample(run, label, start, steps, guidance, draws))
+        if progress is not None and (i + 1) % 50 == 0:
+            progress(f"{i + 1}/{len(classes)} samples")
+    return np.concatenate(images)
+
+
+def open_sampler(spec: str) -> tuple[Any, dict[str, Any], list[str], str]:
+    """(run(entry, args), program, labels, description) for an artifact (its runtime) or a
+    model (torch, with the default recipe's sampler)."""
+    from edgec.artifact import MANIFEST, open_runtime, read_manifest
+    from edgec.model import load_model
+
+    path = Path(spec)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        runtime = open_runtime(path, manifest)
+        return (lambda entry, args: runtime.run(entry, list(args))), manifest["program"], manifest["dit"]["labels"], \
+            f"{spec} ({manifest['backend']} artifact)"
+    model = load_model(spec)
+    if model.family != FAMILY_DIT:
+        raise BadInputError(f"{spec} is a {model.family} model, not a diffusion transformer")
+    assert model.module is not None
+    module = model.module
+    family = DiT()
+    program = family.program(model, [], Recipe())
+
+    def run(entry: str, args: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [module(*(torch.from_numpy(np.asarray(a)) for a in args)).numpy()]
+
+    return run, program, list(model.info["labels"]), f"{spec} (torch)"
+
+
+def _classifier() -> Any | None:
+    from edgec.zoo import ZOO_DIR
+
+    path = ZOO_DIR / "fashion-classifier"
+    if not (path / "model.safetensors").is_file():
+        return None
+    from edgec import fashion
+
+    return fashion.load_classifier(path)
+
+
+def judge(images: np.ndarray, label: int) -> float | None:
+    """The share of images the Fashion-MNIST classifier puts in class `label` (None: no
+    classifier, or images of another shape)."""
+    from edgec import fashion
+
+    classifier = _classifier()
+    if classifier is None or images.shape[1:] != (1, fashion.SIZE, fashion.SIZE):
+        return None
+    predicted, _ = fashion.classify(classifier, images)
+    return float((predicted == label).mean())
+
+
+def quality(images: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Class accuracy, FID against the real test set, and the floor: FID of as many real
+    training images (what sampling noise alone gives at this sample count)."""
+    from edgec import fashion
+
+    classifier = _classifier()
+    if classifier is None:
+        raise BadInputError("edgec/zoo/fashion-classifier is missing; run scripts/train_fashion_classifier.py")
+    predicted, features = fashion.classify(classifier, images)
+    test_images, _ = fashion.load("test")
+    _, real = fashion.classify(classifier, test_images)
+    train_images, _ = fashion.load("train")
+    floor_images = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
+    _, floor = fashion.classify(classifier, floor_images)
+    return {"class_accuracy": float((predicted == classes).mean()), "fid": fashion.frechet_distance(features, real),
+            "fid_real_floor": fashion.frechet_distance(floor, real)}
+
+
+def write_grid(images: np.ndarray, path: Path, title: str) -> None:
+    """Images in [-1, 1] as one PNG, up to 8 per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(images)
+    columns = min(8, count)
+    rows = (count + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.2 * rows + 0.4), squeeze=False)
+    for i, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if i < count:
+            axis.imshow(np.clip((images[i, 0] + 1) / 2, 0, 1), cmap="gray", vmin=0, vmax=1)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    figure.savefig(staging, dpi=100, format="png")
+    plt.close(figure)
+    staging.replace(path)
+
+
+register(DiT())
