@@ -439,8 +439,9 @@ _FINETUNE_EXAMPLES = "\n\n".join([
 @app.command("finetune", epilog=_FINETUNE_EXAMPLES)
 @_user_errors
 def finetune_command(
-    model: str = typer.Argument(..., help="Hugging Face causal-LM dir or zoo:NAME"),
-    method: str = typer.Option(..., "--method", "-m", help="edge-llm (adaptive layer tuning with voting exits) or amoeba (one tuning for every subnet shape)"),
+    model: str = typer.Argument(..., help="Hugging Face causal-LM dir, a diffusers DiT dir (diffcr) or zoo:NAME"),
+    method: str = typer.Option(..., "--method", "-m", help="edge-llm (adaptive layer tuning with voting exits), amoeba (one tuning for every subnet shape) or diffcr (token routers and learned keep ratios for a DiT)"),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="diffcr: the target mean keep ratio, in (0, 1] (finetune.options.ratio)"),
     output: Path = typer.Option(..., "--output", "-o", help="the tuned model directory to write (compile it with edgec compile)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML with a finetune: section (see recipes/edge-llm-tuning.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. finetune.steps=20 or finetune.options.stride=3; repeatable"),
@@ -458,6 +459,12 @@ def finetune_command(
     from edgec.passes import options_for
     from edgec.recipe import load_recipe
 
+    if ratio is not None:
+        if method != "diffcr":
+            from edgec.errors import BadInputError
+
+            raise BadInputError(f"--ratio is a diffcr option; --method {method} does not read it")
+        set_ = [*set_, f"finetune.options.ratio={ratio}"]
     resolved = load_recipe(recipe, list(set_), options_for)
     _limit_threads()
     record = finetune(model, method, resolved, output, resume, force, Progress())
@@ -465,6 +472,15 @@ def finetune_command(
         _emit_json(record)
         return
     out.print(f"model     {record['output']}")
+    if method == "diffcr":
+        out.print(f"ratios    target {record['ratio']}, learned mean {record['mean_ratio']:.3f}, snapped to bins {record['mean_bin']:.3f} "
+                  f"({len(record['table']['bins'])} layers x {record['regions']} timestep regions)")
+        for layer, row in enumerate(record["table"]["bins"]):
+            out.print(f"layer {layer:>3}  " + "  ".join(f"{r:.1f}" for r in row))
+        if record["loss"]:
+            out.print(f"loss      {record['loss']['first']:.4f} -> {record['loss']['last_10_mean']:.4f} (mean of the last 10 steps)")
+        out.print(f"time      {record['seconds']:.1f} s, {record['step_ms_mean']:.0f} ms a step; peak RSS {record['peak_rss_bytes'] / 1e6:.0f} MB")
+        return
     if method == "amoeba":
         out.print(f"mixture   {record['experts']} LoRA experts per projection (rank {record['rank']}, top {record['top_k']}), "
                   f"{record['trained_parameters']:,} parameters trained")

@@ -34,6 +34,7 @@ Progress = Callable[[str], None]
 METHODS: dict[str, str] = {
     "edge-llm": "Edge-LLM adaptive layer tuning: exits every `stride` layers, LoRA one window at a time, voting",
     "amoeba": "AmoebaLLM: shape-aware mixture of LoRAs over the subnet search's shapes, in-place distillation",
+    "diffcr": "DiffRatio-MoD (DiffCR): token routers per DiT block, learned per-layer and per-timestep-region keep ratios",
 }
 RECORD = "finetune.json"
 CHECKPOINT_VERSION = 1
@@ -43,13 +44,17 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
     if method not in METHODS:
         raise BadInputError(f"--method {method}: unknown; edgec fine-tunes with {', '.join(METHODS)}")
     from edgec.finetune.amoeba import AmoebaOptions
+    from edgec.finetune.diffcr import DiffcrOptions
     from edgec.finetune.edge_llm import EdgeLlmOptions
 
+    kinds = {"amoeba": AmoebaOptions, "edge-llm": EdgeLlmOptions, "diffcr": DiffcrOptions}
     try:
-        options = (AmoebaOptions if method == "amoeba" else EdgeLlmOptions).model_validate(recipe.finetune.options)
+        options = kinds[method].model_validate(recipe.finetune.options)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if method == "diffcr":
+        return _tune_diffcr(spec, options, recipe, out, resume, force, progress)
     check_training_data(recipe.finetune.data)
     check_output(out, force, RECORD, "finetune")
     checkpoint = checkpoint_dir(out)
@@ -254,6 +259,102 @@ def _tune_amoeba(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoin
     shutil.rmtree(checkpoint, ignore_errors=True)
     progress(f"wrote {out}: the mixture of LoRAs and its router; compile a shape with `edgec compile {out} --subnet depth=D,width=W`")
     return {"output": str(out), **record}
+
+
+def _tune_diffcr(spec: str, options: Any, recipe: Recipe, out: Path, resume: bool, force: bool, progress: Progress) -> dict[str, Any]:
+    import numpy as np
+
+    from edgec.finetune.diffcr import DIFFCR_CONFIG, DIFFCR_WEIGHTS, Diffcr, read_diffcr, training_images
+    from edgec.families.dit import FAMILY_DIT, diffusers_scheduler
+    from edgec.model import load_model
+    from edgec.progress import advance
+
+    settings = recipe.finetune
+    if recipe.sampler.steps < options.regions:
+        raise BadInputError(f"finetune.options.regions {options.regions} is more than the sampler's {recipe.sampler.steps} steps: "
+                            "some region would never run; use fewer regions or more steps")
+    check_output(out, force, RECORD, "finetune")
+    checkpoint = checkpoint_dir(out)
+    if checkpoint.exists() and not resume:
+        raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")
+    if resume and not (checkpoint / "progress.json").is_file():
+        raise BadInputError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
+    progress(f"load {spec}")
+    handle = load_model(spec)
+    if handle.family != FAMILY_DIT:
+        raise BadInputError(f"{spec}: --method diffcr tunes a diffusion transformer (a diffusers DiT directory), not a {handle.family} model")
+    if read_diffcr(Path(handle.source)) is not None:
+        raise BadInputError(f"{spec} was tuned with diffcr already; tune the model it came from")
+    images, labels = training_images(settings.data)
+    if tuple(images.shape[1:]) != tuple(handle.info["sample_shape"]):
+        raise BadInputError(f"finetune.data {settings.data}: images {list(images.shape[1:])}, the model draws {handle.info['sample_shape']}")
+    transformer = handle.module.transformer  # type: ignore[union-attr]
+    schedule = diffusers_scheduler(handle.info["scheduler_config"], "ddpm")
+    alphas = schedule.alphas_cumprod.float()
+    torch.manual_seed(settings.seed)
+    diffcr = Diffcr(transformer, options, int(schedule.config.num_train_timesteps))
+    transformer.train()
+    key = {"model": handle.sha256, "method": "diffcr", "finetune": settings.model_dump(), "options": options.model_dump(),
+           "version": CHECKPOINT_VERSION}
+    state: dict[str, Any] = {"stage": 0, "step": 0, "losses": {"diffusion": [], "mean_ratio": []}}
+    named = {**{f"transformer.{n}": p for n, p in transformer.named_parameters()}, "ratios": diffcr.ratios}
+    optimizer = torch.optim.AdamW(diffcr.parameter_groups(settings.lr), weight_decay=0.0)
+    if resume:
+        state, tensors, optimizer_state = _read_checkpoint(checkpoint, key)
+        with torch.no_grad():
+            for name, value in tensors.items():
+                named[name].copy_(value)
+        _load_optimizer(optimizer, named, optimizer_state)
+        progress(f"resume from {checkpoint}: step {state['step']} of {settings.steps}")
+    start = time.perf_counter()
+    step_seconds: list[float] = []
+    for step in range(state["step"], settings.steps):
+        began = time.perf_counter()
+        rng = np.random.default_rng([settings.seed, step])  # a resumed run draws what an uninterrupted one would
+        batch = rng.integers(0, len(images), size=settings.batch)
+        loss, diffusion = diffcr.loss(torch.from_numpy(images[batch]), torch.from_numpy(labels[batch]), alphas, rng)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        diffcr.clamp()
+        step_seconds.append(time.perf_counter() - began)
+        mean_ratio = float(diffcr.ratios.detach().mean())
+        state["losses"]["diffusion"].append(diffusion)
+        state["losses"]["mean_ratio"].append(mean_ratio)
+        if step + 1 == settings.steps or (step + 1) % settings.checkpoint_every == 0:
+            _write_checkpoint(checkpoint, key, {"stage": 0, "step": step + 1, "losses": state["losses"]},
+                              {n: p.detach() for n, p in named.items()}, _optimizer_tensors(optimizer, named))
+        advance(progress, f"diffcr: target ratio {options.ratio}", step + 1, settings.steps,
+                f"loss {diffusion:.4f}, mean ratio {mean_ratio:.3f}")
+    table = diffcr.table()
+    history = state["losses"]["diffusion"]
+    record = {"method": "diffcr", **options.model_dump(), "model": handle.name, "model_sha256": handle.sha256,
+              "data": settings.data, "steps": settings.steps, "batch": settings.batch, "lr": settings.lr, "seed": settings.seed,
+              "loss": {"first": history[0], "last_10_mean": sum(history[-10:]) / len(history[-10:])} if history else {},
+              "mean_ratio": float(np.mean(table["learned"])), "mean_bin": float(np.mean(table["bins"])),
+              "seconds": time.perf_counter() - start,
+              "step_ms_mean": 1e3 * sum(step_seconds) / len(step_seconds) if step_seconds else None,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    from safetensors.torch import save_file
+
+    source = Path(handle.source)
+    for block in diffcr.blocks:
+        block.ratio = None
+    with staged(out) as tmp:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name not in (RECORD, DIFFCR_CONFIG, DIFFCR_WEIGHTS):
+                shutil.copy2(path, tmp / path.name)
+            elif path.is_dir() and path.name != "transformer":
+                shutil.copytree(path, tmp / path.name)
+        plain = diffcr.plain_transformer()
+        plain.save_pretrained(tmp / "transformer")
+        save_file(diffcr.router_tensors(), str(tmp / DIFFCR_WEIGHTS))
+        (tmp / DIFFCR_CONFIG).write_text(json.dumps(table, indent=1) + "\n")
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    progress(f"wrote {out}: mean learned ratio {record['mean_ratio']:.3f} (bins {record['mean_bin']:.3f}); "
+             f"compile it with `edgec compile {out} --recipe recipes/diffcr.yaml`")
+    return {"output": str(out), **record, "table": table}
 
 
 def _loss_summary(history: list[dict[str, float]]) -> dict[str, dict[str, float]]:
