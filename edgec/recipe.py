@@ -120,6 +120,16 @@ class SamplerSpec(Strict):
     guidance_scale: float = Field(2.0, ge=1.0, description="classifier-free guidance scale; 1 = conditional only")
 
 
+class ModSpec(Strict):
+    """Mixture-of-Depths token skipping in a DiT (a model tuned with `finetune --method diffcr`)."""
+
+    policy: Literal["none", "learned", "uniform"] = Field(
+        "none", description="learned: the tuned ratio per (layer, timestep region), one region graph each; "
+        "uniform: `ratio` in every block and step, one graph; none: plain blocks"
+    )
+    ratio: float | None = Field(None, gt=0, le=1, description="uniform: the share of tokens every block keeps (default the tuned target)")
+
+
 class Recipe(Strict):
     target: str = "cpu"
     backend: Literal["tvm", "onnx"] = "tvm"
@@ -140,6 +150,7 @@ class Recipe(Strict):
     graph: str | None = Field(None, description="a GCN model: the graph .npz (or zoo:wordnet) it is compiled for and checked on")
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    mod: ModSpec = Field(default_factory=ModSpec)
     passes: list[PassSpec] = Field(default_factory=list)
 
     @field_validator("subnet")

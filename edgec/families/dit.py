@@ -30,6 +30,7 @@ from torch import nn
 
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.families import EvalRequest, Family, Progress, Section, entry_io, register
+from edgec.mod import RoutedBlock, add_routers, capacity, set_capacities
 from edgec.model import ModelHandle, sha256_files
 from edgec.recipe import Recipe
 from edgec.targets.export import ExportedEntry
@@ -55,6 +56,9 @@ class DiTSection(Section):
     null_class: int
     labels: list[str]
     model_scheduler: str
+    # Token skipping (recipe `mod:`): policy, regions as [t_from, t_to), the keep ratio and
+    # the static capacity (tokens kept) per region and layer, and each region's entry.
+    mod: dict[str, Any] | None = None
 
 
 class Denoiser(nn.Module):
@@ -68,6 +72,21 @@ class Denoiser(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         return self.transformer(sample, timestep, class_labels, return_dict=False)[0][:, : self.channels]
+
+
+class RegionDenoiser(nn.Module):
+    """The denoiser with every routed block's capacity fixed: one timestep region's graph."""
+
+    def __init__(self, denoiser: Denoiser, capacities: list[int] | None) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.capacities = capacities
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        blocks = [b for b in self.denoiser.transformer.transformer_blocks if isinstance(b, RoutedBlock)]
+        if blocks:
+            set_capacities(blocks, self.capacities)
+        return self.denoiser(sample, timestep, class_labels)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -130,7 +149,7 @@ def program_scheduler(config: dict[str, Any], kind: str) -> dict[str, Any]:
     }
 
 
-def torch_sample(module: nn.Module, scheduler: Any, label: int, null_class: int, start: np.ndarray, steps: int,
+def torch_sample(module: nn.Module | Any, scheduler: Any, label: int, null_class: int, start: np.ndarray, steps: int,
                  guidance: float, step_noise: np.ndarray | None) -> np.ndarray:
     """One sample drawn with diffusers' own scheduler (the reference for the numpy sampler);
     a DDPM step's random draw is taken from `step_noise` so both samplers add the same noise."""
@@ -145,7 +164,8 @@ def torch_sample(module: nn.Module, scheduler: Any, label: int, null_class: int,
     try:
         with torch.no_grad():
             for index, t in enumerate(scheduler.timesteps):
-                output = module(torch.cat([x, x]), torch.full((2,), int(t), dtype=torch.int64), labels)
+                denoise = module if isinstance(module, nn.Module) else module(int(t))  # t -> its region's module
+                output = denoise(torch.cat([x, x]), torch.full((2,), int(t), dtype=torch.int64), labels)
                 guided = output[1:] + guidance * (output[:1] - output[1:])
                 if step_noise is not None:
                     draw[:] = [torch.from_numpy(step_noise[index])]
@@ -190,6 +210,18 @@ class DiT(Family):
             transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, use_safetensors=True)
         except (ValueError, OSError, RuntimeError, TypeError) as exc:
             raise BadInputError(f"{transformer_dir}: the weights do not fit the config ({str(exc).splitlines()[0]})") from None
+        from edgec.finetune.diffcr import DIFFCR_CONFIG, DIFFCR_WEIGHTS, read_diffcr
+
+        tuned = read_diffcr(path)
+        if tuned is not None:
+            table, routers = tuned
+            blocks = add_routers(transformer)
+            expected = {f"blocks.{i}.router.weight" for i in range(len(blocks))}
+            if set(routers) != expected or len(table.get("bins", [])) != len(blocks):
+                raise BadInputError(f"{path / DIFFCR_WEIGHTS}: routers or ratio table do not fit the {len(blocks)} blocks; tune it again")
+            with torch.no_grad():
+                for i, block in enumerate(blocks):
+                    block.router.weight.copy_(routers[f"blocks.{i}.router.weight"])
         index = path / "model_index.json"
         id2label = _read_json(index).get("id2label", {}) if index.is_file() else {}
         classes = int(config["num_embeds_ada_norm"])
@@ -199,7 +231,8 @@ class DiT(Family):
             family=FAMILY_DIT,
             architecture=str(config["_class_name"]),
             source=path,
-            sha256=sha256_files([transformer_dir / "config.json", weights, path / "scheduler" / "scheduler_config.json"]),
+            sha256=sha256_files([transformer_dir / "config.json", weights, path / "scheduler" / "scheduler_config.json",
+                                 *([path / DIFFCR_CONFIG, path / DIFFCR_WEIGHTS] if tuned is not None else [])]),
             module=Denoiser(transformer.eval()).eval(),
             info={
                 "parameters": sum(p.numel() for p in transformer.parameters()),
@@ -211,20 +244,65 @@ class DiT(Family):
                 "num_classes": classes,
                 "labels": labels,
                 "scheduler_config": schedule,
+                **({"diffcr": tuned[0]} if tuned is not None else {}),
             },
         )
+
+    def prepare(self, model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
+        """Recipe `mod:`: the static capacities of each timestep region's graph."""
+        super().prepare(model, recipe, progress)
+        mod, table = recipe.mod, model.info.get("diffcr")
+        tokens, layers = int(model.info["tokens"]), int(model.info["layers"])
+        total = int(model.info["scheduler_config"].get("num_train_timesteps", 1000))
+        model.prepared["mod"] = None
+        if mod.policy == "none":
+            if mod.ratio is not None:
+                raise BadInputError("mod.ratio applies to mod.policy uniform; set mod.policy=uniform (or learned, with the tuned ratios)")
+            return
+        if table is None:
+            raise BadInputError(f"{model.name}: mod.policy {mod.policy} needs the routers of a model tuned with "
+                                f"`edgec finetune {model.name} --method diffcr`; this one has none")
+        if mod.policy == "learned":
+            if mod.ratio is not None:
+                raise BadInputError("mod.ratio applies to mod.policy uniform; the learned policy keeps the tuned ratios")
+            regions = [list(map(int, r)) for r in table["regions"]]
+            ratios = [[float(table["bins"][layer][r]) for layer in range(layers)] for r in range(len(regions))]
+            if len(regions) > recipe.sampler.steps:
+                raise BadInputError(f"{model.name}: {len(regions)} timestep regions but sampler.steps {recipe.sampler.steps}: "
+                                    "some region would never run; sample with at least as many steps")
+        else:
+            ratio = float(mod.ratio if mod.ratio is not None else table["target"])
+            regions, ratios = [[0, total]], [[ratio] * layers]
+        capacities = [[capacity(r, tokens) for r in row] for row in ratios]
+        model.prepared["mod"] = {"policy": mod.policy, "regions": regions, "ratios": ratios, "capacities": capacities}
+        kept = sum(map(sum, capacities)) / (tokens * layers * len(regions))
+        progress(f"mod {mod.policy}: {len(regions)} timestep region(s), {kept:.1%} of block-tokens kept on average")
 
     def _example(self, model: ModelHandle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(0)
         sample = torch.randn(2, *model.info["sample_shape"], generator=generator)
         return sample, torch.tensor([500, 500], dtype=torch.int64), torch.tensor([0, model.info["num_classes"]], dtype=torch.int64)
 
+    def region_entries(self, model: ModelHandle) -> tuple[dict[str, list[int] | None], list[str]]:
+        """Each distinct capacity vector's entry name, and the entry of each region."""
+        mod = model.prepared.get("mod")
+        if not mod:
+            return {ENTRY: None}, [ENTRY]
+        names: dict[tuple[int, ...], str] = {}
+        for row in mod["capacities"]:
+            names.setdefault(tuple(row), f"{ENTRY}_r{len(names)}")
+        return {name: list(row) for row, name in names.items()}, [names[tuple(row)] for row in mod["capacities"]]
+
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
-        assert model.module is not None
+        assert isinstance(model.module, Denoiser)
         example = self._example(model)
-        with torch.no_grad():
-            program = torch.export.export(model.module, example)
-        return [ExportedEntry(ENTRY, program, model.module, example, None, ["sample", "timestep", "class_labels"], ["noise"])]
+        exported = []
+        for name, capacities in self.region_entries(model)[0].items():
+            module = RegionDenoiser(model.module, capacities).eval()
+            with torch.no_grad():
+                program = torch.export.export(module, example)
+            exported.append(ExportedEntry(name, program, module, example, None, ["sample", "timestep", "class_labels"], ["noise"]))
+        return exported
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """One call at a mid-schedule timestep, and one whole sample (class 0, seed 0)."""
@@ -234,8 +312,13 @@ class DiT(Family):
         program = self.program(model, entries, recipe)
         start, draws = sample_noise(program, 0, recipe.sampler.steps)
         scheduler = diffusers_scheduler(model.info["scheduler_config"], recipe.sampler.scheduler)
-        assert model.module is not None
-        image = torch_sample(model.module, scheduler, 0, model.info["num_classes"], start, recipe.sampler.steps,
+        modules = {entry.name: entry.module for entry in entries}
+        regions = program["regions"]
+
+        def module_at(t: int) -> nn.Module:
+            return modules[next(r["entry"] for r in regions if r["t_from"] <= t < r["t_to"])]
+
+        image = torch_sample(module_at, scheduler, 0, model.info["num_classes"], start, recipe.sampler.steps,
                              recipe.sampler.guidance_scale, draws)
         io["sample.noise"] = [start]
         io["sample.labels"] = [np.asarray([0], dtype=np.int64)]
@@ -248,7 +331,7 @@ class DiT(Family):
         return {
             "kind": "sample",
             "entries": entry_io(entries),
-            "regions": [{"entry": ENTRY, "t_from": 0, "t_to": int(model.info["scheduler_config"].get("num_train_timesteps", 1000))}],
+            "regions": self.regions(model),
             "inputs": ["sample", "timestep", "class_labels"],
             "output": "noise",
             "scheduler": program_scheduler(model.info["scheduler_config"], recipe.sampler.scheduler),
@@ -257,6 +340,13 @@ class DiT(Family):
             "null_class": int(model.info["num_classes"]),
             "sample_shape": list(model.info["sample_shape"]),
         }
+
+    def regions(self, model: ModelHandle) -> list[dict[str, Any]]:
+        mod = model.prepared.get("mod")
+        if not mod:
+            return [{"entry": ENTRY, "t_from": 0, "t_to": int(model.info["scheduler_config"].get("num_train_timesteps", 1000))}]
+        names = self.region_entries(model)[1]
+        return [{"entry": name, "t_from": lo, "t_to": hi} for name, (lo, hi) in zip(names, mod["regions"])]
 
     def section(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> DiTSection:
         return DiTSection(
@@ -269,12 +359,18 @@ class DiT(Family):
             null_class=int(model.info["num_classes"]),
             labels=list(model.info["labels"]),
             model_scheduler=str(model.info["scheduler_config"]["_class_name"]),
+            mod=None if not model.prepared.get("mod") else {**model.prepared["mod"], "entries": self.region_entries(model)[1]},
         )
 
     def describe_section(self, section: dict[str, Any]) -> str:
         c, h, w = section["sample_shape"]
+        mod = section.get("mod")
+        skipping = ""
+        if mod:
+            kept = sum(map(sum, mod["capacities"])) / (section["tokens"] * section["layers"] * len(mod["capacities"]))
+            skipping = f"; mod {mod['policy']}: {len(mod['capacities'])} region graph(s), {kept:.1%} of block-tokens kept"
         return (f"{section['architecture']}: {c}x{h}x{w} images, {section['tokens']} tokens (patch {section['patch_size']}), "
-                f"{section['layers']} layers, {section['num_classes']} classes")
+                f"{section['layers']} layers, {section['num_classes']} classes{skipping}")
 
     def run(self, root: Path, manifest: dict[str, Any], runtime: Any, request: dict[str, Any]) -> dict[str, Any]:
         """Samples of one class: `class` (index or name), `samples` images, seeds from `seed`,
