@@ -310,7 +310,10 @@ def _tune_diffcr(spec: str, options: Any, recipe: Recipe, out: Path, resume: boo
     step_seconds: list[float] = []
     for step in range(state["step"], settings.steps):
         began = time.perf_counter()
-        rng = np.random.default_rng([settings.seed, step])  # a resumed run draws what an uninterrupted one would
+        # Seeded by the step (numpy: data, timesteps, noise; torch: the label embedding's class dropout),
+        # so a resumed run draws what an uninterrupted one would.
+        rng = np.random.default_rng([settings.seed, step])
+        torch.manual_seed(settings.seed * 1_000_003 + step)
         batch = rng.integers(0, len(images), size=settings.batch)
         loss, diffusion = diffcr.loss(torch.from_numpy(images[batch]), torch.from_numpy(labels[batch]), alphas, rng)
         loss.backward()
