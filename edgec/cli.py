@@ -774,6 +774,8 @@ def run_command(
     seed: int = typer.Option(0, "--seed", min=0, help="diffusion models: seed of the first image's noise (numpy)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="diffusion models: classifier-free guidance scale (default the recipe's)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="diffusion models: write the images as a PNG grid here"),
+    npz: Optional[Path] = typer.Option(None, "--npz", help="diffusion models: also save the images as an .npz (`images`: [N, C, H, W] in [-1, 1])"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="diffusion models: draw the samples on this device (qemu-arm64, ssh://...) through edgec's agent"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Run an artifact in its own runtime, as its family's program says: a causal LM
@@ -786,8 +788,15 @@ def run_command(
     manifest = read_manifest(artifact)
     family = family_named(manifest["model"]["family"])
     request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "text": text, "inputs": inputs, "shape": shape,
-               "class": klass, "samples": samples, "steps": steps, "seed": seed, "guidance": guidance, "output": output}
-    result = family.run(artifact, manifest, open_runtime(artifact, manifest), request)
+               "class": klass, "samples": samples, "steps": steps, "seed": seed, "guidance": guidance, "output": output,
+               "npz": npz, "device": device}
+    if device is not None and manifest["program"]["kind"] != "sample":
+        from edgec.errors import BadInputError
+
+        raise BadInputError(f"--device: `run` draws a diffusion model's samples on a device; {artifact} is a "
+                            f"{manifest['model']['family']} artifact: use `edgec deploy` / `edgec profile --device`")
+    runtime = None if device is not None else open_runtime(artifact, manifest)
+    result = family.run(artifact, manifest, runtime, {**request, "progress": Progress()})
     if as_json:
         _emit_json(result)
         return

@@ -244,6 +244,24 @@ def deploy(
     return report
 
 
+def sample_on_device(root: Path, device_spec: str, request: dict[str, Any], progress: Callable[[str], None],
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Upload and check the artifact, then draw a sample program's images on the device
+    (`request`: classes, seed, steps, guidance); the images come back [N, C, H, W]."""
+    import numpy as np
+
+    device = open_device(device_spec)
+    if isinstance(device, RpcEndpoint):
+        raise UnsupportedError(f"{device_spec}: `run --device` draws samples through edgec's agent (qemu-arm64, ssh://); "
+                               "a stock RPC server gives `deploy` and `profile`")
+    session = upload_and_check(root, device, progress, timeout_s)
+    slow = " (emulated: slow, and not ARM performance)" if device.emulated else ""
+    progress(f"{device.name}: draw {len(request['classes'])} sample(s), {request['steps']} steps each{slow}")
+    answer = session.agent("sample", json.dumps(request))
+    return {"device": device.name, "emulated": device.emulated, "machine": answer["machine"],
+            "images": np.asarray(answer["images"], dtype=np.float32), "ms_per_sample": answer["ms_per_sample"]}
+
+
 # The windows travel as one command-line argument: stay well under Linux's 128 KiB per argument.
 NLL_TOKENS_PER_CALL = 8192
 

@@ -167,6 +167,26 @@ def nll(root: Path, windows_json: str) -> dict[str, Any]:
     return {"nll": sums}
 
 
+def sample(root: Path, request_json: str) -> dict[str, Any]:
+    """Images of a sample program drawn on this device: `classes` (one image each, image i
+    from seed `seed` + i), `steps`, `guidance`. The images come back as lists of floats."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    program = manifest["program"]
+    if program["kind"] != "sample":
+        raise ValueError(f"the artifact's program is {program['kind']!r}, not a sampler")
+    request = json.loads(request_json)
+    runtime = _runtime(root, manifest)
+    sampler = shared.Sampler(program)
+    steps, guidance = int(request["steps"]), float(request["guidance"])
+    images, began = [], time.perf_counter()
+    for i, label in enumerate(request["classes"]):
+        start, draws = shared.sample_noise(program, int(request["seed"]) + i, steps)
+        images.append(sampler.sample(lambda name, args: runtime.run(name, list(args)), int(label), start, steps, guidance, draws))
+        _report({"samples_done": i + 1})
+    seconds = time.perf_counter() - began
+    return {"machine": platform.machine(), "images": np.concatenate(images).tolist(), "ms_per_sample": seconds * 1e3 / len(images)}
+
+
 def _per_op_tvm(runtime: shared.Runtime, entry: str, inputs: list[np.ndarray]) -> dict[str, float]:
     """Per-kernel wall time from one instrumented run of the Relax VM."""
     totals: dict[str, float] = {}
@@ -328,8 +348,8 @@ AGENT_FAILED = 3
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile", "nll", "prune"):
-        print(json.dumps({"error": "usage: agent.py check|parity|profile|nll|prune ARTIFACT_DIR [...]"}))
+    if len(argv) < 3 or argv[1] not in ("check", "parity", "profile", "nll", "sample", "prune"):
+        print(json.dumps({"error": "usage: agent.py check|parity|profile|nll|sample|prune ARTIFACT_DIR [...]"}))
         return 2
     try:
         result = _command(argv)
@@ -350,6 +370,8 @@ def _command(argv: list[str]) -> dict[str, Any]:
         result = parity(root)
     elif argv[1] == "nll":
         result = nll(root, argv[3])
+    elif argv[1] == "sample":
+        result = sample(root, argv[3])
     else:
         runs, warmup, prompt_len, new_tokens = (int(x) for x in argv[3:7])
         result = profile(root, runs, warmup, prompt_len, new_tokens)

@@ -380,20 +380,35 @@ class DiT(Family):
         steps = int(request.get("steps") or program["steps"])
         count = int(request.get("samples") or 8)
         seed = int(request.get("seed") or 0)
-        started = time.perf_counter()
-        images = draw(lambda entry, args: runtime.run(entry, list(args)), program, [label] * count, seed, steps,
-                      float(request.get("guidance") or program["guidance_scale"]))
-        seconds = time.perf_counter() - started
+        guidance = float(request.get("guidance") or program["guidance_scale"])
         result: dict[str, Any] = {"artifact": str(root), "backend": manifest["backend"], "class": label,
-                                  "label": section["labels"][label], "samples": count, "seed": seed, "steps": steps,
-                                  "ms_per_sample": seconds * 1e3 / count}
+                                  "label": section["labels"][label], "samples": count, "seed": seed, "steps": steps}
+        if request.get("device"):
+            from edgec.deploy import sample_on_device
+
+            drawn = sample_on_device(root, str(request["device"]), {"classes": [label] * count, "seed": seed, "steps": steps,
+                                                                    "guidance": guidance}, request.get("progress") or (lambda _m: None))
+            images = drawn.pop("images")
+            result.update(drawn)
+        else:
+            started = time.perf_counter()
+            images = draw(lambda entry, args: runtime.run(entry, list(args)), program, [label] * count, seed, steps, guidance)
+            result["ms_per_sample"] = (time.perf_counter() - started) * 1e3 / count
         judged = judge(images, label)
         if judged is not None:
             result["classified_as_asked"] = judged
+        where = f" on {result['device']}" if "device" in result else ""
         output = request.get("output")
         if output:
-            write_grid(images, Path(output), f"{section['labels'][label]}, {steps} steps")
+            write_grid(images, Path(output), f"{section['labels'][label]}, {steps} steps{where}")
             result["grid"] = str(output)
+        if request.get("npz"):
+            path = Path(request["npz"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_name(f".{path.name}.tmp.npz")
+            np.savez(staging, images=images)
+            staging.replace(path)
+            result["npz"] = str(path)
         return result
 
     def describe_run(self, result: dict[str, Any]) -> tuple[list[str], str]:
@@ -403,7 +418,10 @@ class DiT(Family):
             lines.append(f"the Fashion-MNIST classifier calls {result['classified_as_asked']:.0%} of them {result['label']}")
         if "grid" in result:
             lines.append(f"grid: {result['grid']}")
-        return lines, f"{result['ms_per_sample']:.0f} ms per sample ({result['backend']})"
+        if "npz" in result:
+            lines.append(f"images: {result['npz']}")
+        where = f", on {result['device']}{' (emulated)' if result.get('emulated') else ''}" if "device" in result else ""
+        return lines, f"{result['ms_per_sample']:.0f} ms per sample ({result['backend']}{where})"
 
     def eval(self, spec: str, request: EvalRequest, progress: Progress) -> dict[str, Any]:
         """fid: `samples` images spread evenly over the classes; the classifier's accuracy on
