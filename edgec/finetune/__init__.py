@@ -54,14 +54,19 @@ def finetune(spec: str, method: str, recipe: Recipe, out: Path, resume: bool, fo
         first = exc.errors()[0]
         raise BadInputError(f"finetune.options.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     if method == "diffcr":
-        return _tune_diffcr(spec, options, recipe, out, resume, force, progress)
-    check_training_data(recipe.finetune.data)
+        if recipe.sampler.steps < options.regions:
+            raise BadInputError(f"finetune.options.regions {options.regions} is more than the sampler's {recipe.sampler.steps} steps: "
+                                "some region would never run; use fewer regions or more steps")
+    else:
+        check_training_data(recipe.finetune.data)
     check_output(out, force, RECORD, "finetune")
     checkpoint = checkpoint_dir(out)
     if checkpoint.exists() and not resume:
         raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")
     if resume and not (checkpoint / "progress.json").is_file():
         raise BadInputError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
+    if method == "diffcr":
+        return _tune_diffcr(spec, options, recipe, out, checkpoint, resume, progress)
     from edgec.exits import exits_of
     from edgec.finetune.edge_llm import check_options
     from edgec.model import load_model
@@ -261,7 +266,8 @@ def _tune_amoeba(handle: Any, options: Any, recipe: Recipe, out: Path, checkpoin
     return {"output": str(out), **record}
 
 
-def _tune_diffcr(spec: str, options: Any, recipe: Recipe, out: Path, resume: bool, force: bool, progress: Progress) -> dict[str, Any]:
+def _tune_diffcr(spec: str, options: Any, recipe: Recipe, out: Path, checkpoint: Path, resume: bool,
+                 progress: Progress) -> dict[str, Any]:
     import numpy as np
 
     from edgec.finetune.diffcr import DIFFCR_CONFIG, DIFFCR_WEIGHTS, Diffcr, read_diffcr, training_images
@@ -270,15 +276,6 @@ def _tune_diffcr(spec: str, options: Any, recipe: Recipe, out: Path, resume: boo
     from edgec.progress import advance
 
     settings = recipe.finetune
-    if recipe.sampler.steps < options.regions:
-        raise BadInputError(f"finetune.options.regions {options.regions} is more than the sampler's {recipe.sampler.steps} steps: "
-                            "some region would never run; use fewer regions or more steps")
-    check_output(out, force, RECORD, "finetune")
-    checkpoint = checkpoint_dir(out)
-    if checkpoint.exists() and not resume:
-        raise BadInputError(f"{checkpoint} holds an earlier run's checkpoint: add --resume to continue it, or delete it to start over")
-    if resume and not (checkpoint / "progress.json").is_file():
-        raise BadInputError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
     progress(f"load {spec}")
     handle = load_model(spec)
     if handle.family != FAMILY_DIT:
