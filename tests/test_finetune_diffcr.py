@@ -127,8 +127,11 @@ def test_bad_diffcr_input_is_refused_before_any_work(model: Path, tmp_path: Path
         (["compile", str(model), "--recipe", "recipes/diffcr.yaml", "-o", str(tmp_path / "e")], 2, "needs the routers of a model tuned"),
         (["compile", str(model), "--set", "mod.ratio=0.5", "-o", str(tmp_path / "f")], 2, "mod.ratio applies to mod.policy uniform"),
         (["compile", str(model), "--set", "mod.policy=uniform", "--set", "mod.ratio=0", "-o", str(tmp_path / "g")], 2, "mod.ratio"),
+        (["compile", "zoo:tiny-lm", "--set", "mod.policy=learned", "-o", str(tmp_path / "h")], 2,
+         "recipe `mod:` is read by diffusion transformers (family dit); a causal-lm model does not read it"),
+        (["compile", "zoo:tiny-lm", "--set", "sampler.steps=4", "-o", str(tmp_path / "i")], 2, "recipe `sampler:` is read by"),
     ]
     for args, code, words in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == code and words in result.output and "Traceback" not in result.output, (args, result.output)
-    assert not any(p.name in "abcdefg" for p in tmp_path.iterdir())
+    assert not any(p.name in "abcdefghi" for p in tmp_path.iterdir())

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from edgec.targets.export import ExportedEntry
 
 Progress = Callable[[str], None]
+# Recipe sections only some families read, and who reads them (for the refusal's message).
+FAMILY_SECTIONS: dict[str, str] = {"sampler": "diffusion transformers (family dit)", "mod": "diffusion transformers (family dit)"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Family:
     Section: ClassVar[type[Section] | None] = None
     # Kinds of entry that `--target PART=TARGET,...` can place apart (a GCN's sparse / dense).
     part_kinds: ClassVar[tuple[str, ...]] = ()
+    # Recipe sections of FAMILY_SECTIONS this family reads; the others must stay at their defaults.
+    recipe_sections: ClassVar[tuple[str, ...]] = ()
 
     def part_of(self, entry: str) -> str:
         """The part kind of an entry (for families with `part_kinds`)."""
@@ -88,6 +92,15 @@ class Family:
         if recipe.inputs.given():
             raise BadInputError(f"{model.name}: --input-shape, --dim and --reference-inputs (recipe `inputs:`) apply to .onnx "
                                 f"models; a {self.name} model's inputs are the family's own")
+        self.check_sections(model, recipe)
+
+    def check_sections(self, model: ModelHandle, recipe: Recipe) -> None:
+        """A family-specific recipe section set for a model whose family does not read it is a
+        mistake the user should hear about, not a setting silently ignored."""
+        for section, readers in FAMILY_SECTIONS.items():
+            value = getattr(recipe, section)
+            if section not in self.recipe_sections and value != type(value)():
+                raise BadInputError(f"{model.name}: recipe `{section}:` is read by {readers}; a {self.name} model does not read it")
 
     def entries(self, model: ModelHandle) -> list[ExportedEntry]:
         raise NotImplementedError

@@ -180,6 +180,7 @@ class DiT(Family):
     section_key = "dit"
     Section = DiTSection
     architectures = DIT_CLASSES
+    recipe_sections = ("sampler", "mod")
 
     def recognise(self, path: Path) -> bool:
         if not path.is_dir():

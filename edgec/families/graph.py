@@ -52,6 +52,7 @@ class OnnxGraph(Family):
     def prepare(self, model: ModelHandle, recipe: Recipe, progress: Progress) -> None:
         """The user's shapes written into the graph, then the graph cleaned (edgec.onnx_cleanup);
         the reference inputs: the user's file, or made up from what the graph says."""
+        self.check_sections(model, recipe)
         import onnx
 
         from edgec import onnx_cleanup, onnx_inputs
