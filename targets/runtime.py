@@ -237,9 +237,6 @@ def run_steps(runner: Runs, program: dict[str, Any], values: dict[str, Any],
     return bound[program["output"]]
 
 
-SCHEDULER_KINDS = ("ddim", "ddpm")
-
-
 def sampler_timesteps(scheduler: dict[str, Any], steps: int) -> list[tuple[int, int]]:
     """(t, previous t) for each of `steps` sampling steps, spaced as diffusers' `set_timesteps`
     spaces them; a previous t of -1 means the clean image."""
