@@ -19,6 +19,7 @@ scheduler from numpy-generated noise, and the artifact's sampler must reproduce 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -538,13 +539,23 @@ def quality(images: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     if classifier is None:
         raise BadInputError("edgec/zoo/fashion-classifier is missing; run scripts/train_fashion_classifier.py")
     predicted, features = fashion.classify(classifier, images)
+    real, floor = _real_features(len(images))
+    return {"class_accuracy": float((predicted == classes).mean()), "fid": fashion.frechet_distance(features, real),
+            "fid_real_floor": fashion.frechet_distance(floor, real)}
+
+
+@functools.lru_cache(maxsize=4)
+def _real_features(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's features of the 10,000 test images, and of `count` training images
+    (seeded): the same for every evaluation in a process, so computed once."""
+    from edgec import fashion
+
+    classifier = _classifier()
     test_images, _ = fashion.load("test")
     _, real = fashion.classify(classifier, test_images)
     train_images, _ = fashion.load("train")
-    floor_images = train_images[np.random.default_rng(0).choice(len(train_images), len(images), replace=False)]
-    _, floor = fashion.classify(classifier, floor_images)
-    return {"class_accuracy": float((predicted == classes).mean()), "fid": fashion.frechet_distance(features, real),
-            "fid_real_floor": fashion.frechet_distance(floor, real)}
+    _, floor = fashion.classify(classifier, train_images[np.random.default_rng(0).choice(len(train_images), count, replace=False)])
+    return real, floor
 
 
 def write_grid(images: np.ndarray, path: Path, title: str) -> None:
