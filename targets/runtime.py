@@ -272,7 +272,7 @@ def sampler_step(scheduler: dict[str, Any], x: np.ndarray, output: np.ndarray, t
                  noise: np.ndarray | None = None) -> np.ndarray:
     """x at `prev` from x at `t` and the model output: deterministic DDIM (eta 0), or DDPM's
     ancestral step with its fixed-small variance (`noise`: this step's standard normal draw)."""
-    alphas = scheduler["_alphas"] if "_alphas" in scheduler else np.asarray(scheduler["alphas_cumprod"], dtype=np.float64)
+    alphas = scheduler["alphas_cumprod"]
     alpha = float(alphas[t])
     alpha_prev = float(alphas[prev]) if prev >= 0 else float(scheduler["final_alpha_cumprod"])
     clean, eps = _clean_and_noise(scheduler, x, output, alpha)
@@ -292,15 +292,12 @@ class Sampler:
 
     def __init__(self, program: dict[str, Any]) -> None:
         self.program = program
-        self.scheduler = {**program["scheduler"], "_alphas": np.asarray(program["scheduler"]["alphas_cumprod"], dtype=np.float64)}
+        self.scheduler = program["scheduler"]
 
     def entry_at(self, t: int) -> str:
         """The entry of the timestep region holding t (regions split the training timesteps,
         [t_from, t_to) each, as the model was trained)."""
         return next(r["entry"] for r in self.program["regions"] if r["t_from"] <= t < r["t_to"])
-
-    def needs_noise(self) -> bool:
-        return self.scheduler["kind"] == "ddpm"
 
     def sample(self, run: Callable[[str, list[Any]], Sequence[Any]], label: int, start: np.ndarray, steps: int,
                guidance: float, step_noise: np.ndarray | None = None,
