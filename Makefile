@@ -20,7 +20,7 @@ DEMO_PORT := 9091
 # Compiles and the emulator are mostly single-threaded: two workers fill CI's two cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install apt binfmt python demo test test-slow zoo-gcn-wordnet zoo-tiny-dit clean
+.PHONY: install apt binfmt python demo test test-slow zoo-gcn-wordnet zoo-tiny-dit zoo-tiny-dit-diffcr clean
 
 install: apt binfmt python
 
@@ -81,6 +81,10 @@ zoo-gcn-wordnet: install
 zoo-tiny-dit: install
 	$(PY) scripts/train_fashion_classifier.py
 	$(PY) scripts/train_tiny_dit.py --minutes 45
+
+# zoo:tiny-dit tuned by DiffCR at a mean keep ratio of 0.8 (recipes/diffcr.yaml compiles it).
+zoo-tiny-dit-diffcr: install
+	$(PY) scripts/zoo_tiny_dit_diffcr.py
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*.tmp-* artifacts/.*.old-* .pytest_cache

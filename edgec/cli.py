@@ -635,9 +635,10 @@ def report_command(
     output: Optional[Path] = typer.Option(None, "--out", "-o", help="report directory (default: DIR-report next to it)"),
     as_json: bool = typer.Option(False, "--json", help="print what was written as JSON"),
 ) -> None:
-    """Write an HTML page and a per-layer policy plot of a compiled artifact: luc bits,
-    sparsity and sensitivity per layer, act heads and their search log, sizes, parity,
-    perplexity, and kernel choices."""
+    """Write an HTML page and plots of a compiled artifact: luc bits, sparsity and
+    sensitivity per layer, act heads and their search log, a DiT's token skipping (keep
+    ratio per block and timestep region, the tokens the routers keep over drawn items),
+    sizes, parity, perplexity, and kernel choices."""
     from edgec.report import write_report
 
     written = write_report(artifact, output)
@@ -645,8 +646,9 @@ def report_command(
         _emit_json(written)
         return
     out.print(f"report  {written['report']}/report.html")
-    if "policy.png" in written["files"]:
-        out.print(f"plot    {written['report']}/policy.png")
+    for picture in ("policy.png", "mod_ratios.png", "keep_maps.png"):
+        if picture in written["files"]:
+            out.print(f"plot    {written['report']}/{picture}")
 
 
 @app.command("deploy")
@@ -1103,8 +1105,9 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")
     if as_json:
         _emit_json(rows)
         return
+    width = max(len(row["name"]) for row in rows)
     for row in rows:
-        out.print(f"[bold]{row['name']:<18}[/] {row['description']}\n{'':18} {row['source']}")
+        out.print(f"[bold]{row['name']:<{width}}[/] {row['description']}\n{'':{width}} {row['source']}")
 
 
 @device_app.command("up")

@@ -75,12 +75,16 @@ class RoutedBlock(nn.Module):
         """The DiT's output layer reads the first block's conditioning embedding here."""
         return self.block.norm1
 
+    def choose(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router scores [B, N] and the k kept token indices [B, k] in spatial order."""
+        scores = torch.sigmoid(self.router(hidden)).squeeze(-1)
+        return scores, torch.topk(scores, k, dim=1, sorted=True).indices.sort(dim=1).values
+
     def routed(self, hidden: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, k: int) -> torch.Tensor:
         tokens = hidden.shape[1]
         if k >= tokens:
             return block_forward(self.block, hidden, timestep, class_labels)
-        scores = torch.sigmoid(self.router(hidden)).squeeze(-1)  # [B, N]
-        kept = torch.topk(scores, k, dim=1, sorted=True).indices.sort(dim=1).values  # spatial order
+        scores, kept = self.choose(hidden, k)
         index = kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         chosen = torch.gather(hidden, 1, index)
         updated = block_forward(self.block, chosen, timestep, class_labels, torch.gather(scores, 1, kept))

@@ -2,8 +2,10 @@
 
 Writes, into a new directory next to the artifact (the artifact itself stays as
 verified): `policy.png` (per-layer bits and sparsity with the measured sensitivity
-behind them) and `report.html` (the per-layer table, sizes, parity, perplexity and the
-kernel chosen per workload by the schedule pass).
+behind them), for a DiT compiled with token skipping `mod_ratios.png` (keep ratio per
+layer and timestep region) and `keep_maps.png` (the tokens each block keeps, next to
+the drawn item), and `report.html` (the per-layer table, sizes, parity, perplexity and
+the kernel chosen per workload by the schedule pass).
 """
 
 from __future__ import annotations
@@ -54,6 +56,84 @@ def plot_policy(record: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_mod_ratios(mod: dict[str, Any], path: Path, title: str) -> None:
+    """The keep ratio of every block (rows) in every timestep region (columns, noisiest last)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ratios = np.asarray(mod["ratios"], dtype=float).T  # [layers, regions]
+    fig, ax = plt.subplots(figsize=(1.2 * ratios.shape[1] + 3, 0.45 * ratios.shape[0] + 1.8))
+    shown = ax.imshow(ratios, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for (layer, region), value in np.ndenumerate(ratios):
+        ax.text(region, layer, f"{value:.1f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(ratios.shape[1]), [f"t {lo}-{hi - 1}" for lo, hi in mod["regions"]], fontsize=8)
+    ax.set_yticks(range(ratios.shape[0]), [f"block {i}" for i in range(ratios.shape[0])], fontsize=8)
+    ax.set_xlabel("timestep region (noisier to the right)")
+    fig.colorbar(shown, ax=ax, label="share of tokens kept")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_keep_maps(maps: list[dict[str, Any]], mod: dict[str, Any], path: Path, title: str) -> None:
+    """Per drawn sample: the image, then per timestep region (columns) and block (rows) the
+    tokens that block keeps (bright) over the patch grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    regions = len(mod["regions"])
+    layers = len(mod["capacities"][0])
+    cols = 1 + regions
+    fig, axes = plt.subplots(layers, cols * len(maps), figsize=(1.15 * cols * len(maps), 1.15 * layers + 0.8), squeeze=False)
+    for m, sample in enumerate(maps):
+        image = np.asarray(sample["image"], dtype=np.uint8)
+        for layer in range(layers):
+            first = axes[layer, m * cols]
+            if layer == 0:
+                first.imshow(image, cmap="gray", vmin=0, vmax=255)
+                first.set_title(f"{sample['label']}", fontsize=7)
+            for region in range(regions):
+                ax = axes[layer, m * cols + 1 + region]
+                kept = sample["kept"][region]
+                if kept is not None:
+                    bits = np.unpackbits(np.frombuffer(bytes.fromhex(kept[layer]), dtype=np.uint8))
+                    side = int(round(len(bits) ** 0.5))
+                    ax.imshow(bits[: side * side].reshape(side, side), cmap="magma", vmin=0, vmax=1)
+                if layer == 0:
+                    ax.set_title(f"t={sample['t'][region]}", fontsize=7)
+                if region == 0 and m == 0:
+                    ax.set_ylabel(f"block {layer}", fontsize=7)
+        for layer in range(layers):
+            for c in range(cols):
+                axes[layer, m * cols + c].set_xticks([])
+                axes[layer, m * cols + c].set_yticks([])
+                if c == 0 and layer > 0:
+                    axes[layer, m * cols].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mod_section(section: dict[str, Any], images: list[str]) -> list[str]:
+    mod = section["mod"]
+    kept = sum(map(sum, mod["capacities"])) / (section["tokens"] * section["layers"] * len(mod["capacities"]))
+    parts = ["<h2>Token skipping (mod)</h2>",
+             f"<p>policy {html.escape(mod['policy'])}: {len(mod['regions'])} timestep region(s), {kept:.1%} of block-tokens kept "
+             f"({section['tokens']} tokens per image)</p>"]
+    rows = [[entry, f"{lo}-{hi - 1}", " ".join(map(str, caps))] for entry, (lo, hi), caps in zip(mod["entries"], mod["regions"], mod["capacities"])]
+    parts.append(_table(["graph", "timesteps", "tokens kept per block"], rows))
+    parts.extend(f'<p><img src="{html.escape(image)}" alt="{html.escape(image)}"></p>' for image in images)
+    return parts
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -64,7 +144,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def render_html(manifest: dict[str, Any], record: dict[str, Any] | None, image: str | None) -> str:
+def render_html(manifest: dict[str, Any], record: dict[str, Any] | None, image: str | None, dit_images: list[str] | None = None) -> str:
     model = manifest["model"]
     parity = manifest.get("parity", {})
     evaluation = manifest.get("evaluation") or {}
@@ -107,6 +187,8 @@ def render_html(manifest: dict[str, Any], record: dict[str, Any] | None, image: 
         parts.append(_table(["layer", "bits", "sparsity", "bytes", "loss +Δ by bits", "loss +Δ by sparsity", "override"], rows))
         embeddings = record.get("embeddings", {})
         parts.append(f"<p>embedding: {html.escape(str(embeddings.get('embedding')))}; lm_head: {html.escape(str(embeddings.get('lm_head')))}</p>")
+    if (manifest.get("dit") or {}).get("mod"):
+        parts.extend(_mod_section(manifest["dit"], dit_images or []))
     act = next((entry["record"] for entry in manifest.get("passes", []) if entry["name"] == "act"), None)
     if act is not None:
         parts.extend(_act_section(act))
@@ -151,7 +233,8 @@ def _act_section(record: dict[str, Any]) -> list[str]:
 
 
 def write_report(artifact: Path, out: Path | None) -> dict[str, Any]:
-    """Write policy.png (if the artifact was compressed by luc) and report.html into `out`
+    """Write policy.png (if the artifact was compressed by luc), the token-skipping pictures
+    (a DiT compiled with mod) and report.html into `out`
     (default: DIR-report next to the artifact), replacing it whole."""
     manifest = read_manifest(artifact)
     target = out or artifact.with_name(artifact.name + "-report")
@@ -165,7 +248,17 @@ def write_report(artifact: Path, out: Path | None) -> dict[str, Any]:
         if record is not None and record.get("layers"):
             image = "policy.png"
             plot_policy(record, stage / image, f"{manifest['model']['name']}: luc {record['policy']}")
-        (stage / "report.html").write_text(render_html(manifest, record, image))
+        dit_images = []
+        section = manifest.get("dit") or {}
+        if section.get("mod"):
+            name = manifest["model"]["name"]
+            plot_mod_ratios(section["mod"], stage / "mod_ratios.png", f"{name}: keep ratio per block and timestep region ({section['mod']['policy']})")
+            dit_images.append("mod_ratios.png")
+            if section.get("keep_maps"):
+                plot_keep_maps(section["keep_maps"], section["mod"], stage / "keep_maps.png",
+                               f"{name}: tokens each block keeps (bright), mid-step of each region, seed 0")
+                dit_images.append("keep_maps.png")
+        (stage / "report.html").write_text(render_html(manifest, record, image, dit_images))
         if target.exists():
             shutil.rmtree(target)
         stage.rename(target)

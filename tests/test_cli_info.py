@@ -18,7 +18,7 @@ def json_of(*args: str) -> object:
 
 
 def test_zoo_targets_passes_env() -> None:
-    assert {row["name"] for row in json_of("zoo", "list")} == {"zoo:tiny-lm", "zoo:tiny-dit", "zoo:gcn-wordnet", "zoo:smollm2-135m", "zoo:gemma3-270m", "zoo:minilm-l6"}
+    assert {row["name"] for row in json_of("zoo", "list")} == {"zoo:tiny-lm", "zoo:tiny-dit", "zoo:tiny-dit-diffcr", "zoo:gcn-wordnet", "zoo:smollm2-135m", "zoo:gemma3-270m", "zoo:minilm-l6"}
     targets = {row["name"]: row for row in json_of("targets", "list")}
     assert {"cpu", "x86_64", "arm64"} <= set(targets) and "aarch64" in targets["arm64"]["aliases"]
     assert targets["arm64"]["tvm_target"]["mtriple"] == "aarch64-linux-gnu"

@@ -1,7 +1,8 @@
 """DiffCR on a small random DiT saved as a diffusers directory: the tuning moves the ratios
 toward the target and resumes from its checkpoint to the same result; the tuned model
 compiles to one region graph per timestep region whose TopK capacities are the table's,
-sharing one copy of the weights; uniform MoD from the same routers; bad input refused."""
+sharing one copy of the weights, and its report draws the ratios and the kept tokens;
+uniform MoD from the same routers and trained at a fixed ratio; bad input refused."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from edgec.cli import app
 from edgec.finetune import finetune
 from edgec.mod import capacity
 from edgec.recipe import load_recipe
+from safetensors.torch import load_file
 
 runner = CliRunner()
 TOKENS = 16  # 8x8 images, patch 2
@@ -77,6 +79,16 @@ def test_tuning_moves_the_ratios_and_resumes_to_the_same_result(model: Path, tun
     np.testing.assert_allclose(json.loads((out / "diffcr.json").read_text())["learned"], table["learned"], atol=1e-6)
 
 
+def test_uniform_mod_trains_the_routers_at_a_fixed_ratio(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "uniform"
+    finetune(str(model), "diffcr", _recipe(model, "finetune.options.learn_ratios=false"), out, resume=False, force=False,
+             progress=lambda _m: None)
+    table = json.loads((out / "diffcr.json").read_text())
+    assert table["learn_ratios"] is False and np.asarray(table["learned"]).tolist() == [[0.5, 0.5]] * 3
+    routers = load_file(str(out / "diffcr.safetensors"))
+    assert all(w.abs().sum() > 0 for w in routers.values())  # trained away from their zero start
+
+
 def _topk_capacities(path: Path) -> list[int]:
     """The k of every TopK in the graph, as ONNX shape inference reads it from the graph (a
     k that is not a constant would come out unknown and fail the comparison)."""
@@ -103,6 +115,14 @@ def test_region_graphs_have_the_tables_capacities_and_share_the_weights(tuned: P
         # A routed block: TopK k of the scores, then TopK k again to sort the kept indices back to
         # spatial order (ONNX sorts with TopK); a block keeping every token has neither.
         assert _topk_capacities(out / "model" / f"{region['entry']}.onnx") == [k for k in row if k < TOKENS for _ in (1, 2)]
+    # The report's keep maps: every block keeps exactly its capacity at each region's mid step.
+    report = runner.invoke(app, ["report", str(out), "-o", str(tmp_path / "report"), "--json"])
+    assert report.exit_code == 0, report.output
+    assert {"mod_ratios.png", "keep_maps.png", "report.html"} <= set(json.loads(report.stdout)["files"])
+    for sample in manifest["dit"]["keep_maps"]:
+        kept = [[int(np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8)).sum()) for bits in region]
+                for region in sample["kept"]]
+        assert kept == want and np.asarray(sample["image"]).shape == (8, 8)
     weights = (out / "model" / manifest["backend_record"]["weights_file"]).stat().st_size
     parameters = sum(p.numel() for p in DiTTransformer2DModel.from_pretrained(tuned / "transformer").parameters()) * 4
     assert weights < 1.2 * parameters  # one copy, not one per region graph
@@ -114,6 +134,23 @@ def test_region_graphs_have_the_tables_capacities_and_share_the_weights(tuned: P
     manifest = json.loads((uniform / "manifest.json").read_text())
     assert manifest["dit"]["mod"]["capacities"] == [[4, 4, 4]] and len(manifest["program"]["regions"]) == 1
     assert _topk_capacities(uniform / "model" / "denoise_r0.onnx") == [4] * 6
+
+
+@pytest.mark.compile
+def test_region_graphs_compile_for_cuda(tuned: Path, tmp_path: Path) -> None:
+    """TVM's CUDA code generation takes the routed graphs (TopK, gather, scatter); they run
+    where a GPU is lent, and here the build alone is checked."""
+    out = tmp_path / "cuda"
+    result = runner.invoke(app, ["compile", str(tuned), "--recipe", "recipes/diffcr.yaml", "--target", "cuda", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["parity"]["reason"].startswith("built for cuda")
+    manifest = json.loads((out / "manifest.json").read_text())
+    mod = manifest["dit"]["mod"]
+    assert manifest["target"]["name"] == "cuda" and len(mod["entries"]) == 2
+    for entry, capacities in zip(mod["entries"], mod["capacities"]):
+        library = (out / "model" / f"{entry}.so").read_bytes()
+        assert b"__global__" in library  # CUDA C kernels, compiled by NVRTC where the library loads
+        assert (b"topk_kernel" in library) == (min(capacities) < TOKENS), (entry, capacities)
 
 
 def test_bad_diffcr_input_is_refused_before_any_work(model: Path, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ SCHEDULER_CLASSES: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler", "DPMSolv
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIT_TASKS: tuple[str, ...] = ("fid",)
 ENTRY = "denoise"
+KEEP_MAP_CLASSES = (0, 5, 8)  # a top, a sandal, a bag: three different silhouettes
 
 
 class DiTSection(Section):
@@ -60,6 +61,8 @@ class DiTSection(Section):
     # Token skipping (recipe `mod:`): policy, regions as [t_from, t_to), the keep ratio and
     # the static capacity (tokens kept) per region and layer, and each region's entry.
     mod: dict[str, Any] | None = None
+    # With mod: which tokens the routers keep, for a few samples drawn at compile (`edgec report` draws them).
+    keep_maps: list[dict[str, Any]] | None = None
 
 
 class Denoiser(nn.Module):
@@ -176,6 +179,47 @@ def torch_sample(module: nn.Module | Any, scheduler: Any, label: int, null_class
     return x.numpy()
 
 
+def keep_map(model: ModelHandle, modules: dict[str, nn.Module], program: dict[str, Any], recipe: Recipe, label: int) -> dict[str, Any]:
+    """Which tokens every block keeps at the middle sampling step of each timestep region,
+    while drawing one sample of class `label` (seed 0) with the region graphs' torch modules;
+    the drawn image beside it. Kept tokens are bitmasks (hex, row-major over the patch grid)."""
+    from edgec.targets.runtime import Sampler, sample_noise
+
+    assert isinstance(model.module, Denoiser)
+    blocks = [b for b in model.module.transformer.transformer_blocks if isinstance(b, RoutedBlock)]
+    tokens = int(model.info["tokens"])
+    seen: dict[tuple[int, int], str] = {}  # (t, layer) -> kept tokens of the conditional half
+
+    def recorder(layer: int) -> Any:
+        def record(block: RoutedBlock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            t = int(kwargs["timestep"][0])
+            mask = np.ones(tokens, dtype=bool)
+            if block.capacity is not None and block.capacity < tokens:
+                mask[:] = False
+                mask[block.choose(hidden[:1], block.capacity)[1][0].numpy()] = True
+            seen[(t, layer)] = np.packbits(mask).tobytes().hex()
+        return record
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        start, draws = sample_noise(program, 0, recipe.sampler.steps)
+        scheduler = diffusers_scheduler(model.info["scheduler_config"], recipe.sampler.scheduler)
+        image = torch_sample(lambda t: modules[Sampler(program).entry_at(t)], scheduler, label,
+                             int(model.info["num_classes"]), start, recipe.sampler.steps, recipe.sampler.guidance_scale, draws)
+    finally:
+        for handle in handles:
+            handle.remove()
+    drawn = sorted({t for t, _ in seen}, reverse=True)
+    middles = []
+    for region in program["regions"]:
+        inside = [t for t in drawn if region["t_from"] <= t < region["t_to"]]
+        middles.append(inside[len(inside) // 2] if inside else None)
+    pixels = np.clip((image[0, 0] + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    return {"class": label, "label": model.info["labels"][label], "image": pixels.tolist(), "t": middles,
+            "kept": [[seen[(t, layer)] for layer in range(len(blocks))] if t is not None else None for t in middles]}
+
+
 class DiT(Family):
     name = FAMILY_DIT
     section_key = "dit"
@@ -209,7 +253,8 @@ class DiT(Family):
             raise BadInputError(f"{transformer_dir}: no {WEIGHTS} (edgec reads safetensors only; re-save with save_pretrained)")
         schedule = scheduler_config(path)
         try:
-            transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, use_safetensors=True)
+            # float32 whatever the stored dtype (zoo:tiny-dit-diffcr stores float16): what edgec compiles and checks.
+            transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, use_safetensors=True, torch_dtype=torch.float32)
         except (ValueError, OSError, RuntimeError, TypeError) as exc:
             raise BadInputError(f"{transformer_dir}: the weights do not fit the config ({str(exc).splitlines()[0]})") from None
         from edgec.finetune.diffcr import DIFFCR_CONFIG, DIFFCR_WEIGHTS, read_diffcr
@@ -263,7 +308,8 @@ class DiT(Family):
             return
         if table is None:
             raise BadInputError(f"{model.name}: mod.policy {mod.policy} needs the routers of a model tuned with "
-                                f"`edgec finetune {model.name} --method diffcr`; this one has none")
+                                f"`edgec finetune {model.name} --method diffcr`; this one has none "
+                                "(zoo:tiny-dit-diffcr is zoo:tiny-dit so tuned)")
         if mod.policy == "learned":
             if mod.ratio is not None:
                 raise BadInputError("mod.ratio applies to mod.policy uniform; the learned policy keeps the tuned ratios")
@@ -362,6 +408,11 @@ class DiT(Family):
             labels=list(model.info["labels"]),
             model_scheduler=str(model.info["scheduler_config"]["_class_name"]),
             mod=None if not model.prepared.get("mod") else {**model.prepared["mod"], "entries": self.region_entries(model)[1]},
+            keep_maps=None if not model.prepared.get("mod") else [
+                keep_map(model, {e.name: e.module for e in entries}, self.program(model, entries, recipe), recipe, label)
+                for label in KEEP_MAP_CLASSES
+                if label < int(model.info["num_classes"])
+            ],
         )
 
     def describe_section(self, section: dict[str, Any]) -> str:
@@ -480,9 +531,10 @@ def draw(run: Any, program: dict[str, Any], classes: list[int], seed: int, steps
     return np.concatenate(images)
 
 
-def open_sampler(spec: str) -> tuple[Any, dict[str, Any], list[str], str]:
+def open_sampler(spec: str, recipe: Recipe | None = None) -> tuple[Any, dict[str, Any], list[str], str]:
     """(run(entry, args), program, labels, description) for an artifact (its runtime) or a
-    model (torch, with the default recipe's sampler)."""
+    model (torch, with `recipe`'s sampler and token skipping; by default the default recipe,
+    and for a DiffCR-tuned model its learned ratios, what it was tuned to run with)."""
     from edgec.artifact import MANIFEST, open_runtime, read_manifest
     from edgec.model import load_model
 
@@ -496,15 +548,19 @@ def open_sampler(spec: str) -> tuple[Any, dict[str, Any], list[str], str]:
     if model.family != FAMILY_DIT:
         raise BadInputError(f"{spec} is a {model.family} model, not a diffusion transformer")
     assert model.module is not None
-    module = model.module
+    if recipe is None:
+        recipe = Recipe.model_validate({"mod": {"policy": "learned"}} if "diffcr" in model.info else {})
     family = DiT()
-    program = family.program(model, [], Recipe())
+    family.prepare(model, recipe, lambda _message: None)
+    modules = {name: RegionDenoiser(model.module, capacities).eval() for name, capacities in family.region_entries(model)[0].items()}
+    program = family.program(model, [], recipe)
 
     def run(entry: str, args: list[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
-            return [module(*(torch.from_numpy(np.asarray(a)) for a in args)).numpy()]
+            return [modules[entry](*(torch.from_numpy(np.asarray(a)) for a in args)).numpy()]
 
-    return run, program, list(model.info["labels"]), f"{spec} (torch)"
+    skipping = f", mod {recipe.mod.policy}" if recipe.mod.policy != "none" else ""
+    return run, program, list(model.info["labels"]), f"{spec} (torch{skipping})"
 
 
 def _classifier() -> Any | None:

