@@ -8,7 +8,9 @@ Variants: the base model; `--diffcr R=DIR`, a tuning of it by `edgec finetune MO
 --method diffcr --ratio R` compiled with its learned ratios (recipes/diffcr.yaml); and
 `--uniform R=DIR`, a tuning with `--set finetune.options.learn_ratios=false` (the same
 training, every block and step fixed at R: uniform MoD) compiled with
-`mod.policy=uniform mod.ratio=R`. For each:
+`mod.policy=uniform mod.ratio=R`; and `--control DIR`, the base tuned the same way with
+no skipping (`--ratio 1 --set finetune.options.learn_ratios=false`), which separates what
+the variants' extra training does from what skipping does. For each:
 - FLOPs per sample: one guided call (batch 2: the class and the null class) of each
   timestep region's graph, counted by torch's FlopCounterMode on the module that is
   exported, times the sampler steps that fall in that region;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -53,7 +56,7 @@ def _log(message: str) -> None:
 
 
 def compiled(model: str, name: str, backend: str, sets: list[str], out_root: Path) -> Path:
-    out = out_root / f"{name.lower().replace(' ', '-')}-{backend}"
+    out = out_root / f"{re.sub('[^a-z0-9.]+', '-', name.lower())}-{backend}"
     if not (out / MANIFEST).is_file():
         recipe = load_recipe(None, [*sets, f"backend={backend}"], options_for)
         compile_model(model, recipe, out, force=True, progress=lambda m: _log(f"  [{name} {backend}] {m}"))
@@ -172,6 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:tiny-dit")
     parser.add_argument("--diffcr", action="append", default=[], metavar="R=DIR", help="a DiffCR tuning at target ratio R")
+    parser.add_argument("--control", default=None, metavar="DIR",
+                        help="the base tuned with the variants' settings and no skipping (ratio 1, learn_ratios false)")
     parser.add_argument("--uniform", action="append", default=[], metavar="R=DIR",
                         help="a uniform-MoD tuning at ratio R (learn_ratios false)")
     parser.add_argument("--samples", type=int, default=500)
@@ -186,6 +191,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     variants = [(args.model, "base", [])]
+    if args.control is not None:
+        variants.append((args.control, "base, tuned alike", []))
     variants += [(path, f"DiffCR {ratio:g}", ["mod.policy=learned"]) for ratio, path in variant_dirs(args.diffcr, "--diffcr")]
     variants += [(path, f"uniform MoD {ratio:g}", ["mod.policy=uniform", f"mod.ratio={ratio}"])
                  for ratio, path in variant_dirs(args.uniform, "--uniform")]
