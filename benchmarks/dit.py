@@ -1,8 +1,9 @@
 """Diffusion transformers on the host CPU: cost and quality of a DiT per sample, in one run.
 
-    .venv/bin/python benchmarks/dit.py [--model zoo:tiny-dit] [--diffcr 0.8=DIR ...]
-        [--uniform 0.8=DIR ...] [--samples 500] [--runs 5] [--threads 2]
-        [--out artifacts/bench-dit] [--json FILE] [--grid PNG]
+    .venv/bin/python benchmarks/dit.py [--model zoo:tiny-dit] [--control DIR]
+        [--diffcr 0.8=DIR ...] [--uniform 0.8=DIR ...] [--samples 500] [--runs 5]
+        [--threads 2] [--out artifacts/bench-dit] [--json FILE] [--grid PNG]
+        [--variant-grid PNG]
 
 Variants: the base model; `--diffcr R=DIR`, a tuning of it by `edgec finetune MODEL
 --method diffcr --ratio R` compiled with its learned ratios (recipes/diffcr.yaml); and
