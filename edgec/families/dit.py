@@ -205,7 +205,8 @@ def keep_map(model: ModelHandle, modules: dict[str, nn.Module], program: dict[st
     try:
         start, draws = sample_noise(program, 0, recipe.sampler.steps)
         scheduler = diffusers_scheduler(model.info["scheduler_config"], recipe.sampler.scheduler)
-        image = torch_sample(lambda t: modules[Sampler(program).entry_at(t)], scheduler, label,
+        sampler = Sampler(program)
+        image = torch_sample(lambda t: modules[sampler.entry_at(t)], scheduler, label,
                              int(model.info["num_classes"]), start, recipe.sampler.steps, recipe.sampler.guidance_scale, draws)
     finally:
         for handle in handles:
@@ -408,12 +409,12 @@ class DiT(Family):
             labels=list(model.info["labels"]),
             model_scheduler=str(model.info["scheduler_config"]["_class_name"]),
             mod=None if not model.prepared.get("mod") else {**model.prepared["mod"], "entries": self.region_entries(model)[1]},
-            keep_maps=None if not model.prepared.get("mod") else [
-                keep_map(model, {e.name: e.module for e in entries}, self.program(model, entries, recipe), recipe, label)
-                for label in KEEP_MAP_CLASSES
-                if label < int(model.info["num_classes"])
-            ],
+            keep_maps=None if not model.prepared.get("mod") else self.keep_maps(model, entries, recipe),
         )
+
+    def keep_maps(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> list[dict[str, Any]]:
+        modules, program = {e.name: e.module for e in entries}, self.program(model, entries, recipe)
+        return [keep_map(model, modules, program, recipe, label) for label in KEEP_MAP_CLASSES if label < int(model.info["num_classes"])]
 
     def describe_section(self, section: dict[str, Any]) -> str:
         c, h, w = section["sample_shape"]
