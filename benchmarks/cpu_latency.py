@@ -1,11 +1,18 @@
-"""Prefill latency and decode speed on the host CPU: edgec TVM artifact, edgec ONNX
+"""Prefill latency, decode speed at a short and a long context, and weight streaming
+against the measured memory bandwidth on the host CPU: edgec TVM artifact, edgec ONNX
 artifact in ONNX Runtime, and PyTorch eager (transformers), on the same inputs in one run.
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
-        [--prompt-len 128] [--new-tokens 64] [--runs 10] [--out artifacts/bench]
+        [--prompt-len 128] [--contexts 32 1024] [--new-tokens 32] [--runs 10]
+        [--out artifacts/bench] [--json FILE]
 
-Prints one table with ratios to ONNX Runtime (lower latency / higher tokens/s is better).
-Keep the machine otherwise idle: TVM's thread pool is wrecked by other load.
+Prefill: median of --runs warm calls on the first --prompt-len held-out tokens. Decode at
+context C: tokens/s of --new-tokens greedy steps after a prompt of C held-out tokens
+(median of 3 generations). Weight streaming: the bytes of Linear weights a dense fp32
+decode step must read (lm_head included) / the step's time, as GB/s and as % of the
+bandwidth of a numpy copy of a 1 GiB buffer (one thread; read + write bytes counted).
+Ratios are to ONNX Runtime. Keep the machine otherwise idle: TVM's thread pool is
+wrecked by other load.
 """
 
 from __future__ import annotations
@@ -36,23 +43,17 @@ def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
     return statistics.median(timed(call, runs, warmup))
 
 
-def ensure_artifact(model: str, backend: str, out_root: Path) -> Path:
-    out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}"
+def ensure_artifact(model: str, backend: str, out_root: Path, max_context: int) -> Path:
+    out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}-ctx{max_context}"
     if (out / MANIFEST).is_file():
         return out
-    recipe = load_recipe(None, [f"backend={backend}", "max_context=512"], options_for)
+    recipe = load_recipe(None, [f"backend={backend}", f"max_context={max_context}"], options_for)
     compile_model(model, recipe, out, force=True, progress=lambda m: print(f"  [{backend}] {m}", file=sys.stderr))
     return out
 
 
-def artifact_timings(path: Path, prompt: list[int], new_tokens: int, runs: int) -> tuple[float, float, list[int]]:
-    return runtime_timings(open_runtime(path, read_manifest(path)), prompt, new_tokens, runs)
-
-
-def runtime_timings(runtime: Any, prompt: list[int], new_tokens: int, runs: int) -> tuple[float, float, list[int]]:
-    """Median prefill ms over warm runs, and decode tokens/s of a greedy loop (median of 3)."""
-    ids = np.asarray([prompt], dtype=np.int64)
-    prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
+def decode_rate(runtime: Any, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """Tokens/s of the decode calls of a greedy generation after `prompt` (median of 3)."""
     decode_s: list[float] = []
 
     def prefill(x: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -70,72 +71,125 @@ def runtime_timings(runtime: Any, prompt: list[int], new_tokens: int, runs: int)
         decode_s.clear()
         tokens = greedy_generate(prefill, decode, prompt, new_tokens, 10**9, None)
         rates.append(len(decode_s) / sum(decode_s))
-    return prefill_ms, statistics.median(rates), tokens
+    return statistics.median(rates), tokens
 
 
-def torch_timings(model_spec: str, prompt: list[int], new_tokens: int, runs: int) -> tuple[float, float, list[int]]:
-    module = load_model(model_spec).module
-    assert module is not None
-    ids = torch.tensor([prompt])
+def artifact_timings(path: Path, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
+                     runs: int) -> tuple[float, dict[int, float], list[int]]:
+    """Prefill ms of `prompt`, decode tokens/s per context, and the tokens after `prompt`."""
+    runtime = open_runtime(path, read_manifest(path))
+    ids = np.asarray([prompt], dtype=np.int64)
+    prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
+    _, tokens = decode_rate(runtime, prompt, new_tokens)
+    return prefill_ms, {ctx: decode_rate(runtime, p, new_tokens)[0] for ctx, p in prompts.items()}, tokens
+
+
+def torch_timings(module: Any, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
+                  runs: int) -> tuple[float, dict[int, float], list[int]]:
     with torch.no_grad():
-        prefill_ms = median_ms(lambda: module(ids), runs)
-        rates = []
+        prefill_ms = median_ms(lambda: module(torch.tensor([prompt])), runs)
         tokens: list[int] = []
-        for _ in range(3):
-            start = time.perf_counter()
-            out = module.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            total_s = time.perf_counter() - start
-            tokens = out[0, len(prompt) :].tolist()
-            # generate() = one prefill + (new_tokens - 1) decode steps.
-            rates.append((new_tokens - 1) / max(total_s - prefill_ms / 1e3, 1e-9))
-    return prefill_ms, statistics.median(rates), tokens
+        rates: dict[int, float] = {}
+        for ctx, ids in [(0, prompt), *prompts.items()]:
+            ids_t = torch.tensor([ids])
+            start_ms = prefill_ms if ctx == 0 else median_ms(lambda: module(ids_t), 3, 1)
+            measured = []
+            for _ in range(3):
+                start = time.perf_counter()
+                out = module.generate(ids_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                total_s = time.perf_counter() - start
+                # generate() = one prefill + (new_tokens - 1) decode steps.
+                measured.append((new_tokens - 1) / max(total_s - start_ms / 1e3, 1e-9))
+            if ctx == 0:
+                tokens = out[0, len(ids) :].tolist()
+            else:
+                rates[ctx] = statistics.median(measured)
+    return prefill_ms, rates, tokens
+
+
+def memory_bandwidth_gbs(size: int = 1 << 30, runs: int = 5) -> float:
+    """GB/s of a numpy copy (one thread) of a buffer far larger than the caches, read and
+    written bytes both counted: what a step that streams its weights once can hope for."""
+    source = np.ones(size // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)  # first touch: page faults are not bandwidth
+    seconds = statistics.median(timed(lambda: np.copyto(target, source), runs, 1)) / 1e3
+    return 2 * size / seconds / 1e9
+
+
+def decode_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of fp32 Linear weights and biases (lm_head included) one decode step reads."""
+    return sum(4 * p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["zoo:tiny-lm", "zoo:smollm2-135m"])
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32, 1024], help="decode speed after prompts this long")
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
+    bandwidth = memory_bandwidth_gbs()
+    print(f"memory bandwidth (numpy copy, one thread): {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
     for model in args.models:
         handle = load_model(model)
-        prompt = held_out_slice(handle.tokenizer, args.prompt_len)
+        assert handle.module is not None
+        # A context the model was not trained for is capped at its own limit (zoo:tiny-lm: 512).
+        limit = int(getattr(handle.module.config, "max_position_embeddings", 10**9)) - args.new_tokens
+        short, long = min(min(args.contexts), limit), min(max(args.contexts), limit)
+        max_context = max(long, args.prompt_len) + args.new_tokens
+        held_out = held_out_slice(handle.tokenizer, max(long, args.prompt_len))
+        prompt = held_out[: args.prompt_len]
+        prompts = {short: held_out[:short], long: held_out[:long]}
+        weight_bytes = decode_weight_bytes(handle.module)
         results = {}
         for backend in ("onnx", "tvm"):
-            path = ensure_artifact(model, backend, args.out)
+            path = ensure_artifact(model, backend, args.out, max_context)
             print(f"timing {model} {backend} ...", file=sys.stderr)
-            results[f"edgec {backend}"] = artifact_timings(path, prompt, args.new_tokens, args.runs)
+            results[f"edgec {backend}"] = artifact_timings(path, prompts, prompt, args.new_tokens, args.runs)
         print(f"timing {model} torch ...", file=sys.stderr)
-        results["torch eager"] = torch_timings(model, prompt, args.new_tokens, args.runs)
-        base_prefill, base_rate, base_tokens = results["edgec onnx"]
-        for name, (prefill_ms, rate, tokens) in results.items():
+        results["torch eager"] = torch_timings(handle.module, prompts, prompt, args.new_tokens, args.runs)
+        base_prefill, base_rates, base_tokens = results["edgec onnx"]
+        for name, (prefill_ms, rates, tokens) in results.items():
+            streamed = weight_bytes * rates[short] / 1e9
             rows.append(
                 {
                     "model": model,
                     "runtime": "ONNX Runtime (edgec onnx)" if name == "edgec onnx" else name,
                     "prefill_ms": prefill_ms,
                     "prefill_vs_ort": prefill_ms / base_prefill,
-                    "decode_tokens_per_s": rate,
-                    "decode_vs_ort": rate / base_rate,
+                    "contexts": [short, long],
+                    "decode_tokens_per_s": {str(ctx): rate for ctx, rate in rates.items()},
+                    "decode_vs_ort": rates[short] / base_rates[short],
+                    "long_vs_short": rates[long] / rates[short],
+                    "weight_bytes_per_step": weight_bytes,
+                    "weight_gb_per_s": streamed,
+                    "of_bandwidth": streamed / bandwidth,
                     "same_tokens_as_ort": tokens == base_tokens,
                 }
             )
 
-    print(f"\nprefill {args.prompt_len} tokens (batch 1), decode {args.new_tokens} tokens; "
-          f"median of warm runs; {torch.get_num_threads()} threads")
-    print(f"{'model':<18} {'runtime':<26} {'prefill ms':>10} {'x ORT':>6} {'decode tok/s':>12} {'x ORT':>6} {'same tokens':>11}")
+    print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.runs} warm runs; decode {args.new_tokens} "
+          f"tokens after a short and a long context; {torch.get_num_threads()} threads; memory bandwidth "
+          f"{bandwidth:.1f} GB/s (numpy copy, one thread)")
+    print("| model | runtime | prefill ms | x ORT | contexts | decode tok/s short | x ORT | long | long / short "
+          "| weights GB/s (short) | % of bandwidth | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
+        short, long = row["contexts"]
+        rates = row["decode_tokens_per_s"]
         print(
-            f"{row['model']:<18} {row['runtime']:<26} {row['prefill_ms']:>10.1f} {row['prefill_vs_ort']:>6.2f} "
-            f"{row['decode_tokens_per_s']:>12.1f} {row['decode_vs_ort']:>6.2f} {str(row['same_tokens_as_ort']):>11}"
+            f"| {row['model']} | {row['runtime']} | {row['prefill_ms']:.1f} | {row['prefill_vs_ort']:.2f} | {short} / {long} "
+            f"| {rates[str(short)]:.1f} | {row['decode_vs_ort']:.2f} | {rates[str(long)]:.1f} | {row['long_vs_short']:.2f} "
+            f"| {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {row['same_tokens_as_ort']} |"
         )
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"memory_bandwidth_gbs": bandwidth, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

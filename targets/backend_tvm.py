@@ -174,6 +174,15 @@ def build(
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         num_inputs = len(entry.input_names)
+        own = (entry_targets or {}).get(entry.name, target)
+        own_tvm = tvm_target if own is target else _tvm_target(own)
+        if own_tvm.kind.name == "llvm" and not entry.shares_weights:
+            from edgec.targets.tvm_layout import panel_width, use_panel_weights
+
+            width = panel_width(own_tvm)
+            mod, panelled = use_panel_weights(mod, num_inputs, width)
+            if panelled:
+                record.setdefault("weight_panels", {})[entry.name] = {"width": width, "matmuls": panelled}
         if entry.shares_weights:
             # Pre-transforming would store each entry's slices of the shared weights apart.
             values, layout = list(params.get("main", [])), "as stored (shared with the other shapes' entries)"
@@ -192,8 +201,6 @@ def build(
                 by_digest[digest] = f"{entry.name}/{name}"
                 stored[by_digest[digest]] = np.asarray(array, order="C")
             keys.append(by_digest[digest])
-        own = (entry_targets or {}).get(entry.name, target)
-        own_tvm = tvm_target if own is target else _tvm_target(own)
         progress(f"tvm: build {entry.name} for {_describe(own_tvm)}")
         executable = _refused_as_unsupported(
             entry, "build", lambda: _compile(mod, entry, own_tvm, tuning, own, runner if own is target else None, record, progress)

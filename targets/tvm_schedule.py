@@ -50,11 +50,12 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_cpu_features, llvm_get_vector_width
 
 from edgec.errors import was_interrupted
 
 __all__ = [
+    "PANEL_MATMUL_BLOCK",
     "RULE_ATTR",
     "CpuScheduleConfig",
     "cpu_pipeline",
@@ -70,6 +71,9 @@ __all__ = [
 ]
 
 RULE_ATTR = "edgec.schedule_rule"
+# The reduction block of a matmul over [N / width, K, width] weight panels (tvm_layout):
+# a batched matmul to the rules, one panel per batch.
+PANEL_MATMUL_BLOCK = "panel_matmul"
 # The attribute dlight and MetaSchedule use to mark a function as done.
 _SCHEDULED_ATTR = "tirx.is_scheduled"
 
@@ -97,7 +101,17 @@ class CpuScheduleConfig:
 
     @staticmethod
     def from_target(target: Target) -> CpuScheduleConfig:
-        bits = int(llvm_get_vector_width(target))
+        features = {str(f) for f in llvm_get_cpu_features(target)}
+        # TVM 0.27 answers the host's width for any x86 target (512 for an AVX2-only
+        # x86-64-v3 build on an AVX-512 host); the target's own features do not lie.
+        if "avx512f" in features:
+            bits = 512
+        elif "avx" in features:
+            bits = 256
+        elif "sse2" in features:
+            bits = 128
+        else:
+            bits = int(llvm_get_vector_width(target))
         if bits <= 0:
             # LLVM could not tell (unknown cpu); every 64-bit CPU has 128-bit SIMD.
             bits = 128
@@ -298,6 +312,10 @@ def _is_under(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> bool:
 # ---------------------------------------------------------------------- matmul rule
 
 
+# TVM's kMaxStackAlloca: smaller constant-size global buffers become stack arrays.
+_STACK_BYTES = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class _MatmulTile:
     rows: int
@@ -318,6 +336,10 @@ def _matmul_tile(
     divides the extent beats padding it (padding copies the operand per call).
     """
     rows, vectors = cfg.tile_rows, cfg.tile_vectors
+    # The accumulator must stay under TVM's stack limit (see _matmul_rule): 8 x 32 floats
+    # is exactly 1 KiB, so AVX-512 tiles get 7 rows.
+    while rows > 1 and rows * vectors * cfg.vector_bits // 8 >= _STACK_BYTES:
+        rows -= 1
     if extent_i is not None:
         rows = max(min(rows, extent_i), 1)
         half = max(rows // 2, 1)
@@ -368,7 +390,6 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
         cfg,
         cfg.lanes(_output_dtype(sch, matmul)),
     )
-
     rule = "matmul"
     if pad:
         padding = [1] * len(info.dom())
@@ -392,7 +413,12 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     # one that cannot be inlined stays a loop nest of its own (scheduled below).
     _inline_into_consumers(sch, [sch.get_sblock(n) for n in prologue_names if decode is None or n != decode])
     # The write-back, un-padding and epilogues collapse into one block per tile.
-    chain = [sch.cache_write(matmul, 0, "local")]
+    # "global", not "local": TVM lowers a global buffer under 1 KiB to a stack array, which
+    # LLVM keeps in registers; any other goes to TVM's heap workspace, where each FMA's
+    # result is stored back to memory (LLVM cannot prove the workspace does not alias
+    # the padded input: measured 128 x 576 @ 576 x 1536 with symbolic rows, 1 thread,
+    # 8.1 -> 2.7 ms). _matmul_tile keeps the tile under that size.
+    chain = [sch.cache_write(matmul, 0, "global")]
     while True:
         consumers = sch.get_consumers(chain[-1])
         if len(consumers) != 1:
@@ -403,19 +429,26 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
     tail = chain[-1]
 
     *batch, loop_i, loop_j, loop_k = sch.get_loops(matmul)
+    rows_symbolic = _static_extent(sch, loop_i) is None
     tile_i, row = sch.split(loop_i, [None, tile.rows])
     tile_j, vector, lane = sch.split(loop_j, [None, tile.vectors, tile.lanes])
     # Column tiles outside row tiles: one K x cols panel of B is reused by
     # consecutive row tiles while it is still in L2.
     sch.reorder(tile_j, tile_i, loop_k, row, vector, lane)
+    # Symbolic rows (a sequence length) stay a serial loop inside the parallel column
+    # tiles: fused into the parallel loop, a row tile's index is a modulo of a symbolic
+    # size, buffer compaction cannot bound the accumulator, and it stays in memory
+    # instead of registers (measured 128 x 576 @ 576 x 1536, 2 threads: 5.1 -> 2.6 ms).
     if decode is not None:
         outer = _fuse(sch, [*batch, tile_j])
         _decode_panel(sch, sch.get_sblock(decode), outer, tile.lanes)
         rule = rule + "+panel"
+    elif rows_symbolic:
+        outer = _fuse(sch, [*batch, tile_j])
     else:
         outer = _fuse(sch, [*batch, tile_j, tile_i])
 
-    sch.reverse_compute_at(tail, outer)
+    sch.reverse_compute_at(tail, tile_i if rows_symbolic or decode is not None else outer)
     _vectorize_inner(sch, tail, tile.lanes)
     # Annotate before decompose_reduction: once the init is split off, the update
     # block no longer counts as a reduction and vectorize() refuses it.

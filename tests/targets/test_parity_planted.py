@@ -31,7 +31,8 @@ def rehash(root: Path, rtol: float | None = None) -> None:
 
 def plant_nan(artifact: Path, copy: Path) -> Path:
     """A NaN in every k and v projection (the weights the cache is computed from; TVM
-    stores them transposed under lifted names, so they are found by shape)."""
+    stores them transposed, or as [N / width, K, width] column panels, under lifted names,
+    so they are found by shape)."""
     shutil.copytree(artifact, copy)
     params = copy / "model" / "params.safetensors"
     tensors = load_file(str(params))
@@ -39,9 +40,11 @@ def plant_nan(artifact: Path, copy: Path) -> Path:
     kv_width = lm["num_kv_heads"] * lm["head_dim"]
     planted = 0
     for key, value in tensors.items():
-        if value.ndim == 2 and kv_width in value.shape and value.shape != (kv_width, kv_width):
+        matrix = value.ndim == 2 and kv_width in value.shape and value.shape != (kv_width, kv_width)
+        panels = value.ndim == 3 and value.shape[0] * value.shape[2] == kv_width and value.shape[1] != kv_width
+        if matrix or panels:
             tensors[key] = value.copy()
-            tensors[key][0, 0] = np.nan
+            tensors[key][(0,) * value.ndim] = np.nan
             planted += 1
     assert planted >= 2 * lm["num_layers"]
     save_file(tensors, str(params))

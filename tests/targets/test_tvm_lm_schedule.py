@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
@@ -42,3 +43,18 @@ def test_every_kernel_of_prefill_and_decode_is_scheduled(target_name: str) -> No
                 assert "parallel" in kinds, (entry.name, name, rule, kinds)
         projections = [n for n, r in report.items() if r.startswith("matmul")]
         assert len(projections) >= 4, report  # q/k/v/o and MLP projections, lm_head
+
+
+def test_decode_reads_the_kv_cache_without_repeating_it_per_query_head() -> None:
+    """GQA (4 query heads on 2 KV heads): the query heads of a group meet their KV head in a
+    matmul that broadcasts over the group. No op of the decode program expands or repeats a
+    value whose size grows with the context (the cache, once per query head: a copy of the
+    whole cache per layer and step)."""
+    handle = ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "0" * 64, module=make_tiny_llama())
+    decode = next(entry for entry in export_entries(handle) if entry.name == "decode")
+    ops = [(str(node.target), tuple(node.meta["val"].shape)) for node in decode.program.graph.nodes
+           if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor)]
+    grows = [(op, shape) for op, shape in ops if any(not isinstance(d, int) for d in shape[1:])]
+    assert any("matmul" in op for op, _ in grows), ops  # attention over the cache is there
+    copies = [(op, shape) for op, shape in grows if "expand" in op or "repeat" in op]
+    assert not copies, copies

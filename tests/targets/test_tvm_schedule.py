@@ -1,7 +1,8 @@
 """Rule-based CPU schedules: a tiny Linear / SiLU / RMSNorm / attention block with a
 dynamic sequence length compiles with cpu_pipeline, matches torch at two lengths,
 and every kernel carries the loop structure its rule promises (x86 host and an
-aarch64 build)."""
+aarch64 build); its Linear weights stored as panels of the target's tile width
+still match, and every matmul tile accumulates in registers."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
+import tvm_ffi
+from tvm import relax, s_tir
 from tvm.support import cc
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.script import tirx as T
 
 from edgec.targets import tvm_schedule as ts
+from edgec.targets.backend_tvm import _transform_params_once
+from edgec.targets.tvm_layout import panel_width, use_panel_weights
 
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 # Not multiples of the 8-row register tile nor of a 16-lane vector: tails are exercised.
@@ -150,3 +154,67 @@ def test_prescheduled_functions_are_left_alone(host_target: tvm.target.Target) -
     mod = ts.schedule_cpu_funcs(host_target)(tvm.IRModule({"scan": done}))
     assert ts.schedule_report(mod) == {"scan": "prescheduled"}
     assert ts.loop_kinds(mod["scan"]) == {"serial"}
+
+
+def test_linear_weights_become_panels_of_the_tile_width_and_still_match_torch(
+    model: TinyBlock, relax_module: tuple[tvm.IRModule, list[np.ndarray]], host_target: tvm.target.Target
+) -> None:
+    mod, params = relax_module
+    width = panel_width(host_target)
+    config = ts.CpuScheduleConfig.from_target(host_target)
+    assert width == config.tile_vectors * config.lanes("float32")
+    panelled, rewritten = use_panel_weights(mod, 1, width)
+    assert rewritten == 5  # qkv, out, gate, up, down
+    # The layout transform reads only weights: lifted, it runs once, at compile time.
+    lifted, values, layout = _transform_params_once(panelled, [tvm.runtime.tensor(p) for p in params], 1)
+    assert layout == "pre-transformed at compile time"
+    linear = {tuple(p.shape) for p in params if p.ndim == 2}
+    stored = {tuple(v.numpy().shape) for v in values}
+    assert {(n // width, k, width) for n, k in linear} <= stored and not linear & stored, (linear, stored)
+
+    report = ts.schedule_report(ts.scheduled_module(lifted, host_target))
+    panels = {name: rule for name, rule in report.items() if name.startswith("panel_matmul")}
+    # Symbolic rows are padded to whole tiles (no tail predicate in the k loop).
+    assert len(panels) >= 3 and all(rule == "matmul+pad" for rule in panels.values()), report
+
+    vm = relax.VirtualMachine(tvm.compile(lifted, host_target, relax_pipeline=ts.cpu_pipeline(host_target)), tvm.cpu())
+    for seq in SEQ_LENS:
+        x = torch.randn(1, seq, 64)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = vm["main"](tvm.runtime.tensor(x.numpy()), *values)[0].numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("target", "width"), [(AARCH64, 8), ({"kind": "llvm", "mcpu": "x86-64-v3"}, 16),
+                                               ({"kind": "llvm", "mcpu": "skylake-avx512"}, 32)])
+def test_panel_width_is_one_register_tile_of_the_target(target: dict[str, object], width: int) -> None:
+    assert panel_width(tvm.target.Target(target)) == width
+
+
+@pytest.mark.parametrize("target", ["host", "aarch64"])
+def test_matmul_accumulators_are_stack_arrays_llvm_can_keep_in_registers(
+    relax_module: tuple[tvm.IRModule, list[np.ndarray]], host_target: tvm.target.Target, target: str
+) -> None:
+    """TVM puts a constant-size buffer in a stack array only if it is "global" and under 1 KiB;
+    any other goes to its heap workspace, where LLVM stores every FMA's result back to memory
+    (a 3x slower matmul with symbolic rows). Every tile's accumulator must qualify."""
+    tvm_target = host_target if target == "host" else tvm.target.Target(AARCH64)
+    scheduled = ts.scheduled_module(relax_module[0], tvm_target)
+    matmuls = tvm.IRModule({gv: f for gv, f in scheduled.functions_items()
+                            if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs[ts.RULE_ATTR]).startswith("matmul")})
+    lowering = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+    ])
+    accumulators = []
+
+    def _block(block: s_tir.SBlock) -> None:
+        for buffer in block.alloc_buffers:
+            if all(isinstance(d, tvm.tirx.IntImm) for d in buffer.shape):  # the padded inputs are symbolic
+                accumulators.append((buffer.scope(), math.prod(int(d) for d in buffer.shape) * buffer.dtype.bits // 8))
+
+    for _, func in lowering(matmuls).functions_items():
+        tvm_ffi.structural_walk(func.body, ((s_tir.SBlock, _block),))
+    assert len(accumulators) >= len(matmuls.functions_items()) >= 6
+    assert all(scope == "global" and size < 1024 for scope, size in accumulators), accumulators
