@@ -253,9 +253,10 @@ class CausalLMEntries(nn.Module):
         groups = heads // kv_heads
         total = k.shape[2]
         # GQA: each KV head serves `groups` query heads. A group's query heads meet their KV
-        # head in one matmul that broadcasts K and V over the group, so the cache is read as
-        # it is: repeating it to every query head copied the whole cache each layer and step
-        # (SmolLM2's TVM decode at 1,024 tokens of context: 155 -> 61 ms a step with this).
+        # head in one matmul that broadcasts K and V over the group instead of repeating them
+        # per query head, which copied the whole cache in several kernels each layer and step
+        # (SmolLM2's TVM decode step at 1,024 tokens of context: 155 -> 91 ms with this; TVM's
+        # importer still makes one broadcast copy each of K and V for its batched matmul).
         # Query head h is member h % groups of KV head h // groups, as in HF's repeat_kv.
         grouped_q = q.reshape(batch, kv_heads, groups, seq, self.head_dim)
         scores = torch.matmul(grouped_q, k[:, :, None].transpose(3, 4)).view(batch, heads, seq, total)

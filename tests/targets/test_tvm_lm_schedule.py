@@ -45,11 +45,11 @@ def test_every_kernel_of_prefill_and_decode_is_scheduled(target_name: str) -> No
         assert len(projections) >= 4, report  # q/k/v/o and MLP projections, lm_head
 
 
-def test_decode_reads_the_kv_cache_without_repeating_it_per_query_head() -> None:
+def test_the_exported_decode_program_broadcasts_the_kv_cache_instead_of_repeating_it() -> None:
     """GQA (4 query heads on 2 KV heads): the query heads of a group meet their KV head in a
-    matmul that broadcasts over the group. No op of the decode program expands or repeats a
-    value whose size grows with the context (the cache, once per query head: a copy of the
-    whole cache per layer and step)."""
+    matmul that broadcasts over the group. No op of the exported decode program (what both
+    backends import) expands or repeats a value whose size grows with the context (the
+    cache, once per query head). TVM's importer still lowers the broadcast to one copy."""
     handle = ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "0" * 64, module=make_tiny_llama())
     decode = next(entry for entry in export_entries(handle) if entry.name == "decode")
     ops = [(str(node.target), tuple(node.meta["val"].shape)) for node in decode.program.graph.nodes
