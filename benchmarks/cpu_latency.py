@@ -36,7 +36,7 @@ from edgec.lm import greedy_generate
 from edgec.model import load_model
 from edgec.passes import options_for
 from edgec.recipe import load_recipe
-from edgec.targets.runtime import timed
+from edgec.targets.runtime import as_numpy, timed
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
@@ -56,14 +56,17 @@ def decode_rate(runtime: Any, prompt: list[int], new_tokens: int) -> tuple[float
     """Tokens/s of the decode calls of a greedy generation after `prompt` (median of 3)."""
     decode_s: list[float] = []
 
-    def prefill(x: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(runtime.run("prefill", [x]))
+    # The cache stays in the runtime between steps (as edgec generate and edgec bench run it).
+    def prefill(x: np.ndarray) -> tuple[Any, ...]:
+        logits, *cache = runtime.run("prefill", [x], native=True)
+        return (as_numpy(logits), *cache)
 
-    def decode(x: np.ndarray, *cache: np.ndarray) -> tuple[np.ndarray, ...]:
+    def decode(x: np.ndarray, *cache: Any) -> tuple[Any, ...]:
         start = time.perf_counter()
-        outputs = runtime.run("decode", [x, *cache])
+        logits, *cache = runtime.run("decode", [x, *cache], native=True)
+        logits = as_numpy(logits)
         decode_s.append(time.perf_counter() - start)
-        return tuple(outputs)
+        return (logits, *cache)
 
     tokens: list[int] = []
     rates = []

@@ -121,14 +121,14 @@ def _rows(array: np.ndarray, batch: int) -> np.ndarray:
 
 def _decode_ms(runtime: shared.Runtime, generation: shared.Generation, ids: np.ndarray, steps: int) -> list[float]:
     """Each greedy decode step's wall time (ms) after a prefill of `ids` ([B, T]), all rows at once."""
-    outputs = runtime.run(generation.prefill, [ids])
+    outputs = runtime.run(generation.prefill, [ids], native=True)
     entry = generation.prefill
     times = []
     for _ in range(steps):
-        token = np.argmax(np.asarray(generation.logits(outputs, entry))[:, -1], axis=-1).astype(np.int64)[:, None]
+        token = np.argmax(shared.as_numpy(generation.logits(outputs, entry))[:, -1], axis=-1).astype(np.int64)[:, None]
         args = generation.decode_args(token, outputs, entry)
         start = time.perf_counter()
-        outputs = runtime.run(generation.decode, args)
+        outputs = runtime.run(generation.decode, args, native=True)
         times.append((time.perf_counter() - start) * 1e3)
         entry = generation.decode
     return times

@@ -236,6 +236,7 @@ class CausalLMEntries(nn.Module):
         past_sums: torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(output, the new positions' k and v [B, KV, S, D], the calibrated heads' sums)."""
         batch, seq, _ = x.shape
         heads, kv_heads = self.arch.layer_heads[layer_index], self.arch.layer_kv_heads[layer_index]
         q, k, v = self._project(attn, x, heads, kv_heads)
@@ -247,20 +248,21 @@ class CausalLMEntries(nn.Module):
         v = v.view(batch, seq, kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = self._apply_rope(q, *rope), self._apply_rope(k, *rope)
-        if past_k is not None and past_v is not None:
-            k = torch.cat((past_k, k), dim=2)
-            v = torch.cat((past_v, v), dim=2)
         groups = heads // kv_heads
-        total = k.shape[2]
+        past = 0 if past_k is None else past_k.shape[2]
+        total = past + seq
         # GQA: each KV head serves `groups` query heads. A group's query heads meet their KV
         # head in one matmul that broadcasts K and V over the group instead of repeating them
-        # per query head, which copied the whole cache in several kernels each layer and step
-        # (SmolLM2's TVM decode step at 1,024 tokens of context: 155 -> 91 ms with this; TVM's
-        # importer still makes one broadcast copy each of K and V for its batched matmul).
+        # per query head (TVM reads such broadcasts in place: targets/tvm_views).
         # Query head h is member h % groups of KV head h // groups, as in HF's repeat_kv.
+        # With a cache, the past and the new keys are scored side by side and the values
+        # summed in two parts: the cache is read where it lies, never copied onto the new
+        # keys (that copy, per layer and step, was most of a long-context decode step).
         grouped_q = q.reshape(batch, kv_heads, groups, seq, self.head_dim)
-        scores = torch.matmul(grouped_q, k[:, :, None].transpose(3, 4)).view(batch, heads, seq, total)
-        scores = _softcap(scores * self.arch.attn_scale, self.arch.attn_softcap)
+        scores = torch.matmul(grouped_q, k[:, :, None].transpose(3, 4))
+        if past_k is not None:
+            scores = torch.cat((torch.matmul(grouped_q, past_k[:, :, None].transpose(3, 4)), scores), dim=-1)
+        scores = _softcap(scores.view(batch, heads, seq, total) * self.arch.attn_scale, self.arch.attn_softcap)
         if mask is not None:
             scores = scores + mask
         probs = attention_probs(scores)
@@ -271,8 +273,16 @@ class CausalLMEntries(nn.Module):
         # The paper's statistic needs every query of the sequence: prefill only.
         if calibration is not None and (calibration.carries_state or past_k is None):
             probs, sums = calibration(probs, past_sums)
-        out = torch.matmul(probs.reshape(batch, kv_heads, groups, seq, total), v[:, :, None]).view(batch, heads, seq, self.head_dim)
-        out = out.transpose(1, 2).reshape(batch, seq, heads * self.head_dim)
+        grouped_probs = probs.reshape(batch, kv_heads, groups, seq, total)
+        if past_v is None:
+            out = torch.matmul(grouped_probs, v[:, :, None])
+        else:
+            # The new columns by index, not as the slice [past:]: TVM types that slice's
+            # length (P + S) - P and then cannot prove it equals S.
+            new_columns = torch.arange(seq, dtype=torch.int64) + past
+            out = (torch.matmul(grouped_probs[..., :past], past_v[:, :, None])
+                   + torch.matmul(grouped_probs.index_select(-1, new_columns), v[:, :, None]))
+        out = out.view(batch, heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, heads * self.head_dim)
         return getattr(attn, self.arch.layout.o)(out), k, v, sums if calibration is not None and calibration.carries_state else None
 
     def _positions(self, seq: int, past: int | None) -> Tables:
@@ -370,7 +380,12 @@ class CausalLMEntries(nn.Module):
         stacked = torch.stack(exit_logits) if exit_logits else None
         logits = self._logits(h) if stacked is None else vote(stacked)
         join = (lambda parts: torch.cat(parts, dim=1)) if ragged else torch.stack
-        outputs = [logits, join(new_k), join(new_v)]
+        present_k, present_v = join(new_k), join(new_v)
+        if past_k is not None and past_v is not None:
+            # One copy of the cache per step, with the new positions appended.
+            tokens_axis = 2 if ragged else 3
+            present_k, present_v = torch.cat((past_k, present_k), dim=tokens_axis), torch.cat((past_v, present_v), dim=tokens_axis)
+        outputs = [logits, present_k, present_v]
         if new_s:
             outputs.append(torch.cat(new_s, dim=0))
         if stacked is not None:

@@ -151,17 +151,29 @@ class Runtime:
         else:
             raise ValueError(f"unknown backend {backend!r}")
 
-    def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, entry: str, inputs: list[Any], native: bool = False) -> list[Any]:
+        """The entry's outputs as numpy arrays; `native`: as the runtime's own tensors, which
+        a later call takes back without a copy (a decode step's cache: converting it both
+        ways was a third of a TVM decode step at 1,024 tokens of context). `as_numpy` reads
+        any of them."""
         if self.backend == "tvm":
             tvm = self._tvm
-            args = [tvm.runtime.tensor(np.asarray(x, order="C"), self.devices[entry]) for x in inputs]
+            device = self.devices[entry]
+            args = [x if isinstance(x, tvm.runtime.Tensor) and x.device == device
+                    else tvm.runtime.tensor(as_numpy(x), device) for x in inputs]
             result = self.vms[entry]["main"](*args, *self.params[entry])
-            if isinstance(result, tvm.runtime.Tensor):
-                return [result.numpy()]
-            return [item.numpy() for item in result]
+            outputs = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+            return outputs if native else [item.numpy() for item in outputs]
         session = self.sessions[entry]
         feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
         return list(session.run(None, feed))
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A runtime's output (numpy, or a TVM tensor from `Runtime.run(..., native=True)`) as a C-ordered numpy array."""
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)
+    return value.numpy() if hasattr(value, "numpy") else np.ascontiguousarray(np.asarray(value))
 
 
 # ----------------------------------------------------------------------------- programs
@@ -207,7 +219,7 @@ class Generation:
         generated: list[int] = []
         length = len(prompt_ids)
         while len(generated) < max_new_tokens and length < limit:
-            last = np.asarray(self.logits(outputs, entry))[0, -1]
+            last = as_numpy(self.logits(outputs, entry))[0, -1]
             if on_step is not None:
                 on_step(len(generated), last)
             token = int(np.argmax(last))

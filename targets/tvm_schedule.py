@@ -172,6 +172,13 @@ def _vars_in(region: TensorRegion) -> list[tirx.Var]:
     return found
 
 
+def _vars_in_last(region: TensorRegion) -> list[tirx.Var]:
+    """Variables of the innermost (contiguous) index of a region."""
+    found: list[tirx.Var] = []
+    tvm_ffi.structural_walk(region.region[-1].min, ((tirx.Var, found.append),))
+    return found
+
+
 def _uses(region: TensorRegion, var: tirx.Var) -> bool:
     return any(v.same_as(var) for v in _vars_in(region))
 
@@ -372,6 +379,11 @@ def _check_matmul(sch: s_tir.Schedule, info: SBlockInfo) -> None:
     rhs = [r for r in inputs if _uses(r, var_j) and _uses(r, var_k) and not _uses(r, var_i)]
     if len(lhs) != 1 or len(rhs) != 1 or not _uses(out, var_j):
         raise _RuleDoesNotApply("operands do not index like a matmul")
+    # The register tile vectorizes along j; a B read with k innermost (Q @ K^T over a
+    # [P, D] cache, tvm_views) would make every vector a gather: rows of dot products,
+    # which the reduction rule vectorizes along k.
+    if rhs[0].region and any(v.same_as(var_k) for v in _vars_in_last(rhs[0])):
+        raise _RuleDoesNotApply("B is read along k (a transposed operand)")
 
 
 def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
@@ -629,7 +641,9 @@ def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) 
     row = _fuse(sch, out_loops[:rows])
     if len(out_loops) > rows + 1:
         sch.fuse(*out_loops[rows:])
-    if len(out_loops) > rows:
+    # An output block that is itself the reduction (a row of dot products) keeps its
+    # reduced loop serial: only its rfactor partials are vectorized.
+    if len(out_loops) > rows and _leading_spatial_count(sch, out) == len(sch.get(out).iter_vars):
         _vectorize_inner(sch, out, lanes)
     sch.parallel(row)
 

@@ -1,0 +1,87 @@
+"""A decode step reads the KV cache where it lies: the batched attention matmuls of a GQA
+decode entry read the cache's layers through index arithmetic (targets/tvm_views)
+instead of copying them (take, transpose, broadcast over the group), the result matches
+torch, and the CPU rules schedule the new kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.script import relax as R
+
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.targets.export import export_entries
+from edgec.targets.registry import resolve_target
+from edgec.targets.tvm_schedule import finish_pipeline, fused_module, loop_kinds, schedule_fused, schedule_report
+from edgec.targets.tvm_views import VIEW_MATMUL_BLOCK, read_views_in_place
+from tests.conftest import TINY_CONFIG, make_tiny_llama
+
+pytestmark = pytest.mark.compile
+
+
+def _decode_module() -> tuple[tvm.IRModule, list[tvm.runtime.Tensor], object]:
+    handle = ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "0" * 64, module=make_tiny_llama())
+    decode = next(entry for entry in export_entries(handle) if entry.name == "decode")
+    mod, params = relax.frontend.detach_params(from_exported_program(decode.program, keep_params_as_input=True))
+    return mod, params["main"], decode
+
+
+def _calls(func: relax.Function, op_name: str) -> list[relax.Call]:
+    op = tvm.ir.Op.get(op_name)
+    found: list[relax.Call] = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(op) else None)
+    return found
+
+
+def test_gqa_decode_reads_the_cache_in_place_and_matches_torch() -> None:
+    mod, params, decode = _decode_module()
+    rewritten, count = read_views_in_place(mod)
+    layers = TINY_CONFIG["num_hidden_layers"]
+    # Per layer: scores against the past and the new keys, values of the past and the new.
+    assert count == 4 * layers
+    main = rewritten["main"]
+    past = set(main.params[1:3])
+    # The cache is only read by the attention kernels and copied once, into the appended output.
+    readers = [c for c in _calls(main, "relax.call_tir") if any(a in past for a in c.args[1].fields)]
+    assert len(readers) == 2 * layers  # each layer: scores over past K, values over past V
+    assert not [c for c in _calls(main, "relax.take") if c.args[0] in past]
+    assert not [c for c in _calls(main, "relax.broadcast_to")]
+    appends = [c for c in _calls(main, "relax.concat") if any(f in past for f in c.args[0].fields)]
+    assert len(appends) == 2
+
+    target = tvm.target.Target(resolve_target("cpu", "tvm").tvm_target)
+    scheduled = schedule_fused(fused_module(rewritten, target), target)
+    report = schedule_report(scheduled)
+    views = {name: rule for name, rule in report.items() if name.startswith(VIEW_MATMUL_BLOCK)}
+    assert len(views) >= 4, report
+    for name, rule in views.items():
+        # Dot products along the head dim (Q @ K^T), a register tile (P @ V), or one product.
+        assert rule in ("reduction+rfactor", "matmul", "injective"), (name, rule)
+        assert "parallel" in loop_kinds(scheduled[name]) or rule == "injective", (name, loop_kinds(scheduled[name]))
+    assert "reduction+rfactor" in views.values() and "matmul" in views.values(), views
+
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target, relax_pipeline=finish_pipeline(target)), tvm.cpu())
+    example = decode.example
+    got = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in example], *params)
+    with torch.no_grad():
+        want = decode.module(*example)
+    for ours, theirs in zip(got, want):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_matmul_that_copies_nothing_is_left_alone() -> None:
+    builder = relax.BlockBuilder()
+    a, b = relax.Var("a", R.Tensor((2, 4, 8), "float32")), relax.Var("b", R.Tensor((2, 8, 16), "float32"))
+    with builder.function("main", [a, b]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.matmul(a, b))
+        builder.emit_func_output(out)
+    rewritten, count = read_views_in_place(builder.get())
+    assert count == 0
+    assert len(_calls(rewritten["main"], "relax.matmul")) == 1
