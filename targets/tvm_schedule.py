@@ -179,6 +179,18 @@ def _vars_in_last(region: TensorRegion) -> list[tirx.Var]:
     return found
 
 
+def _plain_indices(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """Whether every buffer the block reads is indexed by block variables alone (or 0 on a
+    unit axis): not one slice of a larger axis."""
+
+    def plain(index: tirx.Expr, extent: tirx.Expr) -> bool:
+        unit = isinstance(extent, tirx.IntImm) and int(extent) == 1
+        return isinstance(index, tirx.Var) or (unit and isinstance(index, tirx.IntImm) and int(index) == 0)
+
+    return all(plain(rng.min, extent) for region in sch.get(block).reads
+               for rng, extent in zip(region.region, region.source.shape))
+
+
 def _uses(region: TensorRegion, var: tirx.Var) -> bool:
     return any(v.same_as(var) for v in _vars_in(region))
 
@@ -379,10 +391,13 @@ def _check_matmul(sch: s_tir.Schedule, info: SBlockInfo) -> None:
     rhs = [r for r in inputs if _uses(r, var_j) and _uses(r, var_k) and not _uses(r, var_i)]
     if len(lhs) != 1 or len(rhs) != 1 or not _uses(out, var_j):
         raise _RuleDoesNotApply("operands do not index like a matmul")
-    # The register tile vectorizes along j; a B read with k innermost (Q @ K^T over a
-    # [P, D] cache, tvm_views) would make every vector a gather: rows of dot products,
-    # which the reduction rule vectorizes along k.
-    if rhs[0].region and any(v.same_as(var_k) for v in _vars_in_last(rhs[0])):
+    # The register tile vectorizes along j; a B read from memory with k innermost (Q @ K^T
+    # over a [P, D] cache, tvm_views) would make every vector a gather: rows of dot
+    # products, which the reduction rule vectorizes along k. (A B computed in the kernel,
+    # such as decoded packed weights, is laid out for the tile by the rule itself.)
+    computed = any(write.source.same_as(rhs[0].source) for producer in sch.get_producers(info.block_rv)
+                   for write in sch.get(producer).writes)
+    if not computed and any(v.same_as(var_k) for v in _vars_in_last(rhs[0])):
         raise _RuleDoesNotApply("B is read along k (a transposed operand)")
 
 
@@ -410,6 +425,10 @@ def _matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, pad: bool) -> str:
             if not isinstance(extent, int) or extent % size != 0:
                 padding[axis] = size
         if any(p > 1 for p in padding):
+            # TVM 0.27's pad_einsum mis-pads an operand read at a constant or an offset index
+            # (one layer or head of a stacked tensor, tvm_views): the result is garbage.
+            if not _plain_indices(sch, matmul):
+                raise _RuleDoesNotApply("an operand is indexed by a constant or an offset: not padded")
             # Copies A (and B) into zero-padded buffers; the un-padding copy of C
             # becomes the first epilogue below.
             sch.pad_einsum(matmul, padding)

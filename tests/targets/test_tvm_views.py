@@ -11,14 +11,22 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.script import relax as R
 
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
 from edgec.targets.export import export_entries
 from edgec.targets.registry import resolve_target
-from edgec.targets.tvm_schedule import finish_pipeline, fused_module, loop_kinds, schedule_fused, schedule_report
+from edgec.targets.tvm_schedule import (
+    CpuScheduleConfig,
+    finish_pipeline,
+    fused_module,
+    loop_kinds,
+    schedule_fused,
+    schedule_prim_func,
+    schedule_report,
+)
 from edgec.targets.tvm_views import VIEW_MATMUL_BLOCK, read_views_in_place
 from tests.conftest import TINY_CONFIG, make_tiny_llama
 
@@ -85,3 +93,24 @@ def test_a_matmul_that_copies_nothing_is_left_alone() -> None:
     rewritten, count = read_views_in_place(builder.get())
     assert count == 0
     assert len(_calls(rewritten["main"], "relax.matmul")) == 1
+
+
+def test_a_matmul_reading_one_head_of_a_stacked_tensor_is_exact_when_its_rows_are_padded() -> None:
+    """TVM's pad_einsum mis-pads an operand read at an offset (head 2 of 4, as a view
+    matmul reads one calibrated head): the matmul rule must not pad such a kernel."""
+    batch, seq = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("s", "int64")
+    earlier = te.placeholder((seq, seq), name="earlier")
+    probs = te.placeholder((batch, 4, seq, seq), name="probs")
+    k = te.reduce_axis((0, seq), name="k")
+    out = te.compute((batch, 1, seq, seq), lambda b, h, i, j: te.sum(earlier[i, k] * probs[b, h + 2, k, j], axis=k),
+                     name=VIEW_MATMUL_BLOCK)
+    target = tvm.target.Target(resolve_target("cpu", "tvm").tvm_target)
+    scheduled, rule = schedule_prim_func(te.create_prim_func([earlier, probs, out]), CpuScheduleConfig.from_target(target))
+    assert rule.startswith("matmul") and rule != "matmul+pad", rule
+    library = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
+    rng = np.random.default_rng(0)
+    lower = np.tril(np.ones((13, 13), dtype=np.float32))  # 13 rows: not a whole register tile
+    values = rng.random((2, 4, 13, 13), dtype=np.float32)
+    result = tvm.runtime.tensor(np.zeros((2, 1, 13, 13), dtype=np.float32))
+    library["main"](tvm.runtime.tensor(lower), tvm.runtime.tensor(values), result)
+    np.testing.assert_allclose(result.numpy(), lower @ values[:, 2:3], rtol=1e-5, atol=1e-5)
