@@ -279,9 +279,11 @@ class CausalLMEntries(nn.Module):
         else:
             # The new columns by index, not as the slice [past:]: TVM types that slice's
             # length (P + S) - P and then cannot prove it equals S.
-            new_columns = torch.arange(seq, dtype=torch.int64) + past
-            out = (torch.matmul(grouped_probs[..., :past], past_v[:, :, None])
-                   + torch.matmul(grouped_probs.index_select(-1, new_columns), v[:, :, None]))
+            new_probs = grouped_probs.index_select(-1, torch.arange(seq, dtype=torch.int64) + past)
+            # One new key (a decode step): a product, not a matmul whose reduction has extent 1,
+            # which TVM's GPU GEMV schedule cannot take.
+            new_out = new_probs * v[:, :, None] if seq == 1 else torch.matmul(new_probs, v[:, :, None])
+            out = torch.matmul(grouped_probs[..., :past], past_v[:, :, None]) + new_out
         out = out.view(batch, heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, heads * self.head_dim)
         return getattr(attn, self.arch.layout.o)(out), k, v, sums if calibration is not None and calibration.carries_state else None
 
