@@ -138,8 +138,13 @@ class RemoteTVM:
         with waiting(self.timeout_s, f"{self.server}: running {entry}", "timeout"):
             vm = self._prepare(entry, inputs)
             vm.invoke_stateful("main")
-            outputs = vm.get_outputs("main")
-        return list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+            # Not vm.get_outputs: its recursive inner function is a reference cycle holding
+            # the VM, so the session stayed open until the garbage collector ran, and the
+            # server (one session at a time) kept the next client waiting for up to its timeout.
+            arity = vm._get_output_arity("main")
+            if arity == -1:
+                return [vm._get_output("main")]
+            return [vm._get_output("main", index) for index in range(arity)]
 
     def run(self, entry: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return [x.numpy() for x in self.run_remote(entry, inputs)]

@@ -4,6 +4,7 @@ tracker is TVM's own `python -m tvm.exec.rpc_tracker`, both on loopback."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -106,6 +107,26 @@ def test_rpc_deploy_passes_parity_on_a_stock_server(devices: dict[str, int], art
     assert report["emulated"] is True and "read back from the device" in report["hash_check"]
     assert "versions" in report["unavailable"]
 
+
+
+def test_a_finished_deploy_frees_the_server_for_the_next_session(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
+    """A stock server serves one session at a time. TVM's VM.get_outputs made a reference
+    cycle that kept the deploy's session open until the garbage collector ran, and the next
+    client waited up to the session timeout (300 s here; CI saw 180 s handshake failures)."""
+    from tvm import rpc
+
+    gc.disable()  # the cycle collector would hide a leaked session
+    try:
+        result = runner.invoke(app, ["deploy", str(artifacts["arm64"]), "--device", _uri(devices), "--json"])
+        assert result.exit_code == 0, result.output
+        began = time.perf_counter()
+        session = rpc.connect("127.0.0.1", devices["direct"], key=DIRECT_KEY, session_timeout=60)
+        waited = time.perf_counter() - began
+        del session
+    finally:
+        gc.enable()
+    # The emulated server takes seconds to end a session; a leaked one holds it for 300 s.
+    assert waited < 150, f"the next session waited {waited:.0f} s: the deploy's session was left open"
 
 def test_rpc_profile_gives_time_evaluator_figures_and_names_the_missing_ones(
     devices: dict[str, int], artifacts: dict[str, Path], tmp_path: Path
