@@ -108,7 +108,6 @@ def test_rpc_deploy_passes_parity_on_a_stock_server(devices: dict[str, int], art
     assert "versions" in report["unavailable"]
 
 
-
 def test_a_finished_deploy_frees_the_server_for_the_next_session(devices: dict[str, int], artifacts: dict[str, Path]) -> None:
     """A stock server serves one session at a time. TVM's VM.get_outputs made a reference
     cycle that kept the deploy's session open until the garbage collector ran, and the next
@@ -127,6 +126,7 @@ def test_a_finished_deploy_frees_the_server_for_the_next_session(devices: dict[s
         gc.enable()
     # The emulated server takes seconds to end a session; a leaked one holds it for 300 s.
     assert waited < 150, f"the next session waited {waited:.0f} s: the deploy's session was left open"
+
 
 def test_rpc_profile_gives_time_evaluator_figures_and_names_the_missing_ones(
     devices: dict[str, int], artifacts: dict[str, Path], tmp_path: Path
