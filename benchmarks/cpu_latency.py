@@ -1,10 +1,12 @@
 """Prefill latency, decode speed at a short and a long context, and weight streaming
 against the measured memory bandwidth on the host CPU: edgec TVM artifact, edgec ONNX
-artifact in ONNX Runtime, and PyTorch eager (transformers), on the same inputs in one run.
+artifact in ONNX Runtime, PyTorch eager (transformers) and, with --llama-cpp, llama.cpp's
+llama-bench (SmolLM2's source Q4_1 GGUF and an F32 GGUF of the same weights), on the same
+prompt length, contexts and threads in one run.
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
         [--prompt-len 128] [--contexts 32 1024] [--new-tokens 32] [--runs 10]
-        [--out artifacts/bench] [--json FILE]
+        [--out artifacts/bench] [--json FILE] [--llama-cpp]
 
 Prefill: median of --runs warm calls on the first --prompt-len held-out tokens. Decode at
 context C: tokens/s of --new-tokens greedy steps after a prompt of C held-out tokens
@@ -32,11 +34,10 @@ import torch
 from edgec.artifact import MANIFEST, open_runtime, read_manifest
 from edgec.compiler import compile_model
 from edgec.data import held_out_slice
-from edgec.lm import greedy_generate
 from edgec.model import load_model
 from edgec.passes import options_for
 from edgec.recipe import load_recipe
-from edgec.targets.runtime import as_numpy, timed
+from edgec.targets.runtime import Generation, as_numpy, timed
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
@@ -52,27 +53,25 @@ def ensure_artifact(model: str, backend: str, out_root: Path, max_context: int) 
     return out
 
 
-def decode_rate(runtime: Any, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """Tokens/s of the decode calls of a greedy generation after `prompt` (median of 3)."""
+def decode_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """Tokens/s of the decode calls of a greedy generation after `prompt` (median of 3),
+    driven as `edgec run` drives it: the cache stays in the runtime between steps."""
     decode_s: list[float] = []
-
-    # The cache stays in the runtime between steps (as edgec generate and edgec bench run it).
-    def prefill(x: np.ndarray) -> tuple[Any, ...]:
-        logits, *cache = runtime.run("prefill", [x], native=True)
-        return (as_numpy(logits), *cache)
-
-    def decode(x: np.ndarray, *cache: Any) -> tuple[Any, ...]:
-        start = time.perf_counter()
-        logits, *cache = runtime.run("decode", [x, *cache], native=True)
-        logits = as_numpy(logits)
-        decode_s.append(time.perf_counter() - start)
-        return (logits, *cache)
-
     tokens: list[int] = []
     rates = []
+    generation = Generation(program)
+
+    def run(entry: str, args: list[Any]) -> list[Any]:
+        start = time.perf_counter()
+        outputs = runtime.run(entry, args, native=True)
+        as_numpy(generation.logits(outputs, entry))
+        if entry == generation.decode:
+            decode_s.append(time.perf_counter() - start)
+        return outputs
+
     for _ in range(3):
         decode_s.clear()
-        tokens = greedy_generate(prefill, decode, prompt, new_tokens, 10**9, None)
+        tokens = generation.greedy(run, prompt, new_tokens)
         rates.append(len(decode_s) / sum(decode_s))
     return statistics.median(rates), tokens
 
@@ -80,11 +79,12 @@ def decode_rate(runtime: Any, prompt: list[int], new_tokens: int) -> tuple[float
 def artifact_timings(path: Path, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
                      runs: int) -> tuple[float, dict[int, float], list[int]]:
     """Prefill ms of `prompt`, decode tokens/s per context, and the tokens after `prompt`."""
-    runtime = open_runtime(path, read_manifest(path))
+    manifest = read_manifest(path)
+    runtime, program = open_runtime(path, manifest), manifest["program"]
     ids = np.asarray([prompt], dtype=np.int64)
     prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
-    _, tokens = decode_rate(runtime, prompt, new_tokens)
-    return prefill_ms, {ctx: decode_rate(runtime, p, new_tokens)[0] for ctx, p in prompts.items()}, tokens
+    _, tokens = decode_rate(runtime, program, prompt, new_tokens)
+    return prefill_ms, {ctx: decode_rate(runtime, program, p, new_tokens)[0] for ctx, p in prompts.items()}, tokens
 
 
 def torch_timings(module: Any, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
@@ -125,6 +125,37 @@ def decode_weight_bytes(module: torch.nn.Module) -> int:
     return sum(4 * p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
 
 
+def gguf_step_bytes(path: Path) -> int:
+    """Bytes of the tensors a llama.cpp decode step reads from a GGUF: every layer's, and the
+    output head (the token embedding where the head is tied to it)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    return head + sum(size for name, size in tensors.items() if name.startswith("blk."))
+
+
+def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[int], new_tokens: int,
+                   runs: int) -> dict[str, tuple[float, dict[int, float], None, int]]:
+    """llama-bench on the Q4_1 GGUF zoo:smollm2-135m is converted from and on an F32 GGUF
+    of the same weights (other models: no rows; they do not come from a GGUF)."""
+    from benchmarks.llama_cpp import bench, f32_gguf
+    from edgec.zoo import smollm2_gguf
+
+    if model != "zoo:smollm2-135m":
+        return {}
+    source = smollm2_gguf()
+    ggufs = {"llama.cpp Q4_1 (the zoo's source GGUF)": source,
+             "llama.cpp F32 (the same weights)": f32_gguf(source, out_root / "smollm2-135m-f32.gguf")}
+    rows = {}
+    for name, path in ggufs.items():
+        print(f"timing {model} {name} ...", file=sys.stderr)
+        result = bench(path, prompt_len, contexts, new_tokens, torch.get_num_threads(), min(runs, 5))
+        rows[name] = (result["prefill_ms"], {int(c): r for c, r in result["decode_tokens_per_s"].items()}, None,
+                      gguf_step_bytes(path))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["zoo:tiny-lm", "zoo:smollm2-135m"])
@@ -134,6 +165,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also time llama.cpp's llama-bench (built into the edgec cache on first use: minutes)")
     args = parser.parse_args()
 
     bandwidth = memory_bandwidth_gbs()
@@ -150,16 +183,18 @@ def main() -> None:
         prompt = held_out[: args.prompt_len]
         prompts = {short: held_out[:short], long: held_out[:long]}
         weight_bytes = decode_weight_bytes(handle.module)
-        results = {}
+        results: dict[str, tuple[float, dict[int, float], list[int] | None, int]] = {}
         for backend in ("onnx", "tvm"):
             path = ensure_artifact(model, backend, args.out, max_context)
             print(f"timing {model} {backend} ...", file=sys.stderr)
-            results[f"edgec {backend}"] = artifact_timings(path, prompts, prompt, args.new_tokens, args.runs)
+            results[f"edgec {backend}"] = (*artifact_timings(path, prompts, prompt, args.new_tokens, args.runs), weight_bytes)
         print(f"timing {model} torch ...", file=sys.stderr)
-        results["torch eager"] = torch_timings(handle.module, prompts, prompt, args.new_tokens, args.runs)
-        base_prefill, base_rates, base_tokens = results["edgec onnx"]
-        for name, (prefill_ms, rates, tokens) in results.items():
-            streamed = weight_bytes * rates[short] / 1e9
+        results["torch eager"] = (*torch_timings(handle.module, prompts, prompt, args.new_tokens, args.runs), weight_bytes)
+        if args.llama_cpp:
+            results.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens, args.runs))
+        base_prefill, base_rates, base_tokens, _ = results["edgec onnx"]
+        for name, (prefill_ms, rates, tokens, step_bytes) in results.items():
+            streamed = step_bytes * rates[short] / 1e9
             rows.append(
                 {
                     "model": model,
@@ -170,10 +205,10 @@ def main() -> None:
                     "decode_tokens_per_s": {str(ctx): rate for ctx, rate in rates.items()},
                     "decode_vs_ort": rates[short] / base_rates[short],
                     "long_vs_short": rates[long] / rates[short],
-                    "weight_bytes_per_step": weight_bytes,
+                    "weight_bytes_per_step": step_bytes,
                     "weight_gb_per_s": streamed,
                     "of_bandwidth": streamed / bandwidth,
-                    "same_tokens_as_ort": tokens == base_tokens,
+                    "same_tokens_as_ort": None if tokens is None else tokens == base_tokens,
                 }
             )
 
@@ -189,7 +224,7 @@ def main() -> None:
         print(
             f"| {row['model']} | {row['runtime']} | {row['prefill_ms']:.1f} | {row['prefill_vs_ort']:.2f} | {short} / {long} "
             f"| {rates[str(short)]:.1f} | {row['decode_vs_ort']:.2f} | {rates[str(long)]:.1f} | {row['long_vs_short']:.2f} "
-            f"| {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {row['same_tokens_as_ort']} |"
+            f"| {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {'-' if row['same_tokens_as_ort'] is None else row['same_tokens_as_ort']} |"
         )
     if args.json is not None:
         args.json.write_text(json.dumps({"memory_bandwidth_gbs": bandwidth, "rows": rows}, indent=2) + "\n")

@@ -191,6 +191,9 @@ def compile_model(
             raise BadInputError(f"--graph {recipe.graph}: a graph is what a GCN is compiled for; {model_spec} is a {family.name} model")
         place = _placement(plan.part_targets, family, model_spec, recipe.target)
         family.prepare(model, recipe, progress)
+        # Whether every target's backend reads an appended KV cache in place (edgec.lm): the
+        # cache contract a causal LM's entries are exported with; other families ignore it.
+        model.prepared["appended_cache"] = all(t.capability.appended_cache for t in (target, *plan.part_targets.values()))
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
         pass_log = _run_passes(manager, model, ctx, recipe)

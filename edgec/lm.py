@@ -4,16 +4,25 @@ Before: a Hugging Face decoder-only LM (Llama, Qwen, Mistral, Phi-3, Gemma, GPT-
 edgec.architectures) whose forward hides its cache in Python objects (DynamicCache) that neither exporter can carry across calls.
 After: two plain tensor functions an application can drive from any runtime:
 
-    prefill(input_ids[B, S])                      -> logits[B, S, V], k[L, B, KV, S, D], v[...]
-    decode(input_ids[B, 1], past_k[L, B, KV, P, D], past_v) -> logits[B, 1, V], k[L, B, KV, P+1, D], v[...]
+    prefill(input_ids[B, S])                      -> logits[B, S, V], k[S, L, B, KV, D], v[...]
+    decode(input_ids[B, 1], past_k[P, L, B, KV, D], past_v) -> logits[B, 1, V], k[1, L, B, KV, D], v[...]
+
+k and v are position-major and hold only the positions the call added: the caller appends
+them to its cache. A cache reserved for the whole context then grows in place, its filled
+prefix a contiguous view that decode reads where it lies, so no step copies the cache.
+A runtime that reads such a cache only through copies (ONNX Runtime: a transpose per
+layer and step) gets the concatenated contract instead (`appended_cache=False`):
+
+    decode(input_ids[B, 1], past_k[L, B, KV, P, D], past_v) -> logits, k[L, B, KV, P+1, D], v[...]
 
 When attention calibration (ACT, `stat: causal`) is applied, the cache carries one more
 tensor, the raw attention column sums of the calibrated heads, s[N, B, P]: prefill
-returns it after v and decode takes it after past_v.
+returns it after v and decode takes it after past_v. Every step adds to every column, so
+s is returned whole, not appended.
 
 A width-pruned subnet (edgec.subnet) whose layers keep different numbers of KV heads
-cannot stack its cache by layer: there k and v are [B, sum of KV heads, P, D], each layer's
-heads one after the other (`CausalLMEntries.kv_offsets`).
+cannot stack its cache by layer: there k and v are [P, B, sum of KV heads, D] (concatenated:
+[B, sum of KV heads, P, D]), each layer's heads one after the other (`CausalLMEntries.kv_offsets`).
 
 A model with early exits (edgec.exits) votes: `logits` is the voted log-distribution and
 a last output, exit_logits[E, B, S, V], holds each voting exit's own logits. Every layer
@@ -154,9 +163,10 @@ class CausalLMEntries(nn.Module):
     """Prefill and decode entries over the submodules of a decoder-only causal LM whose
     architectural differences are data (edgec.architectures)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, appended_cache: bool = True) -> None:
         super().__init__()
         self.model = canonicalize(model)
+        self.appended_cache = appended_cache
         self.arch: Architecture = architecture_of(model)
         arch = self.arch
         self.num_heads = arch.num_heads
@@ -363,7 +373,7 @@ class CausalLMEntries(nn.Module):
         if past_k is not None and past_v is not None and dtype != torch.float32:
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
         ragged = self.arch.ragged_kv
-        tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[2 if ragged else 3])
+        tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[self.tokens_axis])
         h = self._embed(input_ids, tables.positions)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
@@ -383,10 +393,14 @@ class CausalLMEntries(nn.Module):
         logits = self._logits(h) if stacked is None else vote(stacked)
         join = (lambda parts: torch.cat(parts, dim=1)) if ragged else torch.stack
         present_k, present_v = join(new_k), join(new_v)
-        if past_k is not None and past_v is not None:
+        if self.appended_cache:
+            # Only the new positions, position-major: [S, B, KV total, D] ragged, else [S, L, B, KV, D].
+            order = (2, 0, 1, 3) if ragged else (3, 0, 1, 2, 4)
+            present_k, present_v = present_k.permute(order), present_v.permute(order)
+        elif past_k is not None and past_v is not None:
             # One copy of the cache per step, with the new positions appended.
-            tokens_axis = 2 if ragged else 3
-            present_k, present_v = torch.cat((past_k, present_k), dim=tokens_axis), torch.cat((past_v, present_v), dim=tokens_axis)
+            present_k = torch.cat((past_k, present_k), dim=self.tokens_axis)
+            present_v = torch.cat((past_v, present_v), dim=self.tokens_axis)
         outputs = [logits, present_k, present_v]
         if new_s:
             outputs.append(torch.cat(new_s, dim=0))
@@ -394,13 +408,19 @@ class CausalLMEntries(nn.Module):
             outputs.append(stacked)
         return tuple(t.float() for t in outputs) if dtype != torch.float32 else tuple(outputs)
 
+    @property
+    def tokens_axis(self) -> int:
+        """The cache's growing axis: first when appended, else after layers, batch and heads."""
+        return 0 if self.appended_cache else 2 if self.arch.ragged_kv else 3
+
     def _layer_cache(self, index: int, past: torch.Tensor | None) -> torch.Tensor | None:
-        """One layer's [B, KV, P, D] part of a stacked or ragged cache."""
+        """One layer's [B, KV, P, D] view of a stacked or ragged cache."""
         if past is None:
             return None
-        if self.arch.ragged_kv:
-            return past[:, self.kv_offsets[index] : self.kv_offsets[index + 1]]
-        return past[index]
+        heads = slice(self.kv_offsets[index], self.kv_offsets[index + 1])
+        if not self.appended_cache:
+            return past[:, heads] if self.arch.ragged_kv else past[index]
+        return (past[:, :, heads] if self.arch.ragged_kv else past[:, index]).permute(1, 2, 0, 3)
 
     def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Logits of the exit after `layer` from the hidden state leaving it (the last
@@ -489,7 +509,7 @@ class DecodeEntry(nn.Module):
         return self.entries.decode(input_ids, past_k, past_v, past_s)
 
 
-# Runtime-agnostic steps: prefill(ids) -> (logits, *cache); decode(ids, *cache) -> (logits, *cache).
+# Runtime-agnostic steps: prefill(ids) -> (logits, k, v[, s]); decode(ids, *cache) -> (logits, new k, new v[, s]).
 PrefillFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 DecodeFn = Callable[..., tuple[np.ndarray, ...]]
 
@@ -502,7 +522,8 @@ def greedy_generate(
     max_context: int,
     eos_token_id: int | None,
 ) -> list[int]:
-    """Greedy decoding over any runtime's prefill/decode callables (numpy in, numpy out)."""
+    """Greedy decoding over any runtime's prefill/decode callables (numpy in, numpy out) of
+    entries with an appended cache (the default; a runner of any artifact: Generation)."""
     ids = np.asarray([prompt_ids], dtype=np.int64)
     logits, *cache = step_prefill(ids)
     generated: list[int] = []
@@ -512,7 +533,9 @@ def greedy_generate(
         generated.append(token)
         if eos_token_id is not None and token == eos_token_id:
             break
-        logits, *cache = step_decode(np.asarray([[token]], dtype=np.int64), *cache)
+        logits, *returned = step_decode(np.asarray([[token]], dtype=np.int64), *cache)
+        # k and v gain the new positions; s (calibrated heads' sums) comes back whole.
+        cache = [np.concatenate((old, new), axis=0) if role < 2 else new for role, (old, new) in enumerate(zip(cache, returned))]
         length += 1
     return generated
 

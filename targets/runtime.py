@@ -10,10 +10,12 @@ entries are driven:
     {"kind": "forward", "entries": {...}}     each entry once on its reference inputs
     {"kind": "generate", "entries": {...}, "prefill": "prefill", "decode": "decode",
      "logits": "logits", "token_input": "input_ids",
-     "cache": [{"output": "present_k", "input": "past_k", "tokens_axis": 3, "layout": "..."}, ...],
+     "cache": [{"output": "present_k", "input": "past_k", "tokens_axis": 0, "layout": [...], "append": true}, ...],
      "max_context": 1024, "eos_token_id": 2}
                                               a greedy loop: prefill, then decode with the
-                                              cache outputs fed back as cache inputs by name
+                                              cache outputs fed back as cache inputs by name;
+                                              an `append` output holds only the new positions,
+                                              added in place to a cache reserved for max_context
     {"kind": "steps", "entries": {...}, "inputs": {"x": "sparse0.in.0", ...},
      "steps": [{"entry": "sparse0", "inputs": ["x", "indptr", ...], "output": "h0"}, ...],
      "output": "logits"}                  entries chained by value names (a GCN's sparse and
@@ -205,8 +207,64 @@ def shape_program(program: dict[str, Any], label: str) -> dict[str, Any]:
     return {**program, **program["shapes"][label], "shape": label}
 
 
+class AppendedCache:
+    """A cache that grows along its first axis, reserved for `capacity` positions at the
+    first append, in the runtime that made it (numpy, or a TVM tensor on its device): each
+    append writes the new positions after the filled ones, and `value`, the filled prefix,
+    is a view, so no step copies the cache. Until the first append `value` is the prefill's
+    output itself (a single decode step after a prefill reserves nothing)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer: Any = None
+        self.length = 0
+        self.value: Any = None
+
+    def reset(self, first: Any) -> None:
+        self.buffer, self.value, self.length = None, first, int(first.shape[0])
+
+    def append(self, new: Any) -> None:
+        added = int(new.shape[0])
+        if self.buffer is None or self.length + added > int(self.buffer.shape[0]):
+            old, self.buffer = self.value, _reserve(self.value, max(self.capacity, 2 * (self.length + added)))
+            _write(self.buffer, 0, old)
+        _write(self.buffer, self.length, new)
+        self.length += added
+        self.value = _prefix(self.buffer, self.length)
+
+
+def _is_tvm(value: Any) -> bool:
+    return hasattr(value, "_create_view")
+
+
+def _reserve(like: Any, positions: int) -> Any:
+    shape = (positions, *(int(d) for d in like.shape[1:]))
+    if _is_tvm(like):
+        import tvm
+
+        return tvm.runtime.empty(shape, str(like.dtype), like.device)
+    return np.empty(shape, dtype=np.asarray(like).dtype)
+
+
+def _prefix(buffer: Any, positions: int) -> Any:
+    if _is_tvm(buffer):
+        return buffer._create_view((positions, *buffer.shape[1:]))
+    return buffer[:positions]
+
+
+def _write(buffer: Any, start: int, value: Any) -> None:
+    """`value` into `buffer` from position `start` on (one copy of `value`'s bytes)."""
+    if _is_tvm(buffer):
+        row_bytes = int(np.prod([int(d) for d in buffer.shape[1:]], dtype=np.int64)) * np.dtype(str(buffer.dtype)).itemsize
+        target = buffer._create_view((int(value.shape[0]), *buffer.shape[1:]), relative_byte_offset=start * row_bytes)
+        target.copyfrom(value if _is_tvm(value) and value.device == buffer.device else as_numpy(value))
+    else:
+        buffer[start : start + int(value.shape[0])] = as_numpy(value)
+
+
 class Generation:
-    """A generate program's greedy loop over any runner, with the cache fed back by name."""
+    """A generate program's greedy loop over any runner, with the cache fed back by name.
+    The caches the program appends are held here between calls (`decode_args`)."""
 
     def __init__(self, program: dict[str, Any]) -> None:
         self.program = program
@@ -216,16 +274,35 @@ class Generation:
         self.decode_inputs: list[str] = entries[self.decode]["inputs"]
         self.decode_outputs: list[str] = entries[self.decode]["outputs"]
         self.feeds = {c["input"]: c["output"] for c in program["cache"]}
+        for c in program["cache"]:
+            if c.get("append") and int(c["tokens_axis"]) != 0:
+                raise ValueError(f"cache {c['input']}: an appended cache grows along its first axis, not {c['tokens_axis']}")
+        self.appended = {c["input"]: AppendedCache(int(program["max_context"])) for c in program["cache"] if c.get("append")}
 
     def logits(self, outputs: Sequence[Any], entry: str) -> Any:
         names = self.prefill_outputs if entry == self.prefill else self.decode_outputs
         return outputs[names.index(self.program["logits"])]
 
     def decode_args(self, token: np.ndarray, outputs: Sequence[Any], entry: str) -> list[Any]:
-        """The decode inputs: the token, and each cache input from the previous call's outputs."""
+        """The decode inputs: the token, and each cache input from the previous call's
+        outputs (`entry`: the call that made them). An appended cache starts over at a
+        prefill's outputs and gains a decode's, so call this once per call made."""
         names = self.prefill_outputs if entry == self.prefill else self.decode_outputs
         by_name = dict(zip(names, outputs))
-        return [token if name == self.program["token_input"] else by_name[self.feeds[name]] for name in self.decode_inputs]
+        args = []
+        for name in self.decode_inputs:
+            if name == self.program["token_input"]:
+                args.append(token)
+            elif name in self.appended:
+                cache = self.appended[name]
+                if entry == self.prefill:
+                    cache.reset(by_name[self.feeds[name]])
+                else:
+                    cache.append(by_name[self.feeds[name]])
+                args.append(cache.value)
+            else:
+                args.append(by_name[self.feeds[name]])
+        return args
 
     def greedy(
         self,

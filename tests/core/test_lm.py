@@ -16,7 +16,13 @@ def test_prefill_and_decode_match_transformers() -> None:
         reference = model(ids).logits
         logits, k, v = entries.prefill(ids[:, :11])
         step, k2, v2 = entries.decode(ids[:, 11:], k, v)
-    assert k.shape == (2, 2, 2, 11, 16) and k2.shape == (2, 2, 2, 12, 16)
+    # Position-major, and decode returns only the position it added.
+    assert k.shape == (11, 2, 2, 2, 16) and k2.shape == (1, 2, 2, 2, 16)
+    # The new position's keys are those a prefill of all 12 tokens computes for it.
+    with torch.no_grad():
+        _, k_all, v_all = entries.prefill(ids)
+    torch.testing.assert_close(k2, k_all[11:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v2, v_all[11:], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, reference[:, :11], atol=1e-5, rtol=0)
     torch.testing.assert_close(step, reference[:, 11:], atol=1e-5, rtol=0)
 
@@ -50,7 +56,7 @@ def test_generation_stops_at_max_context(length: int) -> None:
 
     def decode(ids: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         calls.append(ids)
-        return np.zeros((1, 1, 4)), k, v
+        return np.zeros((1, 1, 4)), k[:1], v[:1]
 
     tokens = greedy_generate(prefill, decode, [1] * length, max_new_tokens=100, max_context=8, eos_token_id=None)
     assert len(tokens) == 8 - length

@@ -63,7 +63,8 @@ def test_decode_with_cache_equals_prefill_with_calibration(batch: int) -> None:
         logits, k, v, s = entries.prefill(ids[:, :8])
         steps = [logits[:, -1]]
         for position in range(8, ids.shape[1]):
-            logits, k, v, s = entries.decode(ids[:, position : position + 1], k, v, s)
+            logits, new_k, new_v, s = entries.decode(ids[:, position : position + 1], k, v, s)
+            k, v = torch.cat((k, new_k)), torch.cat((v, new_v))  # appended; s comes back whole
             steps.append(logits[:, -1])
     assert torch.allclose(torch.stack(steps[:-1], 1), full_logits[:, 7:-1], atol=1e-5)
     assert torch.allclose(steps[-1], full_logits[:, -1], atol=1e-5)

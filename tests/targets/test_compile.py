@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from edgec.artifact import manifest_digest, open_runtime, read_manifest
 from edgec.cli import app
-from edgec.lm import greedy_generate
+from edgec.targets.runtime import Generation
 from tests.conftest import make_tiny_llama
 
 pytestmark = pytest.mark.compile
@@ -131,26 +131,29 @@ def test_manifest_cannot_point_outside_the_artifact(artifacts: dict, tmp_path: P
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_runtime_generation_equals_transformers(artifacts: dict, backend: str) -> None:
     out, _ = artifacts[backend]
-    runtime = open_runtime(out, read_manifest(out))
+    manifest = read_manifest(out)
+    runtime = open_runtime(out, manifest)
+    generation = Generation(manifest["program"])
     prompt = [7, 3, 99, 41, 5]
 
-    def prefill(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logits, k, v = runtime.run("prefill", [ids])
-        return logits, k, v
+    def run(entry: str, args: list[Any]) -> list[Any]:
+        return runtime.run(entry, args, native=True)
 
-    def decode(ids: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logits, k2, v2 = runtime.run("decode", [ids, k, v])
-        return logits, k2, v2
-
-    ours = greedy_generate(prefill, decode, prompt, max_new_tokens=12, max_context=64, eos_token_id=None)
+    ours = generation.greedy(run, prompt, 12)
     with torch.no_grad():
         theirs = make_tiny_llama().generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert ours == theirs[0, len(prompt):].tolist()
+    # TVM on CPU reads an appended, position-major cache in place; ONNX Runtime the concatenated one.
+    k_cache = manifest["program"]["cache"][0]
+    assert k_cache["append"] is (backend == "tvm")
+    assert k_cache["layout"] == (["tokens", "layers", "batch", "kv_heads", "head_dim"] if backend == "tvm"
+                                 else ["layers", "batch", "kv_heads", "tokens", "head_dim"])
     # Batch 2 and a longer prompt run through the same entries (dynamic shapes).
     logits, k, _ = runtime.run("prefill", [np.array([prompt * 4, prompt[::-1] * 4], dtype=np.int64)])
-    assert logits.shape == (2, 20, 128) and k.shape == (2, 2, 2, 20, 16)
+    sizes = {"tokens": 20, "layers": 2, "batch": 2, "kv_heads": 2, "head_dim": 16}
+    assert logits.shape == (2, 20, 128) and k.shape == tuple(sizes[axis] for axis in k_cache["layout"])
     # A one-token prompt is a valid prefill (torch.export's 0/1 specialisation must not leak in).
-    one = greedy_generate(prefill, decode, [9], max_new_tokens=3, max_context=64, eos_token_id=None)
+    one = generation.greedy(run, [9], 3)
     with torch.no_grad():
         assert one == make_tiny_llama().generate(torch.tensor([[9]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)[0, 1:].tolist()
 

@@ -39,10 +39,11 @@ def built(planted_sink_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
     yield artifacts
 
 
-def calibrated_entries(stat: str = "causal") -> tuple[CausalLMEntries, CausalLMEntries]:
+def calibrated_entries(stat: str = "causal", appended: bool = True) -> tuple[CausalLMEntries, CausalLMEntries]:
     model = make_planted_sink_llama()
     install(model, {0: [0, 1, 2, 3], 1: [2]}, SinkRule(stat=stat))  # type: ignore[arg-type]
-    return CausalLMEntries(model).eval(), CausalLMEntries(make_planted_sink_llama()).eval()
+    return (CausalLMEntries(model, appended_cache=appended).eval(),
+            CausalLMEntries(make_planted_sink_llama(), appended_cache=appended).eval())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,8 +61,9 @@ def test_manifest_carries_the_head_table_and_the_cache_layout(built: dict[str, P
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_artifact_matches_calibrated_torch_on_planted_sinks(built: dict[str, Path], backend: str) -> None:
-    runtime = open_runtime(built[backend], read_manifest(built[backend]))
-    calibrated, plain = calibrated_entries()
+    manifest = read_manifest(built[backend])
+    runtime = open_runtime(built[backend], manifest)
+    calibrated, plain = calibrated_entries(appended=manifest["lm"]["cache"][0]["append"])
     prompts = np.asarray([planted_prompt(), planted_prompt()], dtype=np.int64)
     prompts[1, 3], prompts[1, 6] = prompts[1, 4], SINK_TOKEN  # different sink positions per row
     logits, k, v, s = runtime.run("prefill", [prompts[:, :-1]])
