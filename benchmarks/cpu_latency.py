@@ -10,9 +10,10 @@ prompt length, contexts and threads in one run.
 
 Prefill: median of --runs warm calls on the first --prompt-len held-out tokens. Decode at
 context C: tokens/s of --new-tokens greedy steps after a prompt of C held-out tokens
-(median of 3 generations). Weight streaming: the bytes of Linear weights a dense fp32
-decode step must read (lm_head included) / the step's time, as GB/s and as % of the
-bandwidth of a numpy copy of a 1 GiB buffer (one thread; read + write bytes counted).
+(median of 3 generations). Weight streaming: the bytes of weights one decode step reads
+(Linear weights and lm_head in fp32; llama.cpp: the GGUF's layer tensors and head as
+stored) / the step's time, as GB/s and as % of the bandwidth of a numpy copy of a 1 GiB
+buffer (one thread; read + write bytes counted).
 Ratios are to ONNX Runtime. Keep the machine otherwise idle: TVM's thread pool is
 wrecked by other load.
 """

@@ -225,8 +225,11 @@ class AppendedCache:
 
     def append(self, new: Any) -> None:
         added = int(new.shape[0])
-        if self.buffer is None or self.length + added > int(self.buffer.shape[0]):
-            old, self.buffer = self.value, _reserve(self.value, max(self.capacity, 2 * (self.length + added)))
+        needed = self.length + added
+        if self.buffer is None or needed > int(self.buffer.shape[0]):
+            # Past the capacity (a runner that ignores max_context), grow by doubling.
+            positions = self.capacity if needed <= self.capacity else 2 * needed
+            old, self.buffer = self.value, _reserve(self.value, positions)
             _write(self.buffer, 0, old)
         _write(self.buffer, self.length, new)
         self.length += added

@@ -91,3 +91,16 @@ def test_an_appended_cache_must_grow_along_its_first_axis() -> None:
     program = {**PROGRAM, "cache": [{**PROGRAM["cache"][0], "tokens_axis": 2}, PROGRAM["cache"][1]]}
     with pytest.raises(ValueError, match="first axis"):
         Generation(program)
+
+
+def test_a_cache_past_its_capacity_grows_and_keeps_every_position() -> None:
+    generation = Generation({**PROGRAM, "max_context": 4})
+    recorder = Recorder(False)
+    outputs = recorder.run("prefill", [np.asarray([[1, 2, 3]])])
+    args = generation.decode_args(np.asarray([[4]]), outputs, "prefill")
+    for _ in range(3):
+        outputs = recorder.run("decode", args)
+        args = generation.decode_args(np.asarray([[4]]), outputs, "decode")
+    cache = generation.appended["past_k"]
+    assert cache.length == 6 and int(cache.buffer.shape[0]) == 10  # 4 reserved, then twice the 5 needed
+    np.testing.assert_array_equal(args[1], _expected(6))
