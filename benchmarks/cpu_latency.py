@@ -1,21 +1,33 @@
-"""Prefill latency, decode speed at a short and a long context, and weight streaming
-against the measured memory bandwidth on the host CPU: edgec TVM artifact, edgec ONNX
-artifact in ONNX Runtime, PyTorch eager (transformers) and, with --llama-cpp, llama.cpp's
-llama-bench (SmolLM2's source Q4_1 GGUF and an F32 GGUF of the same weights), on the same
-prompt length, contexts and threads in one run.
+"""Prefill latency, decode speed at a short and a long context, held-out perplexity and
+weight streaming against the measured memory bandwidth on the host CPU, in one run on
+the same prompt, contexts and threads:
+
+- fp32: edgec's ONNX artifact in ONNX Runtime (the baseline of every ratio), edgec's TVM
+  artifact, PyTorch eager (transformers);
+- luc, w4: edgec TVM and ONNX artifacts of recipes/luc-w4-s30.yaml (Edge-LLM's
+  compression: a mean of 4 bits, 30% sparsity) and recipes/w4.yaml (plain 4-bit
+  weights, no sparsity);
+- ort-quantizers: ONNX Runtime's own int8 dynamic and MatMulNBits 4-bit quantizers on
+  edgec's dense ONNX graphs (benchmarks/ort_quantized.py);
+- with --llama-cpp: llama.cpp's llama-bench on SmolLM2's source Q4_1 GGUF and on an
+  F32 GGUF of the same weights.
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
-        [--prompt-len 128] [--contexts 32 1024] [--new-tokens 32] [--runs 10]
-        [--out artifacts/bench] [--json FILE] [--llama-cpp]
+        [--rows fp32 luc w4 ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
+        [--new-tokens 32] [--runs 10] [--ppl-tokens 4096] [--out artifacts/bench]
+        [--json FILE] [--llama-cpp]
 
 Prefill: median of --runs warm calls on the first --prompt-len held-out tokens. Decode at
 context C: tokens/s of --new-tokens greedy steps after a prompt of C held-out tokens
-(median of 3 generations). Weight streaming: the bytes of weights one decode step reads
-(Linear weights and lm_head in fp32; llama.cpp: the GGUF's layer tensors and head as
-stored) / the step's time, as GB/s and as % of the bandwidth of a numpy copy of a 1 GiB
-buffer (one thread; read + write bytes counted).
-Ratios are to ONNX Runtime. Keep the machine otherwise idle: TVM's thread pool is
-wrecked by other load.
+(median of 3 generations). Perplexity: edgec's scoring windows (256 tokens) over the
+first --ppl-tokens held-out tokens, in the row's own runtime (llama.cpp: not scored;
+zoo:smollm2-135m's fp32 weights are its Q4_1 GGUF's, dequantized). Weight streaming: the
+bytes of weights one decode step reads (edgec artifacts: the model's weights as stored; ORT's quantized graphs: every
+initializer a node other than a Gather reads; PyTorch: Linear weights and lm_head in fp32; llama.cpp: the GGUF's layer
+tensors and head as stored) / the step's time, as GB/s and as % of the bandwidth of a
+numpy copy of a 1 GiB buffer (one thread; read + write bytes counted). Artifacts are
+compiled once into --out (the compile time is printed). Keep the machine otherwise
+idle: TVM's thread pool is wrecked by other load.
 """
 
 from __future__ import annotations
@@ -35,22 +47,32 @@ import torch
 from edgec.artifact import MANIFEST, open_runtime, read_manifest
 from edgec.compiler import compile_model
 from edgec.data import held_out_slice
+from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn, torch_logits_fn
 from edgec.model import load_model
 from edgec.passes import options_for
 from edgec.recipe import load_recipe
-from edgec.targets.runtime import Generation, as_numpy, timed
+from edgec.targets.runtime import Generation, Runtime, as_numpy, timed
+
+from benchmarks.ort_quantized import quantized_artifact
+
+# Tokens per perplexity window (edgec's evaluate default), capped at the artifact's context.
+PPL_WINDOW = 256
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
     return statistics.median(timed(call, runs, warmup))
 
 
-def ensure_artifact(model: str, backend: str, out_root: Path, max_context: int) -> Path:
-    out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}-ctx{max_context}"
+def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path, max_context: int) -> Path:
+    variant = "" if recipe is None else "-" + Path(recipe).stem
+    out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}{variant}-ctx{max_context}"
     if (out / MANIFEST).is_file():
         return out
-    recipe = load_recipe(None, [f"backend={backend}", f"max_context={max_context}"], options_for)
-    compile_model(model, recipe, out, force=True, progress=lambda m: print(f"  [{backend}] {m}", file=sys.stderr))
+    sets = [f"backend={backend}", f"max_context={max_context}"]
+    recipe_obj = load_recipe(None if recipe is None else Path(recipe), sets, options_for)
+    start = time.perf_counter()
+    compile_model(model, recipe_obj, out, force=True, progress=lambda m: print(f"  [{backend}] {m}", file=sys.stderr))
+    print(f"  compiled {out.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return out
 
 
@@ -77,15 +99,50 @@ def decode_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_to
     return statistics.median(rates), tokens
 
 
-def artifact_timings(path: Path, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
-                     runs: int) -> tuple[float, dict[int, float], list[int]]:
+def runtime_timings(runtime: Any, program: dict[str, Any], prompts: dict[int, list[int]], prompt: list[int],
+                    new_tokens: int, runs: int) -> tuple[float, dict[int, float], list[int]]:
     """Prefill ms of `prompt`, decode tokens/s per context, and the tokens after `prompt`."""
-    manifest = read_manifest(path)
-    runtime, program = open_runtime(path, manifest), manifest["program"]
     ids = np.asarray([prompt], dtype=np.int64)
     prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
     _, tokens = decode_rate(runtime, program, prompt, new_tokens)
     return prefill_ms, {ctx: decode_rate(runtime, program, p, new_tokens)[0] for ctx, p in prompts.items()}, tokens
+
+
+def held_out_perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokenizer: Any, tokens: int, window: int) -> float | None:
+    """Perplexity on the first `tokens` held-out tokens (edgec's scoring windows), or None for 0 tokens."""
+    if tokens <= 0:
+        return None
+    ids, label = evaluation_ids(tokenizer, "held-out", tokens)
+    return perplexity(logits_fn, ids, tokenizer, window, label).perplexity
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of an ONNX graph's initializers that some node other than a Gather reads: the
+    weights a decode step streams (an embedding table only gathered is read a row a step)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    streamed = {name for node in graph.node if node.op_type != "Gather" for name in node.input}
+    total = 0
+    for init in graph.initializer:
+        if init.name not in streamed:
+            continue
+        external = {entry.key: entry.value for entry in init.external_data}
+        total += int(external["length"]) if "length" in external else numpy_helper.to_array(init).nbytes
+    return total
+
+
+def artifact_weight_bytes(manifest: dict[str, Any], dense_bytes: int) -> int:
+    """Bytes of weights one decode step of an edgec artifact reads: the packed weights as
+    the luc pass stored them (both models tie lm_head to the embedding table, which a step
+    reads whole), else the fp32 Linear weights and lm_head (`dense_bytes`). From the model,
+    not the artifact's files: a TVM build keeps the tied table twice (panels for the
+    head, rows for the gather), and a step reads only one row of the second."""
+    for record in manifest["passes"]:
+        if record["name"] == "luc":
+            return int(record["record"]["achieved"]["weight_bytes"])
+    return dense_bytes
 
 
 def torch_timings(module: Any, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
@@ -137,7 +194,7 @@ def gguf_step_bytes(path: Path) -> int:
 
 
 def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[int], new_tokens: int,
-                   runs: int) -> dict[str, tuple[float, dict[int, float], None, int]]:
+                   runs: int) -> dict[str, tuple[float, dict[int, float], None, int, None]]:
     """llama-bench on the Q4_1 GGUF zoo:smollm2-135m is converted from and on an F32 GGUF
     of the same weights (other models: no rows; they do not come from a GGUF)."""
     from benchmarks.llama_cpp import bench, f32_gguf
@@ -153,22 +210,46 @@ def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[i
         print(f"timing {model} {name} ...", file=sys.stderr)
         result = bench(path, prompt_len, contexts, new_tokens, torch.get_num_threads(), min(runs, 5))
         rows[name] = (result["prefill_ms"], {int(c): r for c, r in result["decode_tokens_per_s"].items()}, None,
-                      gguf_step_bytes(path))
+                      gguf_step_bytes(path), None)
     return rows
+
+
+# Row -> (backend, recipe): edgec's artifacts, compiled once into --out.
+EDGEC_ROWS: dict[str, tuple[str, str | None]] = {
+    "edgec onnx": ("onnx", None),
+    "edgec tvm": ("tvm", None),
+    "edgec onnx luc-w4-s30": ("onnx", "recipes/luc-w4-s30.yaml"),
+    "edgec tvm luc-w4-s30": ("tvm", "recipes/luc-w4-s30.yaml"),
+    "edgec onnx w4": ("onnx", "recipes/w4.yaml"),
+    "edgec tvm w4": ("tvm", "recipes/w4.yaml"),
+}
+# Row -> benchmarks/ort_quantized.py kind, applied to the dense "edgec onnx" artifact.
+ORT_ROWS = {"ORT int8 dynamic": "int8", "ORT MatMulNBits 4-bit": "nbits4"}
+GROUPS = {
+    "fp32": ["edgec onnx", "edgec tvm", "torch eager"],
+    "luc": ["edgec onnx luc-w4-s30", "edgec tvm luc-w4-s30"],
+    "w4": ["edgec onnx w4", "edgec tvm w4"],
+    "ort-quantizers": list(ORT_ROWS),
+}
+FP32_ROWS = set(GROUPS["fp32"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["zoo:tiny-lm", "zoo:smollm2-135m"])
+    parser.add_argument("--rows", nargs="+", choices=list(GROUPS), default=list(GROUPS),
+                        help="row groups (the ONNX Runtime fp32 row is always timed: ratios are to it)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32, 1024], help="decode speed after prompts this long")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens each row's perplexity is scored on (0: none)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also time llama.cpp's llama-bench (built into the edgec cache on first use: minutes)")
     args = parser.parse_args()
+    wanted = ["edgec onnx", *(name for group in args.rows for name in GROUPS[group] if name != "edgec onnx")]
 
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth (numpy copy, one thread): {bandwidth:.1f} GB/s", file=sys.stderr)
@@ -180,21 +261,40 @@ def main() -> None:
         limit = int(getattr(handle.module.config, "max_position_embeddings", 10**9)) - args.new_tokens
         short, long = min(min(args.contexts), limit), min(max(args.contexts), limit)
         max_context = max(long, args.prompt_len) + args.new_tokens
+        window = min(PPL_WINDOW, max_context)
         held_out = held_out_slice(handle.tokenizer, max(long, args.prompt_len))
         prompt = held_out[: args.prompt_len]
         prompts = {short: held_out[:short], long: held_out[:long]}
-        weight_bytes = decode_weight_bytes(handle.module)
-        results: dict[str, tuple[float, dict[int, float], list[int] | None, int]] = {}
-        for backend in ("onnx", "tvm"):
-            path = ensure_artifact(model, backend, args.out, max_context)
-            print(f"timing {model} {backend} ...", file=sys.stderr)
-            results[f"edgec {backend}"] = (*artifact_timings(path, prompts, prompt, args.new_tokens, args.runs), weight_bytes)
-        print(f"timing {model} torch ...", file=sys.stderr)
-        results["torch eager"] = (*torch_timings(handle.module, prompts, prompt, args.new_tokens, args.runs), weight_bytes)
+        results: dict[str, tuple[float, dict[int, float], list[int] | None, int, float | None]] = {}
+        dense_onnx: Path | None = None
+        for name in wanted:
+            if name in EDGEC_ROWS:
+                backend, recipe = EDGEC_ROWS[name]
+                path = ensure_artifact(model, backend, recipe, args.out, max_context)
+                dense_onnx = path if name == "edgec onnx" else dense_onnx
+                manifest = read_manifest(path)
+                runtime, program = open_runtime(path, manifest), manifest["program"]
+                step_bytes = artifact_weight_bytes(manifest, decode_weight_bytes(handle.module))
+            elif name in ORT_ROWS:
+                assert dense_onnx is not None
+                model_dir, record = quantized_artifact(dense_onnx, ORT_ROWS[name], args.out / f"{dense_onnx.name}-ort-{ORT_ROWS[name]}")
+                runtime, program = Runtime(model_dir, "onnx", record), read_manifest(dense_onnx)["program"]
+                step_bytes = onnx_weight_bytes(model_dir / record["entries"]["decode"]["file"])
+            else:
+                print(f"timing {model} torch ...", file=sys.stderr)
+                timings = torch_timings(handle.module, prompts, prompt, args.new_tokens, args.runs)
+                ppl = held_out_perplexity(torch_logits_fn(handle.module), handle.tokenizer, args.ppl_tokens, window)
+                results[name] = (*timings, decode_weight_bytes(handle.module), ppl)
+                continue
+            print(f"timing {model} {name} ...", file=sys.stderr)
+            timings = runtime_timings(runtime, program, prompts, prompt, args.new_tokens, args.runs)
+            ppl = held_out_perplexity(runtime_logits_fn(runtime, program), handle.tokenizer, args.ppl_tokens, window)
+            results[name] = (*timings, step_bytes, ppl)
+            del runtime
         if args.llama_cpp:
             results.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens, args.runs))
-        base_prefill, base_rates, base_tokens, _ = results["edgec onnx"]
-        for name, (prefill_ms, rates, tokens, step_bytes) in results.items():
+        base_prefill, base_rates, base_tokens, _, _ = results["edgec onnx"]
+        for name, (prefill_ms, rates, tokens, step_bytes, ppl) in results.items():
             streamed = step_bytes * rates[short] / 1e9
             rows.append(
                 {
@@ -209,23 +309,27 @@ def main() -> None:
                     "weight_bytes_per_step": step_bytes,
                     "weight_gb_per_s": streamed,
                     "of_bandwidth": streamed / bandwidth,
-                    "same_tokens_as_ort": None if tokens is None else tokens == base_tokens,
+                    "held_out_ppl": ppl,
+                    # fp32 rows compute the same function: their greedy tokens should equal ORT's.
+                    "same_tokens_as_ort": tokens == base_tokens if name in FP32_ROWS else None,
                 }
             )
 
     print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.runs} warm runs; decode {args.new_tokens} "
           f"tokens after a short and a long context; {torch.get_num_threads()} threads; memory bandwidth "
-          f"{bandwidth:.1f} GB/s (numpy copy, one thread)")
+          f"{bandwidth:.1f} GB/s (numpy copy, one thread); perplexity on {args.ppl_tokens} held-out tokens")
     print("| model | runtime | prefill ms | x ORT | contexts | decode tok/s short | x ORT | long | long / short "
-          "| weights GB/s (short) | % of bandwidth | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| weight MB / step | weights GB/s (short) | % of bandwidth | held-out ppl | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         short, long = row["contexts"]
         rates = row["decode_tokens_per_s"]
+        ppl = "-" if row["held_out_ppl"] is None else f"{row['held_out_ppl']:.2f}"
         print(
             f"| {row['model']} | {row['runtime']} | {row['prefill_ms']:.1f} | {row['prefill_vs_ort']:.2f} | {short} / {long} "
             f"| {rates[str(short)]:.1f} | {row['decode_vs_ort']:.2f} | {rates[str(long)]:.1f} | {row['long_vs_short']:.2f} "
-            f"| {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {'-' if row['same_tokens_as_ort'] is None else row['same_tokens_as_ort']} |"
+            f"| {row['weight_bytes_per_step'] / 1e6:.1f} | {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {ppl} "
+            f"| {'-' if row['same_tokens_as_ort'] is None else row['same_tokens_as_ort']} |"
         )
     if args.json is not None:
         args.json.write_text(json.dumps({"memory_bandwidth_gbs": bandwidth, "rows": rows}, indent=2) + "\n")

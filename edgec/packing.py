@@ -7,7 +7,8 @@ One quantized matrix W[N, K] (N outputs, K inputs, the nn.Linear layout) is stor
   are a 2-bit plane plus a 1-bit plane (code = plane0 | plane1 << 2), so every width
   costs exactly `bits` bits per weight.
 - scales: float16 [N, ceil(K / group)].
-- zeros: uint8 [N, ceil(K / group)] (asymmetric), or none (symmetric: zero point 2^(bits-1)).
+- zeros: uint8 [N, ceil(K / group)] (asymmetric), or none (symmetric: zero point 2^(bits-1)),
+  or float16 offsets [N, ceil(K / group)] (the offset grid).
 
 A K that `group` does not divide (688 inputs in groups of 32) gets a ragged last group:
 the codes are stored for K rounded up to whole groups, the tail holding the zero code, so
@@ -16,6 +17,12 @@ axis), as ONNX Runtime's MatMulNBits and llama.cpp treat a short last block.
 
 W[n, k] = (code[n, k] - zero[n, k // group]) * scale[n, k // group]. A pruned weight is
 code == zero, so it decodes to exactly 0.
+
+The offset grid (llama.cpp's Q4_1, AWQ's and MLX's affine groups) spans each group's own
+range: W[n, k] = code[n, k] * scale[n, k // group] + offset[n, k // group], the offset
+the group's minimum in float16. 0 need not lie on it, so it is for unpruned weights; on
+weights that came from such a format it re-quantizes them without loss, where an integer
+zero point moves the grid by up to half a step.
 
 N:M compressed (e.g. 2:4, when every M consecutive inputs of a row hold at most N
 nonzero codes): the planes hold only N codes of each M ([N, K * N / M] codes), and an
@@ -115,8 +122,15 @@ def unpack_codes(planes: list[torch.Tensor], bits: int) -> torch.Tensor:
     return codes
 
 
+def is_offset(zeros: torch.Tensor | None) -> bool:
+    """Whether `zeros` holds the offset grid's float offsets, not integer zero points."""
+    return zeros is not None and zeros.is_floating_point()
+
+
 def zero_codes(zeros: torch.Tensor | None, bits: int, group: int, shape: tuple[int, int]) -> torch.Tensor:
     """The code of 0.0 for every weight [N, K] (int32)."""
+    if is_offset(zeros):
+        raise ValueError("the offset grid has no code of 0.0: it is for unpruned weights")
     if zeros is None:
         return torch.full(shape, 1 << (bits - 1), dtype=torch.int32)
     return zeros.to(torch.int32).repeat_interleave(group, dim=1)
@@ -129,6 +143,8 @@ def compress_nm(packed: PackedWeight, keep: int, span: int) -> PackedWeight | No
     rows, cols = packed.shape
     # A ragged tail would put kept positions past K, where the gather kernel reads x.
     if packed.index is not None or span not in INDEX_WIDTH or cols % span or cols != packed.stored_shape[1]:
+        return None
+    if is_offset(packed.zeros):
         return None
     kept = cols // span * keep
     if any(kept % (8 // width) for width in (*PLANE_WIDTHS[packed.bits], INDEX_WIDTH[span])):
@@ -170,6 +186,9 @@ def dequantize(
         codes = expand_nm(codes, index, keep, span, zero_codes(zeros, bits, group, shape))
     cols = codes.shape[-1]
     grouped = codes.reshape(*codes.shape[:-1], cols // group, group).float()
+    if is_offset(zeros):
+        assert zeros is not None
+        return (grouped * scales.float()[..., None] + zeros.float()[..., None]).reshape(codes.shape)
     zero = float(1 << (bits - 1)) if zeros is None else zeros.float()[..., None]
     return ((grouped - zero) * scales.float()[..., None]).reshape(codes.shape)
 
@@ -182,15 +201,21 @@ def _half_at_least(scale: torch.Tensor) -> torch.Tensor:
     return stored.float()
 
 
-def group_params(grouped: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(grouped: torch.Tensor, bits: int, symmetric: bool, offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (both float, the zero an integer value) of each group along
     the last axis of `grouped`, as stored: the scale float16-representable.
 
     Symmetric: abs-max scale over 2^(bits-1) - 1 levels each side, zero 2^(bits-1); at 2
     bits that leaves one level, so the scale is the group's mean nonzero |w| (ternary).
     Asymmetric: min-max over 2^bits - 1 levels, the range widened to include 0 so that a
-    pruned weight has an exact code (the integer zero point)."""
+    pruned weight has an exact code (the integer zero point).
+    Offset: min-max over 2^bits - 1 levels of the group's own range; the second value is
+    the offset (the minimum), both float16 to nearest, as Q4_1 stores them."""
     top = (1 << bits) - 1
+    if offset:
+        low = grouped.amin(-1).half().float()
+        scale = ((grouped.amax(-1) - low) / top).clamp(min=1e-6).half().float()
+        return scale, low
     if symmetric:
         half = 1 << (bits - 1)
         if bits <= 2:
@@ -206,10 +231,20 @@ def group_params(grouped: torch.Tensor, bits: int, symmetric: bool) -> tuple[tor
     return scale, torch.round(-low / scale).clamp(0, top)
 
 
-def round_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Nearest codes (float) of `values` given the broadcastable scale and zero; 0 -> zero."""
+def round_to_codes(
+    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, offset: bool = False
+) -> torch.Tensor:
+    """Nearest codes (float) of `values` given the broadcastable scale and zero (the offset
+    grid: the offset); 0 -> zero."""
+    if offset:
+        return torch.round((values - zero) / scale).clamp(0, (1 << bits) - 1)
     low = 1 if symmetric else 0
     return (torch.round(values / scale) + zero).clamp(low, (1 << bits) - 1)
+
+
+def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: bool = False) -> torch.Tensor:
+    """Weights of `codes` given the broadcastable scale and zero point (or offset)."""
+    return codes * scale + zero if offset else (codes - zero) * scale
 
 
 def quantize(
@@ -218,8 +253,10 @@ def quantize(
     group: int,
     symmetric: bool,
     params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: bool = False,
 ) -> PackedWeight:
-    """Group quantization of W[N, K] to packed codes; zeros in W stay exactly zero.
+    """Group quantization of W[N, K] to packed codes; zeros in W stay exactly zero (except
+    on the offset grid, which has no code for 0).
 
     params: (scale, zero) [N, ceil(K / group)] chosen elsewhere (GPTQ fixes them group by
     group while it quantizes); default round-to-nearest with group_params. A ragged last
@@ -229,10 +266,15 @@ def quantize(
     stored = padded_width(cols, group)
     padded = torch.nn.functional.pad(weight.detach().float(), (0, stored - cols))
     grouped = padded.reshape(rows, stored // group, group)
-    scale, zero = params if params is not None else group_params(grouped, bits, symmetric)
-    codes = round_to_codes(grouped, scale[..., None], zero[..., None], bits, symmetric)
+    if offset and symmetric:
+        raise ValueError("the offset grid is asymmetric by construction; pass symmetric=False")
+    if offset and stored != cols:
+        # The padding would join the last group's range and decode to its offset, not 0.
+        raise ValueError(f"the offset grid needs K ({cols}) to be a multiple of the group ({group})")
+    scale, zero = params if params is not None else group_params(grouped, bits, symmetric, offset)
+    codes = round_to_codes(grouped, scale[..., None], zero[..., None], bits, symmetric, offset)
     codes = codes.reshape(rows, stored).to(torch.int32)
-    zeros = None if symmetric else zero.to(torch.uint8)
+    zeros = zero.half() if offset else None if symmetric else zero.to(torch.uint8)
     return PackedWeight(pack_codes(codes, bits), scale.half(), zeros, bits, group, cols=0 if stored == cols else cols)
 
 

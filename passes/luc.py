@@ -50,6 +50,7 @@ from edgec.packing import (
     PackedWeight,
     compress_nm,
     dequantize,
+    is_offset,
     padded_width,
     quantize,
     set_submodule,
@@ -87,6 +88,13 @@ class LucOptions(BaseModel):
     temper: float = Field(0.8, ge=0, le=1, description="1: the most sensitive layer gets no sparsity; 0: uniform")
     group_size: int = Field(32, ge=8, description="input channels per quantization scale")
     symmetric: bool = Field(True, description="symmetric (abs-max) or asymmetric (min-max, uint8 zero point) groups")
+    offset: bool = Field(
+        False,
+        description="asymmetric groups on the offset grid (llama.cpp Q4_1's: code x scale + a float16 offset, the "
+        "group's minimum) instead of an integer zero point: each group's own range, and weights that came from Q4_1 "
+        "re-quantize without loss. Pruned layers, and widths the group does not divide, keep the zero point "
+        "(a pruned or padded weight must decode to exactly 0)",
+    )
     pruning: Literal["wanda", "sparsegpt"] = Field("wanda", description="wanda: |W| x ||x||; sparsegpt: OBS reconstruction")
     pattern: str = Field("unstructured", description="unstructured, N:M (N kept of every M, e.g. 2:4) or channel")
     sparse_storage: Literal["auto", "dense"] = Field(
@@ -120,6 +128,8 @@ class LucOptions(BaseModel):
             if value is not None and value not in (*SUPPORTED_BITS, FP32_BITS):
                 raise ValueError(f"{name} {value}: use one of {', '.join(map(str, SUPPORTED_BITS))} or 32 (fp32)")
         parse_pattern(self.pattern)
+        if self.offset and self.symmetric:
+            raise ValueError("offset: true is an asymmetric grid; set symmetric: false with it")
         return self
 
 
@@ -162,10 +172,16 @@ def check_budget(options: LucOptions, fixed: dict[int, dict[str, float]], num_la
 
 def packed_bytes(outputs: int, inputs: int, bits: int, options: LucOptions) -> int:
     """Bytes of one matrix packed at `bits` with dense codes: codes, float16 scales and
-    (asymmetric) uint8 zero points."""
+    (asymmetric) uint8 zero points or (offset grid) float16 offsets."""
     stored = padded_width(inputs, options.group_size)
     groups = outputs * stored // options.group_size
-    return outputs * stored * bits // 8 + groups * (2 if options.symmetric else 3)
+    per_group = 2 if options.symmetric else 4 if uses_offset(options, inputs, 0.0) else 3
+    return outputs * stored * bits // 8 + groups * per_group
+
+
+def uses_offset(options: LucOptions, inputs: int, sparsity: float) -> bool:
+    """Whether a matrix of `inputs` columns at `sparsity` gets the offset grid."""
+    return options.offset and sparsity == 0 and inputs % options.group_size == 0
 
 
 def bits_for_size(root: nn.Module, options: LucOptions, fixed: dict[int, dict[str, float]]) -> float:
@@ -372,24 +388,24 @@ class InputStats:
                 handle.remove()
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
-    packed = quantize(weight, bits, group, symmetric)
+def fake_quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool, offset: bool = False) -> torch.Tensor:
+    packed = quantize(weight, bits, group, symmetric, offset=offset)
     return dequantize(packed.planes, packed.scales, packed.zeros, bits, group)[:, : weight.shape[1]]
 
 
 def profile_key(model: ModelHandle, segments: list[list[int]], options: LucOptions) -> str:
-    payload = json.dumps(
-        {
-            "model": model.sha256,
-            "segments": hashlib.sha256(json.dumps(segments).encode()).hexdigest(),
-            "probe_bits": sorted(options.probe_bits),
-            "probe_sparsity": sorted(options.probe_sparsity),
-            "group": options.group_size,
-            "symmetric": options.symmetric,
-            "pattern": options.pattern,
-        },
-        sort_keys=True,
-    )
+    fields: dict[str, Any] = {
+        "model": model.sha256,
+        "segments": hashlib.sha256(json.dumps(segments).encode()).hexdigest(),
+        "probe_bits": sorted(options.probe_bits),
+        "probe_sparsity": sorted(options.probe_sparsity),
+        "group": options.group_size,
+        "symmetric": options.symmetric,
+        "pattern": options.pattern,
+    }
+    if options.offset:  # only when set: the committed profiles' keys predate the option
+        fields["offset"] = True
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -407,7 +423,8 @@ def measure_profile(
         row: dict[str, Any] = {"layer": index, "bits": {}, "sparsity": {}}
         probes: list[tuple[str, float, Callable[[str, torch.Tensor], torch.Tensor]]] = []
         for bits in sorted(options.probe_bits):
-            probes.append(("bits", bits, lambda _n, w, b=bits: fake_quantize(w, b, options.group_size, options.symmetric)))
+            probes.append(("bits", bits, lambda _n, w, b=bits: fake_quantize(
+                w, b, options.group_size, options.symmetric, uses_offset(options, w.shape[1], 0.0))))
         for sparsity in sorted(options.probe_sparsity):
             pattern = "unstructured" if options.pattern != "channel" else "channel"
             probes.append(("sparsity", sparsity, lambda n, w, s=sparsity, p=pattern: wanda(w, stats.sq_sum[n], s, p)))
@@ -476,9 +493,11 @@ def _storage_note(options: LucOptions, compress: tuple[int, int] | None, records
 
 
 def _packed(
-    weight: torch.Tensor, bits: int, options: LucOptions, params: tuple[torch.Tensor, torch.Tensor] | None = None
+    weight: torch.Tensor, bits: int, options: LucOptions, sparsity: float,
+    params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PackedWeight:
-    return quantize(weight, bits, options.group_size, options.symmetric, params)
+    offset = uses_offset(options, weight.shape[1], sparsity)
+    return quantize(weight, bits, options.group_size, options.symmetric, params, offset=offset)
 
 
 class Luc:
@@ -559,6 +578,7 @@ class Luc:
                 "quantizer": options.quantizer,
                 "group_size": options.group_size,
                 "symmetric": options.symmetric,
+                "offset": options.offset,
                 "calibration": {"segments": len(segments), "tokens": batch.numel()},
                 "sensitivity_profile": {
                     "measure": profile["measure"] if profile else None,
@@ -593,14 +613,15 @@ class Luc:
         records: list[dict[str, Any]] = []
         names = {id(m): n for n, m in root.named_modules()}
         for number, (plan, layer) in enumerate(zip(plans, decoder_layers(root)), start=1):
-            zeros = total = stored_bytes = dense_bytes = compensated = compressed = 0
+            zeros = total = stored_bytes = dense_bytes = compensated = compressed = offset_grid = 0
             for _, linear in layer_linears(layer):
                 name = names[id(linear)]
                 weight, params, pruned = self._compress(linear.weight.detach().float(), name, plan, stats)
                 zeros += int(pruned.sum())
                 total += weight.numel()
                 compensated += params is not None
-                packed = _packed(weight, plan.bits, options, params)
+                packed = _packed(weight, plan.bits, options, plan.sparsity, params)
+                offset_grid += is_offset(packed.zeros)
                 dense_bytes += packed.nbytes()
                 if compress is not None and plan.sparsity > 0:
                     smaller = compress_nm(packed, *compress)
@@ -617,6 +638,7 @@ class Luc:
                     "measured_sparsity": round(zeros / total, 4),
                     "fixed_by_override": plan.fixed,
                     "gptq_linears": compensated,
+                    "offset_grid_linears": offset_grid,
                     "parameters": total,
                     "bytes": stored_bytes,
                     "bytes_dense_storage": dense_bytes,
@@ -646,7 +668,8 @@ class Luc:
             rounded = (pruned, None, pruned == 0)
             if options.quantizer == "rtn":
                 return rounded
-        quant = GroupQuant(plan.bits, options.group_size, options.symmetric)
+        offset = uses_offset(options, weight.shape[1], plan.sparsity)
+        quant = GroupQuant(plan.bits, options.group_size, options.symmetric, offset)
         if sparse and options.pruning == "wanda":
             mask = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern) == 0
             result = obs_compress(weight, stats.gram[name], plan.sparsity, options.pattern, quant, fixed_mask=mask)
@@ -658,7 +681,7 @@ class Luc:
         # GPTQ fits the calibration inputs; where it over-fits them (wide inputs, few
         # tokens) plain rounding moves the output less on inputs it has not seen.
         gram = stats.gram_validation[name].double()
-        rtn_weight = fake_quantize(rounded[0], plan.bits, options.group_size, options.symmetric)
+        rtn_weight = fake_quantize(rounded[0], plan.bits, options.group_size, options.symmetric, offset)
 
         def output_error(candidate: torch.Tensor) -> float:
             delta = (candidate - weight).double()
@@ -677,7 +700,7 @@ class Luc:
         head_bits = options.embedding_bits if options.head_bits is None else options.head_bits
         shared: PackedWeight | None = None
         if options.embedding_bits != FP32_BITS:
-            shared = _packed(embedding.weight.detach().float(), options.embedding_bits, options)
+            shared = _packed(embedding.weight.detach().float(), options.embedding_bits, options, 0.0)
             set_submodule(root, layout.embed, PackedEmbedding(shared))
             record["embedding"] = {"bits": options.embedding_bits, "bytes": shared.nbytes()}
         else:
@@ -691,7 +714,7 @@ class Luc:
             set_submodule(root, layout.head, PackedLinear(embed_module.packed, head.bias))
             record["lm_head"] = {"bits": head_bits, "shared_with_embedding": True}
         else:
-            packed = _packed(head.weight.detach().float(), head_bits, options)
+            packed = _packed(head.weight.detach().float(), head_bits, options, 0.0)
             set_submodule(root, layout.head, PackedLinear(packed, head.bias))
             record["lm_head"] = {"bits": head_bits, "shared_with_embedding": False, "bytes": packed.nbytes()}
         return record

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from edgec.errors import BadInputError
-from edgec.packing import group_params, padded_width, round_to_codes
+from edgec.packing import decode_codes, group_params, padded_width, round_to_codes
 
 PATTERNS_HELP = "unstructured, N:M (e.g. 2:4: N kept of every M) or channel"
 
@@ -80,6 +80,7 @@ class GroupQuant:
     bits: int
     group: int
     symmetric: bool
+    offset: bool = False  # the offset grid (edgec.packing): only without pruning
 
 
 @dataclass
@@ -165,7 +166,7 @@ def obs_compress(
                         score = chunk[:, sub : sub + group] ** 2 / diag[sub : sub + group][None, :] ** 2
                         mask[:, sub : sub + group] = _prune_lowest(score, group - keep)
                 kept_group = chunk[:, span].masked_fill(mask[:, span], 0.0)
-                scale, zero = group_params(kept_group.float()[:, None, :], quant.bits, quant.symmetric)
+                scale, zero = group_params(kept_group.float()[:, None, :], quant.bits, quant.symmetric, quant.offset)
                 scale, zero = scale[:, 0].double(), zero[:, 0].double()
                 scales[:, (start + col) // quant.group] = scale
                 zeros[:, (start + col) // quant.group] = zero
@@ -173,8 +174,8 @@ def obs_compress(
             kept = original.masked_fill(mask[:, col], 0.0)
             if quant is not None:
                 assert scale is not None and zero is not None
-                codes = round_to_codes(kept, scale, zero, quant.bits, quant.symmetric)
-                kept = ((codes - zero) * scale).masked_fill(mask[:, col], 0.0)
+                codes = round_to_codes(kept, scale, zero, quant.bits, quant.symmetric, quant.offset)
+                kept = decode_codes(codes, scale, zero, quant.offset).masked_fill(mask[:, col], 0.0)
             error = (original - kept) / inv_chunk[col, col]
             chunk[:, col:] -= error[:, None] * inv_chunk[col, col:][None, :]
             chunk[:, col] = kept

@@ -66,8 +66,9 @@ def _uint8(value: Any) -> Any:
     return _typed(value, np.uint8)
 
 
-def _decode(planes: list[Any], scales: Any, zeros: Any, bits: int, group: int, like: Any) -> Any:
-    """Packed rows [..., K * w / 8] -> weights [..., K] in the dtype of `like`."""
+def _decode(planes: list[Any], scales: Any, zeros: Any, bits: int, group: int, like: Any, offset_grid: bool) -> Any:
+    """Packed rows [..., K * w / 8] -> weights [..., K] in the dtype of `like`;
+    `offset_grid`: `zeros` holds float offsets (edgec.packing)."""
     codes: Any = None
     offset = 0
     lead = op.Shape(planes[0], end=-1)
@@ -82,12 +83,21 @@ def _decode(planes: list[Any], scales: Any, zeros: Any, bits: int, group: int, l
         codes = part if codes is None else op.BitwiseOr(codes, part)
         offset += width
     grouped = op.Reshape(codes, op.Concat(lead, _ints([-1, group]), axis=0))
+    scale = op.Unsqueeze(op.CastLike(scales, like), _ints([-1]))
+    if offset_grid:
+        weights = op.Add(op.Mul(op.CastLike(grouped, like), scale), op.Unsqueeze(op.CastLike(zeros, like), _ints([-1])))
+        return op.Reshape(weights, op.Concat(lead, _ints([-1]), axis=0))
     if zeros is None:
         centred = op.Sub(grouped, _typed(1 << (bits - 1), np.int32))
     else:
         centred = op.Sub(grouped, op.Unsqueeze(op.Cast(zeros, to=6), _ints([-1])))
-    weights = op.Mul(op.CastLike(centred, like), op.Unsqueeze(op.CastLike(scales, like), _ints([-1])))
+    weights = op.Mul(op.CastLike(centred, like), scale)
     return op.Reshape(weights, op.Concat(lead, _ints([-1]), axis=0))
+
+
+def _is_offset(zeros: Any) -> bool:
+    """Float zeros are the offset grid's offsets (traced values carry their ONNX dtype)."""
+    return zeros is not None and zeros.dtype is not None and zeros.dtype.is_floating_point()
 
 
 def _packed_zero_points(zeros: Any, rows: int, blocks: int, bits: int) -> Any:
@@ -115,11 +125,15 @@ def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias
         scale = op.CastLike(scales, x)
         if zeros is None:
             out = MATMUL_NBITS(x, packed, scale, **attributes)
+        elif _is_offset(zeros):
+            # MatMulNBits takes float zero points, (code - zero) * scale: zero = -offset / scale.
+            zero = op.Reshape(op.Div(op.Neg(op.CastLike(zeros, x)), scale), _ints([-1]))
+            out = MATMUL_NBITS(x, packed, scale, zero, **attributes)
         else:
             out = MATMUL_NBITS(x, packed, scale, _packed_zero_points(zeros, rows, blocks, bits), **attributes)
     else:
         planes = planes_of(plane0, plane1)
-        weight = _decode(planes, scales, zeros, bits, group, x)
+        weight = _decode(planes, scales, zeros, bits, group, x, _is_offset(zeros))
         if cols != stored:
             weight = op.Slice(weight, _ints([0]), _ints([cols]), _ints([1]))
         out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
@@ -130,7 +144,7 @@ def qembedding_onnx(ids: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any,
     planes = [op.Gather(plane, ids, axis=0) for plane in planes_of(plane0, plane1)]
     rows_zeros = None if zeros is None else op.Gather(zeros, ids, axis=0)
     like = op.Constant(value=numpy_helper.from_array(np.zeros((), dtype=np.float32)))
-    return _decode(planes, op.Gather(scales, ids, axis=0), rows_zeros, bits, group, like)
+    return _decode(planes, op.Gather(scales, ids, axis=0), rows_zeros, bits, group, like, _is_offset(zeros))
 
 
 def translation_table() -> dict[Any, Any]:

@@ -42,7 +42,11 @@ def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
 
 
 def _scaled(code: Any, scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any) -> Any:
-    """The weight value of `code` at W[row, col] (col picks the group)."""
+    """The weight value of `code` at W[row, col] (col picks the group); float zeros are the
+    offset grid's offsets (edgec.packing)."""
+    if zeros is not None and "float" in str(zeros.dtype):
+        scale = scales[col // group, row].astype(dtype)
+        return code.astype(dtype) * scale + zeros[col // group, row].astype(dtype)
     if zeros is None:
         centred = (code - tirx.const(1 << (bits - 1), "int32")).astype(dtype)
     else:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 import torch
 
 from edgec.errors import BadInputError
@@ -59,6 +60,39 @@ def test_quantized_weights_decode_to_code_times_scale_and_keep_zeros(bits: int, 
     if bits >= 3:  # round to nearest; an asymmetric group also rounds its zero point
         step = packed.scales.float().repeat_interleave(16, dim=1)
         assert bool(((decoded - weight).abs() <= step * (0.5 if symmetric else 1.0) + 1e-6).all())
+
+
+def _q4_1_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Weights as llama.cpp's Q4_1 stores them: per group of 32, 4-bit codes, a float16
+    scale and a float16 minimum, every group using its lowest and highest code."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (rows, cols // 32, 32), generator=generator).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    scale = (torch.rand(rows, cols // 32, 1, generator=generator) * 0.05 + 0.001).half().float()
+    low = (-torch.rand(rows, cols // 32, 1, generator=generator) * 0.4).half().float()
+    return (codes * scale + low).reshape(rows, cols)
+
+
+def test_the_offset_grid_requantizes_q4_1_weights_without_loss_where_a_zero_point_cannot() -> None:
+    weight = _q4_1_weights(16, 128, seed=5)
+    packed = quantize(weight, 4, 32, symmetric=False, offset=True)
+    assert packed.zeros is not None and packed.zeros.dtype == torch.float16 and packed.nbytes() == 16 * 4 * (16 + 2 + 2)
+    assert torch.equal(dequantize(packed.planes, packed.scales, packed.zeros, 4, 32), weight)
+    integer = quantize(weight, 4, 32, symmetric=False)
+    assert float((dequantize(integer.planes, integer.scales, integer.zeros, 4, 32) - weight).abs().max()) > 1e-3
+    # GPTQ on the offset grid keeps weights already on it where they are.
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(6))
+    result = obs_compress(weight, x.T @ x, 0.0, "unstructured", GroupQuant(4, 32, symmetric=False, offset=True))
+    assert torch.equal(result.weight, weight)
+
+
+def test_the_offset_grid_is_refused_where_a_weight_must_decode_to_zero() -> None:
+    with pytest.raises(ValueError, match="multiple of the group"):
+        quantize(torch.randn(4, 48), 4, 32, symmetric=False, offset=True)  # a padded ragged group
+    packed = quantize(_two_of_four(8, 64), 4, 16, symmetric=False, offset=True)
+    assert compress_nm(packed, 2, 4) is None  # no code of 0.0 to leave out
+    with pytest.raises(ValidationError, match="symmetric: false"):
+        LucOptions(offset=True, symmetric=True)
 
 
 def _two_of_four(rows: int, cols: int) -> torch.Tensor:

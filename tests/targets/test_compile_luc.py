@@ -56,6 +56,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[
         artifacts["tvm-again"] = (root / "again", compile_json(recipe, root / "again", "--backend", "tvm"))
         two_of_four = ["--set", "luc.pattern=2:4", "--set", "luc.sparsity=0.5"]
         artifacts["tvm-2:4"] = (root / "two-of-four", compile_json(recipe, root / "two-of-four", *two_of_four))
+        offset = ["--set", "luc.offset=true", "--set", "luc.symmetric=false", "--set", "luc.sparsity=0", "--set", "schedule.trials=0"]
+        for backend in ("tvm", "onnx"):
+            out = root / f"{backend}-offset"
+            artifacts[f"{backend}-offset"] = (out, compile_json(recipe, out, "--backend", backend, *offset))
         yield artifacts
 
 
@@ -141,6 +145,29 @@ def test_onnx_runs_four_bit_linears_as_matmulnbits(built: dict) -> None:
     assert ops.count("MatMulNBits") == 6 * 7 + 1  # every linear and the tied lm_head
     assert ops.count("MatMul") == 2 * 6  # only attention's q.k and p.v are float matmuls
     assert (out / "model" / "weights.bin").stat().st_size <= 0.2 * manifest["passes"][0]["record"]["weight_bytes_before"]
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_the_offset_grid_keeps_float16_offsets_through_both_backends_with_parity(built: dict, backend: str) -> None:
+    import onnx
+
+    out, summary = built[f"{backend}-offset"]
+    assert summary["parity"]["ok"] is True  # the kernels decode code x scale + offset as torch does
+    record = summary["passes"][0]["record"]
+    assert record["offset"] is True and all(row["offset_grid_linears"] == 7 for row in record["layers"])
+    # Per group of 16: 8 bytes of codes, a float16 scale and a float16 offset.
+    packed = sum(row["bytes"] for row in record["layers"])
+    assert packed == sum(row["parameters"] for row in record["layers"]) // 16 * (8 + 2 + 2)
+    if backend == "tvm":
+        with safe_open(str(out / "model" / "params.safetensors"), "np") as handle:
+            dtypes = [str(handle.get_tensor(key).dtype) for key in handle.keys()]
+        assert dtypes.count("float16") == 2 * dtypes.count("uint8")  # a scale and an offset per packed matrix
+    else:
+        graph = onnx.load(str(out / "model" / "decode.onnx"), load_external_data=False).graph
+        nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
+        assert len(nbits) == 6 * 7 + 1 and all(len(node.input) == 4 for node in nbits)  # float zero points
+        float16 = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+        assert len(float16) == 2 * (6 * 7 + 1)
 
 
 def test_schedule_measures_once_and_the_second_compile_reuses_the_database(built: dict) -> None:
