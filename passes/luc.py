@@ -92,8 +92,8 @@ class LucOptions(BaseModel):
         False,
         description="asymmetric groups on the offset grid (llama.cpp Q4_1's: code x scale + a float16 offset, the "
         "group's minimum) instead of an integer zero point: each group's own range, and weights that came from Q4_1 "
-        "re-quantize without loss. Pruned layers, and widths the group does not divide, keep the zero point "
-        "(a pruned or padded weight must decode to exactly 0)",
+        "re-quantize without loss. Pruned layers, widths the group does not divide (a pruned or padded weight "
+        "must decode to exactly 0) and 8-bit ones keep the zero point",
     )
     pruning: Literal["wanda", "sparsegpt"] = Field("wanda", description="wanda: |W| x ||x||; sparsegpt: OBS reconstruction")
     pattern: str = Field("unstructured", description="unstructured, N:M (N kept of every M, e.g. 2:4) or channel")
@@ -175,13 +175,15 @@ def packed_bytes(outputs: int, inputs: int, bits: int, options: LucOptions) -> i
     (asymmetric) uint8 zero points or (offset grid) float16 offsets."""
     stored = padded_width(inputs, options.group_size)
     groups = outputs * stored // options.group_size
-    per_group = 2 if options.symmetric else 4 if uses_offset(options, inputs, 0.0) else 3
+    per_group = 2 if options.symmetric else 4 if uses_offset(options, bits, inputs, 0.0) else 3
     return outputs * stored * bits // 8 + groups * per_group
 
 
-def uses_offset(options: LucOptions, inputs: int, sparsity: float) -> bool:
-    """Whether a matrix of `inputs` columns at `sparsity` gets the offset grid."""
-    return options.offset and sparsity == 0 and inputs % options.group_size == 0
+def uses_offset(options: LucOptions, bits: int, inputs: int, sparsity: float) -> bool:
+    """Whether a matrix of `inputs` columns at `bits` and `sparsity` gets the offset grid.
+    Not at 8 bits: an integer zero point is already within 1/510 of the group's range,
+    and ONNX Runtime's 8-bit MatMulNBits takes no float zero points."""
+    return options.offset and bits < 8 and sparsity == 0 and inputs % options.group_size == 0
 
 
 def bits_for_size(root: nn.Module, options: LucOptions, fixed: dict[int, dict[str, float]]) -> float:
@@ -424,7 +426,7 @@ def measure_profile(
         probes: list[tuple[str, float, Callable[[str, torch.Tensor], torch.Tensor]]] = []
         for bits in sorted(options.probe_bits):
             probes.append(("bits", bits, lambda _n, w, b=bits: fake_quantize(
-                w, b, options.group_size, options.symmetric, uses_offset(options, w.shape[1], 0.0))))
+                w, b, options.group_size, options.symmetric, uses_offset(options, b, w.shape[1], 0.0))))
         for sparsity in sorted(options.probe_sparsity):
             pattern = "unstructured" if options.pattern != "channel" else "channel"
             probes.append(("sparsity", sparsity, lambda n, w, s=sparsity, p=pattern: wanda(w, stats.sq_sum[n], s, p)))
@@ -496,7 +498,7 @@ def _packed(
     weight: torch.Tensor, bits: int, options: LucOptions, sparsity: float,
     params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PackedWeight:
-    offset = uses_offset(options, weight.shape[1], sparsity)
+    offset = uses_offset(options, bits, weight.shape[1], sparsity)
     return quantize(weight, bits, options.group_size, options.symmetric, params, offset=offset)
 
 
@@ -668,7 +670,7 @@ class Luc:
             rounded = (pruned, None, pruned == 0)
             if options.quantizer == "rtn":
                 return rounded
-        offset = uses_offset(options, weight.shape[1], plan.sparsity)
+        offset = uses_offset(options, plan.bits, weight.shape[1], plan.sparsity)
         quant = GroupQuant(plan.bits, options.group_size, options.symmetric, offset)
         if sparse and options.pruning == "wanda":
             mask = wanda(weight, stats.sq_sum[name], plan.sparsity, options.pattern) == 0

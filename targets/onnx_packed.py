@@ -118,7 +118,8 @@ def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias
     stored = int(plane0.shape[1]) * 8 // PLANE_WIDTHS[bits][0]
     # K is x's width; the codes are stored for whole groups (a ragged last group is padded).
     cols = int(x.shape[-1])
-    if runs_as_matmul_nbits(bits, group):
+    # ORT's 8-bit MatMulNBits refuses float zero points (edgec's luc gives 8 bits none).
+    if runs_as_matmul_nbits(bits, group) and not (bits == 8 and _is_offset(zeros)):
         blocks = stored // group
         packed = op.Reshape(plane0, _ints([rows, blocks, group * bits // 8]))
         attributes = {"K": cols, "N": rows, "bits": bits, "block_size": group}
