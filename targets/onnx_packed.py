@@ -1,10 +1,13 @@
 """ONNX lowering of edgec's packed-weight ops (edgec.packing) for the dynamo exporter.
 
-- `edgec::qlinear` at 2, 4 or 8 bits -> one com.microsoft MatMulNBits: its B input is
+- `edgec::qlinear` at 2 or 4 bits -> one com.microsoft MatMulNBits: its B input is
   our [N, K * bits / 8] planes reshaped to [N, K / group, group * bits / 8] (the same
-  bytes), scales cast to the activation dtype, uint8 zero points packed per row.
-- `edgec::qlinear` at 3 bits (MatMulNBits has no 3-bit kernel), or in groups that are
-  not a power of two >= 16 (its CPU kernel's only block sizes) -> the planes decoded
+  bytes), scales cast to the activation dtype, uint8 zero points packed per row. On the
+  offset grid, MatMulNBits without zero points plus a small matmul of the inputs' group
+  sums with the offsets (see qlinear_onnx).
+- `edgec::qlinear` at 3 bits (MatMulNBits has no 3-bit kernel), 8 bits (see
+  MATMUL_NBITS_BITS), or in groups that are not a power of two >= 16 (its CPU kernel's
+  only block sizes) -> the planes decoded
   with standard ops, then MatMul. The file stays 3-bit; ONNX Runtime folds the decode
   when the session loads, so in memory that weight is fp32 (the compile report says so).
 - `edgec::qembedding` -> Gather of the packed rows, then the same standard-op decode.
@@ -28,7 +31,10 @@ from onnxscript import opset18 as op
 
 from edgec.packing import PLANE_WIDTHS, planes_of
 
-MATMUL_NBITS_BITS = (2, 4, 8)
+# Not 8: ORT 1.32's 8-bit MatMulNBits CPU kernel is fast only computing in int8
+# (accuracy_level 4, activations quantized per block); in fp32 it runs a reference path:
+# SmolLM2's 8-bit lm_head took 115 ms a decode row against 1 ms in int8.
+MATMUL_NBITS_BITS = (2, 4)
 
 
 def _matmul_nbits_op() -> onnxscript.values.Op:
@@ -118,8 +124,7 @@ def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias
     stored = int(plane0.shape[1]) * 8 // PLANE_WIDTHS[bits][0]
     # K is x's width; the codes are stored for whole groups (a ragged last group is padded).
     cols = int(x.shape[-1])
-    # ORT's 8-bit MatMulNBits refuses float zero points (edgec's luc gives 8 bits none).
-    if runs_as_matmul_nbits(bits, group) and not (bits == 8 and _is_offset(zeros)):
+    if runs_as_matmul_nbits(bits, group):
         blocks = stored // group
         packed = op.Reshape(plane0, _ints([rows, blocks, group * bits // 8]))
         attributes = {"K": cols, "N": rows, "bits": bits, "block_size": group}
@@ -127,9 +132,14 @@ def qlinear_onnx(x: Any, plane0: Any, plane1: Any, scales: Any, zeros: Any, bias
         if zeros is None:
             out = MATMUL_NBITS(x, packed, scale, **attributes)
         elif _is_offset(zeros):
-            # MatMulNBits takes float zero points, (code - zero) * scale: zero = -offset / scale.
-            zero = op.Reshape(op.Div(op.Neg(op.CastLike(zeros, x)), scale), _ints([-1]))
-            out = MATMUL_NBITS(x, packed, scale, zero, **attributes)
+            # MatMulNBits' float zero points take a slow path (a SmolLM2 linear: 1.0 ms a
+            # decode row against 0.05 ms with uint8 ones), so W = code * scale + offset is
+            # split into its default kernel, (code - 2^(bits-1)) * scale, plus the inputs'
+            # sums per group times (offset + 2^(bits-1) * scale): a [K / group, N] matmul.
+            out = MATMUL_NBITS(x, packed, scale, **attributes)
+            sums = op.ReduceSum(op.Reshape(x, op.Concat(op.Shape(x, end=-1), _ints([blocks, group]), axis=0)), _ints([-1]), keepdims=0)
+            shifted = op.Add(op.CastLike(zeros, x), op.Mul(scale, op.CastLike(_typed(1 << (bits - 1), np.float32), x)))
+            out = op.Add(out, op.MatMul(sums, op.Transpose(shifted, perm=[1, 0])))
         else:
             out = MATMUL_NBITS(x, packed, scale, _packed_zero_points(zeros, rows, blocks, bits), **attributes)
     else:
@@ -160,7 +170,7 @@ def translation_table() -> dict[Any, Any]:
 
 
 def runs_as_matmul_nbits(bits: int, group: int) -> bool:
-    """MatMulNBits' CPU kernel takes 2, 4 and 8 bits in blocks of a power of two >= 16."""
+    """MatMulNBits' CPU kernel, in fp32, at 2 and 4 bits in blocks of a power of two >= 16."""
     return bits in MATMUL_NBITS_BITS and group >= 16 and group & (group - 1) == 0
 
 
@@ -168,4 +178,6 @@ def lowering_note(bits: int, group: int) -> str:
     if runs_as_matmul_nbits(bits, group):
         return f"{bits}-bit: MatMulNBits (packed in the file and in memory)"
     why = "" if bits not in MATMUL_NBITS_BITS else f" (MatMulNBits takes groups of a power of two >= 16, not {group})"
+    if bits == 8:
+        why = " (ONNX Runtime's 8-bit MatMulNBits computes fast only in int8; in fp32 it is ~100x slower)"
     return f"{bits}-bit: packed in the file, decoded by standard ops that ONNX Runtime folds to fp32 at load{why}"

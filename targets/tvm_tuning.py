@@ -37,7 +37,7 @@ from edgec.cache import cache_root, locked
 from edgec.progress import advance
 from edgec.targets.tvm_schedule import CpuScheduleConfig, schedule_prim_func, workload_key
 
-DATABASE_VERSION = 1
+DATABASE_VERSION = 2  # 2: packed workloads try the inlined decode within the first trials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +54,13 @@ class Candidate:
 
 
 def candidates(base: CpuScheduleConfig, packed: bool) -> list[Candidate]:
-    """The template first, then the other tile shapes (and, for packed weights, inlined decode)."""
-    template = Candidate(base.tile_rows, base.tile_vectors, True)
+    """The template first, then the other tile shapes; for packed weights each shape with
+    the decode in a per-tile panel and inlined in turn, so a few trials try both (with
+    one row, a decode step's, nothing reuses the panel)."""
     shapes = [(base.tile_rows, base.tile_vectors), (4, 2), (8, 1), (4, 4), (8, 2), (2, 4), (4, 1)]
-    found = [template]
-    for panel in (True, False) if packed else (True,):
-        for rows, vectors in shapes:
+    found: list[Candidate] = []
+    for rows, vectors in shapes:
+        for panel in (True, False) if packed else (True,):
             candidate = Candidate(rows, vectors, panel)
             if candidate not in found:
                 found.append(candidate)

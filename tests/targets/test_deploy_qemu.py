@@ -5,7 +5,9 @@ deployments are refused with the documented exit codes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,26 @@ def test_tvm_artifact_is_an_aarch64_elf(arm64_artifacts: dict[str, Path]) -> Non
     for entry in ("prefill", "decode"):
         header = (arm64_artifacts["tvm"] / "model" / f"{entry}.so").read_bytes()[:20]
         assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def kernel_listings(library: Path) -> dict[str, str]:
+    """Function name -> its aarch64 disassembly, for the kernels of a TVM library."""
+    listing = subprocess.run(
+        ["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    functions = re.findall(r"^[0-9a-f]+ <([^>]+)>:\n(.*?)(?=\n\n|\Z)", listing, flags=re.M | re.S)
+    return dict(functions)
+
+
+def test_arm64_matmul_kernels_are_neon_vector_code(arm64_artifacts: dict[str, Path]) -> None:
+    """Every matmul kernel of the arm64 build multiplies on NEON vectors of 4 floats
+    (fmla vN.4s), not one float at a time (fmadd sN)."""
+    for entry in ("prefill", "decode"):
+        kernels = {name: body for name, body in kernel_listings(arm64_artifacts["tvm"] / "model" / f"{entry}.so").items()
+                   if "matmul" in name and "compute_" in name}
+        assert len(kernels) >= 7, sorted(kernels)
+        scalar = [name for name, body in kernels.items() if not re.search(r"\bfmla\s+v\d+\.4s", body)]
+        assert not scalar, scalar
 
 
 @pytest.mark.parametrize("backend", ["tvm", "onnx"])
