@@ -51,11 +51,11 @@ def _quantize_entry(source: Path, target: Path, kind: str) -> None:
 def quantized_artifact(dense: Path, kind: str, out: Path) -> tuple[Path, dict[str, Any]]:
     """The model directory of `dense`'s entries quantized by ORT (made once under `out`),
     and a backend record for edgec's Runtime that points at its files."""
-    import json
+    from edgec.artifact import read_manifest
 
     if kind not in KINDS:
         raise SystemExit(f"unknown ORT quantizer {kind!r}; use one of {', '.join(KINDS)}")
-    record = json.loads((dense / "manifest.json").read_text())["backend_record"]
+    record = read_manifest(dense)["backend_record"]
     entries = {name: {**info, "file": f"{name}.onnx"} for name, info in record["entries"].items()}
     quantized = {**record, "entries": entries, "weights_file": None}
     if all((out / info["file"]).is_file() for info in entries.values()):

@@ -74,7 +74,8 @@ def _uint8(value: Any) -> Any:
 
 def _decode(planes: list[Any], scales: Any, zeros: Any, bits: int, group: int, like: Any, offset_grid: bool) -> Any:
     """Packed rows [..., K * w / 8] -> weights [..., K] in the dtype of `like`;
-    `offset_grid`: `zeros` holds float offsets (edgec.packing)."""
+    `offset_grid`: `zeros` holds float offsets (edgec.packing). Passed in, not read from
+    `zeros` here: a gathered value (qembedding's rows) has no dtype yet while tracing."""
     codes: Any = None
     offset = 0
     lead = op.Shape(planes[0], end=-1)
