@@ -63,13 +63,14 @@ def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
     return statistics.median(timed(call, runs, warmup))
 
 
-def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path, max_context: int) -> Path:
-    variant = "" if recipe is None else "-" + Path(recipe).stem
+def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path, max_context: int,
+                    sets: tuple[str, ...] = ()) -> Path:
+    variant = ("" if recipe is None else "-" + Path(recipe).stem) + ("-int8" if "schedule.activations=int8" in sets else "")
     out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}{variant}-ctx{max_context}"
     if (out / MANIFEST).is_file():
         return out
-    sets = [f"backend={backend}", f"max_context={max_context}"]
-    recipe_obj = load_recipe(None if recipe is None else Path(recipe), sets, options_for)
+    recipe_obj = load_recipe(None if recipe is None else Path(recipe), [f"backend={backend}", f"max_context={max_context}", *sets],
+                             options_for)
     start = time.perf_counter()
     compile_model(model, recipe_obj, out, force=True, progress=lambda m: print(f"  [{backend}] {m}", file=sys.stderr))
     print(f"  compiled {out.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -215,13 +216,19 @@ def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[i
 
 
 # Row -> (backend, recipe): edgec's artifacts, compiled once into --out.
-EDGEC_ROWS: dict[str, tuple[str, str | None]] = {
-    "edgec onnx": ("onnx", None),
-    "edgec tvm": ("tvm", None),
-    "edgec onnx luc-w4-s30": ("onnx", "recipes/luc-w4-s30.yaml"),
-    "edgec tvm luc-w4-s30": ("tvm", "recipes/luc-w4-s30.yaml"),
-    "edgec onnx w4": ("onnx", "recipes/w4.yaml"),
-    "edgec tvm w4": ("tvm", "recipes/w4.yaml"),
+# Row -> (backend, recipe, --set overrides).
+INT8 = ("schedule.activations=int8", "parity.rtol=0.01")
+EDGEC_ROWS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "edgec onnx": ("onnx", None, ()),
+    "edgec tvm": ("tvm", None, ()),
+    "edgec onnx luc-w4-s30": ("onnx", "recipes/luc-w4-s30.yaml", ()),
+    "edgec tvm luc-w4-s30": ("tvm", "recipes/luc-w4-s30.yaml", ()),
+    "edgec onnx w4": ("onnx", "recipes/w4.yaml", ()),
+    "edgec tvm w4": ("tvm", "recipes/w4.yaml", ()),
+    "edgec onnx luc-w4-s30 int8": ("onnx", "recipes/luc-w4-s30.yaml", INT8),
+    "edgec tvm luc-w4-s30 int8": ("tvm", "recipes/luc-w4-s30.yaml", INT8),
+    "edgec onnx w4 int8": ("onnx", "recipes/w4.yaml", INT8),
+    "edgec tvm w4 int8": ("tvm", "recipes/w4.yaml", INT8),
 }
 # Row -> benchmarks/ort_quantized.py kind, applied to the dense "edgec onnx" artifact.
 ORT_ROWS = {"ORT int8 dynamic": "int8", "ORT MatMulNBits 4-bit": "nbits4"}
@@ -229,6 +236,7 @@ GROUPS = {
     "fp32": ["edgec onnx", "edgec tvm", "torch eager"],
     "luc": ["edgec onnx luc-w4-s30", "edgec tvm luc-w4-s30"],
     "w4": ["edgec onnx w4", "edgec tvm w4"],
+    "int8": ["edgec onnx luc-w4-s30 int8", "edgec tvm luc-w4-s30 int8", "edgec onnx w4 int8", "edgec tvm w4 int8"],
     "ort-quantizers": list(ORT_ROWS),
 }
 FP32_ROWS = set(GROUPS["fp32"])
@@ -269,8 +277,8 @@ def main() -> None:
         dense_onnx: Path | None = None
         for name in wanted:
             if name in EDGEC_ROWS:
-                backend, recipe = EDGEC_ROWS[name]
-                path = ensure_artifact(model, backend, recipe, args.out, max_context)
+                backend, recipe, sets = EDGEC_ROWS[name]
+                path = ensure_artifact(model, backend, recipe, args.out, max_context, sets)
                 dense_onnx = path if name == "edgec onnx" else dense_onnx
                 manifest = read_manifest(path)
                 runtime, program = open_runtime(path, manifest), manifest["program"]

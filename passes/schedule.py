@@ -16,7 +16,7 @@ templates and the record says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +32,12 @@ class ScheduleOptions(BaseModel):
 
     trials: int = Field(6, ge=0, description="candidate schedules timed per workload and entry; 0 = templates only")
     prefill_rows: int = Field(128, ge=1, description="rows (tokens) the prefill kernels are timed at")
+    activations: Literal["float32", "int8"] = Field(
+        "float32",
+        description="int8: linears with 4- or 8-bit weights quantize their inputs to int8 per weight group "
+        "(llama.cpp's Q8 activations) and use integer dot products (AVX-512 VNNI, Arm dotprod) where the target "
+        "has them; faster, but not the float result: check perplexity, and the parity tolerance (parity.rtol)",
+    )
     device: str | None = Field(
         None,
         description="time the kernels on this TVM RPC server (rpc://host:port?key=K&arch=A or tracker://host:port?key=K) "

@@ -154,6 +154,9 @@ def build(
             nm_kernels, nm_record = choose_nm_kernels(entry.program, tvm_target, rows, tuning.trials, runner, progress)
             if nm_record:
                 record.setdefault("nm_kernels", {})[entry.name] = nm_record
+        own = (entry_targets or {}).get(entry.name, target)
+        own_tvm = tvm_target if own is target else _tvm_target(own)
+        dot = _dot_isa(tuning, own_tvm, dtype, record)
         progress(f"tvm: import {entry.name}")
         if entry.onnx_model is not None:
             from tvm.relax.frontend.onnx import from_onnx
@@ -164,7 +167,7 @@ def build(
         else:
             try:
                 mod = from_exported_program(entry.program, keep_params_as_input=True,
-                                            custom_convert_map={**convert_map(nm_kernels), **sparse_convert_map()})
+                                            custom_convert_map={**convert_map(nm_kernels, dot), **sparse_convert_map()})
             except AssertionError as exc:  # the torch importer's word for an operator it lacks
                 if "Unsupported function type" not in str(exc):
                     raise
@@ -174,8 +177,10 @@ def build(
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         num_inputs = len(entry.input_names)
-        own = (entry_targets or {}).get(entry.name, target)
-        own_tvm = tvm_target if own is target else _tvm_target(own)
+        if dot is not None:
+            from edgec.targets.tvm_dot import dot_calls
+
+            record["activations"].setdefault("dot_linears", {})[entry.name] = dot_calls(mod)
         # Decode steps, where the copies cost a pass over the cache on every token. Prefill
         # keeps its broadcast copies (one per layer and prompt) until measured both ways.
         if own_tvm.kind.name == "llvm" and entry.rows_per_call == 1:
@@ -233,6 +238,21 @@ def build(
     return record
 
 
+def _dot_isa(tuning: Any, tvm_target: Any, dtype: str, record: dict[str, Any]) -> Any:
+    """The integer dot product the linears use when the recipe asks for int8 activations
+    (schedule.activations) and the target has one; the record says which, or why none."""
+    if tuning is None or tuning.activations != "int8":
+        return None
+    from edgec.targets.tvm_dot import dot_isa
+
+    isa = dot_isa(tvm_target) if dtype == "float32" else None
+    why = None if isa is not None else (
+        f"{dtype} build: int8 activations apply to float32 models" if dtype != "float32"
+        else "the target has no integer dot product (AVX-512 VNNI or Arm dotprod): float32 activations kept")
+    record.setdefault("activations", {"requested": "int8", "isa": None if isa is None else isa.name, **({"why": why} if why else {})})
+    return isa
+
+
 def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tuple[Any, list[Any], str]:
     """Run the weight-only part of the graph (transposes of linear weights) once, at
     compile time, instead of on every call. Lifting is skipped when it would widen
@@ -244,7 +264,10 @@ def _transform_params_once(mod: Any, values: list[Any], num_inputs: int) -> tupl
     names = [gv.name_hint for gv in lifted.get_global_vars()]
     if "main_transform_params" not in names:
         return mod, values, "as stored"
-    transform = tvm.IRModule({"main_transform_params": lifted["main_transform_params"]})
+    # With the PrimFuncs it calls: a weight transform may be a TE kernel of its own (tvm_dot's
+    # tiles); not the others, which may use instructions the host target lacks.
+    transform = relax.transform.DeadCodeElimination(["main_transform_params"])(
+        tvm.IRModule({gv: func for gv, func in lifted.functions_items() if gv.name_hint != "main"}))
     host = tvm.target.Target({"kind": "llvm"})
     executable = tvm.compile(transform, host)
     vm = relax.VirtualMachine(executable, tvm.cpu())

@@ -244,11 +244,13 @@ def nm_kernel_args(node: Any, rows: Any) -> tuple[list[te.Tensor], list[Any]]:
     return [inputs, *packed, placeholder(bias, "bias", False)], [bits, group, keep, span]
 
 
-def convert_map(nm_kernels: dict[str, str] | None = None) -> dict[str, Callable[[Any, Any], relax.Var]]:
+def convert_map(nm_kernels: dict[str, str] | None = None, dot: Any = None) -> dict[str, Callable[[Any, Any], relax.Var]]:
     """The custom converters; `nm_kernels` picks the kernel ("decode" or "sparse") per
-    N:M workload (nm_workload), as the schedule pass measured; default decode."""
+    N:M workload (nm_workload), as the schedule pass measured; default decode. `dot`
+    (a tvm_dot.DotIsa): int8 activations and integer dot products for the linears and
+    embeddings that fit (targets/tvm_dot.py)."""
     chosen = nm_kernels or {}
-    return {
+    converters = {
         # qlinear(x, plane0, plane1, scales, zeros, bias, bits, group)
         "qlinear.default": _convert(qlinear_te, "qlinear", slice(1, 5)),
         # qlinear_nm(x, plane0, plane1, index, scales, zeros, bias, bits, group, keep, span)
@@ -258,3 +260,8 @@ def convert_map(nm_kernels: dict[str, str] | None = None) -> dict[str, Callable[
         # qembedding(ids, plane0, plane1, scales, zeros, bits, group)
         "qembedding.default": _convert(qembedding_te, "qembedding", slice(1, 5)),
     }
+    if dot is None:
+        return converters
+    from edgec.targets.tvm_dot import dot_converters
+
+    return dot_converters(dot, converters)

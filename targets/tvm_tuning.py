@@ -234,8 +234,8 @@ def tune(
     kernels: list[dict[str, Any]] = []
     workloads: dict[str, tuple[str, tirx.PrimFunc]] = {}
     for gvar, func in fused.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
+            continue  # a kernel that is its own schedule (tvm_dot): nothing to choose
         key = workload_key(func)
         if key not in workloads:
             if not _is_layer_workload(func):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from edgec.cli import app
 from edgec.targets.device_qemu import QemuDevice
 from tests.conftest import dense_perplexity, edge_llm_tuned
+from tests.targets.test_compile_int8_activations import RECIPE as INT8_RECIPE
 
 pytestmark = pytest.mark.arm64
 runner = CliRunner()
@@ -59,6 +60,26 @@ def test_arm64_matmul_kernels_are_neon_vector_code(arm64_artifacts: dict[str, Pa
         assert len(kernels) >= 7, sorted(kernels)
         scalar = [name for name, body in kernels.items() if not re.search(r"\bfmla\s+v\d+\.4s", body)]
         assert not scalar, scalar
+
+
+def test_rpi5_int8_activations_use_sdot_and_pass_parity_on_the_emulated_device(tmp_path: Path) -> None:
+    """rpi5 has the dot product (Cortex-A76): the linears run on the sdot kernel
+    (targets/tvm_dot.py) and the artifact keeps parity inside the aarch64 user space."""
+    recipe = tmp_path / "w4.yaml"
+    recipe.write_text(INT8_RECIPE)
+    out = tmp_path / "rpi5-int8"
+    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "--target", "rpi5",
+                                 "--set", "schedule.activations=int8", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    record = json.loads((out / "manifest.json").read_text())["backend_record"]["activations"]
+    assert record["isa"] == "neon-dotprod" and record["dot_linears"]["decode"] == 37  # 6 of 7 linears x 6 layers + lm_head
+    kernels = {name: body for name, body in kernel_listings(out / "model" / "decode.so").items()
+               if "qlinear_dot" in name and "compute_" in name}
+    assert len(kernels) >= 4 and all(re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", body) for body in kernels.values())
+    result = runner.invoke(app, ["deploy", str(out), "--device", "qemu-arm64", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    parity = json.loads(result.stdout)["parity"]
+    assert parity["ok"] is True and 0 < parity["max_abs_diff"] <= parity["tolerance"]
 
 
 @pytest.mark.parametrize("backend", ["tvm", "onnx"])

@@ -1,0 +1,287 @@
+"""Integer dot-product kernels for 4- and 8-bit packed linears (int8 activations).
+
+Before: a packed linear decodes every weight to float32 in the matmul's inner loop
+(shift, mask, convert, scale, offset per weight); a decode step of SmolLM2 at 4 bits is
+bound by that arithmetic (~7 GB/s of weights), not by memory.
+After (`schedule.activations: int8`): the input rows are quantized to int8 per group of
+`group` inputs (llama.cpp's Q8 activations: a float scale max|x|/127 and the exact float
+sum of the group), and each group of each output is one integer dot product of its
+codes with those int8 inputs -- AVX-512 VNNI `vpdpbusd` (64 byte products per
+instruction) or Arm `sdot` -- then the group adds scale * x_scale * dot plus the x_sum times its offset (or zero
+point times scale). Codes are never converted to float.
+
+Weight layout, chosen at compile time (the transform on parameters runs once, in
+LiftTransformParams): tiles of `lanes` outputs (one int32 vector of accumulators),
+`[N / lanes, K / 8, lanes * 4]` bytes at 4 bits and `[N / lanes, K / 4, lanes * 4]` at 8:
+the 4 bytes of lane l hold 4 consecutive inputs of output l, as the instructions sum
+them. At 4 bits the low nibbles hold inputs 0-3 of each 8 and the high nibbles inputs
+4-7, so one load, a mask and a shift give two instructions' operands. The tied
+embedding reads the same tiles (`qembedding_tiles_te`), so the table is stored once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from tvm import te, tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_cpu_features
+
+from edgec.packing import PLANE_WIDTHS
+
+# Bit widths with a dot-product kernel: one plane of 4- or 8-bit fields.
+DOT_BITS = (4, 8)
+RULE = "int8-dot"
+
+
+@dataclasses.dataclass(frozen=True)
+class DotIsa:
+    """The target's integer dot product: `lanes` int32 accumulators per instruction, each
+    summing 4 byte products. `signed_codes`: both operands are int8 (Arm sdot), so 8-bit
+    codes are stored minus 128; x86's vpdpbusd multiplies unsigned codes by signed inputs."""
+
+    name: str
+    intrinsic: str
+    lanes: int
+    signed_codes: bool
+
+    def code_bias(self, bits: int) -> int:
+        return 128 if self.signed_codes and bits == 8 else 0
+
+
+AVX512_VNNI = DotIsa("avx512-vnni", "llvm.x86.avx512.vpdpbusd.512", 16, signed_codes=False)
+ARM_DOTPROD = DotIsa("neon-dotprod", "llvm.aarch64.neon.sdot.v4i32.v16i8", 4, signed_codes=True)
+
+
+def dot_isa(target: Target) -> DotIsa | None:
+    """The integer dot product `target` has, from its own features (not the host's)."""
+    if target.kind.name != "llvm":
+        return None
+    features = {str(f) for f in llvm_get_cpu_features(target)}
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return ARM_DOTPROD if "dotprod" in features else None
+    return AVX512_VNNI if {"avx512vnni", "avx512bw"} <= features else None
+
+
+def inputs_per_byte_row(bits: int) -> int:
+    """Inputs of one output held by one 4-byte lane slot of a tile row."""
+    return 8 if bits == 4 else 4
+
+
+def fits(isa: DotIsa, bits: int, group: int, outputs: int, inputs: int) -> bool:
+    """Whether a [outputs, inputs] linear at `bits` in groups of `group` has a dot kernel."""
+    step = inputs_per_byte_row(bits)
+    return bits in DOT_BITS and outputs % isa.lanes == 0 and group % step == 0 and inputs % group == 0
+
+
+def _code(plane: te.Tensor, bits: int, n: Any, k: Any) -> Any:
+    """Code of W[n, k] from its [N, K * bits / 8] plane (edgec.packing's field order), uint8."""
+    if bits == 8:
+        return plane[n, k]
+    return (plane[n, k // 2] >> ((k % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+
+
+def tiles_te(plane: te.Tensor, bits: int, isa: DotIsa) -> te.Tensor:
+    """The [N / lanes, K / step, lanes * 4] tile layout of a packed plane (module doc)."""
+    outputs = plane.shape[0]
+    inputs = plane.shape[1] * (8 // PLANE_WIDTHS[bits][0])
+    step, lanes, bias = inputs_per_byte_row(bits), isa.lanes, isa.code_bias(bits)
+
+    def _byte(tile: Any, row: Any, i: Any) -> Any:
+        n = tile * lanes + i // 4
+        k = row * step + i % 4
+        if bits == 4:
+            return _code(plane, 4, n, k) | (_code(plane, 4, n, k + 4) << tirx.const(4, "uint8"))
+        return _code(plane, 8, n, k) - tirx.const(bias, "uint8")  # wraps: int8 bits of code - 128
+
+    return te.compute((outputs // lanes, inputs // step, lanes * 4), _byte, name="dot_tiles")
+
+
+def qlinear_dot_func(
+    isa: DotIsa, bits: int, group: int, outputs: int, inputs: int, scale_dtype: str, zeros_dtype: str | None
+) -> tirx.PrimFunc:
+    """y[R, N] = x[R, K] @ W^T from tiles (tiles_te) and the transposed [K/group, N]
+    scales and zeros (float zeros: the offset grid's offsets; None: symmetric, and the
+    zeros parameter is never read -- pass the scales); R symbolic. Marked scheduled: it is its own schedule.
+
+    With codes c stored minus b (DotIsa.code_bias), a group adds
+    scale * (x_scale * dot + (b - zero) * x_sum), or on the offset grid (below 8 bits,
+    b = 0) scale * x_scale * dot + offset * x_sum."""
+    lanes, step = isa.lanes, inputs_per_byte_row(bits)
+    tiles, rows_per_group, groups = outputs // lanes, group // step, inputs // group
+    half = step // 2 if bits == 4 else step  # inputs per instruction and lane: 4
+    ivec, fvec, bvec = f"int32x{lanes}", f"float32x{lanes}", f"int8x{lanes * 4}"
+    four_bit, offset_grid = bits == 4, zeros_dtype is not None and "float" in zeros_dtype
+    symmetric_shift = float(isa.code_bias(bits) - (1 << (bits - 1)))
+    bias = float(isa.code_bias(bits))
+
+    @T.prim_func(private=True)
+    def qlinear_dot(
+        x_h: T.handle,
+        w: T.Buffer((tiles, inputs // step, lanes * 4), "uint8"),
+        scale: T.Buffer((groups, outputs), scale_dtype),
+        zeros: T.Buffer((groups, outputs), zeros_dtype or scale_dtype),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "edgec.schedule_rule": RULE})
+        rows = T.int64()
+        x = T.match_buffer(x_h, (rows, inputs), "float32")
+        y = T.match_buffer(y_h, (rows, outputs), "float32")
+        xq = T.alloc_buffer((rows, inputs), "int8")
+        x_scale = T.alloc_buffer((rows, groups), "float32")
+        x_sum = T.alloc_buffer((rows, groups), "float32")
+        # Quantize each row per group: cheap (K per row) and serial, before the parallel loop.
+        for r, g in T.grid(rows, groups):
+            peak = T.alloc_buffer((1,), "float32", scope="local")
+            total = T.alloc_buffer((1,), "float32", scope="local")
+            peak[0] = T.float32(0)
+            total[0] = T.float32(0)
+            for k in range(group):
+                peak[0] = T.max(peak[0], T.fabs(x[r, g * group + k]))
+                total[0] = total[0] + x[r, g * group + k]
+            x_scale[r, g] = peak[0] / T.float32(127)
+            x_sum[r, g] = total[0]
+            for k in range(group):
+                xq[r, g * group + k] = T.Cast(
+                    "int8",
+                    T.nearbyint(x[r, g * group + k] * T.if_then_else(peak[0] > T.float32(0), T.float32(127) / peak[0], T.float32(0))),
+                )
+        for tile in T.parallel(tiles):
+            for r in range(rows):
+                acc = T.alloc_buffer((lanes,), "float32", scope="local")
+                dot = T.alloc_buffer((lanes,), "int32", scope="local")
+                acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                for g in range(groups):
+                    dot[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for q in range(rows_per_group):
+                        packed = w[tile, g * rows_per_group + q, T.ramp(0, 1, lanes * 4)]
+                        k0 = g * group + q * step
+                        if four_bit:
+                            dot[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(isa.intrinsic),
+                                dot[T.ramp(0, 1, lanes)],
+                                T.reinterpret(bvec, packed & T.broadcast(T.uint8(15), lanes * 4)),
+                                T.reinterpret(bvec, T.broadcast(T.reinterpret("int32", xq[r, T.ramp(k0, 1, 4)]), lanes)),
+                                dtype=ivec,
+                            )
+                            dot[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(isa.intrinsic),
+                                dot[T.ramp(0, 1, lanes)],
+                                T.reinterpret(bvec, packed >> T.broadcast(T.uint8(4), lanes * 4)),
+                                T.reinterpret(bvec, T.broadcast(T.reinterpret("int32", xq[r, T.ramp(k0 + half, 1, 4)]), lanes)),
+                                dtype=ivec,
+                            )
+                        else:
+                            dot[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(isa.intrinsic),
+                                dot[T.ramp(0, 1, lanes)],
+                                T.reinterpret(bvec, packed),
+                                T.reinterpret(bvec, T.broadcast(T.reinterpret("int32", xq[r, T.ramp(k0, 1, 4)]), lanes)),
+                                dtype=ivec,
+                            )
+                    s = T.Cast(fvec, scale[g, T.ramp(tile * lanes, 1, lanes)])
+                    scaled_dot = T.Cast(fvec, dot[T.ramp(0, 1, lanes)]) * T.broadcast(x_scale[r, g], lanes)
+                    if offset_grid:
+                        acc[T.ramp(0, 1, lanes)] = (
+                            acc[T.ramp(0, 1, lanes)] + s * scaled_dot
+                            + T.Cast(fvec, zeros[g, T.ramp(tile * lanes, 1, lanes)]) * T.broadcast(x_sum[r, g], lanes)
+                        )
+                    elif zeros_dtype is None:
+                        acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + s * (
+                            scaled_dot + T.broadcast(T.float32(symmetric_shift) * x_sum[r, g], lanes)
+                        )
+                    else:
+                        acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + s * (
+                            scaled_dot
+                            + (T.broadcast(T.float32(bias), lanes) - T.Cast(fvec, zeros[g, T.ramp(tile * lanes, 1, lanes)]))
+                            * T.broadcast(x_sum[r, g], lanes)
+                        )
+                y[r, T.ramp(tile * lanes, 1, lanes)] = acc[T.ramp(0, 1, lanes)]
+
+    return qlinear_dot
+
+
+def qembedding_tiles_te(ids: te.Tensor, tiles: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None, bits: int,
+                        group: int, isa: DotIsa) -> te.Tensor:
+    """Rows of the table from its dot tiles (scales and zeros transposed): the tied
+    lm_head's layout, so the table is stored once."""
+    from edgec.targets.tvm_packed import _scaled
+
+    lanes, step, bias = isa.lanes, inputs_per_byte_row(bits), isa.code_bias(bits)
+    hidden = tiles.shape[1] * step
+
+    def _row(*index: Any) -> Any:
+        n = ids[index[:-1]].astype("int64")
+        k = index[-1]
+        byte = tiles[n // lanes, k // step, (n % lanes) * 4 + k % 4]
+        if bits == 4:
+            code = ((byte >> ((k % 8) // 4 * 4).astype("uint8")) & tirx.const(15, "uint8")).astype("int32")
+        else:
+            stored = tirx.reinterpret("int8", byte) if bias else byte
+            code = stored.astype("int32") + tirx.const(bias, "int32")
+        return _scaled(code, scales, zeros, bits, group, "float32", n, k)
+
+    return te.compute((*ids.shape, hidden), _row, name="embedding_decode")
+
+
+def dot_calls(mod: Any) -> int:
+    """How many linears of a Relax module's main call a dot kernel."""
+    from tvm import relax
+
+    kernels = {gv for gv, func in mod.functions_items()
+               if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get("edgec.schedule_rule") == RULE}
+    calls: list[Any] = []
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) and any(a.same_as(k) for a in e.args[:1] for k in kernels) else None)
+    return len(calls)
+
+
+def _shape(node_arg: Any) -> list[int]:
+    return [int(d) for d in node_arg.meta["val"].shape]
+
+
+def dot_converters(isa: DotIsa, fallback: dict[str, Callable[[Any, Any], Any]]) -> dict[str, Callable[[Any, Any], Any]]:
+    """qlinear / qembedding converters that use the dot kernel and tiles where the layer
+    fits (`fits`), else `fallback`'s float kernels; an embedding uses the tiles whenever
+    its table fits, so a tied lm_head and embedding read one stored table."""
+    from tvm import relax
+
+    def qlinear(node: Any, importer: Any) -> Any:
+        x, plane0, plane1, _scales, zeros, _bias, bits, group = node.args
+        outputs, inputs = _shape(plane0)[0], _shape(x)[-1]
+        if plane1 is not None or str(x.meta["val"].dtype) != "torch.float32" or not fits(isa, bits, group, outputs, inputs):
+            return fallback["qlinear.default"](node, importer)
+        builder = importer.block_builder
+        x_v, plane_v, _, scales_v, zeros_v, bias_v = importer.retrieve_args(node)[:6]
+        tiles = builder.emit_te(lambda plane: tiles_te(plane, bits, isa), plane_v, primfunc_name_hint="dot_tiles")
+        scales_t = builder.emit(relax.op.permute_dims(scales_v, [1, 0]))
+        zeros_t = scales_t if zeros_v is None else builder.emit(relax.op.permute_dims(zeros_v, [1, 0]))
+        lead = list(x_v.ty.shape.values)[:-1]
+        rows = lead[0]
+        for size in lead[1:]:
+            rows = rows * size
+        flat = builder.emit(relax.op.reshape(x_v, [rows, inputs]))
+        kernel = qlinear_dot_func(isa, bits, group, outputs, inputs, str(scales_v.ty.dtype),
+                                  None if zeros_v is None else str(zeros_v.ty.dtype))
+        out = builder.emit(relax.call_tir(builder.add_func(kernel, "qlinear_dot"), [flat, tiles, scales_t, zeros_t],
+                                          relax.TensorType([rows, outputs], "float32")))
+        out = builder.emit(relax.op.reshape(out, [*lead, outputs]))
+        return out if bias_v is None else builder.emit(relax.op.add(out, bias_v))
+
+    def qembedding(node: Any, importer: Any) -> Any:
+        _ids, plane0, plane1, _scales, _zeros, bits, group = node.args
+        rows, hidden = _shape(plane0)[0], _shape(plane0)[1] * (8 // PLANE_WIDTHS[bits][0])
+        if plane1 is not None or not fits(isa, bits, group, rows, hidden):
+            return fallback["qembedding.default"](node, importer)
+        builder = importer.block_builder
+        ids_v, plane_v, _, scales_v, zeros_v = importer.retrieve_args(node)[:5]
+        tiles = builder.emit_te(lambda plane: tiles_te(plane, bits, isa), plane_v, primfunc_name_hint="dot_tiles")
+        scales_t = builder.emit(relax.op.permute_dims(scales_v, [1, 0]))
+        zeros_t = None if zeros_v is None else builder.emit(relax.op.permute_dims(zeros_v, [1, 0]))
+        return builder.emit_te(lambda *args: qembedding_tiles_te(*args, bits, group, isa), ids_v, tiles, scales_t, zeros_t,
+                               primfunc_name_hint="qembedding")
+
+    return {**fallback, "qlinear.default": qlinear, "qembedding.default": qembedding}
