@@ -7,21 +7,24 @@ the same prompt, contexts and threads:
 - luc, w4: edgec TVM and ONNX artifacts of recipes/luc-w4-s30.yaml (Edge-LLM's
   compression: a mean of 4 bits, 30% sparsity) and recipes/w4.yaml (plain 4-bit
   weights, no sparsity);
+- int8: the same two recipes on TVM with int8 activations and integer dot products
+  (`schedule.activations=int8`, parity.rtol 0.01);
 - ort-quantizers: ONNX Runtime's own int8 dynamic and MatMulNBits 4-bit quantizers on
   edgec's dense ONNX graphs (benchmarks/ort_quantized.py);
 - with --llama-cpp: llama.cpp's llama-bench on SmolLM2's source Q4_1 GGUF and on an
   F32 GGUF of the same weights.
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
-        [--rows fp32 luc w4 ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
+        [--rows fp32 luc w4 int8 ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
         [--new-tokens 32] [--runs 10] [--ppl-tokens 4096] [--out artifacts/bench]
         [--json FILE] [--llama-cpp]
 
 Prefill: median of --runs warm calls on the first --prompt-len held-out tokens. Decode at
 context C: tokens/s of --new-tokens greedy steps after a prompt of C held-out tokens
 (median of 3 generations). Perplexity: edgec's scoring windows (256 tokens) over the
-first --ppl-tokens held-out tokens, in the row's own runtime (llama.cpp: not scored;
-zoo:smollm2-135m's fp32 weights are its Q4_1 GGUF's, dequantized). Weight streaming: the
+first --ppl-tokens held-out tokens, in the row's own runtime (llama.cpp: llama-perplexity
+on their text, its own metric: compare its Q4_1 / F32 ratio; zoo:smollm2-135m's fp32
+weights are its Q4_1 GGUF's, dequantized). Weight streaming: the
 bytes of weights one decode step reads (edgec artifacts: the model's weights as stored; ORT's quantized graphs: every
 initializer a node other than a Gather reads; PyTorch: Linear weights and lm_head in fp32; llama.cpp: the GGUF's layer
 tensors and head as stored) / the step's time, as GB/s and as % of the bandwidth of a
@@ -195,10 +198,14 @@ def gguf_step_bytes(path: Path) -> int:
 
 
 def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[int], new_tokens: int,
-                   runs: int) -> dict[str, tuple[float, dict[int, float], None, int, None]]:
+                   runs: int, tokenizer: Any, ppl_tokens: int) -> dict[str, tuple[float, dict[int, float], None, int, float | None]]:
     """llama-bench on the Q4_1 GGUF zoo:smollm2-135m is converted from and on an F32 GGUF
-    of the same weights (other models: no rows; they do not come from a GGUF)."""
-    from benchmarks.llama_cpp import bench, f32_gguf
+    of the same weights (other models: no rows; they do not come from a GGUF), and
+    llama-perplexity on the text of the first `ppl_tokens` held-out tokens: llama.cpp's own
+    metric (chunks of PPL_WINDOW, second halves scored), so compare the two GGUFs' ratio,
+    not the value, with edgec's rows. The F32 GGUF holds the Q4_1 weights dequantized: the
+    ratio is the cost of llama.cpp's int8 activations alone."""
+    from benchmarks.llama_cpp import bench, f32_gguf, perplexity
     from edgec.zoo import smollm2_gguf
 
     if model != "zoo:smollm2-135m":
@@ -206,12 +213,17 @@ def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[i
     source = smollm2_gguf()
     ggufs = {"llama.cpp Q4_1 (the zoo's source GGUF)": source,
              "llama.cpp F32 (the same weights)": f32_gguf(source, out_root / "smollm2-135m-f32.gguf")}
+    text = out_root / "held-out.txt"
+    if ppl_tokens > 0:
+        ids, _ = evaluation_ids(tokenizer, "held-out", ppl_tokens)
+        text.write_text(tokenizer.decode(ids))
     rows = {}
     for name, path in ggufs.items():
         print(f"timing {model} {name} ...", file=sys.stderr)
         result = bench(path, prompt_len, contexts, new_tokens, torch.get_num_threads(), min(runs, 5))
+        ppl = perplexity(path, text, PPL_WINDOW, torch.get_num_threads()) if ppl_tokens > 0 else None
         rows[name] = (result["prefill_ms"], {int(c): r for c, r in result["decode_tokens_per_s"].items()}, None,
-                      gguf_step_bytes(path), None)
+                      gguf_step_bytes(path), ppl)
     return rows
 
 
@@ -225,9 +237,7 @@ EDGEC_ROWS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "edgec tvm luc-w4-s30": ("tvm", "recipes/luc-w4-s30.yaml", ()),
     "edgec onnx w4": ("onnx", "recipes/w4.yaml", ()),
     "edgec tvm w4": ("tvm", "recipes/w4.yaml", ()),
-    "edgec onnx luc-w4-s30 int8": ("onnx", "recipes/luc-w4-s30.yaml", INT8),
     "edgec tvm luc-w4-s30 int8": ("tvm", "recipes/luc-w4-s30.yaml", INT8),
-    "edgec onnx w4 int8": ("onnx", "recipes/w4.yaml", INT8),
     "edgec tvm w4 int8": ("tvm", "recipes/w4.yaml", INT8),
 }
 # Row -> benchmarks/ort_quantized.py kind, applied to the dense "edgec onnx" artifact.
@@ -236,7 +246,7 @@ GROUPS = {
     "fp32": ["edgec onnx", "edgec tvm", "torch eager"],
     "luc": ["edgec onnx luc-w4-s30", "edgec tvm luc-w4-s30"],
     "w4": ["edgec onnx w4", "edgec tvm w4"],
-    "int8": ["edgec onnx luc-w4-s30 int8", "edgec tvm luc-w4-s30 int8", "edgec onnx w4 int8", "edgec tvm w4 int8"],
+    "int8": ["edgec tvm luc-w4-s30 int8", "edgec tvm w4 int8"],
     "ort-quantizers": list(ORT_ROWS),
 }
 FP32_ROWS = set(GROUPS["fp32"])
@@ -300,7 +310,8 @@ def main() -> None:
             results[name] = (*timings, step_bytes, ppl)
             del runtime
         if args.llama_cpp:
-            results.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens, args.runs))
+            results.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens, args.runs,
+                                          handle.tokenizer, args.ppl_tokens))
         base_prefill, base_rates, base_tokens, _, _ = results["edgec onnx"]
         for name, (prefill_ms, rates, tokens, step_bytes, ppl) in results.items():
             streamed = step_bytes * rates[short] / 1e9

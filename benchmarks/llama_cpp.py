@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -52,19 +53,31 @@ def source_tree() -> Path:
     return tree
 
 
-def llama_bench() -> Path:
-    """The llama-bench binary, built for this machine's CPU (GGML_NATIVE) on first use."""
+def llama_tool(name: str = "llama-bench") -> Path:
+    """A llama.cpp program (llama-bench, llama-perplexity), built for this machine's CPU
+    (GGML_NATIVE) on first use."""
     tree = source_tree()
     build = tree.parent / "build"
-    binary = build / "bin" / "llama-bench"
+    binary = build / "bin" / name
     if binary.is_file():
         return binary
-    print("llama.cpp: building llama-bench (cmake, a few minutes)", file=sys.stderr)
+    print(f"llama.cpp: building {name} (cmake, a few minutes)", file=sys.stderr)
     _run(["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
           "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
          "cmake configure")
-    _run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(os.cpu_count() or 2)], "cmake build")
+    _run(["cmake", "--build", str(build), "--target", name, "-j", str(os.cpu_count() or 2)], "cmake build")
     return binary
+
+
+def perplexity(gguf: Path, text: Path, context: int, threads: int) -> float:
+    """llama-perplexity's final estimate on `text` in chunks of `context` tokens (it scores
+    the second half of each chunk): llama.cpp's own metric, not edgec's windows."""
+    out = _run([str(llama_tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", str(context),
+                "-b", str(context), "-t", str(threads)], f"llama-perplexity on {gguf}")
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    if found is None:
+        raise SystemExit(f"llama-perplexity on {gguf}: no final estimate in its output")
+    return float(found.group(1))
 
 
 def f32_gguf(source: Path, out: Path) -> Path:
@@ -98,12 +111,12 @@ def f32_gguf(source: Path, out: Path) -> Path:
 def bench(gguf: Path, prompt_len: int, contexts: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
     """Prefill ms of `prompt_len` tokens and decode tokens/s of `new_tokens` after each
     context depth, as llama-bench measures them (its mean over `runs` repetitions)."""
-    out = _run([str(llama_bench()), "-m", str(gguf), "-p", str(prompt_len), "-n", "0", "-t", str(threads),
+    out = _run([str(llama_tool()), "-m", str(gguf), "-p", str(prompt_len), "-n", "0", "-t", str(threads),
                 "-r", str(runs), "-o", "json"], f"llama-bench prefill on {gguf}")
     prefill = json.loads(out)[0]
     decode: dict[str, float] = {}
     for depth in contexts:
-        out = _run([str(llama_bench()), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-d", str(depth),
+        out = _run([str(llama_tool()), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-d", str(depth),
                     "-t", str(threads), "-r", str(runs), "-o", "json"], f"llama-bench decode at depth {depth} on {gguf}")
         decode[str(depth)] = float(json.loads(out)[0]["avg_ts"])
     return {
