@@ -157,6 +157,8 @@ def build(
         own = (entry_targets or {}).get(entry.name, target)
         own_tvm = tvm_target if own is target else _tvm_target(own)
         dot = _dot_isa(tuning, own_tvm, dtype, record)
+        if tuning is not None and tuning.activations == "int8" and dot is None:
+            progress(f"tvm: {entry.name}: {record['activations']['why']}")
         progress(f"tvm: import {entry.name}")
         if entry.onnx_model is not None:
             from tvm.relax.frontend.onnx import from_onnx

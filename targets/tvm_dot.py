@@ -7,8 +7,10 @@ After (`schedule.activations: int8`): the input rows are quantized to int8 per g
 `group` inputs (llama.cpp's Q8 activations: a float scale max|x|/127 and the exact float
 sum of the group), and each group of each output is one integer dot product of its
 codes with those int8 inputs -- AVX-512 VNNI `vpdpbusd` (64 byte products per
-instruction) or Arm `sdot` -- then the group adds scale * x_scale * dot plus the x_sum times its offset (or zero
-point times scale). Codes are never converted to float.
+instruction) or Arm `sdot` -- then the group adds scale * x_scale * dot plus x_sum times
+its offset (or times its zero point's share). Codes are never converted to float.
+Measured on SmolLM2-135M at 4 bits (README, CPU latency): about 2x the decode speed of
+the float kernel, perplexity +1.7%.
 
 Weight layout, chosen at compile time (the transform on parameters runs once, in
 LiftTransformParams): tiles of `lanes` outputs (one int32 vector of accumulators),
@@ -105,14 +107,14 @@ def qlinear_dot_func(
 ) -> tirx.PrimFunc:
     """y[R, N] = x[R, K] @ W^T from tiles (tiles_te) and the transposed [K/group, N]
     scales and zeros (float zeros: the offset grid's offsets; None: symmetric, and the
-    zeros parameter is never read -- pass the scales); R symbolic. Marked scheduled: it is its own schedule.
+    zeros parameter is never read -- pass the scales); R symbolic. Marked scheduled: it
+    is its own schedule. At 4 bits the high nibbles hold inputs 4-7 of each 8 (tiles_te).
 
     With codes c stored minus b (DotIsa.code_bias), a group adds
     scale * (x_scale * dot + (b - zero) * x_sum), or on the offset grid (below 8 bits,
     b = 0) scale * x_scale * dot + offset * x_sum."""
     lanes, step = isa.lanes, inputs_per_byte_row(bits)
     tiles, rows_per_group, groups = outputs // lanes, group // step, inputs // group
-    half = step // 2 if bits == 4 else step  # inputs per instruction and lane: 4
     ivec, fvec, bvec = f"int32x{lanes}", f"float32x{lanes}", f"int8x{lanes * 4}"
     four_bit, offset_grid = bits == 4, zeros_dtype is not None and "float" in zeros_dtype
     symmetric_shift = float(isa.code_bias(bits) - (1 << (bits - 1)))
@@ -171,7 +173,7 @@ def qlinear_dot_func(
                                 T.llvm_lookup_intrinsic_id(isa.intrinsic),
                                 dot[T.ramp(0, 1, lanes)],
                                 T.reinterpret(bvec, packed >> T.broadcast(T.uint8(4), lanes * 4)),
-                                T.reinterpret(bvec, T.broadcast(T.reinterpret("int32", xq[r, T.ramp(k0 + half, 1, 4)]), lanes)),
+                                T.reinterpret(bvec, T.broadcast(T.reinterpret("int32", xq[r, T.ramp(k0 + 4, 1, 4)]), lanes)),
                                 dtype=ivec,
                             )
                         else:

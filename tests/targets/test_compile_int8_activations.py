@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from edgec.cli import app
 from edgec.targets.registry import host_mcpu
 from edgec.targets.tvm_dot import dot_isa
+from tests.targets.test_compile_luc import compile_json
 
 pytestmark = pytest.mark.compile
 runner = CliRunner()
@@ -38,12 +39,6 @@ passes:
 # tiny-lm: 6 layers of hidden 256 / MLP 688, 4 KV heads of 32, vocab 4096 (tied).
 LAYERS, HIDDEN, MLP, KV, VOCAB = 6, 256, 688, 128, 4096
 HAS_VNNI = dot_isa(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})) is not None
-
-
-def compile_json(recipe: Path, out: Path, *args: str) -> dict:
-    result = runner.invoke(app, ["compile", "zoo:tiny-lm", "--recipe", str(recipe), "-o", str(out), "--json", *args])
-    assert result.exit_code == 0, result.output + result.stderr
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
