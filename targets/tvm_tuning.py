@@ -35,7 +35,7 @@ from tvm.target import Target
 
 from edgec.cache import cache_root, locked
 from edgec.progress import advance
-from edgec.targets.tvm_schedule import CpuScheduleConfig, schedule_prim_func, workload_key
+from edgec.targets.tvm_schedule import CpuScheduleConfig, _is_scheduled, schedule_prim_func, workload_key
 
 DATABASE_VERSION = 2  # 2: packed workloads try the inlined decode within the first trials
 
@@ -234,7 +234,7 @@ def tune(
     kernels: list[dict[str, Any]] = []
     workloads: dict[str, tuple[str, tirx.PrimFunc]] = {}
     for gvar, func in fused.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
+        if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
             continue  # a kernel that is its own schedule (tvm_dot): nothing to choose
         key = workload_key(func)
         if key not in workloads:
