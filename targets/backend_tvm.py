@@ -57,10 +57,22 @@ def _compile(mod: Any, entry: ExportedEntry, tvm_target: Any, tuning: Any, targe
     if tuning is not None:
         chosen, tuning_record = _tune(fused, entry.rows_per_call, tuning, target, tvm_target, runner, progress)
         record.setdefault("tuning", {})[entry.name] = tuning_record
-    scheduled = schedule_fused(fused, tvm_target, chosen)
+    scheduled = schedule_fused(fused, tvm_target, chosen, _step_batch_vars(mod, entry))
     record.setdefault("schedules", {})[entry.name] = _count_rules(schedule_report(scheduled))
     record.setdefault("float_tensor_shapes", {})[entry.name] = float_tensor_shapes(scheduled)
     return tvm.compile(scheduled, tvm_target, relax_pipeline=finish_pipeline(tvm_target))
+
+
+def _step_batch_vars(mod: Any, entry: ExportedEntry) -> frozenset[str]:
+    """An entry of one row per call (a decode step): the symbolic sizes of its first input
+    (the batch of input_ids [B, 1]), which are 1 in practice, so that the schedules know
+    which kernels are small (tvm_schedule.touches_few_elements). Others: none."""
+    if entry.rows_per_call != 1:
+        return frozenset()
+    from tvm import tirx
+
+    shape = mod["main"].params[0].ty.shape
+    return frozenset(dim.name for dim in getattr(shape, "values", []) if isinstance(dim, tirx.Var))
 
 
 def _refused_as_unsupported(entry: ExportedEntry, stage: str, work: Callable[[], Any]) -> Any:
@@ -169,7 +181,8 @@ def build(
         else:
             try:
                 mod = from_exported_program(entry.program, keep_params_as_input=True,
-                                            custom_convert_map={**convert_map(nm_kernels, dot), **sparse_convert_map()})
+                                            custom_convert_map={**convert_map(nm_kernels, dot, not entry.shares_weights),
+                                                                **sparse_convert_map()})
             except AssertionError as exc:  # the torch importer's word for an operator it lacks
                 if "Unsupported function type" not in str(exc):
                     raise
@@ -182,7 +195,9 @@ def build(
         if dot is not None:
             from edgec.targets.tvm_dot import dot_calls
 
-            record["activations"].setdefault("dot_linears", {})[entry.name] = dot_calls(mod)
+            linears, kernels = dot_calls(mod)
+            record["activations"].setdefault("dot_linears", {})[entry.name] = linears
+            record["activations"].setdefault("dot_kernels", {})[entry.name] = kernels
         # Decode steps, where the copies cost a pass over the cache on every token. Prefill
         # keeps its broadcast copies (one per layer and prompt) until measured both ways.
         if own_tvm.kind.name == "llvm" and entry.rows_per_call == 1:

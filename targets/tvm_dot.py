@@ -37,6 +37,8 @@ from edgec.packing import PLANE_WIDTHS
 # Bit widths with a dot-product kernel: one plane of 4- or 8-bit fields.
 DOT_BITS = (4, 8)
 RULE = "int8-dot"
+# How many linears one dot kernel computes (q, k and v reading one input: one kernel).
+LINEARS_ATTR = "edgec.dot_linears"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,8 @@ def tiles_te(plane: te.Tensor, bits: int, isa: DotIsa) -> te.Tensor:
 
 
 def qlinear_dot_func(
-    isa: DotIsa, bits: int, group: int, outputs: int, inputs: int, scale_dtype: str, zeros_dtype: str | None
+    isa: DotIsa, bits: int, group: int, outputs: int, inputs: int, scale_dtype: str, zeros_dtype: str | None,
+    linears: int = 1,
 ) -> tirx.PrimFunc:
     """y[R, N] = x[R, K] @ W^T from tiles (tiles_te) and the transposed [K/group, N]
     scales and zeros (float zeros: the offset grid's offsets; None: symmetric, and the
@@ -112,7 +115,8 @@ def qlinear_dot_func(
 
     With codes c stored minus b (DotIsa.code_bias), a group adds
     scale * (x_scale * dot + (b - zero) * x_sum), or on the offset grid (below 8 bits,
-    b = 0) scale * x_scale * dot + offset * x_sum."""
+    b = 0) scale * x_scale * dot + offset * x_sum. `linears`: how many linears' tiles are
+    concatenated along N (recorded for `dot_calls`)."""
     lanes, step = isa.lanes, inputs_per_byte_row(bits)
     tiles, rows_per_group, groups = outputs // lanes, group // step, inputs // group
     ivec, fvec, bvec = f"int32x{lanes}", f"float32x{lanes}", f"int8x{lanes * 4}"
@@ -128,7 +132,7 @@ def qlinear_dot_func(
         zeros: T.Buffer((groups, outputs), zeros_dtype or scale_dtype),
         y_h: T.handle,
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "edgec.schedule_rule": RULE})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "edgec.schedule_rule": RULE, LINEARS_ATTR: linears})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, inputs), "float32")
         y = T.match_buffer(y_h, (rows, outputs), "float32")
@@ -137,8 +141,8 @@ def qlinear_dot_func(
         x_sum = T.alloc_buffer((rows, groups), "float32")
         # Quantize each row per group: cheap (K per row) and serial, before the parallel loop.
         for r, g in T.grid(rows, groups):
-            peak = T.alloc_buffer((1,), "float32", scope="local")
-            total = T.alloc_buffer((1,), "int32", scope="local")
+            peak = T.alloc_buffer((1,), "float32")
+            total = T.alloc_buffer((1,), "int32")
             peak[0] = T.float32(0)
             total[0] = 0
             for k in range(group):
@@ -157,8 +161,8 @@ def qlinear_dot_func(
             x_sum[r, g] = T.Cast("float32", total[0]) * x_scale[r, g]
         for tile in T.parallel(tiles):
             for r in range(rows):
-                acc = T.alloc_buffer((lanes,), "float32", scope="local")
-                dot = T.alloc_buffer((lanes,), "int32", scope="local")
+                acc = T.alloc_buffer((lanes,), "float32")
+                dot = T.alloc_buffer((lanes,), "int32")
                 acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
                 for g in range(groups):
                     dot[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
@@ -233,49 +237,97 @@ def qembedding_tiles_te(ids: te.Tensor, tiles: te.Tensor, scales: te.Tensor, zer
     return te.compute((*ids.shape, hidden), _row, name="embedding_decode")
 
 
-def dot_calls(mod: Any) -> int:
-    """How many linears of a Relax module's main call a dot kernel."""
+def dot_calls(mod: Any) -> tuple[int, int]:
+    """(linears, kernel calls) of a Relax module's main on dot kernels: a fused kernel
+    is one call computing several linears."""
     from tvm import relax
 
-    kernels = {gv for gv, func in mod.functions_items()
+    linears = {gv: int(func.attrs.get(LINEARS_ATTR, 1)) for gv, func in mod.functions_items()
                if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get("edgec.schedule_rule") == RULE}
-    calls: list[Any] = []
-    relax.analysis.post_order_visit(
-        mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) and any(a.same_as(k) for a in e.args[:1] for k in kernels) else None)
-    return len(calls)
+    counted: list[int] = []
+
+    def _visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call):
+            counted.extend(n for gv, n in linears.items() for a in expr.args[:1] if a.same_as(gv))
+
+    relax.analysis.post_order_visit(mod["main"], _visit)
+    return sum(counted), len(counted)
 
 
 def _shape(node_arg: Any) -> list[int]:
     return [int(d) for d in node_arg.meta["val"].shape]
 
 
-def dot_converters(isa: DotIsa, fallback: dict[str, Callable[[Any, Any], Any]]) -> dict[str, Callable[[Any, Any], Any]]:
+def _linear_kind(node: Any, isa: DotIsa) -> tuple[Any, ...] | None:
+    """What must match for linears to share one dot kernel (input, bits, group, grid,
+    dtypes), or None where this qlinear node has no dot kernel (`fits`)."""
+    x, plane0, plane1, scales, zeros, _bias, bits, group = node.args
+    outputs, inputs = _shape(plane0)[0], _shape(x)[-1]
+    if plane1 is not None or str(x.meta["val"].dtype) != "torch.float32" or not fits(isa, bits, group, outputs, inputs):
+        return None
+    zeros_dtype = None if zeros is None else str(zeros.meta["val"].dtype)
+    return (x, bits, group, inputs, str(scales.meta["val"].dtype), zeros_dtype)
+
+
+def dot_converters(isa: DotIsa, fallback: dict[str, Callable[[Any, Any], Any]],
+                   fuse: bool = True) -> dict[str, Callable[[Any, Any], Any]]:
     """qlinear / qembedding converters that use the dot kernel and tiles where the layer
     fits (`fits`), else `fallback`'s float kernels; an embedding uses the tiles whenever
-    its table fits, so a tied lm_head and embedding read one stored table."""
+    its table fits, so a tied lm_head and embedding read one stored table.
+
+    With `fuse`, the linears that read one input with one grid (q, k, v; gate, up) are
+    one kernel over their concatenated tiles: the input is quantized once and the thread
+    pool starts once (decode: 121 kernels a SmolLM2 step instead of 211), and each
+    linear's output is a slice that fuses into its consumer. The concatenation is a
+    weight transform, done once at compile time; entries that share stored weights
+    with others (`--subnet all`) would redo it per call, so they pass fuse=False."""
     from tvm import relax
 
+    done: dict[Any, Any] = {}  # later linears of a fused kernel -> their output
+
     def qlinear(node: Any, importer: Any) -> Any:
-        x, plane0, plane1, _scales, zeros, _bias, bits, group = node.args
-        outputs, inputs = _shape(plane0)[0], _shape(x)[-1]
-        if plane1 is not None or str(x.meta["val"].dtype) != "torch.float32" or not fits(isa, bits, group, outputs, inputs):
+        if node in done:
+            return done.pop(node)
+        kind = _linear_kind(node, isa)
+        if kind is None:
             return fallback["qlinear.default"](node, importer)
+        members = [node]
+        if fuse:
+            members += [user for user in node.args[0].users
+                        if user is not node and user.target == node.target and user.args[0] is node.args[0]
+                        and _linear_kind(user, isa) == kind]
         builder = importer.block_builder
-        x_v, plane_v, _, scales_v, zeros_v, bias_v = importer.retrieve_args(node)[:6]
-        tiles = builder.emit_te(lambda plane: tiles_te(plane, bits, isa), plane_v, primfunc_name_hint="dot_tiles")
-        scales_t = builder.emit(relax.op.permute_dims(scales_v, [1, 0]))
-        zeros_t = scales_t if zeros_v is None else builder.emit(relax.op.permute_dims(zeros_v, [1, 0]))
+        _, bits, group, inputs, _, _ = kind
+        args = [importer.retrieve_args(member)[:6] for member in members]
+        scale_dtype = str(args[0][3].ty.dtype)
+        zeros_dtype = None if args[0][4] is None else str(args[0][4].ty.dtype)
+        widths = [_shape(member.args[1])[0] for member in members]
+
+        def _joined(values: list[Any], axis: int) -> Any:
+            return values[0] if len(values) == 1 else builder.emit(relax.op.concat(values, axis=axis))
+
+        tiles = _joined([builder.emit_te(lambda plane: tiles_te(plane, bits, isa), a[1], primfunc_name_hint="dot_tiles")
+                         for a in args], 0)
+        scales_t = _joined([builder.emit(relax.op.permute_dims(a[3], [1, 0])) for a in args], 1)
+        zeros_t = scales_t if zeros_dtype is None else _joined([builder.emit(relax.op.permute_dims(a[4], [1, 0])) for a in args], 1)
+        x_v = args[0][0]
         lead = list(x_v.ty.shape.values)[:-1]
         rows = lead[0]
         for size in lead[1:]:
             rows = rows * size
         flat = builder.emit(relax.op.reshape(x_v, [rows, inputs]))
-        kernel = qlinear_dot_func(isa, bits, group, outputs, inputs, str(scales_v.ty.dtype),
-                                  None if zeros_v is None else str(zeros_v.ty.dtype))
+        total = sum(widths)
+        kernel = qlinear_dot_func(isa, bits, group, total, inputs, scale_dtype, zeros_dtype, linears=len(members))
         out = builder.emit(relax.call_tir(builder.add_func(kernel, "qlinear_dot"), [flat, tiles, scales_t, zeros_t],
-                                          relax.TensorType([rows, outputs], "float32")))
-        out = builder.emit(relax.op.reshape(out, [*lead, outputs]))
-        return out if bias_v is None else builder.emit(relax.op.add(out, bias_v))
+                                          relax.TensorType([rows, total], "float32")))
+        begin = 0
+        for member, width, (_, _, _, _, _, bias_v) in zip(members, widths, args):
+            part = out if len(members) == 1 else builder.emit(
+                relax.op.strided_slice(out, axes=[1], begin=[begin], end=[begin + width]))
+            part = builder.emit(relax.op.reshape(part, [*lead, width]))
+            done[member] = part if bias_v is None else builder.emit(relax.op.add(part, bias_v))
+            begin += width
+        return done.pop(node)
 
     def qembedding(node: Any, importer: Any) -> Any:
         _ids, plane0, plane1, _scales, _zeros, bits, group = node.args

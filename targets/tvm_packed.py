@@ -244,11 +244,13 @@ def nm_kernel_args(node: Any, rows: Any) -> tuple[list[te.Tensor], list[Any]]:
     return [inputs, *packed, placeholder(bias, "bias", False)], [bits, group, keep, span]
 
 
-def convert_map(nm_kernels: dict[str, str] | None = None, dot: Any = None) -> dict[str, Callable[[Any, Any], relax.Var]]:
+def convert_map(nm_kernels: dict[str, str] | None = None, dot: Any = None,
+                fuse_linears: bool = True) -> dict[str, Callable[[Any, Any], relax.Var]]:
     """The custom converters; `nm_kernels` picks the kernel ("decode" or "sparse") per
     N:M workload (nm_workload), as the schedule pass measured; default decode. `dot`
     (a tvm_dot.DotIsa): int8 activations and integer dot products for the linears and
-    embeddings that fit (targets/tvm_dot.py)."""
+    embeddings that fit (targets/tvm_dot.py), linears of one input fused unless
+    `fuse_linears` is False."""
     chosen = nm_kernels or {}
     converters = {
         # qlinear(x, plane0, plane1, scales, zeros, bias, bits, group)
@@ -264,4 +266,4 @@ def convert_map(nm_kernels: dict[str, str] | None = None, dot: Any = None) -> di
         return converters
     from edgec.targets.tvm_dot import dot_converters
 
-    return dot_converters(dot, converters)
+    return dot_converters(dot, converters, fuse=fuse_linears)

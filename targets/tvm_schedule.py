@@ -50,6 +50,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from tvm.target import Target
+from tvm.sym import Analyzer
 from tvm.target.codegen import llvm_get_cpu_features, llvm_get_vector_width
 
 from edgec.errors import was_interrupted
@@ -98,6 +99,9 @@ class CpuScheduleConfig:
     tile_vectors: int = 2
     # Packed weights: decode a [K, cols] panel per column tile (True) or inline the decode.
     panel: bool = True
+    # Elementwise and row-reduction kernels left serial (set per kernel by
+    # schedule_prim_func for kernels that touch few elements; see SERIAL_ELEMENTS).
+    serial: bool = False
 
     @staticmethod
     def from_target(target: Target) -> CpuScheduleConfig:
@@ -255,12 +259,17 @@ def _contiguous_read_axis(sch: s_tir.Schedule, block: SBlockRV) -> int | None:
     return None
 
 
-def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> bool:
-    """Parallel outer loops + vectorized inner loop for one injective block.
+def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int, serial: bool = False) -> bool:
+    """Parallel outer loops (serial: fused only) + vectorized inner loop for one injective block.
 
     Returns whether a loop was vectorized by TVM (False: rows only, inner loop
     left to LLVM). Assumes one loop per block iterator (trivial bindings).
     """
+
+    def _parallel(loop: LoopRV) -> None:
+        if not serial:
+            sch.parallel(loop)
+
     loops = sch.get_loops(block)
     if not loops:
         return False
@@ -283,12 +292,12 @@ def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int) 
             rest = [loop for i, loop in enumerate(loops[:-1]) if i != read_axis]
             sch.reorder(*rest, src_outer, dst_outer, src_inner, dst_inner)
             sch.vectorize(dst_inner)
-            sch.parallel(_fuse(sch, [*rest, src_outer, dst_outer]))
+            _parallel(_fuse(sch, [*rest, src_outer, dst_outer]))
             return True
         rest = [loop for i, loop in enumerate(loops) if i != read_axis]
         sch.reorder(*rest, src_outer, src_inner)
         sch.vectorize(src_inner)
-        sch.parallel(_fuse(sch, [*rest, src_outer]))
+        _parallel(_fuse(sch, [*rest, src_outer]))
         return True
 
     if inner_extent is not None and _vector_factor(inner_extent, lanes) > 1:
@@ -300,14 +309,14 @@ def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int) 
             vec, outer_loops = inner, list(loops[:-1])
         sch.vectorize(vec)
         if outer_loops:
-            sch.parallel(_fuse(sch, outer_loops))
+            _parallel(_fuse(sch, outer_loops))
         return True
 
     # Symbolic (or odd) innermost axis: parallel rows, plain inner loop.
     if len(loops) > 1:
-        sch.parallel(_fuse(sch, loops[:-1]))
+        _parallel(_fuse(sch, loops[:-1]))
     else:
-        sch.parallel(inner)
+        _parallel(inner)
     return False
 
 
@@ -657,19 +666,30 @@ def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) 
     factored = _factor_reductions(sch, infos, lanes) if rfactor else []
 
     out_loops = sch.get_loops(out)
-    row = _fuse(sch, out_loops[:rows])
+    shared = list(out_loops[:rows])
+    # A symbolic innermost row axis under static ones (a decode step's scores over the
+    # context, a prefill's query positions) stays a serial loop inside the parallel one:
+    # fused into it, every iteration recovered its indices with divisions by the
+    # symbolic extent, most of SmolLM2's decode attention at 1,024 tokens of context.
+    inner = None
+    if len(shared) > 1 and _static_extent(sch, shared[-1]) is None and any(
+        _static_extent(sch, loop) is not None for loop in shared[:-1]
+    ):
+        inner = shared.pop()
+    row = _fuse(sch, shared)
     if len(out_loops) > rows + 1:
         sch.fuse(*out_loops[rows:])
     # An output block that is itself the reduction (a row of dot products) keeps its
     # reduced loop serial: only its rfactor partials are vectorized.
     if len(out_loops) > rows and _leading_spatial_count(sch, out) == len(sch.get(out).iter_vars):
         _vectorize_inner(sch, out, lanes)
-    sch.parallel(row)
+    if not cfg.serial:
+        sch.parallel(row)
 
     # Every other block is computed per row: intermediates shrink to one row.
     others = [b for b in sch.get_child_blocks(_root(sch)) if not _same(sch, b, out)]
     for block in reversed(others):
-        sch.compute_at(block, row, preserve_unit_loops=True)
+        sch.compute_at(block, row if inner is None else inner, preserve_unit_loops=True)
     for block in others:
         if any(_same(sch, block, f) for f in factored):
             sch.vectorize(sch.get_loops(block)[-1])
@@ -705,13 +725,14 @@ def _injective_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     vectorized = True
     for block in blocks:
         lanes = cfg.lanes(_output_dtype(sch, block))
-        vectorized = _schedule_injective_block(sch, block, lanes) and vectorized
+        vectorized = _schedule_injective_block(sch, block, lanes, cfg.serial) and vectorized
     return "injective" if vectorized else "injective-rows"
 
 
 def _parallel_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
     """Make the outer spatial loops of every top-level loop nest parallel, where legal."""
-    del cfg  # the fallback needs no target facts
+    if cfg.serial:
+        return "serial"
     applied = False
     for block in sch.get_child_blocks(_root(sch)):
         loops = sch.get_loops(block)
@@ -750,10 +771,49 @@ def _candidate_rules(func: tirx.PrimFunc) -> list[_Rule]:
     ]
 
 
+# A parallel loop wakes TVM's thread pool, whose threads yield to the OS while they
+# wait: about 1-3 us a launch on a 2-vCPU VM, more than a serial vectorized loop over
+# a few thousand floats takes. A decode step of SmolLM2 runs ~600 such kernels (norms,
+# rotary, activations, residual adds over one token's 576 or 1,536 values).
+SERIAL_ELEMENTS = 16384
+
+
+def touches_few_elements(func: tirx.PrimFunc, small_vars: frozenset[str]) -> bool:
+    """Whether `func`'s parameter buffers hold at most SERIAL_ELEMENTS values in all,
+    with the symbolic sizes named in `small_vars` at 1 (a decode step's batch); any
+    other symbolic size (the context) counts as large."""
+    if not small_vars:
+        return False
+    analyzer = Analyzer()
+    total = 0
+    for param in func.params:
+        shape = getattr(param, "shape", None)
+        if shape is None:
+            continue
+        size = tirx.const(1, "int64")
+        for dim in shape:
+            size = size * dim
+        free: list[tirx.Var] = []
+        tvm_ffi.structural_walk(size, ((tirx.Var, free.append),))
+        for var in free:
+            if var.name in small_vars:
+                analyzer.bind(var, 1)
+        size = analyzer.simplify(size)
+        if not isinstance(size, tirx.IntImm):
+            return False
+        total += int(size)
+    return total <= SERIAL_ELEMENTS
+
+
 def schedule_prim_func(
-    func: tirx.PrimFunc, config: CpuScheduleConfig
+    func: tirx.PrimFunc, config: CpuScheduleConfig, small_vars: frozenset[str] = frozenset()
 ) -> tuple[tirx.PrimFunc, str]:
-    """Schedule one PrimFunc with the first rule that applies; return it and the rule."""
+    """Schedule one PrimFunc with the first rule that applies; return it and the rule.
+    A kernel that touches few elements with `small_vars` at 1 (touches_few_elements)
+    gets serial loops from the elementwise and row-reduction rules ("+serial")."""
+    serial = touches_few_elements(func, small_vars)
+    if serial:
+        config = dataclasses.replace(config, serial=True)
     for rule in _candidate_rules(func):
         sch = s_tir.Schedule(func)
         try:
@@ -765,6 +825,8 @@ def schedule_prim_func(
                 raise KeyboardInterrupt from None
             _LOG.debug("%s does not apply: %s", rule.__name__, err)
             continue
+        if serial and not name.startswith(("matmul", "sparse")) and name != "serial":
+            name += "+serial"
         scheduled = sch.mod["main"].with_attr(RULE_ATTR, name)
         return scheduled.with_attr(_SCHEDULED_ATTR, True), name
     return func.with_attr(RULE_ATTR, "none"), "none"
@@ -783,9 +845,11 @@ def workload_key(func: tirx.PrimFunc) -> str:
     return f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def schedule_cpu_funcs(target: Target, chosen: dict[str, CpuScheduleConfig] | None = None) -> tvm.transform.Pass:
+def schedule_cpu_funcs(target: Target, chosen: dict[str, CpuScheduleConfig] | None = None,
+                       small_vars: frozenset[str] = frozenset()) -> tvm.transform.Pass:
     """Module pass: schedule every PrimFunc not marked ``tirx.is_scheduled``; a function
-    whose workload_key is in ``chosen`` (tuning results) gets that config."""
+    whose workload_key is in ``chosen`` (tuning results) gets that config. `small_vars`:
+    symbolic sizes that are 1 in practice (a decode step's batch; schedule_prim_func)."""
     config = CpuScheduleConfig.from_target(target)
     chosen = chosen or {}
 
@@ -794,7 +858,7 @@ def schedule_cpu_funcs(target: Target, chosen: dict[str, CpuScheduleConfig] | No
         updates: dict[tvm.ir.GlobalVar, tirx.PrimFunc] = {}
         for gvar, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-                scheduled, rule = schedule_prim_func(func, chosen.get(workload_key(func), config))
+                scheduled, rule = schedule_prim_func(func, chosen.get(workload_key(func), config), small_vars)
                 _LOG.debug("%s: %s", gvar.name_hint, rule)
                 updates[gvar] = scheduled
         for gvar, func in updates.items():
@@ -865,10 +929,11 @@ def scheduled_module(mod: IRModule, target: Target) -> IRModule:
     return schedule_fused(fused_module(mod, target), target)
 
 
-def schedule_fused(fused: IRModule, target: Target, chosen: dict[str, CpuScheduleConfig] | None = None) -> IRModule:
+def schedule_fused(fused: IRModule, target: Target, chosen: dict[str, CpuScheduleConfig] | None = None,
+                   small_vars: frozenset[str] = frozenset()) -> IRModule:
     """Schedule a ``fused_module`` (so tuning and the build share one fusion run)."""
     with target:
-        return schedule_cpu_funcs(target, chosen)(fused)
+        return schedule_cpu_funcs(target, chosen, small_vars)(fused)
 
 
 # ---------------------------------------------------------------------------- reports

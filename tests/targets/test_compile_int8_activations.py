@@ -60,13 +60,16 @@ def test_every_linear_that_fits_runs_on_the_dot_kernel_with_one_stored_table(bui
     out, _ = built["tvm"]
     record = json.loads((out / "manifest.json").read_text())["backend_record"]["activations"]
     # Per layer q, k, v, o, gate, up; not down, whose 688 inputs end in a ragged group;
-    # plus the tied lm_head (8 bits).
-    assert record == {"requested": "int8", "isa": "avx512-vnni", "dot_linears": {"prefill": LAYERS * 6 + 1, "decode": LAYERS * 6 + 1}}
+    # plus the tied lm_head (8 bits). q, k, v share one kernel, gate and up another.
+    linears, kernels = LAYERS * 6 + 1, LAYERS * 3 + 1
+    assert record == {"requested": "int8", "isa": "avx512-vnni", "dot_linears": {"prefill": linears, "decode": linears},
+                      "dot_kernels": {"prefill": kernels, "decode": kernels}}
     with safe_open(str(out / "model" / "params.safetensors"), "numpy") as params:
         shapes = [tuple(params.get_slice(name).get_shape()) for name in params.keys()]
-    # Tiles of 16 outputs x 8 inputs (4 bits) / 4 inputs (8 bits), 64 bytes each.
-    tiles = {(HIDDEN // 16, HIDDEN // 8, 64): 2 * LAYERS, (KV // 16, HIDDEN // 8, 64): 2 * LAYERS,
-             (MLP // 16, HIDDEN // 8, 64): 2 * LAYERS, (VOCAB // 16, HIDDEN // 4, 64): 1}
+    # Tiles of 16 outputs x 8 inputs (4 bits) / 4 inputs (8 bits), 64 bytes each; a fused
+    # kernel's tiles concatenated (q, k, v: HIDDEN + 2 KV outputs; gate, up: 2 MLP).
+    tiles = {((HIDDEN + 2 * KV) // 16, HIDDEN // 8, 64): LAYERS, (HIDDEN // 16, HIDDEN // 8, 64): LAYERS,
+             (2 * MLP // 16, HIDDEN // 8, 64): LAYERS, (VOCAB // 16, HIDDEN // 4, 64): 1}
     assert {shape: shapes.count(shape) for shape in tiles} == tiles
     # The 8-bit table once, as tiles: no [HIDDEN, VOCAB] transposed copy for a float kernel.
     assert [s for s in shapes if math.prod(s) == VOCAB * HIDDEN] == [(VOCAB // 16, HIDDEN // 4, 64)]

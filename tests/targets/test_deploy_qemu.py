@@ -72,7 +72,8 @@ def test_rpi5_int8_activations_use_sdot_and_pass_parity_on_the_emulated_device(t
                                  "--set", "schedule.activations=int8", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     record = json.loads((out / "manifest.json").read_text())["backend_record"]["activations"]
-    assert record["isa"] == "neon-dotprod" and record["dot_linears"]["decode"] == 37  # 6 of 7 linears x 6 layers + lm_head
+    # 6 of 7 linears x 6 layers + lm_head, on 3 kernels a layer (q/k/v and gate/up fused) + lm_head.
+    assert record["isa"] == "neon-dotprod" and record["dot_linears"]["decode"] == 37 and record["dot_kernels"]["decode"] == 19
     kernels = {name: body for name, body in kernel_listings(out / "model" / "decode.so").items()
                if "qlinear_dot" in name and "compute_" in name}
     assert len(kernels) >= 4 and all(re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", body) for body in kernels.values())

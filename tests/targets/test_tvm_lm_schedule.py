@@ -58,3 +58,34 @@ def test_the_exported_decode_program_broadcasts_the_kv_cache_instead_of_repeatin
     assert any("matmul" in op for op, _ in grows), ops  # attention over the cache is there
     copies = [(op, shape) for op, shape in grows if "expand" in op or "repeat" in op]
     assert not copies, copies
+
+
+def test_decode_kernels_over_one_token_run_serial_and_those_over_the_context_parallel() -> None:
+    """A decode step's norms, rotary and activations touch one token's values: a thread
+    pool launch costs more than they do, so they are serial; kernels whose size grows
+    with the context (softmax, attention) stay parallel, and prefill keeps every kernel
+    parallel."""
+    from edgec.targets.backend_tvm import _step_batch_vars
+    from edgec.targets.tvm_schedule import fused_module, schedule_fused, touches_few_elements
+
+    handle = ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "0" * 64, module=make_tiny_llama())
+    target = tvm.target.Target(resolve_target("cpu", "tvm").tvm_target)
+    for entry in export_entries(handle):
+        mod, _ = relax.frontend.detach_params(from_exported_program(entry.program, keep_params_as_input=True))
+        small = _step_batch_vars(mod, entry)
+        assert bool(small) == (entry.name == "decode"), (entry.name, small)
+        fused = fused_module(mod, target)
+        scheduled = schedule_fused(fused, target, None, small)
+        report = schedule_report(scheduled)
+        serial = {name for name, rule in report.items() if rule.endswith("+serial") or rule == "serial"}
+        for name, rule in report.items():
+            kinds = loop_kinds(scheduled[name])
+            if name in serial:
+                assert touches_few_elements(fused[name], small) and "parallel" not in kinds, (entry.name, name, kinds)
+            elif not rule.startswith("matmul"):
+                assert "parallel" in kinds and not touches_few_elements(fused[name], small), (entry.name, name, rule)
+        if entry.name == "decode":
+            assert any("rsqrt" in name for name in serial) and any("sigmoid" in name for name in serial), report
+            assert any("softmax" in name for name in report) and not any("softmax" in name for name in serial), report
+        else:
+            assert not serial, report
