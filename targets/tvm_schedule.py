@@ -31,6 +31,9 @@ a ``ScheduleError`` only moves on to the next, simpler rule:
   TVM-vectorized loop with a tail predicate is scalarized by TVM 0.27).
 * ``parallel``: the fallback -- the outer spatial loops made parallel.
 * ``none``: no rule applied; the function stays as TVM legalized it.
+* ``+serial`` (suffix; ``serial`` for the fallback): a decode step's kernel over one
+  token's values (``touches_few_elements`` with the batch at 1) keeps the rule's
+  loops but none parallel: starting the thread pool costs more than such a kernel.
 
 The rule applied is stored in the PrimFunc attribute ``edgec.schedule_rule``
 (read back by ``schedule_report``); ``loop_kinds`` lists a PrimFunc's loop kinds.
@@ -558,7 +561,7 @@ def _sparse_matmul_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig) -> str:
         raise _RuleDoesNotApply("not edgec's sparse kernel")
     block = found[0].block_rv
     _inline_into_consumers(sch, [info.block_rv for info in infos[: infos.index(found[0])]])
-    chain = [sch.cache_write(block, 0, "local")]
+    chain = [sch.cache_write(block, 0, "global")]  # a stack array (see _matmul_rule)
     while len(consumers := sch.get_consumers(chain[-1])) == 1:
         chain.append(consumers[0])
     for item in chain[:-1]:
@@ -696,8 +699,10 @@ def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) 
             # After vectorize (see _matmul_rule): the zero-fill becomes its own loop.
             init = sch.decompose_reduction(block, sch.get_loops(block)[-2])
             sch.vectorize(sch.get_loops(init)[-1])
-            # lanes partial sums per row: keep them off the heap.
-            sch.set_scope(block, 0, "local")
+            # lanes partial sums per row: "global" keeps them off the heap (see _matmul_rule:
+            # TVM 0.27 gives only global buffers under 1 KiB a stack array; a "local" one was
+            # a workspace allocation per row, per score of a decode step's attention).
+            sch.set_scope(block, 0, "global")
         elif _leading_spatial_count(sch, block) == len(sch.get(block).iter_vars):
             _vectorize_inner(sch, block, lanes)
     return "reduction+rfactor" if factored else "reduction"
