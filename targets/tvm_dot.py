@@ -277,8 +277,9 @@ def dot_converters(isa: DotIsa, fallback: dict[str, Callable[[Any, Any], Any]],
 
     With `fuse`, the linears that read one input with one grid (q, k, v; gate, up) are
     one kernel over their concatenated tiles: the input is quantized once and the thread
-    pool starts once (decode: 121 kernels a SmolLM2 step instead of 211), and each
-    linear's output is a slice that fuses into its consumer. The concatenation is a
+    pool starts once (decode: 121 kernels a SmolLM2 step instead of 211); each linear's
+    output is a slice of the kernel's (a copy of one token's values at decode, run
+    serial: tvm_schedule.touches_few_elements). The concatenation is a
     weight transform, done once at compile time; entries that share stored weights
     with others (`--subnet all`) would redo it per call, so they pass fuse=False."""
     from tvm import relax

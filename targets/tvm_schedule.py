@@ -52,8 +52,8 @@ from tvm.ir import IRModule, TensorRegion
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
-from tvm.target import Target
 from tvm.sym import Analyzer
+from tvm.target import Target
 from tvm.target.codegen import llvm_get_cpu_features, llvm_get_vector_width
 
 from edgec.errors import was_interrupted
