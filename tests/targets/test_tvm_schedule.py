@@ -218,3 +218,40 @@ def test_matmul_accumulators_are_stack_arrays_llvm_can_keep_in_registers(
         tvm_ffi.structural_walk(func.body, ((s_tir.SBlock, _block),))
     assert len(accumulators) >= len(matmuls.functions_items()) >= 6
     assert all(scope == "global" and size < 1024 for scope, size in accumulators), accumulators
+
+
+def test_scores_over_a_symbolic_context_keep_that_axis_serial_inside_the_parallel_heads(
+    host_target: tvm.target.Target,
+) -> None:
+    """Q @ K^T of a decode step, K position-major: the reduction rule parallelizes the
+    batch and heads and leaves the symbolic context a serial loop inside (fused into
+    the parallel loop, every score divided by the context length to find its indices);
+    the scores still match numpy."""
+    from tvm import te, tirx
+
+    batch, context = tirx.Var("batch", "int64"), tirx.Var("context", "int64")
+    q = te.placeholder((batch, 4, 64), name="q")
+    k = te.placeholder((context, batch, 4, 64), name="k")
+    d = te.reduce_axis((0, 64), name="d")
+    scores = te.compute((batch, 4, context), lambda b, h, t: te.sum(q[b, h, d] * k[t, b, h, d], axis=d), name="scores")
+    func, rule = ts.schedule_prim_func(te.create_prim_func([q, k, scores]), ts.CpuScheduleConfig.from_target(host_target))
+    assert rule.startswith("reduction"), rule
+    loops: list[tirx.For] = []
+    tvm_ffi.structural_walk(func.body, ((tirx.For, loops.append),))
+    parallel = [loop for loop in loops if loop.kind == tirx.ForKind.PARALLEL]
+    names = lambda expr: {v.name for v in _vars(expr)}  # noqa: E731
+    assert len(parallel) == 1 and "context" not in names(parallel[0].extent), parallel[0].extent
+    assert any(loop.kind == tirx.ForKind.SERIAL and names(loop.extent) == {"context"} for loop in loops)
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), host_target)
+    rng = np.random.default_rng(0)
+    q_np, k_np = rng.standard_normal((1, 4, 64), dtype=np.float32), rng.standard_normal((37, 1, 4, 64), dtype=np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 4, 37), np.float32))
+    lib["main"](tvm.runtime.tensor(q_np), tvm.runtime.tensor(k_np), out)
+    np.testing.assert_allclose(out.numpy(), np.einsum("bhd,tbhd->bht", q_np, k_np), rtol=1e-5, atol=1e-5)
+
+
+def _vars(expr: tvm.ir.PrimExpr) -> list[tvm.tirx.Var]:
+    found: list[tvm.tirx.Var] = []
+    tvm_ffi.structural_walk(expr, ((tvm.tirx.Var, found.append),))
+    return found
