@@ -33,6 +33,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_cpu_features
 
 from edgec.packing import PLANE_WIDTHS
+from edgec.targets.tvm_schedule import RULE_ATTR
 
 # Bit widths with a dot-product kernel: one plane of 4- or 8-bit fields.
 DOT_BITS = (4, 8)
@@ -132,7 +133,7 @@ def qlinear_dot_func(
         zeros: T.Buffer((groups, outputs), zeros_dtype or scale_dtype),
         y_h: T.handle,
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "edgec.schedule_rule": RULE, LINEARS_ATTR: linears})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, RULE_ATTR: RULE, LINEARS_ATTR: linears})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, inputs), "float32")
         y = T.match_buffer(y_h, (rows, outputs), "float32")
@@ -243,7 +244,7 @@ def dot_calls(mod: Any) -> tuple[int, int]:
     from tvm import relax
 
     linears = {gv: int(func.attrs.get(LINEARS_ATTR, 1)) for gv, func in mod.functions_items()
-               if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get("edgec.schedule_rule") == RULE}
+               if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get(RULE_ATTR) == RULE}
     counted: list[int] = []
 
     def _visit(expr: Any) -> None:
@@ -295,8 +296,7 @@ def dot_converters(isa: DotIsa, fallback: dict[str, Callable[[Any, Any], Any]],
         members = [node]
         if fuse:
             members += [user for user in node.args[0].users
-                        if user is not node and user.target == node.target and user.args[0] is node.args[0]
-                        and _linear_kind(user, isa) == kind]
+                        if user is not node and user.target == node.target and _linear_kind(user, isa) == kind]
         builder = importer.block_builder
         _, bits, group, inputs, _, _ = kind
         args = [importer.retrieve_args(member)[:6] for member in members]

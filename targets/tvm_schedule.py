@@ -262,17 +262,18 @@ def _contiguous_read_axis(sch: s_tir.Schedule, block: SBlockRV) -> int | None:
     return None
 
 
+def _parallel_unless(sch: s_tir.Schedule, serial: bool, loop: LoopRV) -> None:
+    """Make `loop` parallel unless the kernel is to stay serial (CpuScheduleConfig.serial)."""
+    if not serial:
+        sch.parallel(loop)
+
+
 def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int, serial: bool = False) -> bool:
     """Parallel outer loops (serial: fused only) + vectorized inner loop for one injective block.
 
     Returns whether a loop was vectorized by TVM (False: rows only, inner loop
     left to LLVM). Assumes one loop per block iterator (trivial bindings).
     """
-
-    def _parallel(loop: LoopRV) -> None:
-        if not serial:
-            sch.parallel(loop)
-
     loops = sch.get_loops(block)
     if not loops:
         return False
@@ -295,12 +296,12 @@ def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int, 
             rest = [loop for i, loop in enumerate(loops[:-1]) if i != read_axis]
             sch.reorder(*rest, src_outer, dst_outer, src_inner, dst_inner)
             sch.vectorize(dst_inner)
-            _parallel(_fuse(sch, [*rest, src_outer, dst_outer]))
+            _parallel_unless(sch, serial, _fuse(sch, [*rest, src_outer, dst_outer]))
             return True
         rest = [loop for i, loop in enumerate(loops) if i != read_axis]
         sch.reorder(*rest, src_outer, src_inner)
         sch.vectorize(src_inner)
-        _parallel(_fuse(sch, [*rest, src_outer]))
+        _parallel_unless(sch, serial, _fuse(sch, [*rest, src_outer]))
         return True
 
     if inner_extent is not None and _vector_factor(inner_extent, lanes) > 1:
@@ -312,14 +313,14 @@ def _schedule_injective_block(sch: s_tir.Schedule, block: SBlockRV, lanes: int, 
             vec, outer_loops = inner, list(loops[:-1])
         sch.vectorize(vec)
         if outer_loops:
-            _parallel(_fuse(sch, outer_loops))
+            _parallel_unless(sch, serial, _fuse(sch, outer_loops))
         return True
 
     # Symbolic (or odd) innermost axis: parallel rows, plain inner loop.
     if len(loops) > 1:
-        _parallel(_fuse(sch, loops[:-1]))
+        _parallel_unless(sch, serial, _fuse(sch, loops[:-1]))
     else:
-        _parallel(inner)
+        _parallel_unless(sch, serial, inner)
     return False
 
 
@@ -686,8 +687,7 @@ def _reduction_rule(sch: s_tir.Schedule, cfg: CpuScheduleConfig, rfactor: bool) 
     # reduced loop serial: only its rfactor partials are vectorized.
     if len(out_loops) > rows and _leading_spatial_count(sch, out) == len(sch.get(out).iter_vars):
         _vectorize_inner(sch, out, lanes)
-    if not cfg.serial:
-        sch.parallel(row)
+    _parallel_unless(sch, cfg.serial, row)
 
     # Every other block is computed per row: intermediates shrink to one row.
     others = [b for b in sch.get_child_blocks(_root(sch)) if not _same(sch, b, out)]
