@@ -189,6 +189,12 @@ def build(
                 ops = str(exc).split("[", 1)[-1].rstrip("]") if "[" in str(exc) else str(exc)
                 raise UnsupportedError(f"entry {entry.name}: TVM's PyTorch importer has no lowering for {ops}; try --backend onnx") from None
         mod, params = relax.frontend.detach_params(mod)
+        if own_tvm.kind.name == "llvm" and dtype == "float32":
+            from edgec.targets.tvm_fastmath import fast_nonlinear
+
+            mod, replaced = fast_nonlinear(mod)
+            if replaced:
+                record.setdefault("fast_exp", {})[entry.name] = replaced
         if dtype == "float16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         num_inputs = len(entry.input_names)

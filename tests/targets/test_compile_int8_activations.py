@@ -78,6 +78,16 @@ def test_every_linear_that_fits_runs_on_the_dot_kernel_with_one_stored_table(bui
     assert listing.count("vpdpbusd") >= 3  # 4-bit (two per load) and 8-bit kernels
 
 
+def test_every_softmax_and_sigmoid_of_the_build_computes_exp_without_libm(built: dict) -> None:
+    out, _ = built["float"]
+    replaced = json.loads((out / "manifest.json").read_text())["backend_record"]["fast_exp"]
+    assert replaced == {entry: {"sigmoid": LAYERS, "softmax": LAYERS} for entry in ("prefill", "decode")}
+    for entry in ("prefill", "decode"):
+        listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(out / "model" / f"{entry}.so")],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "<expf@plt>" not in listing and "<sinf@plt>" in listing  # only the rotary tables use libm
+
+
 @pytest.mark.skipif(not HAS_VNNI, reason="the host CPU has no AVX-512 VNNI: the cpu target keeps float activations")
 def test_int8_activations_keep_parity_and_perplexity(built: dict) -> None:
     _, floats = built["float"]
