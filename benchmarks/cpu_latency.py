@@ -16,12 +16,15 @@ the same prompt, contexts and threads:
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
         [--rows fp32 luc w4 int8 ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
-        [--new-tokens 32] [--runs 10] [--ppl-tokens 4096] [--out artifacts/bench]
+        [--new-tokens 32] [--runs 10] [--rounds 3] [--ppl-tokens 4096] [--out artifacts/bench]
         [--json FILE] [--llama-cpp]
 
-Prefill: median of --runs warm calls on the first --prompt-len held-out tokens. Decode at
-context C: tokens/s of --new-tokens greedy steps after a prompt of C held-out tokens
-(median of 3 generations). Perplexity: edgec's scoring windows (256 tokens) over the
+Every row is loaded first (and its perplexity scored), then timed --rounds times, each
+round timing every row in turn, so that the host's drift over minutes reaches all rows
+alike. Prefill: median of the warm calls on the first --prompt-len held-out tokens
+(--runs of them, spread over the rounds). Decode at context C: tokens/s of --new-tokens
+greedy steps after a prompt of C held-out tokens (median over the rounds, one generation
+each; llama-bench: one repetition each). Perplexity: edgec's scoring windows (256 tokens) over the
 first --ppl-tokens held-out tokens, in the row's own runtime (llama.cpp: llama-perplexity
 on their text, its own metric: compare its Q4_1 / F32 ratio; zoo:smollm2-135m's fp32
 weights are its Q4_1 GGUF's, dequantized). Weight streaming: the
@@ -41,6 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +85,9 @@ def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path
 
 
 def decode_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """Tokens/s of the decode calls of a greedy generation after `prompt` (median of 3),
-    driven as `edgec run` drives it: the cache stays in the runtime between steps."""
+    """Tokens/s of the decode calls of one greedy generation after `prompt`, driven as
+    `edgec run` drives it: the cache stays in the runtime between steps."""
     decode_s: list[float] = []
-    tokens: list[int] = []
-    rates = []
     generation = Generation(program)
 
     def run(entry: str, args: list[Any]) -> list[Any]:
@@ -96,20 +98,34 @@ def decode_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_to
             decode_s.append(time.perf_counter() - start)
         return outputs
 
-    for _ in range(3):
-        decode_s.clear()
-        tokens = generation.greedy(run, prompt, new_tokens)
-        rates.append(len(decode_s) / sum(decode_s))
-    return statistics.median(rates), tokens
+    tokens = generation.greedy(run, prompt, new_tokens)
+    return len(decode_s) / sum(decode_s), tokens
 
 
-def runtime_timings(runtime: Any, program: dict[str, Any], prompts: dict[int, list[int]], prompt: list[int],
-                    new_tokens: int, runs: int) -> tuple[float, dict[int, float], list[int]]:
-    """Prefill ms of `prompt`, decode tokens/s per context, and the tokens after `prompt`."""
+@dataclass
+class Round:
+    """One round's timings of a row: prefill ms samples and decode tokens/s per context."""
+
+    prefill_ms: list[float]
+    rates: dict[int, float]
+
+
+@dataclass
+class Row:
+    """A runtime under test: a round of its timings, its greedy tokens after the prompt
+    (None: not comparable), the weight bytes a decode step reads, held-out perplexity."""
+
+    time_round: Callable[[], Round]
+    tokens: list[int] | None
+    step_bytes: int
+    ppl: float | None
+
+
+def runtime_round(runtime: Any, program: dict[str, Any], prompts: dict[int, list[int]], prompt: list[int],
+                  new_tokens: int, runs: int) -> Round:
     ids = np.asarray([prompt], dtype=np.int64)
-    prefill_ms = median_ms(lambda: runtime.run("prefill", [ids]), runs)
-    _, tokens = decode_rate(runtime, program, prompt, new_tokens)
-    return prefill_ms, {ctx: decode_rate(runtime, program, p, new_tokens)[0] for ctx, p in prompts.items()}, tokens
+    prefill = timed(lambda: runtime.run("prefill", [ids]), runs, 1)
+    return Round(prefill, {ctx: decode_rate(runtime, program, p, new_tokens)[0] for ctx, p in prompts.items()})
 
 
 def held_out_perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokenizer: Any, tokens: int, window: int) -> float | None:
@@ -149,27 +165,25 @@ def artifact_weight_bytes(manifest: dict[str, Any], dense_bytes: int) -> int:
     return dense_bytes
 
 
-def torch_timings(module: Any, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int,
-                  runs: int) -> tuple[float, dict[int, float], list[int]]:
+def torch_round(module: Any, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int, runs: int) -> Round:
+    """PyTorch eager: generate() = one prefill + (new_tokens - 1) decode steps, so a context's
+    decode rate is generate()'s time less that context's prefill (median of 3)."""
     with torch.no_grad():
-        prefill_ms = median_ms(lambda: module(torch.tensor([prompt])), runs)
-        tokens: list[int] = []
+        prefill = timed(lambda: module(torch.tensor([prompt])), runs, 1)
         rates: dict[int, float] = {}
-        for ctx, ids in [(0, prompt), *prompts.items()]:
+        for ctx, ids in prompts.items():
             ids_t = torch.tensor([ids])
-            start_ms = prefill_ms if ctx == 0 else median_ms(lambda: module(ids_t), 3, 1)
-            measured = []
-            for _ in range(3):
-                start = time.perf_counter()
-                out = module.generate(ids_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                total_s = time.perf_counter() - start
-                # generate() = one prefill + (new_tokens - 1) decode steps.
-                measured.append((new_tokens - 1) / max(total_s - start_ms / 1e3, 1e-9))
-            if ctx == 0:
-                tokens = out[0, len(ids) :].tolist()
-            else:
-                rates[ctx] = statistics.median(measured)
-    return prefill_ms, rates, tokens
+            start_ms = median_ms(lambda: module(ids_t), 3, 1)
+            start = time.perf_counter()
+            module.generate(ids_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            rates[ctx] = (new_tokens - 1) / max(time.perf_counter() - start - start_ms / 1e3, 1e-9)
+    return Round(prefill, rates)
+
+
+def torch_tokens(module: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = module.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
 
 
 def memory_bandwidth_gbs(size: int = 1 << 30, runs: int = 5) -> float:
@@ -198,13 +212,13 @@ def gguf_step_bytes(path: Path) -> int:
 
 
 def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[int], new_tokens: int,
-                   runs: int, tokenizer: Any, ppl_tokens: int) -> dict[str, tuple[float, dict[int, float], None, int, float | None]]:
+                   tokenizer: Any, ppl_tokens: int) -> dict[str, Row]:
     """llama-bench on the Q4_1 GGUF zoo:smollm2-135m is converted from and on an F32 GGUF
-    of the same weights (other models: no rows; they do not come from a GGUF), and
-    llama-perplexity on the text of the first `ppl_tokens` held-out tokens: llama.cpp's own
-    metric (chunks of PPL_WINDOW, second halves scored), so compare the two GGUFs' ratio,
-    not the value, with edgec's rows. The F32 GGUF holds the Q4_1 weights dequantized: the
-    ratio is the cost of llama.cpp's int8 activations alone."""
+    of the same weights (other models: no rows; they do not come from a GGUF), one
+    repetition a round, and llama-perplexity on the text of the first `ppl_tokens` held-out
+    tokens: llama.cpp's own metric (chunks of PPL_WINDOW, second halves scored), so compare
+    the two GGUFs' ratio, not the value, with edgec's rows. The F32 GGUF holds the Q4_1
+    weights dequantized: the ratio is the cost of llama.cpp's int8 activations alone."""
     from benchmarks.llama_cpp import bench, f32_gguf, perplexity
     from edgec.zoo import smollm2_gguf
 
@@ -217,13 +231,15 @@ def llama_cpp_rows(model: str, out_root: Path, prompt_len: int, contexts: list[i
     if ppl_tokens > 0:
         ids, _ = evaluation_ids(tokenizer, "held-out", ppl_tokens)
         text.write_text(tokenizer.decode(ids))
+
+    def one_round(path: Path) -> Round:
+        result = bench(path, prompt_len, contexts, new_tokens, torch.get_num_threads(), 1)
+        return Round([result["prefill_ms"]], {int(c): r for c, r in result["decode_tokens_per_s"].items()})
+
     rows = {}
     for name, path in ggufs.items():
-        print(f"timing {model} {name} ...", file=sys.stderr)
-        result = bench(path, prompt_len, contexts, new_tokens, torch.get_num_threads(), min(runs, 5))
         ppl = perplexity(path, text, PPL_WINDOW, torch.get_num_threads()) if ppl_tokens > 0 else None
-        rows[name] = (result["prefill_ms"], {int(c): r for c, r in result["decode_tokens_per_s"].items()}, None,
-                      gguf_step_bytes(path), ppl)
+        rows[name] = Row(lambda path=path: one_round(path), None, gguf_step_bytes(path), ppl)
     return rows
 
 
@@ -260,7 +276,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32, 1024], help="decode speed after prompts this long")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=10, help="prefill calls timed per row, spread over the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="times every row is timed, in turn (medians over them)")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens each row's perplexity is scored on (0: none)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -283,8 +300,9 @@ def main() -> None:
         held_out = held_out_slice(handle.tokenizer, max(long, args.prompt_len))
         prompt = held_out[: args.prompt_len]
         prompts = {short: held_out[:short], long: held_out[:long]}
-        results: dict[str, tuple[float, dict[int, float], list[int] | None, int, float | None]] = {}
+        loaded: dict[str, Row] = {}
         dense_onnx: Path | None = None
+        per_round = max(2, -(-args.runs // args.rounds))
         for name in wanted:
             if name in EDGEC_ROWS:
                 backend, recipe, sets = EDGEC_ROWS[name]
@@ -299,19 +317,31 @@ def main() -> None:
                 runtime, program = Runtime(model_dir, "onnx", record), read_manifest(dense_onnx)["program"]
                 step_bytes = onnx_weight_bytes(model_dir / record["entries"]["decode"]["file"])
             else:
-                print(f"timing {model} torch ...", file=sys.stderr)
-                timings = torch_timings(handle.module, prompts, prompt, args.new_tokens, args.runs)
+                print(f"loading {model} torch ...", file=sys.stderr)
                 ppl = held_out_perplexity(torch_logits_fn(handle.module), handle.tokenizer, args.ppl_tokens, window)
-                results[name] = (*timings, decode_weight_bytes(handle.module), ppl)
+                loaded[name] = Row(lambda: torch_round(handle.module, prompts, prompt, args.new_tokens, per_round),
+                                   torch_tokens(handle.module, prompt, args.new_tokens), decode_weight_bytes(handle.module), ppl)
                 continue
-            print(f"timing {model} {name} ...", file=sys.stderr)
-            timings = runtime_timings(runtime, program, prompts, prompt, args.new_tokens, args.runs)
+            print(f"loading {model} {name} ...", file=sys.stderr)
             ppl = held_out_perplexity(runtime_logits_fn(runtime, program), handle.tokenizer, args.ppl_tokens, window)
-            results[name] = (*timings, step_bytes, ppl)
-            del runtime
+            loaded[name] = Row(lambda runtime=runtime, program=program: runtime_round(runtime, program, prompts, prompt,
+                                                                                     args.new_tokens, per_round),
+                               decode_rate(runtime, program, prompt, args.new_tokens)[1], step_bytes, ppl)
         if args.llama_cpp:
-            results.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens, args.runs,
-                                          handle.tokenizer, args.ppl_tokens))
+            loaded.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens,
+                                         handle.tokenizer, args.ppl_tokens))
+        # Every row once a round, in turn: the host's speed drifts by 10-30% over minutes,
+        # and rows timed minutes apart would carry that drift into their ratios.
+        rounds: dict[str, list[Round]] = {name: [] for name in loaded}
+        for index in range(args.rounds):
+            for name, row in loaded.items():
+                print(f"timing {model} round {index + 1}/{args.rounds}: {name} ...", file=sys.stderr)
+                rounds[name].append(row.time_round())
+        results: dict[str, tuple[float, dict[int, float], list[int] | None, int, float | None]] = {}
+        for name, row in loaded.items():
+            prefill_ms = statistics.median(ms for one in rounds[name] for ms in one.prefill_ms)
+            rates = {ctx: statistics.median(one.rates[ctx] for one in rounds[name]) for ctx in (short, long)}
+            results[name] = (prefill_ms, rates, row.tokens, row.step_bytes, row.ppl)
         base_prefill, base_rates, base_tokens, _, _ = results["edgec onnx"]
         for name, (prefill_ms, rates, tokens, step_bytes, ppl) in results.items():
             streamed = step_bytes * rates[short] / 1e9
@@ -334,8 +364,9 @@ def main() -> None:
                 }
             )
 
-    print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.runs} warm runs; decode {args.new_tokens} "
-          f"tokens after a short and a long context; {torch.get_num_threads()} threads; memory bandwidth "
+    print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.rounds} x {max(2, -(-args.runs // args.rounds))} "
+          f"warm runs; decode {args.new_tokens} tokens after a short and a long context, median of {args.rounds} rounds (every "
+          f"row in turn each round); {torch.get_num_threads()} threads; memory bandwidth "
           f"{bandwidth:.1f} GB/s (numpy copy, one thread); perplexity on {args.ppl_tokens} held-out tokens")
     print("| model | runtime | prefill ms | x ORT | contexts | decode tok/s short | x ORT | long | long / short "
           "| weight MB / step | weights GB/s (short) | % of bandwidth | held-out ppl | same tokens |")

@@ -2,11 +2,11 @@
 a causal-LM artifact, timed through the VM's instrument hook on the host CPU.
 
     .venv/bin/python benchmarks/decode_profile.py ARTIFACT [--context 1024] [--steps 5]
-        [--top 20] [--threads 2] [--by-kind] [--json FILE]
+        [--top 20] [--threads 2] [--by-kind] [--prefill] [--json FILE]
 
 Prefills --context random tokens, then times --steps decode calls on that cache (the
 same cache each time, kept in the runtime), reporting per kernel: total ms per step,
-calls per step, and share of the step. The hook's own overhead (a Python call around
+calls per step, and share of the step. --prefill times the prefill of those tokens instead. The hook's own overhead (a Python call around
 every VM instruction) inflates the total; the uninstrumented step time is printed too.
 --by-kind sums the kernels that differ only by TVM's numeric suffix (view_matmul1,
 view_matmul2, ...: one per layer).
@@ -30,7 +30,8 @@ from edgec.artifact import open_runtime, read_manifest
 from edgec.targets.runtime import as_numpy
 
 
-def profile(path: Path, context: int, steps: int, threads: int, by_kind: bool = False) -> dict[str, Any]:
+def profile(path: Path, context: int, steps: int, threads: int, by_kind: bool = False,
+            prefill: bool = False) -> dict[str, Any]:
     manifest = read_manifest(path)
     if manifest["backend"] != "tvm" or manifest["program"]["kind"] != "generate":
         raise SystemExit(f"{path}: a TVM causal-LM artifact is needed (backend {manifest['backend']}, "
@@ -44,12 +45,12 @@ def profile(path: Path, context: int, steps: int, threads: int, by_kind: bool = 
     ids = np.random.default_rng(0).integers(0, vocab, size=(1, context), dtype=np.int64)
     logits, *cache = runtime.run(program["prefill"], [ids], native=True)
     token = np.asarray([[int(np.argmax(as_numpy(logits)[0, -1]))]], dtype=np.int64)
-    decode = program["decode"]
-    runtime.run(decode, [token, *cache], native=True)  # warm-up
+    entry, inputs = (program["prefill"], [ids]) if prefill else (program["decode"], [token, *cache])
+    runtime.run(entry, inputs, native=True)  # warm-up
     plain = []
     for _ in range(steps):
         start = time.perf_counter()
-        runtime.run(decode, [token, *cache], native=True)
+        runtime.run(entry, inputs, native=True)
         plain.append((time.perf_counter() - start) * 1e3)
 
     seconds: dict[str, float] = collections.defaultdict(float)
@@ -66,14 +67,14 @@ def profile(path: Path, context: int, steps: int, threads: int, by_kind: bool = 
             calls[name] += 1
         return 0
 
-    runtime.vms[decode].set_instrument(instrument)
+    runtime.vms[entry].set_instrument(instrument)
     start = time.perf_counter()
     for _ in range(steps):
-        runtime.run(decode, [token, *cache], native=True)
+        runtime.run(entry, inputs, native=True)
     instrumented = (time.perf_counter() - start) / steps * 1e3
     kernels = sorted(({"kernel": name, "ms_per_step": total / steps * 1e3, "calls_per_step": calls[name] // steps}
                       for name, total in seconds.items()), key=lambda row: -row["ms_per_step"])
-    return {"artifact": str(path), "context": context, "steps": steps, "threads": threads,
+    return {"artifact": str(path), "entry": entry, "context": context, "steps": steps, "threads": threads,
             "step_ms": statistics.median(plain), "instrumented_step_ms": instrumented, "kernels": kernels}
 
 
@@ -85,10 +86,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="kernels listed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--by-kind", action="store_true", help="sum kernels that differ only by a numeric suffix")
+    parser.add_argument("--prefill", action="store_true", help="time the prefill of --context tokens, not a decode step")
     parser.add_argument("--json", type=Path, help="write the whole profile here")
     args = parser.parse_args()
-    result = profile(args.artifact, args.context, args.steps, args.threads, args.by_kind)
-    print(f"{args.artifact}: decode step at context {args.context}: {result['step_ms']:.1f} ms "
+    result = profile(args.artifact, args.context, args.steps, args.threads, args.by_kind, args.prefill)
+    what = f"prefill of {args.context} tokens" if args.prefill else f"decode step at context {args.context}"
+    print(f"{args.artifact}: {what}: {result['step_ms']:.1f} ms "
           f"(median of {args.steps}; {result['instrumented_step_ms']:.1f} ms with the hook)")
     total = sum(row["ms_per_step"] for row in result["kernels"])
     print("| kernel | calls/step | ms/step | share of kernel time |\n|---|---:|---:|---:|")
