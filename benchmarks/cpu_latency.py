@@ -9,13 +9,15 @@ the same prompt, contexts and threads:
   weights, no sparsity);
 - int8: the same two recipes on TVM with int8 activations and integer dot products
   (`schedule.activations=int8`; parity.rtol 0.15: SmolLM2's logits move by up to 10% of their range);
+- f16-cache: the int8 rows with `cache_dtype=float16` (K and V kept in float16 between
+  steps, as llama.cpp's default cache is);
 - ort-quantizers: ONNX Runtime's own int8 dynamic and MatMulNBits 4-bit quantizers on
   edgec's dense ONNX graphs (benchmarks/ort_quantized.py);
 - with --llama-cpp: llama.cpp's llama-bench on SmolLM2's source Q4_1 GGUF and on an
   F32 GGUF of the same weights.
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
-        [--rows fp32 luc w4 int8 ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
+        [--rows fp32 luc w4 int8 f16-cache ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
         [--new-tokens 32] [--runs 10] [--rounds 3] [--ppl-tokens 4096] [--out artifacts/bench]
         [--json FILE] [--llama-cpp]
 
@@ -72,7 +74,8 @@ def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
 
 def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path, max_context: int,
                     sets: tuple[str, ...] = ()) -> Path:
-    variant = ("" if recipe is None else "-" + Path(recipe).stem) + ("-int8" if "schedule.activations=int8" in sets else "")
+    variant = (("" if recipe is None else "-" + Path(recipe).stem) + ("-int8" if "schedule.activations=int8" in sets else "")
+               + ("-f16cache" if "cache_dtype=float16" in sets else ""))
     out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}{variant}-ctx{max_context}"
     if (out / MANIFEST).is_file():
         return out
@@ -255,6 +258,8 @@ EDGEC_ROWS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "edgec tvm w4": ("tvm", "recipes/w4.yaml", ()),
     "edgec tvm luc-w4-s30 int8": ("tvm", "recipes/luc-w4-s30.yaml", INT8),
     "edgec tvm w4 int8": ("tvm", "recipes/w4.yaml", INT8),
+    "edgec tvm luc-w4-s30 int8 f16-cache": ("tvm", "recipes/luc-w4-s30.yaml", (*INT8, "cache_dtype=float16")),
+    "edgec tvm w4 int8 f16-cache": ("tvm", "recipes/w4.yaml", (*INT8, "cache_dtype=float16")),
 }
 # Row -> benchmarks/ort_quantized.py kind, applied to the dense "edgec onnx" artifact.
 ORT_ROWS = {"ORT int8 dynamic": "int8", "ORT MatMulNBits 4-bit": "nbits4"}
@@ -263,6 +268,7 @@ GROUPS = {
     "luc": ["edgec onnx luc-w4-s30", "edgec tvm luc-w4-s30"],
     "w4": ["edgec onnx w4", "edgec tvm w4"],
     "int8": ["edgec tvm luc-w4-s30 int8", "edgec tvm w4 int8"],
+    "f16-cache": ["edgec tvm luc-w4-s30 int8 f16-cache", "edgec tvm w4 int8 f16-cache"],
     "ort-quantizers": list(ORT_ROWS),
 }
 FP32_ROWS = set(GROUPS["fp32"])

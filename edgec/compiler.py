@@ -136,6 +136,16 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
             f"schedule.activations=int8 is built by the TVM backend (integer dot-product kernels); with backend "
             f"{recipe.backend} use --backend tvm, or drop the option (float32 activations)"
         )
+    if recipe.cache_dtype != "float32":
+        # A backend that concatenates the cache would convert all of it to the compute dtype
+        # and back on every step: slower than the float32 cache it was meant to beat.
+        slow = [t.name for t in (target, *part_targets.values()) if not t.capability.appended_cache]
+        if slow:
+            raise UnsupportedError(
+                f"cache_dtype={recipe.cache_dtype}: target {slow[0]} with backend {recipe.backend} concatenates the KV "
+                "cache, and would convert all of it on every step; --backend tvm on a CPU target reads a float16 cache "
+                "in place, or drop the option"
+            )
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     check_output_dir(out, force, (local_input,) if local_input.exists() else ())
     if local_input.exists():
@@ -202,6 +212,7 @@ def compile_model(
         # Whether every target's backend reads an appended KV cache in place (edgec.lm): the
         # cache contract a causal LM's entries are exported with; other families ignore it.
         model.prepared["appended_cache"] = all(t.capability.appended_cache for t in (target, *plan.part_targets.values()))
+        model.prepared["cache_dtype"] = recipe.cache_dtype
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
         pass_log = _run_passes(manager, model, ctx, recipe)

@@ -163,10 +163,12 @@ class CausalLMEntries(nn.Module):
     """Prefill and decode entries over the submodules of a decoder-only causal LM whose
     architectural differences are data (edgec.architectures)."""
 
-    def __init__(self, model: nn.Module, appended_cache: bool = True) -> None:
+    def __init__(self, model: nn.Module, appended_cache: bool = True, cache_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model = canonicalize(model)
         self.appended_cache = appended_cache
+        # K and V between calls (the presents returned, the pasts taken); computed in compute_dtype.
+        self.cache_dtype = cache_dtype
         self.arch: Architecture = architecture_of(model)
         arch = self.arch
         self.num_heads = arch.num_heads
@@ -370,7 +372,7 @@ class CausalLMEntries(nn.Module):
         past_s: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         dtype = self.compute_dtype
-        if past_k is not None and past_v is not None and dtype != torch.float32:
+        if past_k is not None and past_v is not None and past_k.dtype != dtype:
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
         ragged = self.arch.ragged_kv
         tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[self.tokens_axis])
@@ -406,7 +408,8 @@ class CausalLMEntries(nn.Module):
             outputs.append(torch.cat(new_s, dim=0))
         if stacked is not None:
             outputs.append(stacked)
-        return tuple(t.float() for t in outputs) if dtype != torch.float32 else tuple(outputs)
+        wanted = [torch.float32, self.cache_dtype, self.cache_dtype, *[torch.float32] * (len(outputs) - 3)]
+        return tuple(t if t.dtype == want else t.to(want) for t, want in zip(outputs, wanted))
 
     @property
     def tokens_axis(self) -> int:

@@ -9,8 +9,9 @@ transpose and reshape copies) to then read it once.
 
 `read_views_in_place` rewrites such a matmul into one TE kernel over the tensors the
 views were taken of: the broadcast, transposes and inserted axes become index
-arithmetic, the batch axes stay unflattened, and the result is reshaped (a view) to the
-3-D shape its consumers expect. A rewritten matmul that reads its right operand along
+arithmetic (and a conversion of a cache kept in float16 happens as it is read), the batch
+axes stay unflattened, and the result is reshaped (a view) to the 3-D shape its consumers
+expect. A rewritten matmul that reads its right operand along
 the reduced axis (Q @ K^T over a [P, D] cache) is a row of dot products, which the CPU
 reduction rule vectorizes along that axis (tvm_schedule).
 """
@@ -45,6 +46,15 @@ def _is_one(dim: Any) -> bool:
     return isinstance(dim, tirx.IntImm) and int(dim) == 1
 
 
+def _is_float(expr: relax.Expr) -> bool:
+    return str(getattr(expr.ty, "dtype", "")).startswith("float")
+
+
+def _read(tensor: te.Tensor, index: Sequence[Any], dtype: str) -> Any:
+    value = tensor[tuple(index)]
+    return value if tensor.dtype == dtype else value.astype(dtype)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal dimensions, symbolic ones included (the importer writes both `s + 1` and `1 + s`)."""
     return bool(tvm_ffi.structural_equal(a, b)) or bool(Analyzer().can_prove_equal(a, b))
@@ -56,7 +66,8 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.rewritten = 0
         self._ops = {name: tvm.ir.Op.get(f"relax.{name}")
-                     for name in ("matmul", "reshape", "broadcast_to", "permute_dims", "expand_dims", "take", "strided_slice")}
+                     for name in ("matmul", "reshape", "broadcast_to", "permute_dims", "expand_dims", "take", "strided_slice",
+                                  "astype")}
 
     def _bound(self, expr: relax.Expr, op: str) -> relax.Call | None:
         bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
@@ -109,6 +120,10 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
                 # A unit-stride slice (one layer's heads of a ragged cache): offsets added.
                 def step(index: Sequence[Any], begins: dict[int, int] = begins) -> list[Any]:
                     return [i + begins[n] if n in begins else i for n, i in enumerate(index)]
+
+            elif (call := self._bound(expr, "astype")) is not None and _is_float(call.args[0]) and _is_float(call):
+                # A cache kept in a narrower float (cache_dtype float16): converted as it is read.
+                step = _identity
 
             else:
                 break
@@ -173,12 +188,15 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
         # The dims go in as arguments: call_te gives the kernel its own copies of symbolic vars.
         dims = [*batch, a_shape[-2], a_shape[-1], b_shape[-1]]
 
+        dtype = str(call.ty.dtype)
+
         def view_matmul(a: te.Tensor, b: te.Tensor, dims: list[Any]) -> te.Tensor:
             *outer, rows, depth, cols = dims
             k = te.reduce_axis((0, depth), name="k")
             return te.compute(
                 (*outer, rows, cols),
-                lambda *at: te.sum(a[tuple(a_map([*at[:-2], at[-2], k]))] * b[tuple(b_map([*at[:-2], k, at[-1]]))], axis=k),
+                lambda *at: te.sum(_read(a, a_map([*at[:-2], at[-2], k]), dtype) * _read(b, b_map([*at[:-2], k, at[-1]]), dtype),
+                                   axis=k),
                 name=VIEW_MATMUL_BLOCK,
             )
 

@@ -172,10 +172,11 @@ class CausalLM(Family):
         shapes = model.prepared.get("shapes")
         # The compiler records whether the backend reads an appended cache in place (its capability).
         appended = bool(model.prepared.get("appended_cache", True))
+        cache_dtype = str(model.prepared.get("cache_dtype", "float32"))
         if not shapes:
-            return _export_pair(model.module, "prefill", "decode", appended)
+            return _export_pair(model.module, "prefill", "decode", appended, cache_dtype=cache_dtype)
         return [entry for shape in shapes
-                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, shares_weights=True)]
+                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, True, cache_dtype)]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """Prefill on the reference prompt but its last token, one decode step with it, and
@@ -346,11 +347,11 @@ def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) ->
 
 
 def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, appended: bool,
-                 shares_weights: bool = False) -> list[ExportedEntry]:
+                 shares_weights: bool = False, cache_dtype: str = "float32") -> list[ExportedEntry]:
     """A prefill and a decode entry of one causal LM module, exported with dynamic batch and
     length (`appended`: k and v hold only the new positions, position-major; `shares_weights`:
-    slices of weights other entries read too)."""
-    entries = CausalLMEntries(module, appended_cache=appended).eval()
+    slices of weights other entries read too; `cache_dtype`: k and v between the calls)."""
+    entries = CausalLMEntries(module, appended_cache=appended, cache_dtype=getattr(torch, cache_dtype)).eval()
     prefill = PrefillEntry(entries).eval()
     decode = DecodeEntry(entries).eval()
     vocab = int(module.config.vocab_size)
@@ -401,8 +402,9 @@ def _cache_tensors(module: torch.nn.Module, decode: ExportedEntry, appended: boo
             calibrated = int(decode.example[decode.input_names.index("past_s")].shape[0])
             cache.append(CacheTensor(input=past, output=present, layout=STATE_LAYOUT, shape=[calibrated, None, None], tokens_axis=2))
         else:
+            dtype = str(decode.example[decode.input_names.index(past)].dtype).removeprefix("torch.")
             cache.append(CacheTensor(input=past, output=present, layout=layout, shape=[sizes.get(name) for name in layout],
-                                     tokens_axis=layout.index("tokens"), append=appended))
+                                     tokens_axis=layout.index("tokens"), dtype=dtype, append=appended))
     return cache
 
 
