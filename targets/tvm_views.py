@@ -11,9 +11,11 @@ transpose and reshape copies) to then read it once.
 views were taken of: the broadcast, transposes and inserted axes become index
 arithmetic (and a conversion of a cache kept in float16 happens as it is read), the batch
 axes stay unflattened, and the result is reshaped (a view) to the 3-D shape its consumers
-expect. A rewritten matmul that reads its right operand along
-the reduced axis (Q @ K^T over a [P, D] cache) is a row of dot products, which the CPU
-reduction rule vectorizes along that axis (tvm_schedule).
+expect. A decode step's scores over the cache (one query row, Q @ K^T over a [P, D]
+cache read along its contiguous head dim) get a kernel of their own, scheduled here
+(rule `scores-tree`): the query heads of a group share each K row, and each score is
+summed lane-wise and then by a tree of vector adds. Other rewritten matmuls are left to
+the CPU rules (tvm_schedule).
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from typing import Any
 
 import tvm
 import tvm_ffi
-from tvm import relax, te, tirx
+from tvm import relax, s_tir, te, tirx
 from tvm.sym import Analyzer
+
+from edgec.targets.tvm_schedule import RULE_ATTR
 
 __all__ = ["VIEW_MATMUL_BLOCK", "read_views_in_place"]
 
 VIEW_MATMUL_BLOCK = "view_matmul"
+SCORES_RULE = "scores-tree"
+# A score's head-dim product is summed lane-wise into this many lanes, then by a tree.
+SCORE_LANES = 16
 
 # index into a view -> index into the tensor it was taken of
 _IndexMap = Callable[[Sequence[Any]], list[Any]]
@@ -53,6 +60,13 @@ def _is_float(expr: relax.Expr) -> bool:
 def _read(tensor: te.Tensor, index: Sequence[Any], dtype: str) -> Any:
     value = tensor[tuple(index)]
     return value if tensor.dtype == dtype else value.astype(dtype)
+
+
+def _halved(stage: te.Tensor, half: int) -> te.Tensor:
+    """Lanes [..., 2h] -> [..., h]: lane i plus lane i + h (one vector add)."""
+    *outer, _ = stage.shape
+    return te.compute((*outer, tirx.const(half, "int64")), lambda *at: stage[(*at[:-1], at[-1])] + stage[(*at[:-1], at[-1] + half)],
+                      name=f"lanes{half}")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -131,6 +145,57 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
             expr = call.args[0]
         return expr, index_map, broadcast
 
+    def _scores(self, a_base: relax.Expr, a_map: _IndexMap, b_base: relax.Expr, b_map: _IndexMap, dims: list[Any],
+                dtype: str) -> relax.Call | None:
+        """A decode step's attention scores (one query row against a cache read along its
+        contiguous last axis: Q @ K^T) as a kernel of its own, or None for another matmul.
+        The reduction rule's kernel did, per score, 4 vector FMAs into 16 lanes and then 16
+        serial scalar adds, once per query head of a group; here the group shares each K row,
+        the head-dim product is summed lane-wise (plain vector multiplies and adds) and the
+        lanes by a tree of halving vector adds."""
+        *outer, rows, depth, cols = dims
+        if not (_is_one(rows) and isinstance(depth, tirx.IntImm) and int(depth) % SCORE_LANES == 0
+                and not isinstance(cols, tirx.IntImm)):
+            return None
+        probe = [tirx.Var(f"i{n}", "int64") for n in range(len(outer))]
+        k, col = tirx.Var("k", "int64"), tirx.Var("col", "int64")
+        read = b_map([*probe, k, col])
+        if not (isinstance(read[-1], tirx.Var) and read[-1].same_as(k)):
+            return None
+        used = {v.name for index in read if not isinstance(index, int) for v in tirx.analysis.undefined_vars(index)}
+        grouped = [n for n, var in enumerate(probe) if var.name not in used]
+        if len(grouped) == len(outer):
+            return None
+        parts = int(depth) // SCORE_LANES
+        stages = ["lanes"]
+
+        def kernel(a: te.Tensor, b: te.Tensor, dims: list[Any]) -> te.Tensor:
+            *outer, rows, _, cols = dims
+            lane_count = tirx.const(SCORE_LANES, "int64")
+
+            def lanes(*at: Any) -> Any:
+                *o, t, lane = at
+                total = None
+                for part in range(parts):
+                    d = lane + part * SCORE_LANES
+                    term = _read(a, a_map([*o, 0, d]), dtype) * _read(b, b_map([*o, d, t]), dtype)
+                    total = term if total is None else total + term
+                return total
+
+            stage = te.compute((*outer, cols, lane_count), lanes, name="lanes")
+            width = SCORE_LANES
+            while width > 1:
+                stage = _halved(stage, width // 2)
+                stages.append(stage.op.name)
+                width //= 2
+            last = stage
+            return te.compute((*outer, rows, cols), lambda *at: last[(*at[:-2], at[-1], 0)], name=VIEW_MATMUL_BLOCK)
+
+        call = self.builder_.call_te(kernel, a_base, b_base, dims, primfunc_name_hint=VIEW_MATMUL_BLOCK)
+        gvar = call.args[0]
+        self.builder_.update_func(gvar, _scores_schedule(self.builder_.get()[gvar], grouped, stages))
+        return call
+
     @staticmethod
     def _scalar_constant(expr: relax.Expr) -> int | None:
         if not isinstance(expr, tvm.ir.expr.Constant):
@@ -189,6 +254,10 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
         dims = [*batch, a_shape[-2], a_shape[-1], b_shape[-1]]
 
         dtype = str(call.ty.dtype)
+        scores = self._scores(a_base, a_map, b_base, b_map, dims, dtype)
+        if scores is not None:
+            self.rewritten += 1
+            return relax.op.reshape(self.builder_.emit(scores), call.ty.shape)
 
         def view_matmul(a: te.Tensor, b: te.Tensor, dims: list[Any]) -> te.Tensor:
             *outer, rows, depth, cols = dims
@@ -203,6 +272,30 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
         self.rewritten += 1
         product = self.builder_.emit(self.builder_.call_te(view_matmul, a_base, b_base, dims, primfunc_name_hint=VIEW_MATMUL_BLOCK))
         return relax.op.reshape(product, call.ty.shape)
+
+
+def _scores_schedule(func: tirx.PrimFunc, grouped: list[int], stages: list[str]) -> tirx.PrimFunc:
+    """Parallel over the output's axes that pick a K row, then per position the query heads
+    that share it (`grouped`, unrolled) innermost: each K row is loaded once for its group."""
+    sch = s_tir.Schedule(func)
+    loops = sch.get_loops(sch.get_sblock(VIEW_MATMUL_BLOCK))
+    outer, rows, cols = loops[:-2], loops[-2], loops[-1]
+    shared = [loop for n, loop in enumerate(outer) if n not in grouped]
+    group = [outer[n] for n in grouped]
+    sch.reorder(*shared, rows, cols, *group)
+    row = sch.fuse(*shared) if len(shared) > 1 else shared[0]
+    sch.parallel(row)
+    inner = group[-1] if group else cols
+    for name in reversed(stages):
+        sch.compute_at(sch.get_sblock(name), inner, preserve_unit_loops=True)
+    for name in stages:
+        block = sch.get_sblock(name)
+        sch.set_scope(block, 0, "global")  # a few lanes on the stack (see tvm_schedule)
+        if name != stages[-1]:
+            sch.vectorize(sch.get_loops(block)[-1])
+    for loop in group:
+        sch.unroll(loop)
+    return sch.mod["main"].with_attr({"tirx.is_scheduled": True, RULE_ATTR: SCORES_RULE, "tirx.noalias": True})
 
 
 def read_views_in_place(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:

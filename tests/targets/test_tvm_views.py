@@ -27,7 +27,7 @@ from edgec.targets.tvm_schedule import (
     schedule_prim_func,
     schedule_report,
 )
-from edgec.targets.tvm_views import VIEW_MATMUL_BLOCK, read_views_in_place
+from edgec.targets.tvm_views import SCORES_RULE, VIEW_MATMUL_BLOCK, read_views_in_place
 from tests.conftest import TINY_CONFIG, make_tiny_llama
 
 pytestmark = pytest.mark.compile
@@ -89,10 +89,13 @@ def test_gqa_decode_reads_the_cache_in_place_and_matches_torch(cache_dtype: str)
     views = {name: rule for name, rule in report.items() if name.startswith(VIEW_MATMUL_BLOCK)}
     assert len(views) >= 4, report
     for name, rule in views.items():
-        # Dot products along the head dim (Q @ K^T), a register tile (P @ V), or one product.
-        assert rule in ("reduction+rfactor", "matmul", "injective"), (name, rule)
+        # Scores over the cache (lane-wise products summed by a tree), dot products with the
+        # new key (the reduction rule), a register tile (P @ V), or one product.
+        assert rule in (SCORES_RULE, "reduction+rfactor", "matmul", "injective"), (name, rule)
         assert "parallel" in loop_kinds(scheduled[name]) or rule == "injective", (name, loop_kinds(scheduled[name]))
-    assert "reduction+rfactor" in views.values() and "matmul" in views.values(), views
+        if rule == SCORES_RULE:
+            assert {"parallel", "vectorized", "unrolled"} <= loop_kinds(scheduled[name]), loop_kinds(scheduled[name])
+    assert list(views.values()).count(SCORES_RULE) == layers and "matmul" in views.values(), views
 
     vm = relax.VirtualMachine(tvm.compile(scheduled, target, relax_pipeline=finish_pipeline(target)), tvm.cpu())
     example = decode.example
