@@ -30,7 +30,7 @@ from tvm.sym import Analyzer
 
 from edgec.targets.tvm_schedule import RULE_ATTR
 
-__all__ = ["VIEW_MATMUL_BLOCK", "read_views_in_place"]
+__all__ = ["SCORES_RULE", "VIEW_MATMUL_BLOCK", "read_views_in_place"]
 
 VIEW_MATMUL_BLOCK = "view_matmul"
 SCORES_RULE = "scores-tree"
@@ -167,7 +167,8 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
         if len(grouped) == len(outer):
             return None
         parts = int(depth) // SCORE_LANES
-        stages = ["lanes"]
+        widths = [SCORE_LANES >> n for n in range(1, SCORE_LANES.bit_length())]  # 8, 4, 2, 1
+        stages = ["lanes", *(f"lanes{width}" for width in widths)]
 
         def kernel(a: te.Tensor, b: te.Tensor, dims: list[Any]) -> te.Tensor:
             *outer, rows, _, cols = dims
@@ -183,13 +184,10 @@ class _ViewMatmulRewriter(relax.PyExprMutator):
                 return total
 
             stage = te.compute((*outer, cols, lane_count), lanes, name="lanes")
-            width = SCORE_LANES
-            while width > 1:
-                stage = _halved(stage, width // 2)
-                stages.append(stage.op.name)
-                width //= 2
-            last = stage
-            return te.compute((*outer, rows, cols), lambda *at: last[(*at[:-2], at[-1], 0)], name=VIEW_MATMUL_BLOCK)
+            for width in widths:
+                stage = _halved(stage, width)
+            summed = stage
+            return te.compute((*outer, rows, cols), lambda *at: summed[(*at[:-2], at[-1], 0)], name=VIEW_MATMUL_BLOCK)
 
         call = self.builder_.call_te(kernel, a_base, b_base, dims, primfunc_name_hint=VIEW_MATMUL_BLOCK)
         gvar = call.args[0]
