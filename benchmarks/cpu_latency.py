@@ -292,6 +292,7 @@ def main() -> None:
     args = parser.parse_args()
     wanted = ["edgec onnx", *(name for group in args.rows for name in GROUPS[group] if name != "edgec onnx")]
 
+    per_round = max(2, -(-args.runs // args.rounds))  # prefill calls a row times each round
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth (numpy copy, one thread): {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
@@ -308,7 +309,6 @@ def main() -> None:
         prompts = {short: held_out[:short], long: held_out[:long]}
         loaded: dict[str, Row] = {}
         dense_onnx: Path | None = None
-        per_round = max(2, -(-args.runs // args.rounds))
         for name in wanted:
             if name in EDGEC_ROWS:
                 backend, recipe, sets = EDGEC_ROWS[name]
@@ -370,7 +370,7 @@ def main() -> None:
                 }
             )
 
-    print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.rounds} x {max(2, -(-args.runs // args.rounds))} "
+    print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.rounds} x {per_round} "
           f"warm runs; decode {args.new_tokens} tokens after a short and a long context, median of {args.rounds} rounds (every "
           f"row in turn each round); {torch.get_num_threads()} threads; memory bandwidth "
           f"{bandwidth:.1f} GB/s (numpy copy, one thread); perplexity on {args.ppl_tokens} held-out tokens")

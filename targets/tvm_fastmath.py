@@ -22,16 +22,19 @@ from tvm.relax import PyExprMutator, expr_functor
 __all__ = ["fast_nonlinear"]
 
 
-def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
+def _over_one_plus_exp(x: te.Tensor, silu: bool) -> te.Tensor:
+    """sigmoid(x) = 1 / (1 + e^-x); silu(x) = x / (1 + e^-x)."""
     e = topi.fast_exp(topi.negative(x))
     one = tvm.tirx.const(1.0, x.dtype)
-    return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="fast_sigmoid")
+    return te.compute(x.shape, lambda *i: (x(*i) if silu else one) / (one + e(*i)), name="fast_silu" if silu else "fast_sigmoid")
+
+
+def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
+    return _over_one_plus_exp(x, silu=False)
 
 
 def _fast_silu(x: te.Tensor) -> te.Tensor:
-    e = topi.fast_exp(topi.negative(x))
-    one = tvm.tirx.const(1.0, x.dtype)
-    return te.compute(x.shape, lambda *i: x(*i) / (one + e(*i)), name="fast_silu")
+    return _over_one_plus_exp(x, silu=True)
 
 
 @expr_functor.mutator
