@@ -212,6 +212,7 @@ def compile_model(
         # Whether every target's backend reads an appended KV cache in place (edgec.lm): the
         # cache contract a causal LM's entries are exported with; other families ignore it.
         model.prepared["appended_cache"] = all(t.capability.appended_cache for t in (target, *plan.part_targets.values()))
+        model.prepared["attention_op"] = all(t.capability.attention_kernel for t in (target, *plan.part_targets.values()))
         model.prepared["cache_dtype"] = recipe.cache_dtype
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)

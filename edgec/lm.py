@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgec.architectures import Architecture, architecture_of, canonicalize
+from edgec.decode_attention import HEAD_DIM_MULTIPLE, decode_attention
 from edgec.exits import ExitHeads, exits_of, vote
 from edgec.sinks import SinkRule, calibrate
 
@@ -163,10 +164,14 @@ class CausalLMEntries(nn.Module):
     """Prefill and decode entries over the submodules of a decoder-only causal LM whose
     architectural differences are data (edgec.architectures)."""
 
-    def __init__(self, model: nn.Module, appended_cache: bool = True, cache_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, appended_cache: bool = True, cache_dtype: torch.dtype = torch.float32,
+                 attention_op: bool = False) -> None:
         super().__init__()
         self.model = canonicalize(model)
         self.appended_cache = appended_cache
+        # A decode step's plain attention over an appended cache as one edgec::decode_attention
+        # node, for backends with a kernel for it (Capability.attention_kernel).
+        self.attention_op = attention_op and appended_cache
         # K and V between calls (the presents returned, the pasts taken); computed in compute_dtype.
         self.cache_dtype = cache_dtype
         self.arch: Architecture = architecture_of(model)
@@ -237,6 +242,15 @@ class CausalLMEntries(nn.Module):
         kv_width = kv_heads * self.head_dim
         return fused[..., :q_width], fused[..., q_width : q_width + kv_width], fused[..., q_width + kv_width :]
 
+    def _uses_attention_op(self, layer_index: int, seq: int, past: torch.Tensor | None) -> bool:
+        """Whether this layer's attention in this call is one edgec::decode_attention node:
+        one new position over an appended cache, plain softmax attention in float32 (no
+        window mask, no soft-capping, no calibrated heads, no observer)."""
+        return (self.attention_op and past is not None and seq == 1 and self.observer is None
+                and self.compute_dtype == torch.float32 and self.head_dim % HEAD_DIM_MULTIPLE == 0
+                and self.arch.windows[layer_index] is None
+                and self.arch.attn_softcap is None and calibration_of(self.attention(self.layers[layer_index])) is None)
+
     def _attention(
         self,
         layer_index: int,
@@ -247,8 +261,10 @@ class CausalLMEntries(nn.Module):
         past_v: torch.Tensor | None,
         past_sums: torch.Tensor | None,
         mask: torch.Tensor | None,
+        stored: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(output, the new positions' k and v [B, KV, S, D], the calibrated heads' sums)."""
+        """(output, the new positions' k and v [B, KV, S, D], the calibrated heads' sums).
+        `stored`: the whole cache as passed in (past_k, past_v), for the attention op."""
         batch, seq, _ = x.shape
         heads, kv_heads = self.arch.layer_heads[layer_index], self.arch.layer_kv_heads[layer_index]
         q, k, v = self._project(attn, x, heads, kv_heads)
@@ -271,6 +287,11 @@ class CausalLMEntries(nn.Module):
         # summed in two parts: the cache is read where it lies, never copied onto the new
         # keys (that copy, per layer and step, was most of a long-context decode step).
         grouped_q = q.reshape(batch, kv_heads, groups, seq, self.head_dim)
+        if stored is not None:
+            out = decode_attention(grouped_q[:, :, :, 0], k[:, :, 0], v[:, :, 0], *stored, layer_index if stored[0].dim() == 5 else 0,
+                                   self.kv_offsets[layer_index] if stored[0].dim() == 4 else 0, float(self.arch.attn_scale))
+            out = out.reshape(batch, heads, 1, self.head_dim).transpose(1, 2).reshape(batch, 1, heads * self.head_dim)
+            return getattr(attn, self.arch.layout.o)(out), k, v, None
         scores = torch.matmul(grouped_q, k[:, :, None].transpose(3, 4))
         if past_k is not None:
             scores = torch.cat((torch.matmul(grouped_q, past_k[:, :, None].transpose(3, 4)), scores), dim=-1)
@@ -338,6 +359,7 @@ class CausalLMEntries(nn.Module):
         past_k: torch.Tensor | None = None,
         past_v: torch.Tensor | None = None,
         past_s: torch.Tensor | None = None,
+        stored: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         layout = self.arch.layout
         layer = self.layers[index]
@@ -351,7 +373,7 @@ class CausalLMEntries(nn.Module):
         rope = tables.rope[self.rope_of_layer[index]] if tables.rope else None
         mask = tables.masks[self.arch.windows[index]]
         x = self._norm(getattr(layer, layout.attn_norm), h)
-        attn_out, k, v, sums = self._attention(index, attn, x, rope, past_k, past_v, layer_s, mask)
+        attn_out, k, v, sums = self._attention(index, attn, x, rope, past_k, past_v, layer_s, mask, stored)
         if layout.post_attn_norm is not None:
             attn_out = self._norm(getattr(layer, layout.post_attn_norm), attn_out)
         h = h + attn_out
@@ -372,7 +394,10 @@ class CausalLMEntries(nn.Module):
         past_s: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         dtype = self.compute_dtype
-        if past_k is not None and past_v is not None and past_k.dtype != dtype:
+        # The attention op reads the cache as it is stored (its kernel converts as it reads).
+        by_op = [self._uses_attention_op(index, input_ids.shape[1], past_k) for index in range(len(self.layers))]
+        stored = None if past_k is None or past_v is None else (past_k, past_v)
+        if past_k is not None and past_v is not None and past_k.dtype != dtype and not all(by_op):
             past_k, past_v = past_k.to(dtype), past_v.to(dtype)
         ragged = self.arch.ragged_kv
         tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[self.tokens_axis])
@@ -383,8 +408,11 @@ class CausalLMEntries(nn.Module):
         voting = [] if self.exits is None else self.exits.voting
         exit_logits: list[torch.Tensor] = []
         for index in range(len(self.layers)):
-            layer_k, layer_v = self._layer_cache(index, past_k), self._layer_cache(index, past_v)
-            h, k, v, sums = self._layer(index, h, tables, layer_k, layer_v, past_s)
+            if by_op[index]:
+                h, k, v, sums = self._layer(index, h, tables, past_s=past_s, stored=stored)
+            else:
+                layer_k, layer_v = self._layer_cache(index, past_k), self._layer_cache(index, past_v)
+                h, k, v, sums = self._layer(index, h, tables, layer_k, layer_v, past_s)
             new_k.append(k)
             new_v.append(v)
             if sums is not None:

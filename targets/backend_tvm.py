@@ -148,6 +148,7 @@ def build(
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from edgec.targets.tvm_attention import attention_calls, attention_converters
     from edgec.targets.tvm_packed import convert_map
     from edgec.targets.tvm_sparse import convert_map as sparse_convert_map
 
@@ -182,13 +183,15 @@ def build(
             try:
                 mod = from_exported_program(entry.program, keep_params_as_input=True,
                                             custom_convert_map={**convert_map(nm_kernels, dot, not entry.shares_weights),
-                                                                **sparse_convert_map()})
+                                                                **sparse_convert_map(), **attention_converters()})
             except AssertionError as exc:  # the torch importer's word for an operator it lacks
                 if "Unsupported function type" not in str(exc):
                     raise
                 ops = str(exc).split("[", 1)[-1].rstrip("]") if "[" in str(exc) else str(exc)
                 raise UnsupportedError(f"entry {entry.name}: TVM's PyTorch importer has no lowering for {ops}; try --backend onnx") from None
         mod, params = relax.frontend.detach_params(mod)
+        if attended := attention_calls(mod):
+            record.setdefault("attention_kernels", {})[entry.name] = attended
         if own_tvm.kind.name == "llvm" and dtype == "float32":
             from edgec.targets.tvm_fastmath import fast_nonlinear
 

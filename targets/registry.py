@@ -30,6 +30,8 @@ class Capability:
     # Reads a position-major KV cache where it lies, so decode returns only the new positions
     # and the runner appends them in place (edgec.lm); else decode returns the concatenated cache.
     appended_cache: bool = False
+    # Runs a decode step's attention over that cache as one kernel (edgec::decode_attention).
+    attention_kernel: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,6 +40,7 @@ class Capability:
             "sparsity": list(self.sparsity),
             "ops": list(self.ops),
             "appended_cache": self.appended_cache,
+            "attention_kernel": self.attention_kernel,
         }
 
 
@@ -50,11 +53,13 @@ DENSE_ONLY = ("dense (zeros stored)",)
 NM_COMPRESSED = ("dense (zeros stored)", "N:M compressed (2:4, 1:4, 1:2, 8:16), packed weights")
 # Packed low-bit weights (edgec.packing): TVM decodes them inside its matmul kernels;
 # ONNX Runtime runs 2/4/8 bits as MatMulNBits and decodes 3 bits in the graph.
-# TVM on CPU reads the cache's views in place (targets/tvm_views); ONNX Runtime would
+# TVM on CPU reads the cache in place (one attention kernel per layer: targets/tvm_attention;
+# the matmuls' views where attention is not plain: targets/tvm_views); ONNX Runtime would
 # transpose each layer's cache on every step (SmolLM2 at 1,024 tokens: 16.6 tok/s, against
 # 34.9 concatenated). On GPUs the views rewrite does not run yet: concatenated there.
 CPU_CAPABILITIES = {
-    "tvm": Capability(("float32",), (32, 8, 4, 3, 2), NM_COMPRESSED, (*LM_OPS, "packed_lowbit_matmul"), appended_cache=True),
+    "tvm": Capability(("float32",), (32, 8, 4, 3, 2), NM_COMPRESSED, (*LM_OPS, "packed_lowbit_matmul"), appended_cache=True,
+                      attention_kernel=True),
     "onnx": Capability(("float32",), (32, 8, 4, 3, 2), DENSE_ONLY, (*LM_OPS, "packed_lowbit_matmul")),
 }
 GPU_CAPABILITIES = {

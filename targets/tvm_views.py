@@ -16,6 +16,10 @@ cache read along its contiguous head dim) get a kernel of their own, scheduled h
 (rule `scores-tree`): the query heads of a group share each K row, and each score is
 summed lane-wise and then by a tree of vector adds. Other rewritten matmuls are left to
 the CPU rules (tvm_schedule).
+
+Where a decode step's attention is plain, the entries emit it as one op instead, lowered
+to one kernel (edgec.decode_attention, targets/tvm_attention); this rewrite serves the
+layers that keep the matmuls (window masks, soft-capping, calibrated heads).
 """
 
 from __future__ import annotations

@@ -173,10 +173,12 @@ class CausalLM(Family):
         # The compiler records whether the backend reads an appended cache in place (its capability).
         appended = bool(model.prepared.get("appended_cache", True))
         cache_dtype = str(model.prepared.get("cache_dtype", "float32"))
+        # And whether it has a kernel for a decode step's whole attention (edgec.decode_attention).
+        attention_op = bool(model.prepared.get("attention_op", False))
         if not shapes:
-            return _export_pair(model.module, "prefill", "decode", appended, cache_dtype=cache_dtype)
+            return _export_pair(model.module, "prefill", "decode", appended, cache_dtype=cache_dtype, attention_op=attention_op)
         return [entry for shape in shapes
-                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, True, cache_dtype)]
+                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, True, cache_dtype, attention_op)]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """Prefill on the reference prompt but its last token, one decode step with it, and
@@ -347,11 +349,13 @@ def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) ->
 
 
 def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, appended: bool,
-                 shares_weights: bool = False, cache_dtype: str = "float32") -> list[ExportedEntry]:
+                 shares_weights: bool = False, cache_dtype: str = "float32", attention_op: bool = False) -> list[ExportedEntry]:
     """A prefill and a decode entry of one causal LM module, exported with dynamic batch and
     length (`appended`: k and v hold only the new positions, position-major; `shares_weights`:
-    slices of weights other entries read too; `cache_dtype`: k and v between the calls)."""
-    entries = CausalLMEntries(module, appended_cache=appended, cache_dtype=getattr(torch, cache_dtype)).eval()
+    slices of weights other entries read too; `cache_dtype`: k and v between the calls;
+    `attention_op`: a decode step's plain attention layers as edgec::decode_attention nodes)."""
+    entries = CausalLMEntries(module, appended_cache=appended, cache_dtype=getattr(torch, cache_dtype),
+                              attention_op=attention_op).eval()
     prefill = PrefillEntry(entries).eval()
     decode = DecodeEntry(entries).eval()
     vocab = int(module.config.vocab_size)

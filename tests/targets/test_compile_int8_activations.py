@@ -80,8 +80,10 @@ def test_every_linear_that_fits_runs_on_the_dot_kernel_with_one_stored_table(bui
 
 def test_every_softmax_and_sigmoid_of_the_build_computes_exp_without_libm(built: dict) -> None:
     out, _ = built["float"]
-    replaced = json.loads((out / "manifest.json").read_text())["backend_record"]["fast_exp"]
-    assert replaced == {entry: {"sigmoid": LAYERS, "softmax": LAYERS} for entry in ("prefill", "decode")}
+    record = json.loads((out / "manifest.json").read_text())["backend_record"]
+    # Decode's softmaxes are inside its attention kernels (targets/tvm_attention), whose exp is arithmetic too.
+    assert record["fast_exp"] == {"prefill": {"sigmoid": LAYERS, "softmax": LAYERS}, "decode": {"sigmoid": LAYERS}}
+    assert record["attention_kernels"] == {"decode": LAYERS}
     for entry in ("prefill", "decode"):
         listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(out / "model" / f"{entry}.so")],
                                  capture_output=True, text=True, check=True).stdout

@@ -1,0 +1,126 @@
+"""A decode step's attention is one CPU kernel (targets/tvm_attention): it matches float64
+attention over every chunk boundary of the context, for float32 and float16 caches,
+stacked and ragged, and a tiny Llama's decode entry built with it matches the matmul
+entry in torch, with one kernel per layer and no kernel whose output grows with the context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from edgec.decode_attention import decode_attention
+from edgec.lm import CausalLMEntries
+from edgec.model import FAMILY_CAUSAL_LM, ModelHandle
+from edgec.targets.export import export_entries
+from edgec.targets.registry import resolve_target
+from edgec.targets.tvm_attention import CHUNK, attention_calls, attention_converters, decode_attention_func
+from edgec.targets.tvm_schedule import finish_pipeline, fused_module, schedule_fused
+from tests.conftest import TINY_CONFIG, make_tiny_llama
+
+pytestmark = pytest.mark.compile
+TARGET = resolve_target("cpu", "tvm").tvm_target
+
+
+def _attention_f64(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
+    """q [B, KV, G, D], k, v [B, KV, D], keys/values [P, B, KV, D] -> [B, KV, G, D], in float64."""
+    keys = np.concatenate([keys.astype(np.float64), k[None].astype(np.float64)])
+    values = np.concatenate([values.astype(np.float64), v[None].astype(np.float64)])
+    scores = np.einsum("bhgd,pbhd->bhgp", q.astype(np.float64), keys) * scale
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("bhgp,pbhd->bhgd", probs, values)
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+def test_the_kernel_matches_float64_attention_at_every_chunk_boundary(cache_dtype: str) -> None:
+    batch, kv, groups, dim, layers, heads, layer, offset, scale = 2, 2, 3, 32, 3, 5, 1, 2, 0.17
+    kernel = decode_attention_func(kv, groups, dim, layers, heads, cache_dtype, layer, offset, scale)
+    executable = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), tvm.target.Target(TARGET))
+    # The work items run on the thread pool, and exp is arithmetic, not libm's expf.
+    listing = executable.mod.inspect_source("asm")
+    assert "TVMBackendParallelLaunch" in listing
+    assert not any("expf" in line for line in listing.splitlines() if "call" in line or "jmp" in line)
+    rng = np.random.default_rng(0)
+    for past in (0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5):
+        q, k, v = (rng.normal(0, 1, shape).astype(np.float32) for shape in ((batch, kv, groups, dim), (batch, kv, dim), (batch, kv, dim)))
+        # Scores of a few units, and in the last chunk one far above the rest: the chunks' maxima differ.
+        past_k = rng.normal(0, 2, (past, layers, batch, heads, dim)).astype(cache_dtype)
+        past_v = rng.normal(0, 1, (past, layers, batch, heads, dim)).astype(cache_dtype)
+        if past > CHUNK:
+            past_k[past - 1, layer, 0, offset] = (q[0, 0, 0] * 4).astype(cache_dtype)
+        out = tvm.runtime.empty((batch, kv, groups, dim), "float32", tvm.cpu())
+        executable["main"](*(tvm.runtime.tensor(x) for x in (q, k, v, past_k, past_v)), out)
+        layer_heads = slice(offset, offset + kv)
+        want = _attention_f64(q, k, v, past_k[:, layer, :, layer_heads], past_v[:, layer, :, layer_heads], scale)
+        np.testing.assert_allclose(out.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{past} positions")
+        reference = decode_attention(*(torch.from_numpy(x) for x in (q, k, v, past_k, past_v)), layer, offset, scale)
+        np.testing.assert_allclose(reference.numpy(), want, rtol=2e-5, atol=2e-6)
+
+
+class _RaggedAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> torch.Tensor:
+        return decode_attention(q, k, v, past_k, past_v, 0, 1, 0.25)
+
+
+def test_a_ragged_cache_is_read_through_the_importer_as_one_layer() -> None:
+    batch, kv, groups, dim, total_heads = 1, 2, 2, 16, 4
+    rng = np.random.default_rng(1)
+    args = [torch.from_numpy(rng.normal(0, 1, shape).astype(np.float32))
+            for shape in ((batch, kv, groups, dim), (batch, kv, dim), (batch, kv, dim), (70, batch, total_heads, dim), (70, batch, total_heads, dim))]
+    past = torch.export.Dim("past", min=1, max=512)
+    program = torch.export.export(_RaggedAttention(), tuple(args), dynamic_shapes=(None, None, None, {0: past}, {0: past}))
+    mod = from_exported_program(program, custom_convert_map=attention_converters())
+    assert attention_calls(mod) == 1
+    target = tvm.target.Target(TARGET)
+    vm = relax.VirtualMachine(tvm.compile(schedule_fused(fused_module(mod, target), target), target,
+                                          relax_pipeline=finish_pipeline(target)), tvm.cpu())
+    got = vm["main"](*(tvm.runtime.tensor(a.numpy()) for a in args))
+    got = got[0] if isinstance(got, (list, tuple)) or hasattr(got, "__getitem__") and not hasattr(got, "numpy") else got
+    want = _attention_f64(*(a.numpy() for a in args[:3]), args[3].numpy()[:, :, 1:3], args[4].numpy()[:, :, 1:3], 0.25)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+def test_a_tiny_llama_decode_is_one_attention_kernel_per_layer_and_matches_the_matmuls(cache_dtype: str) -> None:
+    model = make_tiny_llama()
+    handle = ModelHandle("tiny", FAMILY_CAUSAL_LM, "LlamaForCausalLM", Path("."), "0" * 64, module=model)
+    handle.prepared.update(cache_dtype=cache_dtype, attention_op=True)
+    decode = next(entry for entry in export_entries(handle) if entry.name == "decode")
+    mod, params = relax.frontend.detach_params(
+        from_exported_program(decode.program, keep_params_as_input=True, custom_convert_map=attention_converters()))
+    layers = TINY_CONFIG["num_hidden_layers"]
+    assert attention_calls(mod) == layers
+    main = mod["main"]
+    matmul = tvm.ir.Op.get("relax.matmul")
+    found: list[relax.Call] = []
+    relax.analysis.post_order_visit(main, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(matmul) else None)
+    # The linears' matmuls are left (a 2-D weight); no attention matmul (batched over heads) is.
+    assert found and all(call.args[1].ty.ndim == 2 for call in found), [call.args[1].ty for call in found]
+
+    target = tvm.target.Target(TARGET)
+    scheduled = schedule_fused(fused_module(mod, target), target)
+    context = main.params[1].ty.shape.values[0]
+    for gvar, func in scheduled.functions_items():
+        if isinstance(func, relax.Function):
+            continue
+        # Only the attention kernel's own scratch may grow with the context: no kernel outputs such a tensor.
+        out = func.params[-1]
+        grows = any(any(v.same_as(context) or v.name == context.name for v in tvm.tirx.analysis.undefined_vars(d))
+                    for d in out.shape if not isinstance(d, tvm.tirx.IntImm))
+        assert not grows, gvar.name_hint
+
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target, relax_pipeline=finish_pipeline(target)), tvm.cpu())
+    example = decode.example
+    got = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in example], *params["main"])
+    matmuls = CausalLMEntries(model, cache_dtype=getattr(torch, cache_dtype)).eval()
+    with torch.no_grad():
+        want = matmuls.decode(*example)
+    for ours, theirs in zip(got, want):
+        tolerance = {"rtol": 1e-3, "atol": 1e-3} if ours.dtype == "float16" else {"rtol": 1e-4, "atol": 1e-5}
+        np.testing.assert_allclose(ours.numpy().astype(np.float32), theirs.float().numpy(), **tolerance)
