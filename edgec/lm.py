@@ -288,8 +288,10 @@ class CausalLMEntries(nn.Module):
         # keys (that copy, per layer and step, was most of a long-context decode step).
         grouped_q = q.reshape(batch, kv_heads, groups, seq, self.head_dim)
         if stored is not None:
-            out = decode_attention(grouped_q[:, :, :, 0], k[:, :, 0], v[:, :, 0], *stored, layer_index if stored[0].dim() == 5 else 0,
-                                   self.kv_offsets[layer_index] if stored[0].dim() == 4 else 0, float(self.arch.attn_scale))
+            # A stacked cache is indexed by layer, a ragged one by where the layer's heads start.
+            ragged = self.arch.ragged_kv
+            layer, head_offset = (0, self.kv_offsets[layer_index]) if ragged else (layer_index, 0)
+            out = decode_attention(grouped_q[:, :, :, 0], k[:, :, 0], v[:, :, 0], *stored, layer, head_offset, float(self.arch.attn_scale))
             out = out.reshape(batch, heads, 1, self.head_dim).transpose(1, 2).reshape(batch, 1, heads * self.head_dim)
             return getattr(attn, self.arch.layout.o)(out), k, v, None
         scores = torch.matmul(grouped_q, k[:, :, None].transpose(3, 4))
