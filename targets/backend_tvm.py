@@ -143,6 +143,20 @@ def build(
     float32 accumulation), because TVM's torch importer types every matmul output
     float32 and so cannot import a half-precision program. The weight casts are then
     lifted like any weight transform, so params.safetensors stores float16 weights."""
+    tvm_target = _tvm_target(target)
+    runner = _runner(tuning, target, progress) if tuning is not None and tvm_target.kind.name == "llvm" else None
+    try:
+        return _build(entries, target, out_dir, progress, dtype, tuning, entry_targets, tvm_target, runner)
+    finally:
+        # Now, not when the garbage collector gets to it: TVMScript's parser keeps its callers'
+        # frames (this one included) in a reference cycle, and a TVM RPC server serves one
+        # session at a time, so the next compile found the device busy.
+        if runner is not None:
+            runner.close()
+
+
+def _build(entries: list[ExportedEntry], target: ResolvedTarget, out_dir: Path, progress: Callable[[str], None], dtype: str,
+           tuning: Any | None, entry_targets: dict[str, ResolvedTarget] | None, tvm_target: Any, runner: Any) -> dict[str, Any]:
     import tvm
     from safetensors.numpy import save_file
     from tvm import relax
@@ -152,11 +166,9 @@ def build(
     from edgec.targets.tvm_packed import convert_map
     from edgec.targets.tvm_sparse import convert_map as sparse_convert_map
 
-    tvm_target = _tvm_target(target)
     stored: dict[str, np.ndarray] = {}
     by_digest: dict[str, str] = {}
     record: dict[str, Any] = {"entries": {}, "params_file": PARAMS_FILE, "dtype": dtype}
-    runner = _runner(tuning, target, progress) if tuning is not None and tvm_target.kind.name == "llvm" else None
     for entry in entries:
         start = time.perf_counter()
         nm_kernels: dict[str, str] = {}

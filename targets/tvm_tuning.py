@@ -144,6 +144,9 @@ class Runner:
     def load(self, library: Any) -> Any:
         return library.mod
 
+    def close(self) -> None:
+        """Release what the runner holds (nothing on this host)."""
+
 
 class RemoteRunner(Runner):
     """Times compiled kernels on a TVM RPC server: each candidate is exported (with the
@@ -172,6 +175,10 @@ class RemoteRunner(Runner):
                 library.export_library(path)
             self.session.upload(path, target=name)
         return self.session.load_module(name)
+
+    def close(self) -> None:
+        """End the RPC session: the last reference to it goes (TVM's sessions have no close)."""
+        self.session = None
 
 
 def measure_us(func: tirx.PrimFunc, config: CpuScheduleConfig, target: Target, rows: int, runner: Runner | None = None) -> tuple[float, str]:
