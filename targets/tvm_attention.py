@@ -31,7 +31,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from edgec.decode_attention import HEAD_DIM_MULTIPLE
-from edgec.targets.tvm_schedule import RULE_ATTR
+from edgec.targets.tvm_schedule import RULE_ATTR, rule_calls
 
 __all__ = ["ATTENTION_RULE", "CHUNK", "LANES", "attention_calls", "attention_converters", "decode_attention_func"]
 
@@ -198,13 +198,4 @@ def attention_converters() -> dict[str, Any]:
 
 def attention_calls(mod: Any) -> int:
     """Calls of decode attention kernels in a Relax module's main."""
-    kernels = [gv for gv, func in mod.functions_items()
-               if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get(RULE_ATTR) == ATTENTION_RULE]
-    found: list[Any] = []
-
-    def _visit(expr: Any) -> None:
-        if isinstance(expr, relax.Call) and expr.args and any(expr.args[0].same_as(gv) for gv in kernels):
-            found.append(expr)
-
-    relax.analysis.post_order_visit(mod["main"], _visit)
-    return len(found)
+    return len(rule_calls(mod, ATTENTION_RULE))

@@ -33,7 +33,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_cpu_features
 
 from edgec.packing import PLANE_WIDTHS
-from edgec.targets.tvm_schedule import RULE_ATTR
+from edgec.targets.tvm_schedule import RULE_ATTR, rule_calls
 
 # Bit widths with a dot-product kernel: one plane of 4- or 8-bit fields.
 DOT_BITS = (4, 8)
@@ -241,18 +241,8 @@ def qembedding_tiles_te(ids: te.Tensor, tiles: te.Tensor, scales: te.Tensor, zer
 def dot_calls(mod: Any) -> tuple[int, int]:
     """(linears, kernel calls) of a Relax module's main on dot kernels: a fused kernel
     is one call computing several linears."""
-    from tvm import relax
-
-    linears = {gv: int(func.attrs.get(LINEARS_ATTR, 1)) for gv, func in mod.functions_items()
-               if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get(RULE_ATTR) == RULE}
-    counted: list[int] = []
-
-    def _visit(expr: Any) -> None:
-        if isinstance(expr, relax.Call):
-            counted.extend(n for gv, n in linears.items() for a in expr.args[:1] if a.same_as(gv))
-
-    relax.analysis.post_order_visit(mod["main"], _visit)
-    return sum(counted), len(counted)
+    called = rule_calls(mod, RULE)
+    return sum(int(func.attrs.get(LINEARS_ATTR, 1)) for func in called), len(called)
 
 
 def _shape(node_arg: Any) -> list[int]:

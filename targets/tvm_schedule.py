@@ -141,6 +141,23 @@ _Rule = Callable[[s_tir.Schedule, CpuScheduleConfig], str]
 # --------------------------------------------------------------------------- helpers
 
 
+def rule_calls(mod: IRModule, rule: str) -> list[tirx.PrimFunc]:
+    """The kernel of every call in a Relax module's main to a PrimFunc marked with `rule`
+    (RULE_ATTR), one per call, in the order they are visited."""
+    from tvm import relax
+
+    marked = [(gv, func) for gv, func in mod.functions_items()
+              if isinstance(func, tirx.PrimFunc) and func.attrs is not None and func.attrs.get(RULE_ATTR) == rule]
+    called: list[tirx.PrimFunc] = []
+
+    def _visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and expr.args:
+            called.extend(func for gv, func in marked if expr.args[0].same_as(gv))
+
+    relax.analysis.post_order_visit(mod["main"], _visit)
+    return called
+
+
 def _root(sch: s_tir.Schedule) -> SBlockRV:
     return sch.get_sblock("root")
 
