@@ -79,6 +79,24 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
     fvec = f"float32x{dim}"
     scale_ = float(scale)
 
+    # A work item's coordinates, as expressions: a name assigned in TVMScript is a mutable
+    # local in this TVM, one workspace-pool call per parallel task (see tvm_dot).
+    def _chunks(past: Any) -> Any:
+        return (past + (CHUNK - 1)) // CHUNK
+
+    def _start(w: Any, past: Any) -> Any:
+        return w % _chunks(past) * CHUNK
+
+    def _count(w: Any, past: Any) -> Any:  # positions in the item's chunk
+        return T.min(T.int64(CHUNK), past - _start(w, past))
+
+    def _query(q: Any, w: Any, past: Any, g: Any, cols: Any) -> Any:
+        return q[w // (kv * _chunks(past)), w // _chunks(past) % kv, g, cols]
+
+    def _cached(cache: Any, w: Any, past: Any, position: Any, cols: Any) -> Any:
+        """cache[position, layer, the item's batch row, its head, cols]."""
+        return cache[position, layer, w // (kv * _chunks(past)), head_offset + w // _chunks(past) % kv, cols]
+
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, pk_h: T.handle, pv_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, RULE_ATTR: ATTENTION_RULE})
@@ -90,31 +108,26 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
         pk = T.match_buffer(pk_h, (past, layers, batch, heads, dim), cache_dtype)
         pv = T.match_buffer(pv_h, (past, layers, batch, heads, dim), cache_dtype)
         out = T.match_buffer(out_h, (batch, kv, groups, dim), "float32")
-        chunks = (past + (CHUNK - 1)) // CHUNK
         # Per work item: the chunk's scores (then numerators), its maximum, their sum, and
         # the numerators' products with the values.
-        scores = T.alloc_buffer((batch * kv * ((past + (CHUNK - 1)) // CHUNK), groups, CHUNK), "float32")
-        peak = T.alloc_buffer((batch * kv * ((past + (CHUNK - 1)) // CHUNK), groups), "float32")
-        total = T.alloc_buffer((batch * kv * ((past + (CHUNK - 1)) // CHUNK), groups), "float32")
-        acc = T.alloc_buffer((batch * kv * ((past + (CHUNK - 1)) // CHUNK), groups, dim), "float32")
-        for w in T.parallel(batch * kv * chunks):
-            b = w // (kv * chunks)
-            h = w // chunks % kv
-            start = w % chunks * CHUNK
-            n = T.min(T.int64(CHUNK), past - start)
-            for t in range(n):
+        scores = T.alloc_buffer((batch * kv * _chunks(past), groups, CHUNK), "float32")
+        peak = T.alloc_buffer((batch * kv * _chunks(past), groups), "float32")
+        total = T.alloc_buffer((batch * kv * _chunks(past), groups), "float32")
+        acc = T.alloc_buffer((batch * kv * _chunks(past), groups, dim), "float32")
+        for w in T.parallel(batch * kv * _chunks(past)):
+            for t in range(_count(w, past)):
                 # The rows AHEAD positions on (the module docstring says why).
                 for line in T.unroll(lines):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        pk[T.min(start + t + AHEAD, past - 1), layer, b, head_offset + h, line * per_line]), 0, 3, 1))
+                        _cached(pk, w, past, T.min(_start(w, past) + t + AHEAD, past - 1), line * per_line)), 0, 3, 1))
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        pv[T.min(start + t + AHEAD, past - 1), layer, b, head_offset + h, line * per_line]), 0, 3, 1))
+                        _cached(pv, w, past, T.min(_start(w, past) + t + AHEAD, past - 1), line * per_line)), 0, 3, 1))
                 for g in T.unroll(groups):
                     lane = T.alloc_buffer((LANES,), "float32")
                     lane[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                     for part in T.unroll(parts):
-                        lane[T.ramp(0, 1, LANES)] = lane[T.ramp(0, 1, LANES)] + q[b, h, g, T.ramp(part * LANES, 1, LANES)] * T.Cast(
-                            f"float32x{LANES}", pk[start + t, layer, b, head_offset + h, T.ramp(part * LANES, 1, LANES)])
+                        lane[T.ramp(0, 1, LANES)] = lane[T.ramp(0, 1, LANES)] + _query(q, w, past, g, T.ramp(part * LANES, 1, LANES)) * T.Cast(
+                            f"float32x{LANES}", _cached(pk, w, past, _start(w, past) + t, T.ramp(part * LANES, 1, LANES)))
                     lane[T.ramp(0, 1, 8)] = lane[T.ramp(0, 1, 8)] + lane[T.ramp(8, 1, 8)]
                     lane[T.ramp(0, 1, 4)] = lane[T.ramp(0, 1, 4)] + lane[T.ramp(4, 1, 4)]
                     lane[T.ramp(0, 1, 2)] = lane[T.ramp(0, 1, 2)] + lane[T.ramp(2, 1, 2)]
@@ -126,14 +139,14 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
                 lane[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(_LOWEST), LANES)
                 for part in T.unroll(CHUNK // LANES):
                     for i in T.vectorized(LANES):
-                        lane[i] = T.max(lane[i], T.Select(T.Cast("int64", part * LANES + i) < n, scores[w, g, part * LANES + i],
-                                                          T.float32(_LOWEST)))
+                        lane[i] = T.max(lane[i], T.Select(T.Cast("int64", part * LANES + i) < _count(w, past),
+                                                          scores[w, g, part * LANES + i], T.float32(_LOWEST)))
                 lane[T.ramp(0, 1, 8)] = T.max(lane[T.ramp(0, 1, 8)], lane[T.ramp(8, 1, 8)])
                 lane[T.ramp(0, 1, 4)] = T.max(lane[T.ramp(0, 1, 4)], lane[T.ramp(4, 1, 4)])
                 lane[T.ramp(0, 1, 2)] = T.max(lane[T.ramp(0, 1, 2)], lane[T.ramp(2, 1, 2)])
                 peak[w, g] = T.max(lane[0], lane[1])
                 for t in T.vectorized(CHUNK):
-                    scores[w, g, t] = T.Select(T.Cast("int64", t) < n, fast_exp(scores[w, g, t] - peak[w, g]), T.float32(0))
+                    scores[w, g, t] = T.Select(T.Cast("int64", t) < _count(w, past), fast_exp(scores[w, g, t] - peak[w, g]), T.float32(0))
                 lane[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                 for part in T.unroll(CHUNK // LANES):
                     lane[T.ramp(0, 1, LANES)] = lane[T.ramp(0, 1, LANES)] + scores[w, g, T.ramp(part * LANES, 1, LANES)]
@@ -142,10 +155,10 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
                 lane[T.ramp(0, 1, 2)] = lane[T.ramp(0, 1, 2)] + lane[T.ramp(2, 1, 2)]
                 total[w, g] = lane[0] + lane[1]
                 acc[w, g, T.ramp(0, 1, dim)] = T.broadcast(T.float32(0), dim)
-            for t in range(n):
+            for t in range(_count(w, past)):
                 for g in T.unroll(groups):
                     acc[w, g, T.ramp(0, 1, dim)] = acc[w, g, T.ramp(0, 1, dim)] + T.broadcast(scores[w, g, t], dim) * T.Cast(
-                        fvec, pv[start + t, layer, b, head_offset + h, T.ramp(0, 1, dim)])
+                        fvec, _cached(pv, w, past, _start(w, past) + t, T.ramp(0, 1, dim)))
         for b, h, g in T.grid(batch, kv, groups):
             lane = T.alloc_buffer((LANES,), "float32")
             best = T.alloc_buffer((1,), "float32")
@@ -159,16 +172,16 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
             lane[T.ramp(0, 1, 2)] = lane[T.ramp(0, 1, 2)] + lane[T.ramp(2, 1, 2)]
             lane[0] = (lane[0] + lane[1]) * T.float32(scale_)  # the new key's score
             best[0] = lane[0]
-            for c in range(chunks):
-                best[0] = T.max(best[0], peak[(b * kv + h) * chunks + c, g])
+            for c in range(_chunks(past)):
+                best[0] = T.max(best[0], peak[(b * kv + h) * _chunks(past) + c, g])
             lane[1] = fast_exp(lane[0] - best[0])
             weight[0] = lane[1]
             out[b, h, g, T.ramp(0, 1, dim)] = T.broadcast(lane[1], dim) * v[b, h, T.ramp(0, 1, dim)]
-            for c in range(chunks):
-                lane[2] = fast_exp(peak[(b * kv + h) * chunks + c, g] - best[0])
-                weight[0] = weight[0] + lane[2] * total[(b * kv + h) * chunks + c, g]
+            for c in range(_chunks(past)):
+                lane[2] = fast_exp(peak[(b * kv + h) * _chunks(past) + c, g] - best[0])
+                weight[0] = weight[0] + lane[2] * total[(b * kv + h) * _chunks(past) + c, g]
                 out[b, h, g, T.ramp(0, 1, dim)] = out[b, h, g, T.ramp(0, 1, dim)] + T.broadcast(lane[2], dim) * acc[
-                    (b * kv + h) * chunks + c, g, T.ramp(0, 1, dim)]
+                    (b * kv + h) * _chunks(past) + c, g, T.ramp(0, 1, dim)]
             out[b, h, g, T.ramp(0, 1, dim)] = out[b, h, g, T.ramp(0, 1, dim)] / T.broadcast(weight[0], dim)
 
     return decode_attention

@@ -41,17 +41,20 @@ def _code(planes: list[te.Tensor], bits: int, row: Any, col: Any) -> Any:
     return value
 
 
-def _scaled(code: Any, scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any) -> Any:
+def _scaled(code: Any, scales: te.Tensor, zeros: te.Tensor | None, bits: int, group: int, dtype: str, row: Any, col: Any,
+            lookup: Callable[[te.Tensor, Any, Any], Any] | None = None) -> Any:
     """The weight value of `code` at W[row, col] (col picks the group); float zeros are the
-    offset grid's offsets (edgec.packing)."""
+    offset grid's offsets (edgec.packing). `lookup(values, group, row)` reads a scale or
+    zero where they are not stored transposed ([K / group, N], the default)."""
+    at = lookup or (lambda values, g, r: values[g, r])
     if zeros is not None and "float" in str(zeros.dtype):
-        scale = scales[col // group, row].astype(dtype)
-        return code.astype(dtype) * scale + zeros[col // group, row].astype(dtype)
+        scale = at(scales, col // group, row).astype(dtype)
+        return code.astype(dtype) * scale + at(zeros, col // group, row).astype(dtype)
     if zeros is None:
         centred = (code - tirx.const(1 << (bits - 1), "int32")).astype(dtype)
     else:
-        centred = (code - zeros[col // group, row].astype("int32")).astype(dtype)
-    return centred * scales[col // group, row].astype(dtype)
+        centred = (code - at(zeros, col // group, row).astype("int32")).astype(dtype)
+    return centred * at(scales, col // group, row).astype(dtype)
 
 
 def _weight(

@@ -27,6 +27,18 @@ TINY_CONFIG = dict(
 )
 
 
+def parallel_bodies(listing: str) -> str:
+    """The parallel tasks' code in an x86 assembly listing of a TVM build: the functions
+    TVM outlines for `T.parallel` loops (`.L__tvm_parallel_lambda*`), each up to its end label."""
+    lines = listing.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(".L__tvm_parallel_lambda") and line.endswith(":")]
+    bodies = []
+    for start in starts:
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith(".Lfunc_end"))
+        bodies.append("\n".join(lines[start:end]))
+    return "\n".join(bodies)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (servers started by tests bind to it)."""
     with socket.socket() as sock:

@@ -21,7 +21,7 @@ from edgec.targets.export import export_entries
 from edgec.targets.registry import resolve_target
 from edgec.targets.tvm_attention import CHUNK, attention_calls, attention_converters, decode_attention_func
 from edgec.targets.tvm_schedule import finish_pipeline, fused_module, schedule_fused
-from tests.conftest import TINY_CONFIG, make_tiny_llama
+from tests.conftest import TINY_CONFIG, make_tiny_llama, parallel_bodies
 
 pytestmark = pytest.mark.compile
 TARGET = resolve_target("cpu", "tvm").tvm_target
@@ -42,9 +42,12 @@ def test_the_kernel_matches_float64_attention_at_every_chunk_boundary(cache_dtyp
     batch, kv, groups, dim, layers, heads, layer, offset, scale = 2, 2, 3, 32, 3, 5, 1, 2, 0.17
     kernel = decode_attention_func(kv, groups, dim, layers, heads, cache_dtype, layer, offset, scale)
     executable = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), tvm.target.Target(TARGET))
-    # The work items run on the thread pool, and exp is arithmetic, not libm's expf.
+    # The work items run on the thread pool without a workspace-pool call each, and exp
+    # is arithmetic, not libm's expf.
     listing = executable.mod.inspect_source("asm")
     assert "TVMBackendParallelLaunch" in listing
+    tasks = parallel_bodies(listing)
+    assert "vfmadd" in tasks and "TVMBackendAllocWorkspace" not in tasks
     assert not any("expf" in line for line in listing.splitlines() if "call" in line or "jmp" in line)
     rng = np.random.default_rng(0)
     for past in (0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5):

@@ -13,6 +13,7 @@ from tvm import te
 
 from edgec.targets.registry import host_mcpu
 from edgec.targets.tvm_dot import ARM_DOTPROD, AVX512_VNNI, dot_isa, fits, qembedding_tiles_te, qlinear_dot_func, tiles_te
+from tests.conftest import parallel_bodies
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu(), "num-cores": 2})
 RPI5 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]})
@@ -44,6 +45,12 @@ def _weights(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bi
     return (codes.astype(np.float32) - zero) * scale
 
 
+def _tile_order(values: np.ndarray, lanes: int) -> np.ndarray:
+    """[K / group, N] -> [N / lanes, K / group, lanes]."""
+    groups, outputs = values.shape
+    return np.ascontiguousarray(values.reshape(groups, outputs // lanes, lanes).transpose(1, 0, 2))
+
+
 @pytest.mark.skipif(dot_isa(HOST) is None, reason="the host CPU has no AVX-512 VNNI (the arm64 kernels: test_deploy_qemu.py)")
 @pytest.mark.parametrize(("bits", "grid"), [(4, "offset"), (4, "zero point"), (4, "symmetric"), (8, "zero point"), (8, "symmetric")])
 def test_dot_kernel_and_embedding_match_numpy(bits: int, grid: str) -> None:
@@ -66,7 +73,9 @@ def test_dot_kernel_and_embedding_match_numpy(bits: int, grid: str) -> None:
     expected = codes[0, :4] | (codes[0, 4:8] << 4) if bits == 4 else codes[0, :4]
     np.testing.assert_array_equal(first, expected)
 
-    params = [tvm.runtime.tensor(scales, device), tvm.runtime.tensor(scales if zeros is None else zeros, device)]
+    # The kernel and the embedding read scales and zeros in tile order (tvm_dot.scale_tiles).
+    params = [tvm.runtime.tensor(_tile_order(scales, isa.lanes), device),
+              tvm.runtime.tensor(_tile_order(scales if zeros is None else zeros, isa.lanes), device)]
     kernel = qlinear_dot_func(isa, bits, GROUP, OUTPUTS, INPUTS, "float16", None if zeros is None else str(zeros.dtype))
     library = tvm.compile(tvm.IRModule({"dot": kernel.with_attr("global_symbol", "dot")}), target=HOST)
     x = rng.standard_normal((ROWS, INPUTS)).astype(np.float32)
@@ -76,11 +85,14 @@ def test_dot_kernel_and_embedding_match_numpy(bits: int, grid: str) -> None:
     # int8 inputs per group of 32: within about 1% of the output's scale, not exact.
     error = np.abs(y.numpy() - want).max() / np.abs(want).max()
     assert error < 0.02, error
-    assert "vpdpbusd" in library.mod.inspect_source("asm")
+    # The products run in the parallel tasks, which make no workspace-pool call (a named
+    # value in TVMScript would be one per task).
+    tasks = parallel_bodies(library.mod.inspect_source("asm"))
+    assert "vpdpbusd" in tasks and "TVMBackendAllocWorkspace" not in tasks
 
     ids = te.placeholder((2,), "int64")
-    scale_in = te.placeholder(scales.shape, "float16")
-    zeros_in = None if zeros is None else te.placeholder(zeros.shape, str(zeros.dtype))
+    scale_in = te.placeholder(params[0].shape, "float16")
+    zeros_in = None if zeros is None else te.placeholder(params[1].shape, str(zeros.dtype))
     table = te.placeholder(tiles.shape, "uint8")
     rows = qembedding_tiles_te(ids, table, scale_in, zeros_in, bits, GROUP, isa)
     gather = tvm.compile(te.create_prim_func([ids, table, scale_in, *([zeros_in] if zeros_in is not None else []), rows])
