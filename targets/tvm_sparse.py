@@ -49,7 +49,7 @@ def segment_sum_function(width: int, relu: bool = False, name: str = FUNCTION) -
         bias = T.match_buffer(bias_h, (width,), "float32")
         out = T.match_buffer(out_h, (rows, width), "float32")
         for i in T.parallel(rows):
-            acc = T.alloc_buffer((width,), "float32", scope="local")
+            acc = T.alloc_buffer((width,), "float32")
             for k0 in T.serial(blocks):
                 for k1 in T.vectorized(lanes):
                     acc[k0 * lanes + k1] = T.float32(0)
