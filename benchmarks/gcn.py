@@ -4,6 +4,7 @@ and PyTorch Geometric as the peers.
 
     .venv/bin/python benchmarks/gcn.py [--graphs zoo:wordnet,sbm:1000000] [--world-sizes 1,2,4,8]
         [--epochs 200] [--big-epochs 2] [--json gcn.json] [--plot benchmarks/figures/gcn-volume.png]
+        [--kernels-only]
 
 In one run, for each graph (`zoo:wordnet`, or `sbm:N`: a block model of N nodes, degree 10,
 made by `edgec gcn graph sbm`):
@@ -190,7 +191,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--from-json", type=Path, default=None, help="print the tables (and plot) of an earlier run's --json")
+    parser.add_argument("--kernels-only", action="store_true", help="only part 4, the aggregation kernels, for each graph")
     args = parser.parse_args()
+    if args.kernels_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for spec in args.graphs.split(","):
+                times = aggregation_kernels(read_graph(resolve(spec, Path(tmp))))
+                torch_csr = times["torch.sparse CSR @ dense (edgec training)"]
+                print(f"{spec}: A_hat H, 64 columns: " + ", ".join(f"{k} {v:.1f} ms ({v / torch_csr:.2f}x torch.sparse)"
+                                                                for k, v in times.items()), flush=True)
+        return
     if args.from_json:
         report = json.loads(args.from_json.read_text())
         print(markdown(report))

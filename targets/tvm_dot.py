@@ -17,8 +17,9 @@ LiftTransformParams): tiles of `lanes` outputs (one int32 vector of accumulators
 `[N / lanes, K / 8, lanes * 4]` bytes at 4 bits and `[N / lanes, K / 4, lanes * 4]` at 8:
 the 4 bytes of lane l hold 4 consecutive inputs of output l, as the instructions sum
 them. At 4 bits the low nibbles hold inputs 0-3 of each 8 and the high nibbles inputs
-4-7, so one load, a mask and a shift give two instructions' operands. The tied
-embedding reads the same tiles (`qembedding_tiles_te`), so the table is stored once.
+4-7, so one load, a mask and a shift give two instructions' operands. Scales and zeros
+are stored in the same tile order, `[N / lanes, K / group, lanes]` (`scale_tiles`). The
+tied embedding reads the same tiles (`qembedding_tiles_te`), so the table is stored once.
 """
 
 from __future__ import annotations
