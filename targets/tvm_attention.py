@@ -90,12 +90,18 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
     def _count(w: Any, past: Any) -> Any:  # positions in the item's chunk
         return T.min(T.int64(CHUNK), past - _start(w, past))
 
+    def _batch(w: Any, past: Any) -> Any:
+        return w // (kv * _chunks(past))
+
+    def _head(w: Any, past: Any) -> Any:  # of the KV heads
+        return w // _chunks(past) % kv
+
     def _query(q: Any, w: Any, past: Any, g: Any, cols: Any) -> Any:
-        return q[w // (kv * _chunks(past)), w // _chunks(past) % kv, g, cols]
+        return q[_batch(w, past), _head(w, past), g, cols]
 
     def _cached(cache: Any, w: Any, past: Any, position: Any, cols: Any) -> Any:
         """cache[position, layer, the item's batch row, its head, cols]."""
-        return cache[position, layer, w // (kv * _chunks(past)), head_offset + w // _chunks(past) % kv, cols]
+        return cache[position, layer, _batch(w, past), head_offset + _head(w, past), cols]
 
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, pk_h: T.handle, pv_h: T.handle, out_h: T.handle):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,13 +31,7 @@ TINY_CONFIG = dict(
 def parallel_bodies(listing: str) -> str:
     """The parallel tasks' code in an x86 assembly listing of a TVM build: the functions
     TVM outlines for `T.parallel` loops (`.L__tvm_parallel_lambda*`), each up to its end label."""
-    lines = listing.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(".L__tvm_parallel_lambda") and line.endswith(":")]
-    bodies = []
-    for start in starts:
-        end = next(i for i in range(start, len(lines)) if lines[i].startswith(".Lfunc_end"))
-        bodies.append("\n".join(lines[start:end]))
-    return "\n".join(bodies)
+    return "\n".join(re.findall(r"^\.L__tvm_parallel_lambda[^:\n]*:\n(.*?)^\.Lfunc_end", listing, flags=re.M | re.S))
 
 
 def free_port() -> int:
