@@ -11,6 +11,8 @@ the same prompt, contexts and threads:
   (`schedule.activations=int8`; parity.rtol 0.15: SmolLM2's logits move by up to 10% of their range);
 - f16-cache: the int8 rows with `cache_dtype=float16` (K and V kept in float16 between
   steps, as llama.cpp's default cache is);
+- i8-cache: the int8 rows with `cache_dtype=int8` (K and V in int8 at fixed scales per
+  layer, head and channel: a quarter of the float32 cache's bytes);
 - ort-quantizers: ONNX Runtime's own int8 dynamic and MatMulNBits 4-bit quantizers on
   edgec's dense ONNX graphs (benchmarks/ort_quantized.py);
 - with --llama-cpp: llama.cpp's llama-bench on SmolLM2's source Q4_1 GGUF and on an
@@ -18,22 +20,26 @@ the same prompt, contexts and threads:
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
         [--rows fp32 luc w4 int8 f16-cache ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
-        [--new-tokens 32] [--runs 10] [--rounds 3] [--ppl-tokens 4096] [--out artifacts/bench]
-        [--json FILE] [--llama-cpp]
+        [--new-tokens 32] [--runs 10] [--rounds 3] [--min-decode-s 0.5] [--ppl-tokens 4096]
+        [--decode-ppl-tokens 1024] [--out artifacts/bench] [--json FILE] [--llama-cpp]
 
 Every row is loaded first (and its perplexity scored), then timed --rounds times, each
 round timing every row in turn, so that the host's drift over minutes reaches all rows
 alike. Prefill: median of the warm calls on the first --prompt-len held-out tokens
 (--runs of them, spread over the rounds). Decode at context C: tokens/s of --new-tokens
-greedy steps after a prompt of C held-out tokens (median over the rounds, one generation
-each; llama-bench: one repetition each). Perplexity: edgec's scoring windows (256 tokens) over the
+greedy steps after a prompt of C held-out tokens (median over the rounds; each round
+repeats the generation until its decode steps took --min-decode-s, so that a row at a
+few ms a step is not one noisy sample; llama-bench: one repetition each). Perplexity: edgec's scoring windows (256 tokens) over the
 first --ppl-tokens held-out tokens, in the row's own runtime (llama.cpp: llama-perplexity
 on their text, its own metric: compare its Q4_1 / F32 ratio; zoo:smollm2-135m's fp32
 weights are its Q4_1 GGUF's, dequantized). Weight streaming: the
 bytes of weights one decode step reads (edgec artifacts: the model's weights as stored; ORT's quantized graphs: every
 initializer a node other than a Gather reads; PyTorch: Linear weights and lm_head in fp32; llama.cpp: the GGUF's layer
 tensors and head as stored) / the step's time, as GB/s and as % of the bandwidth of a
-numpy copy of a 1 GiB buffer (one thread; read + write bytes counted). Artifacts are
+numpy copy of a 1 GiB buffer (one thread; read + write bytes counted). Decode perplexity
+(the int8-activation rows): the first --decode-ppl-tokens held-out tokens scored by
+decode steps, one token fed at a time, the path through the KV cache that the windowed
+perplexity (prefills) never takes; it tells what a narrower cache costs. Artifacts are
 compiled once into --out (the compile time is printed). Keep the machine otherwise
 idle: TVM's thread pool is wrecked by other load.
 """
@@ -56,7 +62,7 @@ import torch
 from edgec.artifact import MANIFEST, open_runtime, read_manifest
 from edgec.compiler import compile_model
 from edgec.data import held_out_slice
-from edgec.evaluate import evaluation_ids, perplexity, runtime_logits_fn, torch_logits_fn
+from edgec.evaluate import decode_perplexity, evaluation_ids, perplexity, runtime_logits_fn, torch_logits_fn
 from edgec.model import load_model
 from edgec.passes import options_for
 from edgec.recipe import load_recipe
@@ -75,7 +81,7 @@ def median_ms(call: Callable[[], object], runs: int, warmup: int = 2) -> float:
 def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path, max_context: int,
                     sets: tuple[str, ...] = ()) -> Path:
     variant = (("" if recipe is None else "-" + Path(recipe).stem) + ("-int8" if "schedule.activations=int8" in sets else "")
-               + ("-f16cache" if "cache_dtype=float16" in sets else ""))
+               + ("-f16cache" if "cache_dtype=float16" in sets else "") + ("-i8cache" if "cache_dtype=int8" in sets else ""))
     out = out_root / f"{model.removeprefix('zoo:')}-cpu-{backend}{variant}-ctx{max_context}"
     if (out / MANIFEST).is_file():
         return out
@@ -87,9 +93,9 @@ def ensure_artifact(model: str, backend: str, recipe: str | None, out_root: Path
     return out
 
 
-def decode_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """Tokens/s of the decode calls of one greedy generation after `prompt`, driven as
-    `edgec run` drives it: the cache stays in the runtime between steps."""
+def decode_steps(runtime: Any, program: dict[str, Any], prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
+    """Seconds of each decode call of one greedy generation after `prompt`, driven as
+    `edgec run` drives it (the cache stays in the runtime between steps), and its tokens."""
     decode_s: list[float] = []
     generation = Generation(program)
 
@@ -102,7 +108,7 @@ def decode_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_to
         return outputs
 
     tokens = generation.greedy(run, prompt, new_tokens)
-    return len(decode_s) / sum(decode_s), tokens
+    return decode_s, tokens
 
 
 @dataclass
@@ -116,19 +122,32 @@ class Round:
 @dataclass
 class Row:
     """A runtime under test: a round of its timings, its greedy tokens after the prompt
-    (None: not comparable), the weight bytes a decode step reads, held-out perplexity."""
+    (None: not comparable), the weight bytes a decode step reads, held-out perplexity
+    (windows of prefills) and decode perplexity (through the cache; None: not measured)."""
 
     time_round: Callable[[], Round]
     tokens: list[int] | None
     step_bytes: int
     ppl: float | None
+    decode_ppl: float | None = None
+
+
+def repeated_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_tokens: int, min_s: float) -> float:
+    """Tokens/s of greedy generations after `prompt`, repeated until their decode steps took `min_s`."""
+    decode_s: list[float] = []
+    while sum(decode_s) < min_s:
+        steps = decode_steps(runtime, program, prompt, new_tokens)[0]
+        if not steps:
+            raise ValueError(f"no decode step after {len(prompt)} tokens: the artifact's context is full")
+        decode_s += steps
+    return len(decode_s) / sum(decode_s)
 
 
 def runtime_round(runtime: Any, program: dict[str, Any], prompts: dict[int, list[int]], prompt: list[int],
-                  new_tokens: int, runs: int) -> Round:
+                  new_tokens: int, runs: int, min_decode_s: float) -> Round:
     ids = np.asarray([prompt], dtype=np.int64)
     prefill = timed(lambda: runtime.run("prefill", [ids]), runs, 1)
-    return Round(prefill, {ctx: decode_rate(runtime, program, p, new_tokens)[0] for ctx, p in prompts.items()})
+    return Round(prefill, {ctx: repeated_rate(runtime, program, p, new_tokens, min_decode_s) for ctx, p in prompts.items()})
 
 
 def held_out_perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokenizer: Any, tokens: int, window: int) -> float | None:
@@ -260,6 +279,8 @@ EDGEC_ROWS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "edgec tvm w4 int8": ("tvm", "recipes/w4.yaml", INT8),
     "edgec tvm luc-w4-s30 int8 f16-cache": ("tvm", "recipes/luc-w4-s30.yaml", (*INT8, "cache_dtype=float16")),
     "edgec tvm w4 int8 f16-cache": ("tvm", "recipes/w4.yaml", (*INT8, "cache_dtype=float16")),
+    "edgec tvm luc-w4-s30 int8 i8-cache": ("tvm", "recipes/luc-w4-s30.yaml", (*INT8, "cache_dtype=int8")),
+    "edgec tvm w4 int8 i8-cache": ("tvm", "recipes/w4.yaml", (*INT8, "cache_dtype=int8")),
 }
 # Row -> benchmarks/ort_quantized.py kind, applied to the dense "edgec onnx" artifact.
 ORT_ROWS = {"ORT int8 dynamic": "int8", "ORT MatMulNBits 4-bit": "nbits4"}
@@ -269,9 +290,12 @@ GROUPS = {
     "w4": ["edgec onnx w4", "edgec tvm w4"],
     "int8": ["edgec tvm luc-w4-s30 int8", "edgec tvm w4 int8"],
     "f16-cache": ["edgec tvm luc-w4-s30 int8 f16-cache", "edgec tvm w4 int8 f16-cache"],
+    "i8-cache": ["edgec tvm luc-w4-s30 int8 i8-cache", "edgec tvm w4 int8 i8-cache"],
     "ort-quantizers": list(ORT_ROWS),
 }
 FP32_ROWS = set(GROUPS["fp32"])
+# Rows whose decode perplexity is measured: the same weights with three caches.
+DECODE_PPL_ROWS = {*GROUPS["int8"], *GROUPS["f16-cache"], *GROUPS["i8-cache"]}
 
 
 def main() -> None:
@@ -284,7 +308,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10, help="prefill calls timed per row, spread over the rounds")
     parser.add_argument("--rounds", type=int, default=3, help="times every row is timed, in turn (medians over them)")
+    parser.add_argument("--min-decode-s", type=float, default=0.5,
+                        help="decode seconds timed per context and round: fast rows repeat their generation until then")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens each row's perplexity is scored on (0: none)")
+    parser.add_argument("--decode-ppl-tokens", type=int, default=1024,
+                        help="held-out tokens the int8 rows' decode perplexity is scored on, a step a token (0: none)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--llama-cpp", action="store_true",
@@ -307,6 +335,7 @@ def main() -> None:
         held_out = held_out_slice(handle.tokenizer, max(long, args.prompt_len))
         prompt = held_out[: args.prompt_len]
         prompts = {short: held_out[:short], long: held_out[:long]}
+        decode_ids = held_out[: min(args.decode_ppl_tokens, max_context)]
         loaded: dict[str, Row] = {}
         dense_onnx: Path | None = None
         for name in wanted:
@@ -330,9 +359,11 @@ def main() -> None:
                 continue
             print(f"loading {model} {name} ...", file=sys.stderr)
             ppl = held_out_perplexity(runtime_logits_fn(runtime, program), handle.tokenizer, args.ppl_tokens, window)
+            scores_decode = name in DECODE_PPL_ROWS and len(decode_ids) > 1
+            decode_ppl = decode_perplexity(runtime, program, decode_ids, 1) if scores_decode else None
             loaded[name] = Row(lambda runtime=runtime, program=program: runtime_round(runtime, program, prompts, prompt,
-                                                                                     args.new_tokens, per_round),
-                               decode_rate(runtime, program, prompt, args.new_tokens)[1], step_bytes, ppl)
+                                                                                     args.new_tokens, per_round, args.min_decode_s),
+                               decode_steps(runtime, program, prompt, args.new_tokens)[1], step_bytes, ppl, decode_ppl)
         if args.llama_cpp:
             loaded.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens,
                                          handle.tokenizer, args.ppl_tokens))
@@ -347,9 +378,9 @@ def main() -> None:
         for name, row in loaded.items():
             prefill_ms = statistics.median(ms for one in rounds[name] for ms in one.prefill_ms)
             rates = {ctx: statistics.median(one.rates[ctx] for one in rounds[name]) for ctx in (short, long)}
-            results[name] = (prefill_ms, rates, row.tokens, row.step_bytes, row.ppl)
-        base_prefill, base_rates, base_tokens, _, _ = results["edgec onnx"]
-        for name, (prefill_ms, rates, tokens, step_bytes, ppl) in results.items():
+            results[name] = (prefill_ms, rates, row.tokens, row.step_bytes, row.ppl, row.decode_ppl)
+        base_prefill, base_rates, base_tokens, _, _, _ = results["edgec onnx"]
+        for name, (prefill_ms, rates, tokens, step_bytes, ppl, decode_ppl) in results.items():
             streamed = step_bytes * rates[short] / 1e9
             rows.append(
                 {
@@ -365,6 +396,7 @@ def main() -> None:
                     "weight_gb_per_s": streamed,
                     "of_bandwidth": streamed / bandwidth,
                     "held_out_ppl": ppl,
+                    "decode_ppl": decode_ppl,
                     # fp32 rows compute the same function: their greedy tokens should equal ORT's.
                     "same_tokens_as_ort": tokens == base_tokens if name in FP32_ROWS else None,
                 }
@@ -373,18 +405,20 @@ def main() -> None:
     print(f"\nprefill {args.prompt_len} tokens (batch 1), median of {args.rounds} x {per_round} "
           f"warm runs; decode {args.new_tokens} tokens after a short and a long context, median of {args.rounds} rounds (every "
           f"row in turn each round); {torch.get_num_threads()} threads; memory bandwidth "
-          f"{bandwidth:.1f} GB/s (numpy copy, one thread); perplexity on {args.ppl_tokens} held-out tokens")
+          f"{bandwidth:.1f} GB/s (numpy copy, one thread); perplexity on {args.ppl_tokens} held-out tokens, decode perplexity "
+          f"on {args.decode_ppl_tokens}")
     print("| model | runtime | prefill ms | x ORT | contexts | decode tok/s short | x ORT | long | long / short "
-          "| weight MB / step | weights GB/s (short) | % of bandwidth | held-out ppl | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| weight MB / step | weights GB/s (short) | % of bandwidth | held-out ppl | decode ppl | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         short, long = row["contexts"]
         rates = row["decode_tokens_per_s"]
         ppl = "-" if row["held_out_ppl"] is None else f"{row['held_out_ppl']:.2f}"
+        decode_ppl = "-" if row["decode_ppl"] is None else f"{row['decode_ppl']:.3f}"
         print(
             f"| {row['model']} | {row['runtime']} | {row['prefill_ms']:.1f} | {row['prefill_vs_ort']:.2f} | {short} / {long} "
             f"| {rates[str(short)]:.1f} | {row['decode_vs_ort']:.2f} | {rates[str(long)]:.1f} | {row['long_vs_short']:.2f} "
-            f"| {row['weight_bytes_per_step'] / 1e6:.1f} | {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {ppl} "
+            f"| {row['weight_bytes_per_step'] / 1e6:.1f} | {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {ppl} | {decode_ppl} "
             f"| {'-' if row['same_tokens_as_ort'] is None else row['same_tokens_as_ort']} |"
         )
     if args.json is not None:

@@ -143,8 +143,8 @@ def plan_compile(model_spec: str, recipe: Recipe, out: Path, force: bool, device
         if slow:
             raise UnsupportedError(
                 f"cache_dtype={recipe.cache_dtype}: target {slow[0]} with backend {recipe.backend} concatenates the KV "
-                "cache, and would convert all of it on every step; --backend tvm on a CPU target reads a float16 cache "
-                "in place, or drop the option"
+                "cache, and would convert all of it on every step; --backend tvm on a CPU target reads a float16 or int8 "
+                "cache in place, or drop the option"
             )
     rtol = max(recipe.parity.rtol, FLOAT16_MIN_RTOL) if recipe.dtype == "float16" else recipe.parity.rtol
     check_output_dir(out, force, (local_input,) if local_input.exists() else ())
@@ -216,6 +216,12 @@ def compile_model(
         model.prepared["cache_dtype"] = recipe.cache_dtype
         manager.check(model)
         ctx = PassContext(recipe=recipe, calibration_ids=_calibration(model, recipe), progress=progress)
+        if recipe.cache_dtype == "int8":
+            if ctx.calibration_ids is None:
+                raise BadInputError(f"cache_dtype=int8: {model_spec} has no tokenizer to measure the cache's scales on "
+                                    "calibration text; use cache_dtype=float16")
+            # The family measures the int8 cache's scales on it, after the passes (edgec.lm.kv_scales).
+            model.prepared["calibration_ids"] = ctx.calibration_ids
         pass_log = _run_passes(manager, model, ctx, recipe)
 
         progress("export entries")

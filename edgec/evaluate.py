@@ -146,6 +146,28 @@ def torch_logits_fn(module: Any) -> LogitsFn:
     return run
 
 
+def decode_perplexity(runtime: Any, program: dict[str, Any], ids: list[int], prompt: int) -> float:
+    """Perplexity of ids[prompt:], each token scored by the call before it: a prefill of
+    ids[:prompt], then one decode step per token fed in turn. This is the path through the
+    KV cache (its dtype, its scales), which windowed perplexity, all prefills, never takes."""
+    from edgec.targets.runtime import Generation, as_numpy
+
+    if not 0 < prompt < len(ids) <= int(program["max_context"]):
+        raise ValueError(f"decode perplexity: prompt {prompt} of {len(ids)} tokens, context {program['max_context']}")
+    generation = Generation(program)
+    outputs = runtime.run(generation.prefill, [np.asarray([ids[:prompt]], dtype=np.int64)], native=True)
+    entry = generation.prefill
+    nll = 0.0
+    for position in range(prompt, len(ids)):
+        last = as_numpy(generation.logits(outputs, entry))[0, -1:].astype(np.float64)
+        nll -= float(_log_softmax(last)[0, ids[position]])
+        if position + 1 < len(ids):
+            outputs = runtime.run(generation.decode, generation.decode_args(np.asarray([[ids[position]]], dtype=np.int64), outputs, entry),
+                                  native=True)
+            entry = generation.decode
+    return math.exp(nll / (len(ids) - prompt))
+
+
 def runtime_logits_fn(runtime: Any, program: dict[str, Any]) -> LogitsFn:
     """Prefill logits of a generate program's artifact (entries and outputs by name)."""
     from edgec.targets.runtime import Generation

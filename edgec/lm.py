@@ -15,6 +15,10 @@ layer and step) gets the concatenated contract instead (`appended_cache=False`):
 
     decode(input_ids[B, 1], past_k[L, B, KV, P, D], past_v) -> logits, k[L, B, KV, P+1, D], v[...]
 
+k and v cross the boundary in float32, or narrower (`cache_dtype`): float16, or int8 at
+fixed scales per layer, KV head and channel measured on calibration text (`kv_scales`),
+which the entries quantize k and v to and dequantize the cache with.
+
 When attention calibration (ACT, `stat: causal`) is applied, the cache carries one more
 tensor, the raw attention column sums of the calibrated heads, s[N, B, P]: prefill
 returns it after v and decode takes it after past_v. Every step adds to every column, so
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgec.architectures import Architecture, architecture_of, canonicalize
-from edgec.decode_attention import HEAD_DIM_MULTIPLE, decode_attention
+from edgec.decode_attention import HEAD_DIM_MULTIPLE, decode_attention, dequantized
 from edgec.exits import ExitHeads, exits_of, vote
 from edgec.sinks import SinkRule, calibrate
 
@@ -90,6 +94,16 @@ def _norm(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# An int8 cache's values: -127..127, symmetric around 0.
+INT8_CACHE_LEVELS = 127
+
+
+def _quantized(cache: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An appended cache's new positions in int8 at its fixed scales (dequantized's inverse)."""
+    scaled = cache / (scale[:, None] if cache.dim() == 5 else scale).to(cache.dtype)
+    return torch.clamp(torch.round(scaled), -INT8_CACHE_LEVELS, INT8_CACHE_LEVELS).to(torch.int8)
 
 
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -165,7 +179,7 @@ class CausalLMEntries(nn.Module):
     architectural differences are data (edgec.architectures)."""
 
     def __init__(self, model: nn.Module, appended_cache: bool = True, cache_dtype: torch.dtype = torch.float32,
-                 attention_op: bool = False) -> None:
+                 attention_op: bool = False, cache_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.model = canonicalize(model)
         self.appended_cache = appended_cache
@@ -174,6 +188,17 @@ class CausalLMEntries(nn.Module):
         self.attention_op = attention_op and appended_cache
         # K and V between calls (the presents returned, the pasts taken); computed in compute_dtype.
         self.cache_dtype = cache_dtype
+        # An int8 cache's fixed scales (kv_scales): k_scale, v_scale, the cache's shape
+        # without its tokens and batch axes.
+        if (cache_dtype == torch.int8) != (cache_scales is not None):
+            raise ValueError("an int8 cache takes its scales (kv_scales), and only an int8 cache does")
+        if cache_scales is not None and not appended_cache:
+            raise ValueError("an int8 cache is an appended one (a concatenated cache would be requantized every step)")
+        self.cache_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cache_scales is not None:
+            self.register_buffer("k_scale", cache_scales[0].detach().float().clone(), persistent=False)
+            self.register_buffer("v_scale", cache_scales[1].detach().float().clone(), persistent=False)
+            self.cache_scales = (self.k_scale, self.v_scale)
         self.arch: Architecture = architecture_of(model)
         arch = self.arch
         self.num_heads = arch.num_heads
@@ -291,7 +316,8 @@ class CausalLMEntries(nn.Module):
             # A stacked cache is indexed by layer, a ragged one by where the layer's heads start.
             ragged = self.arch.ragged_kv
             layer, head_offset = (0, self.kv_offsets[layer_index]) if ragged else (layer_index, 0)
-            out = decode_attention(grouped_q[:, :, :, 0], k[:, :, 0], v[:, :, 0], *stored, layer, head_offset, float(self.arch.attn_scale))
+            out = decode_attention(grouped_q[:, :, :, 0], k[:, :, 0], v[:, :, 0], *stored, layer, head_offset, float(self.arch.attn_scale),
+                                   *(self.cache_scales or ()))
             out = out.reshape(batch, heads, 1, self.head_dim).transpose(1, 2).reshape(batch, 1, heads * self.head_dim)
             return getattr(attn, self.arch.layout.o)(out), k, v, None
         scores = torch.matmul(grouped_q, k[:, :, None].transpose(3, 4))
@@ -399,8 +425,9 @@ class CausalLMEntries(nn.Module):
         # The attention op reads the cache as it is stored (its kernel converts as it reads).
         by_op = [self._uses_attention_op(index, input_ids.shape[1], past_k) for index in range(len(self.layers))]
         stored = None if past_k is None or past_v is None else (past_k, past_v)
+        scales = self.cache_scales or (None, None)
         if past_k is not None and past_v is not None and past_k.dtype != dtype and not all(by_op):
-            past_k, past_v = past_k.to(dtype), past_v.to(dtype)
+            past_k, past_v = dequantized(past_k, scales[0], dtype), dequantized(past_v, scales[1], dtype)
         ragged = self.arch.ragged_kv
         tables = self._positions(input_ids.shape[1], None if past_k is None else past_k.shape[self.tokens_axis])
         h = self._embed(input_ids, tables.positions)
@@ -429,6 +456,8 @@ class CausalLMEntries(nn.Module):
             # Only the new positions, position-major: [S, B, KV total, D] ragged, else [S, L, B, KV, D].
             order = (2, 0, 1, 3) if ragged else (3, 0, 1, 2, 4)
             present_k, present_v = present_k.permute(order), present_v.permute(order)
+            if self.cache_scales is not None:
+                present_k, present_v = (_quantized(t, scale) for t, scale in zip((present_k, present_v), self.cache_scales))
         elif past_k is not None and past_v is not None:
             # One copy of the cache per step, with the new positions appended.
             present_k = torch.cat((past_k, present_k), dim=self.tokens_axis)
@@ -572,3 +601,31 @@ def greedy_generate(
         length += 1
     return generated
 
+
+def kv_scales(entries: CausalLMEntries, segments: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed scales of an int8 KV cache (`cache_dtype=int8`): per layer, KV head and channel
+    (stacked [L, KV, D], ragged [KV total, D]), each the largest |value| the prefill of the
+    calibration `segments` puts there, over INT8_CACHE_LEVELS. A value beyond it is clipped.
+
+    Keys share a scale across each rotary pair (channels i and i + rotary/2): RoPE turns
+    the pair by an angle that grows with the position, so a pair that turns slowly has only
+    shown part of its circle in short segments. Fixed channels are what K's outliers are
+    (KIVI quantizes keys per channel for that reason); one scale per channel also keeps the
+    kernel's dequantization a vector multiply, with no scale per position to read."""
+    if not entries.appended_cache or entries.cache_dtype != torch.float32:
+        raise ValueError("kv_scales measures a float32 appended cache")
+
+    def peak(cache: torch.Tensor) -> torch.Tensor:  # appended: [S, L, B, KV, D] stacked, [S, B, KV total, D] ragged
+        return cache.abs().amax(dim=(0, 2) if cache.dim() == 5 else (0, 1))
+
+    with torch.no_grad():
+        peaks = [entries.prefill(torch.tensor([segment], dtype=torch.int64))[1:3] for segment in segments]
+    k_peak = torch.stack([peak(k) for k, _ in peaks]).amax(dim=0)
+    v_peak = torch.stack([peak(v) for _, v in peaks]).amax(dim=0)
+    rotary = entries._rope(torch.zeros(1, dtype=torch.int64))[0][0].shape[-1] if entries.arch.ropes else 0
+    half = rotary // 2
+    if half:
+        paired = torch.maximum(k_peak[..., :half], k_peak[..., half:rotary])
+        k_peak = torch.cat((paired, paired, k_peak[..., rotary:]), dim=-1)
+    tiny = torch.tensor(1e-8)
+    return torch.maximum(k_peak, tiny) / INT8_CACHE_LEVELS, torch.maximum(v_peak, tiny) / INT8_CACHE_LEVELS

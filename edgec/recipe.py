@@ -139,9 +139,10 @@ class Recipe(Strict):
         "float32", description="compute dtype of the artifact; float16 where the target's capability table allows it (GPUs)"
     )
     max_context: int | None = Field(None, ge=16, description="longest sequence the artifact accepts; default min(model, 1024)")
-    cache_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="an LLM's KV cache between calls: float16 halves what a long-context decode step reads "
-        "(attention still computes in the artifact's dtype)"
+    cache_dtype: Literal["float32", "float16", "int8"] = Field(
+        "float32", description="an LLM's KV cache between calls: float16 halves what a long-context decode step reads, "
+        "int8 quarters it (a fixed scale per layer, head and channel, measured on the calibration text); attention "
+        "still computes in the artifact's dtype"
     )
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     parity: ParitySpec = Field(default_factory=ParitySpec)

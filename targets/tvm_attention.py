@@ -70,7 +70,9 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
                           head_offset: int, scale: float) -> tirx.PrimFunc:
     """out[B, KV, G, D] = attention of q[B, KV, G, D] over the cache's P positions of this
     layer's heads (pk, pv [P, L, B, H, D]: `layer`, heads from `head_offset`) and the new
-    key and value k, v [B, KV, D]; B and P symbolic."""
+    key and value k, v [B, KV, D]; B and P symbolic. An int8 cache takes its scales too
+    (ks, vs [L, H, D], after pv): keys are scaled as they are read, the values' sums once
+    per chunk, in the serial epilogue."""
     if dim % LANES:
         raise ValueError(f"decode attention kernel: head dim {dim} is not a multiple of {LANES}")
     parts = dim // LANES
@@ -78,6 +80,7 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
     lines = max(1, dim // per_line)
     fvec = f"float32x{dim}"
     scale_ = float(scale)
+    scaled = cache_dtype == "int8"
 
     # A work item's coordinates, as expressions: a name assigned in TVMScript is a mutable
     # local in this TVM, one workspace-pool call per parallel task (see tvm_dot).
@@ -103,17 +106,20 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
         """cache[position, layer, the item's batch row, its head, cols]."""
         return cache[position, layer, _batch(w, past), head_offset + _head(w, past), cols]
 
-    @T.prim_func(private=True)
-    def decode_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, pk_h: T.handle, pv_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, RULE_ATTR: ATTENTION_RULE})
-        batch = T.int64()
-        past = T.int64()
-        q = T.match_buffer(q_h, (batch, kv, groups, dim), "float32")
-        k = T.match_buffer(k_h, (batch, kv, dim), "float32")
-        v = T.match_buffer(v_h, (batch, kv, dim), "float32")
-        pk = T.match_buffer(pk_h, (past, layers, batch, heads, dim), cache_dtype)
-        pv = T.match_buffer(pv_h, (past, layers, batch, heads, dim), cache_dtype)
-        out = T.match_buffer(out_h, (batch, kv, groups, dim), "float32")
+    def _key(pk: Any, ks: Any, w: Any, past: Any, t: Any, cols: Any) -> Any:
+        """A cached key's values at cols, in float32 (an int8 one times its scales)."""
+        key = T.Cast(f"float32x{LANES}", _cached(pk, w, past, _start(w, past) + t, cols))
+        return key if ks is None else key * ks[layer, head_offset + _head(w, past), cols]
+
+    def _summed(acc: Any, vs: Any, item: Any, g: Any, h: Any) -> Any:
+        """A chunk's sum of numerators times values (int8 values: times their scales)."""
+        summed = acc[item, g, T.ramp(0, 1, dim)]
+        return summed if vs is None else summed * vs[layer, head_offset + h, T.ramp(0, 1, dim)]
+
+    # The kernel's body, expanded in the float and the int8 cache's functions below (their
+    # parameters differ); ks and vs are None for a float cache.
+    @T.macro
+    def body(batch: Any, past: Any, q: Any, k: Any, v: Any, pk: Any, pv: Any, ks: Any, vs: Any, out: Any) -> None:
         # Per work item: the chunk's scores (then numerators), its maximum, their sum, and
         # the numerators' products with the values.
         scores = T.alloc_buffer((batch * kv * _chunks(past), groups, CHUNK), "float32")
@@ -132,8 +138,8 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
                     lane = T.alloc_buffer((LANES,), "float32")
                     lane[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                     for part in T.unroll(parts):
-                        lane[T.ramp(0, 1, LANES)] = lane[T.ramp(0, 1, LANES)] + _query(q, w, past, g, T.ramp(part * LANES, 1, LANES)) * T.Cast(
-                            f"float32x{LANES}", _cached(pk, w, past, _start(w, past) + t, T.ramp(part * LANES, 1, LANES)))
+                        lane[T.ramp(0, 1, LANES)] = lane[T.ramp(0, 1, LANES)] + _query(q, w, past, g, T.ramp(part * LANES, 1, LANES)) * _key(
+                            pk, ks, w, past, t, T.ramp(part * LANES, 1, LANES))
                     lane[T.ramp(0, 1, 8)] = lane[T.ramp(0, 1, 8)] + lane[T.ramp(8, 1, 8)]
                     lane[T.ramp(0, 1, 4)] = lane[T.ramp(0, 1, 4)] + lane[T.ramp(4, 1, 4)]
                     lane[T.ramp(0, 1, 2)] = lane[T.ramp(0, 1, 2)] + lane[T.ramp(2, 1, 2)]
@@ -186,9 +192,39 @@ def decode_attention_func(kv: int, groups: int, dim: int, layers: int, heads: in
             for c in range(_chunks(past)):
                 lane[2] = fast_exp(peak[(b * kv + h) * _chunks(past) + c, g] - best[0])
                 weight[0] = weight[0] + lane[2] * total[(b * kv + h) * _chunks(past) + c, g]
-                out[b, h, g, T.ramp(0, 1, dim)] = out[b, h, g, T.ramp(0, 1, dim)] + T.broadcast(lane[2], dim) * acc[
-                    (b * kv + h) * _chunks(past) + c, g, T.ramp(0, 1, dim)]
+                out[b, h, g, T.ramp(0, 1, dim)] = out[b, h, g, T.ramp(0, 1, dim)] + T.broadcast(lane[2], dim) * _summed(
+                    acc, vs, (b * kv + h) * _chunks(past) + c, g, h)
             out[b, h, g, T.ramp(0, 1, dim)] = out[b, h, g, T.ramp(0, 1, dim)] / T.broadcast(weight[0], dim)
+
+    if scaled:
+        @T.prim_func(private=True)
+        def decode_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, pk_h: T.handle, pv_h: T.handle,
+                             ks_h: T.handle, vs_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, RULE_ATTR: ATTENTION_RULE})
+            batch = T.int64()
+            past = T.int64()
+            q = T.match_buffer(q_h, (batch, kv, groups, dim), "float32")
+            k = T.match_buffer(k_h, (batch, kv, dim), "float32")
+            v = T.match_buffer(v_h, (batch, kv, dim), "float32")
+            pk = T.match_buffer(pk_h, (past, layers, batch, heads, dim), "int8")
+            pv = T.match_buffer(pv_h, (past, layers, batch, heads, dim), "int8")
+            ks = T.match_buffer(ks_h, (layers, heads, dim), "float32")
+            vs = T.match_buffer(vs_h, (layers, heads, dim), "float32")
+            out = T.match_buffer(out_h, (batch, kv, groups, dim), "float32")
+            body(batch, past, q, k, v, pk, pv, ks, vs, out)
+    else:
+        @T.prim_func(private=True)
+        def decode_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, pk_h: T.handle, pv_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, RULE_ATTR: ATTENTION_RULE})
+            batch = T.int64()
+            past = T.int64()
+            q = T.match_buffer(q_h, (batch, kv, groups, dim), "float32")
+            k = T.match_buffer(k_h, (batch, kv, dim), "float32")
+            v = T.match_buffer(v_h, (batch, kv, dim), "float32")
+            pk = T.match_buffer(pk_h, (past, layers, batch, heads, dim), cache_dtype)
+            pv = T.match_buffer(pv_h, (past, layers, batch, heads, dim), cache_dtype)
+            out = T.match_buffer(out_h, (batch, kv, groups, dim), "float32")
+            body(batch, past, q, k, v, pk, pv, None, None, out)
 
     return decode_attention
 
@@ -204,10 +240,13 @@ def _convert(node: Any, importer: Any) -> relax.Var:
         # A ragged cache [P, B, H, D] as a one-layer stack: a view, no copy.
         caches.append(builder.emit(relax.op.reshape(cache, [shape[0], 1, *shape[1:]])) if len(shape) == 4 else cache)
     stacked = list(caches[0].ty.shape.values)
+    # An int8 cache's scales: stacked [L, H, D], ragged [H, D] (as a one-layer stack).
+    scales = [s if len(s.ty.shape.values) == 3 else builder.emit(relax.op.expand_dims(s, 0))
+              for s in importer.retrieve_args(node)[8:10] if s is not None]
     func = decode_attention_func(int(kv), int(groups), int(dim), int(stacked[1]), int(stacked[3]), str(caches[0].ty.dtype),
                                  int(layer), int(head_offset), float(scale))
     gvar = builder.add_func(func, "decode_attention")
-    return builder.emit(relax.call_tir(gvar, [q, k, v, *caches], relax.TensorType(q.ty.shape, "float32")))
+    return builder.emit(relax.call_tir(gvar, [q, k, v, *caches, *scales], relax.TensorType(q.ty.shape, "float32")))
 
 
 def attention_converters() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from edgec.architectures import SUPPORTED_ARCHITECTURES, architecture_of, canoni
 from edgec.errors import BadInputError, UnsupportedError
 from edgec.exits import EXITS_CONFIG, EXITS_WEIGHTS, exits_of, has_exits, load_exits
 from edgec.families import EvalRequest, Family, Progress, Section, entry_io, register
-from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry, lm_shape
+from edgec.lm import CausalLMEntries, DecodeEntry, PrefillEntry, kv_scales, lm_shape
 from edgec.model import FAMILY_CAUSAL_LM, ModelHandle, check_safetensors, load_tokenizer_files, read_config, sha256_files
 from edgec.recipe import Recipe
 from edgec.targets.export import ExportedEntry
@@ -173,12 +173,16 @@ class CausalLM(Family):
         # The compiler records whether the backend reads an appended cache in place (its capability).
         appended = bool(model.prepared.get("appended_cache", True))
         cache_dtype = str(model.prepared.get("cache_dtype", "float32"))
+        # An int8 cache's scales are measured on the calibration text (the compiler passes it on).
+        segments = model.prepared["calibration_ids"]() if cache_dtype == "int8" else None
         # And whether it has a kernel for a decode step's whole attention (edgec.decode_attention).
         attention_op = bool(model.prepared.get("attention_op", False))
         if not shapes:
-            return _export_pair(model.module, "prefill", "decode", appended, cache_dtype=cache_dtype, attention_op=attention_op)
+            return _export_pair(model.module, "prefill", "decode", appended, cache_dtype=cache_dtype, attention_op=attention_op,
+                                segments=segments)
         return [entry for shape in shapes
-                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, True, cache_dtype, attention_op)]
+                for entry in _export_pair(shape.module, shape.prefill, shape.decode, appended, True, cache_dtype, attention_op,
+                                          segments)]
 
     def reference(self, model: ModelHandle, entries: list[ExportedEntry], recipe: Recipe) -> dict[str, list[np.ndarray]]:
         """Prefill on the reference prompt but its last token, one decode step with it, and
@@ -349,13 +353,19 @@ def program_for_shape(program: dict[str, Any], shape: str | None, root: Path) ->
 
 
 def _export_pair(module: torch.nn.Module, prefill_name: str, decode_name: str, appended: bool,
-                 shares_weights: bool = False, cache_dtype: str = "float32", attention_op: bool = False) -> list[ExportedEntry]:
+                 shares_weights: bool = False, cache_dtype: str = "float32", attention_op: bool = False,
+                 segments: list[list[int]] | None = None) -> list[ExportedEntry]:
     """A prefill and a decode entry of one causal LM module, exported with dynamic batch and
     length (`appended`: k and v hold only the new positions, position-major; `shares_weights`:
-    slices of weights other entries read too; `cache_dtype`: k and v between the calls;
-    `attention_op`: a decode step's plain attention layers as edgec::decode_attention nodes)."""
+    slices of weights other entries read too; `cache_dtype`: k and v between the calls, an
+    int8 cache at scales measured on the calibration `segments`; `attention_op`: a decode
+    step's plain attention layers as edgec::decode_attention nodes)."""
+    scales = None
+    if cache_dtype == "int8":
+        assert segments is not None
+        scales = kv_scales(CausalLMEntries(module, appended_cache=appended).eval(), segments)
     entries = CausalLMEntries(module, appended_cache=appended, cache_dtype=getattr(torch, cache_dtype),
-                              attention_op=attention_op).eval()
+                              attention_op=attention_op, cache_scales=scales).eval()
     prefill = PrefillEntry(entries).eval()
     decode = DecodeEntry(entries).eval()
     vocab = int(module.config.vocab_size)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgec.lm import CausalLMEntries, greedy_generate
+from edgec.decode_attention import dequantized
+from edgec.lm import CausalLMEntries, greedy_generate, kv_scales
 from tests.conftest import make_tiny_llama
 
 
@@ -60,3 +61,30 @@ def test_generation_stops_at_max_context(length: int) -> None:
 
     tokens = greedy_generate(prefill, decode, [1] * length, max_new_tokens=100, max_context=8, eos_token_id=None)
     assert len(tokens) == 8 - length
+
+
+def test_an_int8_cache_holds_k_and_v_within_half_a_level_and_decodes_like_float32() -> None:
+    model = make_tiny_llama(seed=2)
+    full = CausalLMEntries(model).eval()
+    generator = torch.Generator().manual_seed(4)
+    segments = [torch.randint(0, 128, (24,), generator=generator).tolist() for _ in range(3)]
+    k_scale, v_scale = kv_scales(full, segments)
+    # Stacked: [layers, KV heads, head dim]; a key's rotary pair (i, i + 8) shares its scale.
+    assert k_scale.shape == v_scale.shape == (2, 2, 16)
+    torch.testing.assert_close(k_scale[..., :8], k_scale[..., 8:], atol=0, rtol=0)
+    assert not torch.equal(v_scale[..., :8], v_scale[..., 8:])
+    quantized = CausalLMEntries(model, cache_dtype=torch.int8, cache_scales=(k_scale, v_scale)).eval()
+    ids = torch.tensor([segments[0]])
+    with torch.no_grad():
+        logits, k, v = full.prefill(ids[:, :-1])
+        logits8, k8, v8 = quantized.prefill(ids[:, :-1])
+        torch.testing.assert_close(logits8, logits, atol=0, rtol=0)  # a prefill never reads its cache
+        assert k8.dtype == v8.dtype == torch.int8 and int(k8.abs().max()) == 127  # the calibration text's peak
+        for cache, cache8, scale in ((k, k8, k_scale), (v, v8, v_scale)):
+            error = (dequantized(cache8, scale, torch.float32) - cache).abs()
+            assert bool((error <= scale[:, None] / 2 + 1e-6).all()), float(error.max())
+        step = full.decode(ids[:, -1:], k, v)[0]
+        step8 = quantized.decode(ids[:, -1:], k8, v8)[0]
+    spread = float(step.max() - step.min())
+    assert float((step8 - step).abs().max()) < 0.02 * spread
+    assert float((step8 - step).abs().max()) > 0  # the int8 cache was read, not the float one
