@@ -39,7 +39,9 @@ tensors and head as stored) / the step's time, as GB/s and as % of the bandwidth
 numpy copy of a 1 GiB buffer (one thread; read + write bytes counted). Decode perplexity
 (the int8-activation rows): the first --decode-ppl-tokens held-out tokens scored by
 decode steps, one token fed at a time, the path through the KV cache that the windowed
-perplexity (prefills) never takes; it tells what a narrower cache costs. Artifacts are
+perplexity (prefills) never takes; it tells what a narrower cache costs. Bytes bound
+(edgec and ORT rows): weight bytes / (weight bytes + the K and V cache's bytes at the
+long context), the long / short ratio a step bound by memory bandwidth would show. Artifacts are
 compiled once into --out (the compile time is printed). Keep the machine otherwise
 idle: TVM's thread pool is wrecked by other load.
 """
@@ -130,6 +132,7 @@ class Row:
     step_bytes: int
     ppl: float | None
     decode_ppl: float | None = None
+    long_cache_bytes: int | None = None
 
 
 def repeated_rate(runtime: Any, program: dict[str, Any], prompt: list[int], new_tokens: int, min_s: float) -> float:
@@ -185,6 +188,14 @@ def artifact_weight_bytes(manifest: dict[str, Any], dense_bytes: int) -> int:
         if record["name"] == "luc":
             return int(record["record"]["achieved"]["weight_bytes"])
     return dense_bytes
+
+
+def cache_bytes(program: dict[str, Any], positions: int) -> int:
+    """Bytes of a generate program's K and V cache at `positions` tokens, batch 1: what a
+    decode step at that context reads besides the weights."""
+    kv = [cache for cache in program["cache"] if cache["input"] in ("past_k", "past_v")]
+    return sum(positions * int(np.prod([size for size in cache["shape"] if size is not None]))
+               * np.dtype(cache.get("dtype", "float32")).itemsize for cache in kv)
 
 
 def torch_round(module: Any, prompts: dict[int, list[int]], prompt: list[int], new_tokens: int, runs: int) -> Round:
@@ -363,7 +374,8 @@ def main() -> None:
             decode_ppl = decode_perplexity(runtime, program, decode_ids, 1) if scores_decode else None
             loaded[name] = Row(lambda runtime=runtime, program=program: runtime_round(runtime, program, prompts, prompt,
                                                                                      args.new_tokens, per_round, args.min_decode_s),
-                               decode_steps(runtime, program, prompt, args.new_tokens)[1], step_bytes, ppl, decode_ppl)
+                               decode_steps(runtime, program, prompt, args.new_tokens)[1], step_bytes, ppl, decode_ppl,
+                               cache_bytes(program, long))
         if args.llama_cpp:
             loaded.update(llama_cpp_rows(model, args.out, args.prompt_len, [short, long], args.new_tokens,
                                          handle.tokenizer, args.ppl_tokens))
@@ -378,9 +390,10 @@ def main() -> None:
         for name, row in loaded.items():
             prefill_ms = statistics.median(ms for one in rounds[name] for ms in one.prefill_ms)
             rates = {ctx: statistics.median(one.rates[ctx] for one in rounds[name]) for ctx in (short, long)}
-            results[name] = (prefill_ms, rates, row.tokens, row.step_bytes, row.ppl, row.decode_ppl)
-        base_prefill, base_rates, base_tokens, _, _, _ = results["edgec onnx"]
-        for name, (prefill_ms, rates, tokens, step_bytes, ppl, decode_ppl) in results.items():
+            results[name] = (prefill_ms, rates, row)
+        base_prefill, base_rates, base_row = results["edgec onnx"]
+        for name, (prefill_ms, rates, row) in results.items():
+            step_bytes, long_cache = row.step_bytes, row.long_cache_bytes
             streamed = step_bytes * rates[short] / 1e9
             rows.append(
                 {
@@ -392,13 +405,17 @@ def main() -> None:
                     "decode_tokens_per_s": {str(ctx): rate for ctx, rate in rates.items()},
                     "decode_vs_ort": rates[short] / base_rates[short],
                     "long_vs_short": rates[long] / rates[short],
+                    # What a step reads at the long context over the short one, if bandwidth bound
+                    # (weights and cache; the short context's cache left out): the ratio's limit.
+                    "long_cache_bytes": long_cache,
+                    "bytes_bound_long_vs_short": None if long_cache is None else step_bytes / (step_bytes + long_cache),
                     "weight_bytes_per_step": step_bytes,
                     "weight_gb_per_s": streamed,
                     "of_bandwidth": streamed / bandwidth,
-                    "held_out_ppl": ppl,
-                    "decode_ppl": decode_ppl,
+                    "held_out_ppl": row.ppl,
+                    "decode_ppl": row.decode_ppl,
                     # fp32 rows compute the same function: their greedy tokens should equal ORT's.
-                    "same_tokens_as_ort": tokens == base_tokens if name in FP32_ROWS else None,
+                    "same_tokens_as_ort": row.tokens == base_row.tokens if name in FP32_ROWS else None,
                 }
             )
 
@@ -408,17 +425,20 @@ def main() -> None:
           f"{bandwidth:.1f} GB/s (numpy copy, one thread); perplexity on {args.ppl_tokens} held-out tokens, decode perplexity "
           f"on {args.decode_ppl_tokens}")
     print("| model | runtime | prefill ms | x ORT | contexts | decode tok/s short | x ORT | long | long / short "
-          "| weight MB / step | weights GB/s (short) | % of bandwidth | held-out ppl | decode ppl | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| bytes bound | weight MB / step | cache MB (long) | weights GB/s (short) | % of bandwidth | held-out ppl | decode ppl "
+          "| same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         short, long = row["contexts"]
         rates = row["decode_tokens_per_s"]
         ppl = "-" if row["held_out_ppl"] is None else f"{row['held_out_ppl']:.2f}"
         decode_ppl = "-" if row["decode_ppl"] is None else f"{row['decode_ppl']:.3f}"
+        bound = "-" if row["bytes_bound_long_vs_short"] is None else f"{row['bytes_bound_long_vs_short']:.2f}"
+        cache_mb = "-" if row["long_cache_bytes"] is None else f"{row['long_cache_bytes'] / 1e6:.1f}"
         print(
             f"| {row['model']} | {row['runtime']} | {row['prefill_ms']:.1f} | {row['prefill_vs_ort']:.2f} | {short} / {long} "
             f"| {rates[str(short)]:.1f} | {row['decode_vs_ort']:.2f} | {rates[str(long)]:.1f} | {row['long_vs_short']:.2f} "
-            f"| {row['weight_bytes_per_step'] / 1e6:.1f} | {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {ppl} | {decode_ppl} "
+            f"| {bound} | {row['weight_bytes_per_step'] / 1e6:.1f} | {cache_mb} | {row['weight_gb_per_s']:.1f} | {100 * row['of_bandwidth']:.0f}% | {ppl} | {decode_ppl} "
             f"| {'-' if row['same_tokens_as_ort'] is None else row['same_tokens_as_ort']} |"
         )
     if args.json is not None:
