@@ -19,7 +19,7 @@ the same prompt, contexts and threads:
   F32 GGUF of the same weights.
 
     .venv/bin/python benchmarks/cpu_latency.py [--models zoo:tiny-lm zoo:smollm2-135m]
-        [--rows fp32 luc w4 int8 f16-cache ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
+        [--rows fp32 luc w4 int8 f16-cache i8-cache ort-quantizers] [--prompt-len 128] [--contexts 32 1024]
         [--new-tokens 32] [--runs 10] [--rounds 3] [--min-decode-s 0.5] [--ppl-tokens 4096]
         [--decode-ppl-tokens 1024] [--out artifacts/bench] [--json FILE] [--llama-cpp]
 
