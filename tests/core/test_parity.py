@@ -32,6 +32,20 @@ def test_a_decisive_argmax_flip_within_the_bound_fails() -> None:
     assert compare_output("decode", "hidden", want, got, 1e-2, False)["ok"] is True
 
 
+def test_an_int8_cache_may_round_one_level_either_way_and_indices_may_not_move() -> None:
+    levels = RNG.integers(-127, 128, size=(5, 2, 1, 3, 16)).astype(np.int8)
+    edge = levels.copy()
+    edge[0, 0, 0, 0, 0] += 1 if edge[0, 0, 0, 0, 0] < 127 else -1
+    assert compare_output("decode", "present_k", levels, edge, 1e-3, False)["ok"] is True
+    two = levels.copy()
+    two[0, 0, 0, 0, 0] += 2 if two[0, 0, 0, 0, 0] < 126 else -2
+    assert compare_output("decode", "present_k", levels, two, 1e-3, False)["ok"] is False
+    indices = np.arange(40, dtype=np.int64)
+    moved = indices.copy()
+    moved[7] += 1
+    assert compare_output("forward", "kept", indices, moved, 1e-3, False)["ok"] is False
+
+
 def test_non_finite_values_fail_and_a_shape_mismatch_fails() -> None:
     cache = RNG.normal(size=(2, 1, 2, 5, 4)).astype(np.float32)
     planted = cache.copy()
