@@ -10,10 +10,11 @@ one core idle a third of the time).
 Here one kernel does it, flash-decoding style:
 - the context is cut into chunks of CHUNK positions, and (batch, KV head, chunk) are the
   parallel work items, so the threads share any number of heads evenly;
-- per item, each cached key row is read once (converted from float16 as it is read) for
-  every query head of its group: the head-dim product summed lane-wise into 16 lanes and
-  the lanes by a tree of vector adds; then the chunk's softmax numerators (max, fast exp)
-  and their products with the chunk's values, each value row read once;
+- per item, each cached key row is read once (converted from float16, or from int8 and
+  scaled, as it is read) for every query head of its group: the head-dim product summed
+  lane-wise into 16 lanes and the lanes by a tree of vector adds; then the chunk's softmax
+  numerators (max, fast exp) and their products with the chunk's values, each value row
+  read once (an int8 cache's value scales are applied to the chunk's sums, in the epilogue);
 - a layer's rows lie a whole position apart in the position-major cache, a stride the
   hardware prefetcher does not follow across pages: the kernel prefetches the key and
   value rows AHEAD positions on (SmolLM2's float16 cache at 1,024 tokens, one layer, cold
