@@ -194,11 +194,9 @@ class CausalLMEntries(nn.Module):
             raise ValueError("an int8 cache takes its scales (kv_scales), and only an int8 cache does")
         if cache_scales is not None and not appended_cache:
             raise ValueError("an int8 cache is an appended one (a concatenated cache would be requantized every step)")
-        self.cache_scales: tuple[torch.Tensor, torch.Tensor] | None = None
         if cache_scales is not None:
             self.register_buffer("k_scale", cache_scales[0].detach().float().clone(), persistent=False)
             self.register_buffer("v_scale", cache_scales[1].detach().float().clone(), persistent=False)
-            self.cache_scales = (self.k_scale, self.v_scale)
         self.arch: Architecture = architecture_of(model)
         arch = self.arch
         self.num_heads = arch.num_heads
@@ -230,6 +228,11 @@ class CausalLMEntries(nn.Module):
         # Analysis hook: called with (layer, raw probabilities [B, H, Tq, Tk]) when set.
         self.observer: AttentionObserver | None = None
         self.exits: ExitHeads | None = exits_of(model)
+
+    @property
+    def cache_scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An int8 cache's (k_scale, v_scale) as the module holds them now (after any .to())."""
+        return (self.k_scale, self.v_scale) if "k_scale" in self._buffers else None
 
     @property
     def cache_count(self) -> int:

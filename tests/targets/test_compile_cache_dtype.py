@@ -72,8 +72,8 @@ def test_an_int8_cache_stays_int8_and_decodes_as_well_as_the_float32_cache(built
     assert abs(quarter["evaluation"]["perplexity"] / full["evaluation"]["perplexity"] - 1) < 0.002
     # Decode steps read it: 400 held-out tokens scored one step at a time.
     ids, _ = evaluation_ids(load_model("zoo:tiny-lm", False).tokenizer, "held-out", 400)
-    ppl = {out: decode_perplexity(open_runtime(out, read_manifest(out)), read_manifest(out)["program"], ids, 1)
-           for out in (out8, out32, built["float16"][0])}
+    manifests = {out: read_manifest(out) for out in (out8, out32, built["float16"][0])}
+    ppl = {out: decode_perplexity(open_runtime(out, m), m["program"], ids, 1) for out, m in manifests.items()}
     assert abs(ppl[out8] / ppl[out32] - 1) < 0.005, ppl  # measured: +0.05% over 500 tokens
     assert abs(ppl[built["float16"][0]] / ppl[out32] - 1) < 0.001, ppl
 
